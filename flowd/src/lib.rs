@@ -1,0 +1,6 @@
+//! flowd: turns pods' DNS answers into OVS flows that their namespace's EgressFirewall allows.
+
+pub mod cli;
+pub mod daemon;
+pub mod model;
+pub mod replay;

@@ -1,0 +1,1 @@
+//! flowd integration tests: one binary, against a real OVS + OVN sandbox and a fake API server.

@@ -1,0 +1,1 @@
+//! tapd integration tests: one binary, against real DNS servers, fstrm tools and grpcurl.
