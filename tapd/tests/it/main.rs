@@ -1,1 +1,3 @@
 //! tapd integration tests: one binary, against real DNS servers, fstrm tools and grpcurl.
+
+#![allow(clippy::unwrap_used)]
