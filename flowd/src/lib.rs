@@ -2,5 +2,7 @@
 
 pub mod cli;
 pub mod daemon;
+pub mod egressfirewall;
 pub mod model;
 pub mod replay;
+pub mod rules;
