@@ -4,5 +4,6 @@ pub mod cli;
 pub mod daemon;
 pub mod egressfirewall;
 pub mod model;
+pub mod policy;
 pub mod replay;
 pub mod rules;

@@ -1,0 +1,1004 @@
+//! The decision: which flows one DNS answer earns one pod under its namespace's EgressFirewall.
+//!
+//! [`decide`] is pure (no I/O, no clock): the daemon, `flowd replay` and the inspection API all call it,
+//! and it is where the semantics of DESIGN §5 are pinned down by tests.
+//!
+//! Choices made here, and why:
+//! - **Which names match.** The question name and every CNAME target on the chain are candidates; a rule
+//!   matching any of them applies. `www.google.com CNAME www3.l.google.com` is allowed by `google.com`
+//!   (the name the pod asked for), and also by a rule naming the CDN target, which is what OVN-K itself does
+//!   (it resolves the rule's name and allows whatever addresses that name has, whoever asked). The chain in
+//!   a response comes from the cluster's resolver, which only accepts in-bailiwick data for each link, so a
+//!   hostile zone cannot attach addresses to a name it does not own.
+//! - **Shadowed flows are not emitted.** Once an earlier matching `dnsName` rule produces a flow for the
+//!   same pod and IPs with the same or a wider L4 match (no ports, or the same protocol/port), a later
+//!   rule's flow at a lower priority could never see a packet: OVS would always pick the earlier one. Such
+//!   entries are reported as shadowed in the explanation and produce no grant, which keeps the flow table
+//!   as small as the semantics allow. Rules further down with other ports still get their flows.
+//! - **Unusable answers.** Answers inside the cluster's pod/service/join subnets never get a flow (that
+//!   traffic is not egress and a DNS answer must not open it); neither do unspecified, loopback, multicast,
+//!   broadcast or IPv4-mapped IPv6 addresses, which are not egress destinations either. An answer of a family
+//!   the pod has no IP of is skipped.
+
+use crate::{
+    model::{FlowKey, Grant, GrantReason, PodInfo, PortMatch},
+    rules::{FirewallRules, NameMatching},
+};
+use ipnet::IpNet;
+use std::{fmt, net::IpAddr};
+use tapd::{DnsName, DnsResponse};
+
+/// OpenFlow priority of rule 0: OVN maps ACL priority `10000 - i` to OpenFlow `11000 - i`, so a dnsflow
+/// flow for rule `i` sits exactly where OVN's own flow for that rule would.
+pub const DEFAULT_PRIORITY_BASE: u16 = 11000;
+
+/// The node-wide knobs of the decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicySettings {
+    /// OpenFlow priority of rule 0; rule `i` gets `priority_base - i`.
+    pub priority_base: u16,
+    /// Plain `dnsName`s match exactly (OVN-K) instead of also covering subdomains, unless a namespace's
+    /// annotation says otherwise.
+    pub strict_names: bool,
+    /// Pod, service and join subnets: answers inside them never get a flow.
+    pub cluster_subnets: Vec<IpNet>,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        Self {
+            priority_base: DEFAULT_PRIORITY_BASE,
+            strict_names: false,
+            cluster_subnets: Vec::new(),
+        }
+    }
+}
+
+impl PolicySettings {
+    /// The node default for plain names.
+    pub fn name_matching(&self) -> NameMatching {
+        if self.strict_names {
+            NameMatching::Strict
+        } else {
+            NameMatching::Subdomains
+        }
+    }
+}
+
+/// Command-line / environment form of [`PolicySettings`], for `flowd run` and `flowd replay` alike.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PolicyArgs {
+    /// OpenFlow priority of EgressFirewall rule 0 (rule i gets BASE - i), as OVN maps ACL priorities.
+    #[arg(long, env = "FLOWD_PRIORITY_BASE", default_value_t = DEFAULT_PRIORITY_BASE)]
+    pub priority_base: u16,
+    /// Match plain dnsNames exactly, as OVN-K does, instead of also covering their subdomains.
+    /// A namespace's `dnsflow.io/dns-name-matching` annotation overrides this.
+    #[arg(long, env = "FLOWD_STRICT_DNS_NAMES")]
+    pub strict_dns_names: bool,
+    /// Cluster pod, service and join subnets (repeat or comma-separate); answers inside never get a flow.
+    /// The pod subnets of every known node are always added.
+    #[arg(
+        long = "cluster-subnet",
+        env = "FLOWD_CLUSTER_SUBNETS",
+        value_delimiter = ','
+    )]
+    pub cluster_subnets: Vec<IpNet>,
+}
+
+impl PolicyArgs {
+    pub fn settings(&self) -> PolicySettings {
+        PolicySettings {
+            priority_base: self.priority_base,
+            strict_names: self.strict_dns_names,
+            cluster_subnets: self.cluster_subnets.clone(),
+        }
+    }
+}
+
+/// Why a response as a whole earns nothing, before any rule is looked at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ignored {
+    /// Only NOERROR answers grant anything.
+    NotNoError { rcode: u16 },
+    /// The response went to an IP that is not this pod's.
+    ClientNotPod { client: IpAddr },
+    /// NOERROR without any A/AAAA on the chain (NODATA, or only other types).
+    NoAddresses,
+}
+
+impl fmt::Display for Ignored {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotNoError { rcode } => write!(f, "rcode {}", tapd::event::rcode_name(*rcode)),
+            Self::ClientNotPod { client } => write!(f, "client {client} is not the pod's IP"),
+            Self::NoAddresses => f.write_str("no A/AAAA answers"),
+        }
+    }
+}
+
+/// One L4 match of a rule: `None` when the rule has no ports.
+pub type L4 = Option<PortMatch>;
+
+/// What one rule made of the names of a response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RuleOutcome {
+    /// A `cidrSelector` or `nodeSelector` rule: OVN-K's own ACL enforces it.
+    NotDnsName,
+    /// No name of the response matches the rule's `dnsName`.
+    NoMatch,
+    /// `name` (the first of the question name and the CNAME chain that matches) is covered. `live` are the
+    /// L4 matches that get flows; `shadowed` those an earlier rule's flow already covers (with its index).
+    Matched {
+        name: DnsName,
+        priority: u16,
+        live: Vec<L4>,
+        shadowed: Vec<(L4, usize)>,
+    },
+    /// The rule matches but `priority_base - index` is below zero: no flow can express it.
+    NoPriority { name: DnsName },
+}
+
+/// One rule's line in an explanation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleTrace {
+    pub index: usize,
+    /// The rule as written, e.g. "Allow dnsName=*.example.com tcp/443".
+    pub rule: String,
+    pub outcome: RuleOutcome,
+}
+
+impl RuleTrace {
+    pub fn matches(&self) -> bool {
+        matches!(
+            self.outcome,
+            RuleOutcome::Matched { .. } | RuleOutcome::NoPriority { .. }
+        )
+    }
+
+    /// A sentence for an operator.
+    pub fn reason(&self) -> String {
+        match &self.outcome {
+            RuleOutcome::NotDnsName => "not a dnsName rule (enforced by OVN itself)".into(),
+            RuleOutcome::NoMatch => "no name of the answer matches".into(),
+            RuleOutcome::NoPriority { name } => {
+                format!("matches {name}, but its priority would be below 0")
+            }
+            RuleOutcome::Matched {
+                name,
+                priority,
+                live,
+                shadowed,
+            } => {
+                let mut s = format!("matches {name} at priority {priority}");
+                if !live.is_empty() {
+                    let l4: Vec<String> = live.iter().map(l4_name).collect();
+                    s += &format!("; flows for {}", l4.join(", "));
+                }
+                for (l4, by) in shadowed {
+                    s += &format!("; {} already covered by rule {by}", l4_name(l4));
+                }
+                s
+            }
+        }
+    }
+}
+
+/// "tcp/443", or "any" for a rule without ports (as the inspection API prints ports).
+pub fn l4_name(l4: &L4) -> String {
+    l4.map_or_else(|| "any".into(), |p| format!("{}/{}", p.protocol, p.port))
+}
+
+/// Why one answer IP got no flow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exclusion {
+    ClusterSubnet(IpNet),
+    /// Unspecified, loopback, multicast, broadcast or IPv4-mapped: not an egress destination.
+    NotEgress,
+    /// The pod has no IP of this family to pair it with.
+    NoPodIpOfFamily,
+}
+
+impl fmt::Display for Exclusion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ClusterSubnet(net) => write!(f, "inside cluster subnet {net}"),
+            Self::NotEgress => f.write_str("not an egress destination"),
+            Self::NoPodIpOfFamily => f.write_str("the pod has no IP of this family"),
+        }
+    }
+}
+
+/// The grants a response earns, with everything needed to explain them.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Decision {
+    /// In rule order, then answer order, then port order.
+    pub grants: Vec<Grant>,
+    /// Set when the response earns nothing whatever the rules say.
+    pub ignored: Option<Ignored>,
+    /// One trace per rule, in order (empty when `ignored`).
+    pub rules: Vec<RuleTrace>,
+    /// Answer IPs that got no flow and why (only computed when some rule matched).
+    pub excluded: Vec<(IpAddr, Exclusion)>,
+}
+
+/// Rule by rule, what `names` (question name first, then the CNAME chain) make of `rules`.
+pub fn explain(
+    names: &[&DnsName],
+    rules: &FirewallRules,
+    settings: &PolicySettings,
+) -> Vec<RuleTrace> {
+    let mode = rules.name_matching_or(settings.name_matching());
+    // The earliest matching rule without ports covers every L4 match; otherwise per protocol/port.
+    let mut covers_all: Option<usize> = None;
+    let mut covers: Vec<(PortMatch, usize)> = Vec::new();
+    rules
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(index, rule)| {
+            let outcome = match rule.dns_pattern() {
+                None => RuleOutcome::NotDnsName,
+                Some(pattern) => match names.iter().find(|n| pattern.matches(n, mode)) {
+                    None => RuleOutcome::NoMatch,
+                    Some(name) => {
+                        let name = (*name).clone();
+                        match u16::try_from(index)
+                            .ok()
+                            .and_then(|i| settings.priority_base.checked_sub(i))
+                        {
+                            None => RuleOutcome::NoPriority { name },
+                            Some(priority) => {
+                                let entries: Vec<L4> = if rule.ports.is_empty() {
+                                    vec![None]
+                                } else {
+                                    rule.ports.iter().copied().map(Some).collect()
+                                };
+                                let (mut live, mut shadowed) = (Vec::new(), Vec::new());
+                                for l4 in entries {
+                                    let by = covers_all.or_else(|| {
+                                        l4.and_then(|p| {
+                                            covers.iter().find(|(c, _)| *c == p).map(|(_, i)| *i)
+                                        })
+                                    });
+                                    match by {
+                                        Some(by) => shadowed.push((l4, by)),
+                                        None => live.push(l4),
+                                    }
+                                }
+                                for l4 in &live {
+                                    match l4 {
+                                        None => covers_all = covers_all.or(Some(index)),
+                                        Some(p) => covers.push((*p, index)),
+                                    }
+                                }
+                                RuleOutcome::Matched {
+                                    name,
+                                    priority,
+                                    live,
+                                    shadowed,
+                                }
+                            }
+                        }
+                    }
+                },
+            };
+            RuleTrace {
+                index,
+                rule: rule.to_string(),
+                outcome,
+            }
+        })
+        .collect()
+}
+
+fn exclusion(ip: IpAddr, settings: &PolicySettings) -> Option<Exclusion> {
+    if let Some(net) = settings.cluster_subnets.iter().find(|n| n.contains(&ip)) {
+        return Some(Exclusion::ClusterSubnet(*net));
+    }
+    let not_egress = ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || match ip {
+            IpAddr::V4(v4) => v4.is_broadcast(),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some(),
+        };
+    not_egress.then_some(Exclusion::NotEgress)
+}
+
+/// The flows `resp` earns `pod` under `rules` (DESIGN §5). Pure: same inputs, same decision.
+pub fn decide(
+    resp: &DnsResponse,
+    pod: &PodInfo,
+    rules: &FirewallRules,
+    settings: &PolicySettings,
+) -> Decision {
+    let ignored = if !resp.is_noerror() {
+        Some(Ignored::NotNoError { rcode: resp.rcode })
+    } else if !pod.ips.contains(&resp.client) {
+        Some(Ignored::ClientNotPod {
+            client: resp.client,
+        })
+    } else if resp.answers.is_empty() {
+        Some(Ignored::NoAddresses)
+    } else {
+        None
+    };
+    if ignored.is_some() {
+        return Decision {
+            ignored,
+            ..Decision::default()
+        };
+    }
+    let names: Vec<&DnsName> = resp.names().collect();
+    let traces = explain(&names, rules, settings);
+    let mut decision = Decision {
+        rules: traces,
+        ..Decision::default()
+    };
+    if !decision.rules.iter().any(RuleTrace::matches) {
+        return decision;
+    }
+    // Usable answers, each IP once (the longest TTL wins when a name repeats an address).
+    let mut targets: Vec<(IpAddr, IpAddr, u32)> = Vec::new();
+    for answer in &resp.answers {
+        if let Some(t) = targets.iter_mut().find(|t| t.1 == answer.ip) {
+            t.2 = t.2.max(answer.ttl);
+            continue;
+        }
+        if decision.excluded.iter().any(|(ip, _)| *ip == answer.ip) {
+            continue;
+        }
+        let why = exclusion(answer.ip, settings).or_else(|| {
+            match pod
+                .ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == answer.ip.is_ipv4())
+            {
+                Some(src) => {
+                    targets.push((*src, answer.ip, answer.ttl));
+                    None
+                }
+                None => Some(Exclusion::NoPodIpOfFamily),
+            }
+        });
+        if let Some(why) = why {
+            decision.excluded.push((answer.ip, why));
+        }
+    }
+    for trace in &decision.rules {
+        let RuleOutcome::Matched { priority, live, .. } = &trace.outcome else {
+            continue;
+        };
+        let Some(rule) = rules.rules.get(trace.index) else {
+            continue;
+        };
+        let dns_name = rule
+            .dns_pattern()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        for (src, dst, ttl) in &targets {
+            for l4 in live {
+                decision.grants.push(Grant {
+                    key: FlowKey {
+                        pod: pod.key.clone(),
+                        priority: *priority,
+                        src: *src,
+                        dst: *dst,
+                        l4: *l4,
+                    },
+                    verdict: rule.verdict,
+                    ttl: *ttl,
+                    reason: GrantReason {
+                        qname: resp.qname.clone(),
+                        rule_index: trace.index,
+                        dns_name: dns_name.clone(),
+                    },
+                });
+            }
+        }
+    }
+    decision
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        egressfirewall::EgressFirewall,
+        model::{PodKey, Protocol, Verdict},
+        rules::NameMatching,
+    };
+    use proptest::prelude::*;
+    use serde_json::json;
+    use std::time::UNIX_EPOCH;
+    use tapd::Answer;
+
+    fn name(s: &str) -> DnsName {
+        DnsName::new(s).expect("valid name")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("valid ip")
+    }
+
+    fn pod(ips: &[&str]) -> PodInfo {
+        PodInfo {
+            key: PodKey::new("abc", "client"),
+            ips: ips.iter().map(|s| ip(s)).collect(),
+            node: "ovn-worker".into(),
+        }
+    }
+
+    fn rules(egress: serde_json::Value) -> FirewallRules {
+        let ef: EgressFirewall = serde_json::from_value(json!({
+            "apiVersion": "k8s.ovn.org/v1", "kind": "EgressFirewall",
+            "metadata": {"name": "default", "namespace": "abc"},
+            "spec": {"egress": egress}
+        }))
+        .expect("deserializes");
+        FirewallRules::from_egress_firewall(&ef).expect("valid rules")
+    }
+
+    fn response(client: &str, qname: &str, chain: &[&str], answers: &[(&str, u32)]) -> DnsResponse {
+        DnsResponse {
+            client: ip(client),
+            qname: name(qname),
+            qtype: 1,
+            rcode: 0,
+            cname_chain: chain.iter().map(|n| name(n)).collect(),
+            answers: answers
+                .iter()
+                .map(|(a, ttl)| Answer {
+                    ip: ip(a),
+                    ttl: *ttl,
+                })
+                .collect(),
+            response_time: None,
+            decoded_time: UNIX_EPOCH,
+            server_identity: "coredns".into(),
+            sequence: 1,
+            replayed: false,
+        }
+    }
+
+    /// (priority, dst, l4, verdict, rule index) of each grant.
+    fn flows(d: &Decision) -> Vec<(u16, IpAddr, String, Verdict, usize)> {
+        d.grants
+            .iter()
+            .map(|g| {
+                (
+                    g.key.priority,
+                    g.key.dst,
+                    l4_name(&g.key.l4),
+                    g.verdict,
+                    g.reason.rule_index,
+                )
+            })
+            .collect()
+    }
+
+    fn seed_rules() -> FirewallRules {
+        rules(json!([
+            {"type": "Allow", "to": {"dnsName": "google.com"}},
+            {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}
+        ]))
+    }
+
+    #[test]
+    fn the_seed_case_grants_the_cdn_answers_at_rule_0() {
+        let resp = response(
+            "10.244.1.5",
+            "www.google.com",
+            &["www3.l.google.com"],
+            &[("142.250.74.36", 300), ("142.250.74.68", 200)],
+        );
+        let d = decide(
+            &resp,
+            &pod(&["10.244.1.5"]),
+            &seed_rules(),
+            &PolicySettings::default(),
+        );
+        assert_eq!(d.ignored, None);
+        assert_eq!(
+            flows(&d),
+            vec![
+                (11000, ip("142.250.74.36"), "any".into(), Verdict::Allow, 0),
+                (11000, ip("142.250.74.68"), "any".into(), Verdict::Allow, 0),
+            ]
+        );
+        let g = &d.grants[0];
+        assert_eq!(g.key.src, ip("10.244.1.5"));
+        assert_eq!(g.key.pod, PodKey::new("abc", "client"));
+        assert_eq!(g.ttl, 300);
+        assert_eq!(g.reason.qname, name("www.google.com"));
+        assert_eq!(g.reason.dns_name, "google.com");
+        assert_eq!(d.grants[1].ttl, 200);
+        assert_eq!(d.rules[1].outcome, RuleOutcome::NotDnsName);
+        assert_eq!(
+            d.rules[0].reason(),
+            "matches www.google.com at priority 11000; flows for any"
+        );
+    }
+
+    /// The semantic cases, each a rule list, a response and the expected (priority, dst, l4) flows.
+    #[test]
+    fn decision_table() {
+        struct Case {
+            what: &'static str,
+            egress: serde_json::Value,
+            settings: PolicySettings,
+            qname: &'static str,
+            chain: &'static [&'static str],
+            answers: &'static [&'static str],
+            expect: &'static [(u16, &'static str, &'static str)],
+        }
+        let dflt = PolicySettings::default;
+        let strict = || PolicySettings {
+            strict_names: true,
+            ..PolicySettings::default()
+        };
+        let allow = |n: &str| json!({"type": "Allow", "to": {"dnsName": n}});
+        let cases = vec![
+            Case {
+                what: "wildcard: one extra label",
+                egress: json!([allow("*.example.com")]),
+                settings: dflt(),
+                qname: "a.example.com",
+                chain: &[],
+                answers: &["1.1.1.1"],
+                expect: &[(11000, "1.1.1.1", "any")],
+            },
+            Case {
+                what: "wildcard: never deeper",
+                egress: json!([allow("*.example.com")]),
+                settings: dflt(),
+                qname: "b.a.example.com",
+                chain: &[],
+                answers: &["1.1.1.1"],
+                expect: &[],
+            },
+            Case {
+                what: "wildcard: never the base",
+                egress: json!([allow("*.example.com")]),
+                settings: dflt(),
+                qname: "example.com",
+                chain: &[],
+                answers: &["1.1.1.1"],
+                expect: &[],
+            },
+            Case {
+                what: "plain name covers subdomains by default",
+                egress: json!([allow("google.com")]),
+                settings: dflt(),
+                qname: "mail.google.com",
+                chain: &[],
+                answers: &["2.2.2.2"],
+                expect: &[(11000, "2.2.2.2", "any")],
+            },
+            Case {
+                what: "never a name that merely ends the same",
+                egress: json!([allow("google.com")]),
+                settings: dflt(),
+                qname: "evilgoogle.com",
+                chain: &[],
+                answers: &["2.2.2.2"],
+                expect: &[],
+            },
+            Case {
+                what: "strict: plain name is exact",
+                egress: json!([allow("google.com")]),
+                settings: strict(),
+                qname: "mail.google.com",
+                chain: &[],
+                answers: &["2.2.2.2"],
+                expect: &[],
+            },
+            Case {
+                what: "strict: the name itself",
+                egress: json!([allow("google.com")]),
+                settings: strict(),
+                qname: "google.com",
+                chain: &[],
+                answers: &["2.2.2.2"],
+                expect: &[(11000, "2.2.2.2", "any")],
+            },
+            Case {
+                what: "upper case and trailing dot in the rule",
+                egress: json!([allow("WWW.Google.COM.")]),
+                settings: strict(),
+                qname: "www.google.com",
+                chain: &[],
+                answers: &["2.2.2.2"],
+                expect: &[(11000, "2.2.2.2", "any")],
+            },
+            Case {
+                what: "CNAME: the rule names the CDN target",
+                egress: json!([allow("*.l.google.com")]),
+                settings: dflt(),
+                qname: "www.google.com",
+                chain: &["www3.l.google.com"],
+                answers: &["3.3.3.3"],
+                expect: &[(11000, "3.3.3.3", "any")],
+            },
+            Case {
+                what: "CNAME: neither asked name nor chain match",
+                egress: json!([allow("example.org")]),
+                settings: dflt(),
+                qname: "www.google.com",
+                chain: &["www3.l.google.com"],
+                answers: &["3.3.3.3"],
+                expect: &[],
+            },
+            Case {
+                what: "IPv6 answer pairs with the pod's IPv6",
+                egress: json!([allow("google.com")]),
+                settings: dflt(),
+                qname: "www.google.com",
+                chain: &[],
+                answers: &["2a00:1450::4", "4.4.4.4"],
+                expect: &[(11000, "2a00:1450::4", "any"), (11000, "4.4.4.4", "any")],
+            },
+            Case {
+                what: "answers inside cluster subnets get nothing",
+                egress: json!([allow("google.com")]),
+                settings: PolicySettings {
+                    cluster_subnets: vec![
+                        "10.96.0.0/16".parse().expect("net"),
+                        "fd00:10:96::/112".parse().expect("net"),
+                    ],
+                    ..PolicySettings::default()
+                },
+                qname: "www.google.com",
+                chain: &[],
+                answers: &["10.96.0.10", "5.5.5.5", "fd00:10:96::a"],
+                expect: &[(11000, "5.5.5.5", "any")],
+            },
+            Case {
+                what: "loopback, unspecified and v4-mapped answers get nothing",
+                egress: json!([allow("google.com")]),
+                settings: dflt(),
+                qname: "www.google.com",
+                chain: &[],
+                answers: &["127.0.0.1", "0.0.0.0", "::ffff:1.2.3.4", "224.0.0.1", "6.6.6.6"],
+                expect: &[(11000, "6.6.6.6", "any")],
+            },
+            Case {
+                what: "ports: one flow per port entry",
+                egress: json!([{"type": "Allow", "to": {"dnsName": "google.com"},
+                    "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "UDP", "port": 443}]}]),
+                settings: dflt(),
+                qname: "google.com",
+                chain: &[],
+                answers: &["7.7.7.7"],
+                expect: &[(11000, "7.7.7.7", "tcp/443"), (11000, "7.7.7.7", "udp/443")],
+            },
+            Case {
+                what: "rule order: an earlier cidr Deny leaves rule 1 at 10999 (OVS keeps the Deny winning)",
+                egress: json!([{"type": "Deny", "to": {"cidrSelector": "7.0.0.0/8"}}, allow("google.com")]),
+                settings: dflt(),
+                qname: "google.com",
+                chain: &[],
+                answers: &["7.7.7.7"],
+                expect: &[(10999, "7.7.7.7", "any")],
+            },
+            Case {
+                what: "rule order: a later dnsName rule with a covered port is shadowed, other ports are not",
+                egress: json!([
+                    {"type": "Allow", "to": {"dnsName": "google.com"}, "ports": [{"protocol": "TCP", "port": 443}]},
+                    {"type": "Deny", "to": {"dnsName": "*.google.com"}, "ports": [
+                        {"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 80}]},
+                    {"type": "Allow", "to": {"dnsName": "www.google.com"}}
+                ]),
+                settings: dflt(),
+                qname: "www.google.com",
+                chain: &[],
+                answers: &["8.8.8.8"],
+                expect: &[
+                    (11000, "8.8.8.8", "tcp/443"),
+                    (10999, "8.8.8.8", "tcp/80"),
+                    (10998, "8.8.8.8", "any"),
+                ],
+            },
+            Case {
+                what: "rule order: a rule without ports shadows every later matching rule",
+                egress: json!([
+                    {"type": "Deny", "to": {"dnsName": "*.google.com"}},
+                    allow("google.com"),
+                    {"type": "Allow", "to": {"dnsName": "google.com"}, "ports": [{"protocol": "SCTP", "port": 9}]}
+                ]),
+                settings: dflt(),
+                qname: "www.google.com",
+                chain: &[],
+                answers: &["8.8.4.4"],
+                expect: &[(11000, "8.8.4.4", "any")],
+            },
+            Case {
+                what: "custom priority base",
+                egress: json!([{"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}, allow("google.com")]),
+                settings: PolicySettings {
+                    priority_base: 2000,
+                    ..PolicySettings::default()
+                },
+                qname: "google.com",
+                chain: &[],
+                answers: &["9.9.9.9"],
+                expect: &[(1999, "9.9.9.9", "any")],
+            },
+        ];
+        for c in cases {
+            let resp = response(
+                "10.244.1.5",
+                c.qname,
+                c.chain,
+                &c.answers.iter().map(|a| (*a, 60)).collect::<Vec<_>>(),
+            );
+            let d = decide(
+                &resp,
+                &pod(&["10.244.1.5", "fd00:10:244:2::5"]),
+                &rules(c.egress),
+                &c.settings,
+            );
+            let got: Vec<(u16, IpAddr, String)> = flows(&d)
+                .into_iter()
+                .map(|(p, dst, l4, _, _)| (p, dst, l4))
+                .collect();
+            let want: Vec<(u16, IpAddr, String)> = c
+                .expect
+                .iter()
+                .map(|(p, dst, l4)| (*p, ip(dst), (*l4).to_string()))
+                .collect();
+            assert_eq!(got, want, "{}", c.what);
+            for g in &d.grants {
+                assert_eq!(g.key.src.is_ipv4(), g.key.dst.is_ipv4(), "{}", c.what);
+            }
+        }
+    }
+
+    #[test]
+    fn verdicts_and_shadow_explanations() {
+        let r = rules(json!([
+            {"type": "Deny", "to": {"dnsName": "ads.example.com"}},
+            {"type": "Allow", "to": {"dnsName": "example.com"}, "ports": [{"protocol": "TCP", "port": 443}]}
+        ]));
+        let d = decide(
+            &response("10.244.1.5", "ads.example.com", &[], &[("1.2.3.4", 30)]),
+            &pod(&["10.244.1.5"]),
+            &r,
+            &PolicySettings::default(),
+        );
+        assert_eq!(
+            flows(&d),
+            vec![(11000, ip("1.2.3.4"), "any".into(), Verdict::Deny, 0)]
+        );
+        assert_eq!(
+            d.rules[1].outcome,
+            RuleOutcome::Matched {
+                name: name("ads.example.com"),
+                priority: 10999,
+                live: vec![],
+                shadowed: vec![(
+                    Some(PortMatch {
+                        protocol: Protocol::Tcp,
+                        port: 443
+                    }),
+                    0
+                )],
+            }
+        );
+        assert_eq!(
+            d.rules[1].reason(),
+            "matches ads.example.com at priority 10999; tcp/443 already covered by rule 0"
+        );
+    }
+
+    #[test]
+    fn the_namespace_annotation_overrides_the_node_default() {
+        let mut r = rules(json!([{"type": "Allow", "to": {"dnsName": "google.com"}}]));
+        let resp = response("10.244.1.5", "www.google.com", &[], &[("1.2.3.4", 30)]);
+        let p = pod(&["10.244.1.5"]);
+        let strict = PolicySettings {
+            strict_names: true,
+            ..PolicySettings::default()
+        };
+        assert!(decide(&resp, &p, &r, &strict).grants.is_empty());
+        r.name_matching = Some(NameMatching::Subdomains);
+        assert_eq!(decide(&resp, &p, &r, &strict).grants.len(), 1);
+        r.name_matching = Some(NameMatching::Strict);
+        assert!(decide(&resp, &p, &r, &PolicySettings::default())
+            .grants
+            .is_empty());
+    }
+
+    #[test]
+    fn whole_responses_that_earn_nothing() {
+        let p = pod(&["10.244.1.5"]);
+        let mut nx = response("10.244.1.5", "www.google.com", &[], &[("1.2.3.4", 30)]);
+        nx.rcode = 3;
+        let d = decide(&nx, &p, &seed_rules(), &PolicySettings::default());
+        assert_eq!(d.ignored, Some(Ignored::NotNoError { rcode: 3 }));
+        assert_eq!(
+            d.ignored.as_ref().map(ToString::to_string).as_deref(),
+            Some("rcode NXDOMAIN")
+        );
+        assert!(d.grants.is_empty());
+
+        let other = response("10.244.1.6", "www.google.com", &[], &[("1.2.3.4", 30)]);
+        let d = decide(&other, &p, &seed_rules(), &PolicySettings::default());
+        assert_eq!(
+            d.ignored,
+            Some(Ignored::ClientNotPod {
+                client: ip("10.244.1.6")
+            })
+        );
+
+        let nodata = response("10.244.1.5", "www.google.com", &[], &[]);
+        let d = decide(&nodata, &p, &seed_rules(), &PolicySettings::default());
+        assert_eq!(d.ignored, Some(Ignored::NoAddresses));
+
+        let v6_only = response("10.244.1.5", "www.google.com", &[], &[("2a00::1", 30)]);
+        let d = decide(&v6_only, &p, &seed_rules(), &PolicySettings::default());
+        assert!(d.grants.is_empty());
+        assert_eq!(
+            d.excluded,
+            vec![(ip("2a00::1"), Exclusion::NoPodIpOfFamily)]
+        );
+    }
+
+    #[test]
+    fn repeated_answers_give_one_flow_with_the_longest_ttl() {
+        let resp = response(
+            "10.244.1.5",
+            "google.com",
+            &[],
+            &[("1.2.3.4", 30), ("1.2.3.4", 90)],
+        );
+        let d = decide(
+            &resp,
+            &pod(&["10.244.1.5"]),
+            &seed_rules(),
+            &PolicySettings::default(),
+        );
+        assert_eq!(d.grants.len(), 1);
+        assert_eq!(d.grants[0].ttl, 90);
+    }
+
+    #[test]
+    fn a_priority_below_zero_is_reported_not_wrapped() {
+        let r = rules(json!([
+            {"type": "Deny", "to": {"cidrSelector": "10.0.0.0/8"}},
+            {"type": "Allow", "to": {"dnsName": "google.com"}}
+        ]));
+        let settings = PolicySettings {
+            priority_base: 0,
+            ..PolicySettings::default()
+        };
+        let d = decide(
+            &response("10.244.1.5", "google.com", &[], &[("1.2.3.4", 30)]),
+            &pod(&["10.244.1.5"]),
+            &r,
+            &settings,
+        );
+        assert!(d.grants.is_empty());
+        assert_eq!(
+            d.rules[1].outcome,
+            RuleOutcome::NoPriority {
+                name: name("google.com")
+            }
+        );
+    }
+
+    #[test]
+    fn policy_args_parse_with_defaults_and_lists() {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Cli {
+            #[command(flatten)]
+            policy: PolicyArgs,
+        }
+        let s = Cli::try_parse_from(["x"])
+            .expect("defaults")
+            .policy
+            .settings();
+        assert_eq!(s, PolicySettings::default());
+        let s = Cli::try_parse_from([
+            "x",
+            "--priority-base",
+            "2000",
+            "--strict-dns-names",
+            "--cluster-subnet",
+            "10.244.0.0/16,10.96.0.0/16",
+            "--cluster-subnet",
+            "100.64.0.0/16",
+        ])
+        .expect("valid")
+        .policy
+        .settings();
+        assert_eq!(s.priority_base, 2000);
+        assert!(s.strict_names);
+        assert_eq!(s.cluster_subnets.len(), 3);
+        assert!(Cli::try_parse_from(["x", "--cluster-subnet", "10.0.0.1"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--priority-base", "70000"]).is_err());
+    }
+
+    fn label() -> impl Strategy<Value = String> {
+        "[a-z0-9][a-z0-9-]{0,8}"
+    }
+
+    fn dns_name() -> impl Strategy<Value = String> {
+        prop::collection::vec(label(), 1..4).prop_map(|l| l.join("."))
+    }
+
+    fn any_ip() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(|b| IpAddr::from(b)),
+            any::<[u8; 16]>().prop_map(|b| IpAddr::from(b)),
+            // Concentrate some answers in a typical cluster range so subnet exclusions are exercised.
+            (0u8..4, any::<u8>()).prop_map(|(c, d)| IpAddr::from([10, 96, c, d])),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn a_prefix_never_matches_at_a_non_label_boundary(base in dns_name(), prefix in "[a-z0-9-]{1,8}", strict in any::<bool>()) {
+            let rules = rules(json!([{"type": "Allow", "to": {"dnsName": base.clone()}}]));
+            let settings = PolicySettings { strict_names: strict, ..PolicySettings::default() };
+            let evil = format!("{prefix}{base}");
+            let d = decide(&response("10.244.1.5", &evil, &[], &[("1.2.3.4", 30)]), &pod(&["10.244.1.5"]), &rules, &settings);
+            prop_assert!(d.grants.is_empty(), "{} matched {}", evil, base);
+        }
+
+        #[test]
+        fn wildcards_match_exactly_one_label(base in dns_name(), first in label(), second in label()) {
+            let pattern = crate::rules::DnsPattern::parse(&format!("*.{base}")).expect("valid");
+            let one = name(&format!("{first}.{base}"));
+            let two = name(&format!("{second}.{first}.{base}"));
+            for mode in [NameMatching::Subdomains, NameMatching::Strict] {
+                prop_assert!(pattern.matches(&one, mode));
+                prop_assert!(!pattern.matches(&two, mode));
+                prop_assert!(!pattern.matches(&name(&base), mode));
+            }
+        }
+
+        #[test]
+        fn grants_respect_subnets_families_and_priorities(
+            answers in prop::collection::vec((any_ip(), 0u32..100_000), 0..12),
+            subnets in prop::collection::vec(prop_oneof![
+                Just("10.96.0.0/14"), Just("10.0.0.0/8"), Just("fd00::/8"), Just("0.0.0.0/1"), Just("8000::/1")
+            ], 0..3),
+            dual in any::<bool>(),
+            ports in any::<bool>(),
+        ) {
+            let mut egress = vec![json!({"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}})];
+            egress.push(if ports {
+                json!({"type": "Allow", "to": {"dnsName": "example.com"}, "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "UDP", "port": 443}]})
+            } else {
+                json!({"type": "Allow", "to": {"dnsName": "*.example.com"}})
+            });
+            let rules = rules(json!(egress));
+            let settings = PolicySettings {
+                cluster_subnets: subnets.iter().map(|s| s.parse().expect("net")).collect(),
+                ..PolicySettings::default()
+            };
+            let p = if dual { pod(&["10.244.1.5", "fd00:10:244:1::5"]) } else { pod(&["10.244.1.5"]) };
+            let mut resp = response("10.244.1.5", "www.example.com", &[], &[]);
+            resp.answers = answers.iter().map(|(ip, ttl)| Answer { ip: *ip, ttl: *ttl }).collect();
+            let d = decide(&resp, &p, &rules, &settings);
+            for g in &d.grants {
+                prop_assert!(!settings.cluster_subnets.iter().any(|n| n.contains(&g.key.dst)), "{:?}", g);
+                prop_assert_eq!(g.key.src.is_ipv4(), g.key.dst.is_ipv4());
+                prop_assert!(p.ips.contains(&g.key.src));
+                prop_assert_eq!(g.key.priority, 10999);
+                prop_assert_eq!(g.reason.rule_index, 1);
+                let longest = resp.answers.iter().filter(|a| a.ip == g.key.dst).map(|a| a.ttl).max();
+                prop_assert_eq!(longest, Some(g.ttl));
+            }
+            // Every answer is either granted (once per L4 entry) or excluded with a reason.
+            let per_ip = if ports { 2 } else { 1 };
+            for a in &resp.answers {
+                let granted = d.grants.iter().filter(|g| g.key.dst == a.ip).count();
+                let excluded = d.excluded.iter().any(|(ip, _)| *ip == a.ip);
+                prop_assert!(granted == per_ip && !excluded || granted == 0 && excluded, "{:?}: {} {}", a, granted, excluded);
+            }
+        }
+    }
+}
