@@ -7,3 +7,4 @@ pub mod model;
 pub mod policy;
 pub mod replay;
 pub mod rules;
+pub mod watch;

@@ -1,3 +1,4 @@
 //! flowd integration tests: one binary, against a real OVS + OVN sandbox and a fake API server.
 
 #![allow(clippy::unwrap_used)]
+mod deploy;

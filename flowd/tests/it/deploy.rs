@@ -1,0 +1,488 @@
+//! `deploy/` and the Containerfiles: every overlay renders with `kubectl kustomize`, every rendered object
+//! passes `kubernetes-validate`, and the pieces agree with each other and with the code (socket path,
+//! environment variable names, RBAC, images, the files the Containerfiles copy).
+
+use serde_yaml::Value;
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// The dnstap socket, as CoreDNS, both containers and tapd must all see it.
+const DNSTAP_SOCKET: &str = "/var/run/dnstap/dnstap.sock";
+/// Images the overlays deploy, as the README builds them.
+const FLOWD_IMAGE: &str = "localhost/dnsflow/flowd:0.1.0";
+const TAPD_IMAGE: &str = "localhost/dnsflow/tapd:0.1.0";
+/// Kinds kubernetes-validate has no schema for (OpenShift's own API): checked here by hand instead.
+const KINDS_WITHOUT_SCHEMA: &[&str] = &["SecurityContextConstraints"];
+/// Variables read by other programs than flowd and tapd (the Rust log filter).
+const FOREIGN_ENV: &[&str] = &["RUST_LOG"];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (scripts/test installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn kustomize(dir: &Path) -> Vec<Value> {
+    let yaml = run(Command::new("kubectl").arg("kustomize").arg(dir));
+    serde_yaml::Deserializer::from_str(&yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn render(overlay: &str) -> Vec<Value> {
+    kustomize(&root().join("deploy/overlays").join(overlay))
+}
+
+/// Validates every object with a schema (strict: unknown fields are errors); returns the kinds skipped.
+fn validate(objects: &[Value]) -> BTreeSet<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut skipped = BTreeSet::new();
+    let mut files = Vec::new();
+    for (i, o) in objects.iter().enumerate() {
+        let kind = o["kind"].as_str().unwrap().to_string();
+        if KINDS_WITHOUT_SCHEMA.contains(&kind.as_str()) {
+            skipped.insert(kind);
+            continue;
+        }
+        let path = dir.path().join(format!("{i:02}-{kind}.yaml"));
+        std::fs::write(&path, serde_yaml::to_string(o).unwrap()).unwrap();
+        files.push(path);
+    }
+    let out = run(Command::new("kubernetes-validate")
+        .args(["--strict", "--no-warn"])
+        .args(&files));
+    assert_eq!(
+        out.matches(" passed ").count(),
+        files.len(),
+        "not every object passed:\n{out}"
+    );
+    skipped
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name} rendered"))
+}
+
+fn pod_spec(workload: &Value) -> &Value {
+    &workload["spec"]["template"]["spec"]
+}
+
+/// Containers and init containers (tapd is a native sidecar: an init container that keeps running).
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    let spec = pod_spec(workload);
+    ["containers", "initContainers"]
+        .iter()
+        .filter_map(|k| spec[*k].as_sequence())
+        .flatten()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn env_value<'a>(c: &'a Value, name: &str) -> &'a str {
+    c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or_else(|| panic!("{} sets no {name}", c["name"].as_str().unwrap()))
+}
+
+fn env_names(c: &Value) -> BTreeSet<String> {
+    c["env"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .filter(|n| !FOREIGN_ENV.contains(&n.as_str()))
+        .collect()
+}
+
+/// The environment variables a clap command reads, subcommands included.
+fn clap_env_names(cmd: &clap::Command) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    for sub in cmd.get_subcommands() {
+        names.extend(clap_env_names(sub));
+    }
+    names
+}
+
+fn flowd_env_names() -> BTreeSet<String> {
+    use clap::CommandFactory as _;
+    clap_env_names(&flowd::cli::Cli::command())
+}
+
+fn tapd_env_names() -> BTreeSet<String> {
+    [
+        "TAPD_SOCKET",
+        "TAPD_LISTEN",
+        "TAPD_METRICS_LISTEN",
+        "TAPD_LOG_FORMAT",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The volume mounted at `path` in container `c` is an emptyDir of the pod (never a hostPath).
+fn mounted_empty_dir(workload: &Value, c: &Value, path: &str) -> String {
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == path)
+        .unwrap_or_else(|| panic!("{} does not mount {path}", c["name"].as_str().unwrap()));
+    let name = mount["name"].as_str().unwrap();
+    let volume = pod_spec(workload)["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap();
+    assert!(
+        volume.get("emptyDir").is_some(),
+        "{name} is not an emptyDir: {volume:?}"
+    );
+    name.to_string()
+}
+
+/// The dnstap plumbing of one DNS workload: Corefile line, shared emptyDir, tapd's socket setting, tapd's
+/// image, and tapd running as CoreDNS's non-root uid.
+fn check_tapd_sidecar(dns: &Value, dns_container: &str) {
+    let tapd = container(dns, "tapd");
+    let coredns = container(dns, dns_container);
+    let socket_dir = Path::new(DNSTAP_SOCKET).parent().unwrap().to_str().unwrap();
+    let a = mounted_empty_dir(dns, tapd, socket_dir);
+    let b = mounted_empty_dir(dns, coredns, socket_dir);
+    assert_eq!(a, b, "coredns and tapd must share one volume");
+    assert_eq!(env_value(tapd, "TAPD_SOCKET"), DNSTAP_SOCKET);
+    assert_eq!(tapd["restartPolicy"], "Always", "tapd is a native sidecar");
+    let sc = &tapd["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(
+        sc["runAsUser"], 65532,
+        "CoreDNS's uid, so the socket is writable by it"
+    );
+    let names = env_names(tapd);
+    let known = tapd_env_names();
+    assert!(
+        names.is_subset(&known),
+        "tapd does not read {:?}",
+        names.difference(&known).collect::<Vec<_>>()
+    );
+}
+
+fn check_flowd(objects: &[Value]) {
+    let ds = find(objects, "DaemonSet", "flowd");
+    let spec = pod_spec(ds);
+    assert_eq!(spec["hostNetwork"], true);
+    assert_eq!(spec["serviceAccountName"], "flowd");
+    assert!(spec["tolerations"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|t| t["operator"] == "Exists" && t.get("key").is_none()));
+    let flowd = container(ds, "flowd");
+    assert_eq!(flowd["image"], FLOWD_IMAGE);
+    let node = flowd["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "FLOWD_NODE_NAME")
+        .expect("FLOWD_NODE_NAME");
+    assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    let names = env_names(flowd);
+    let known = flowd_env_names();
+    assert!(
+        names.is_subset(&known),
+        "flowd does not read {:?}",
+        names.difference(&known).collect::<Vec<_>>()
+    );
+    let ovs = spec["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["hostPath"]["path"] == "/var/run/openvswitch")
+        .expect("the OVS run directory");
+    assert!(flowd["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == ovs["name"] && m["mountPath"] == "/var/run/openvswitch"));
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert!(flowd.get(probe).is_some(), "flowd has no {probe}");
+    }
+    assert!(flowd["resources"]["requests"].get("cpu").is_some());
+    check_cluster_role(find(objects, "ClusterRole", "dnsflow-flowd"));
+    let binding = find(objects, "ClusterRoleBinding", "dnsflow-flowd");
+    assert_eq!(binding["roleRef"]["name"], "dnsflow-flowd");
+    assert_eq!(binding["subjects"][0]["name"], "flowd");
+    assert_eq!(binding["subjects"][0]["namespace"], "dnsflow");
+}
+
+/// The ClusterRole grants exactly `REQUIRED_ACCESS`: nothing flowd does not call, nothing missing.
+fn check_cluster_role(role: &Value) {
+    let granted: BTreeSet<(String, String, String)> = role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            let strings = |k: &str| -> Vec<String> {
+                r[k].as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.as_str().unwrap().to_string())
+                    .collect()
+            };
+            let (groups, resources, verbs) =
+                (strings("apiGroups"), strings("resources"), strings("verbs"));
+            assert!(r.get("resourceNames").is_none() && r.get("nonResourceURLs").is_none());
+            let mut out = Vec::new();
+            for g in &groups {
+                for res in &resources {
+                    for v in &verbs {
+                        out.push((g.clone(), res.clone(), v.clone()));
+                    }
+                }
+            }
+            out
+        })
+        .collect();
+    let required: BTreeSet<(String, String, String)> = flowd::watch::REQUIRED_ACCESS
+        .iter()
+        .flat_map(|a| {
+            a.verbs
+                .iter()
+                .map(|v| (a.group.to_string(), a.resource.to_string(), v.to_string()))
+        })
+        .collect();
+    assert_eq!(granted, required);
+}
+
+fn images(objects: &[Value]) -> BTreeSet<String> {
+    objects
+        .iter()
+        .filter_map(|o| {
+            let spec = pod_spec(o);
+            spec.get("containers")?;
+            Some(
+                ["containers", "initContainers"]
+                    .iter()
+                    .filter_map(|k| spec[*k].as_sequence())
+                    .flatten()
+                    .map(|c| c["image"].as_str().unwrap().to_string())
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn kind_overlay_renders_validates_and_ties_together() {
+    let objects = render("kind");
+    assert_eq!(validate(&objects), BTreeSet::new());
+    check_flowd(&objects);
+
+    let corefile = find(&objects, "ConfigMap", "coredns")["data"]["Corefile"]
+        .as_str()
+        .unwrap();
+    let line = format!("dnstap unix://{DNSTAP_SOCKET} full");
+    assert_eq!(
+        corefile.lines().filter(|l| l.trim() == line).count(),
+        1,
+        "{corefile}"
+    );
+    let coredns = find(&objects, "Deployment", "coredns");
+    assert_eq!(coredns["metadata"]["namespace"], "kube-system");
+    check_tapd_sidecar(coredns, "coredns");
+    // The Corefile the Deployment mounts is the one carrying the dnstap line.
+    assert!(pod_spec(coredns)["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|v| v["configMap"]["name"] == "coredns"));
+
+    let imgs = images(&objects);
+    assert!(
+        imgs.contains(FLOWD_IMAGE) && imgs.contains(TAPD_IMAGE),
+        "{imgs:?}"
+    );
+    assert!(
+        imgs.iter()
+            .all(|i| [FLOWD_IMAGE, TAPD_IMAGE].contains(&i.as_str()) || i.contains("coredns")),
+        "{imgs:?}"
+    );
+}
+
+/// A `dns-default` DaemonSet shaped like the one OpenShift's DNS operator writes (trimmed to what the
+/// patch touches), so the patch can be rendered and validated the way `oc patch` applies it.
+const OPENSHIFT_DNS_DEFAULT: &str = r#"
+apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: dns-default
+  namespace: openshift-dns
+  labels: {dns.operator.openshift.io/owning-dns: default}
+spec:
+  selector:
+    matchLabels: {dns.operator.openshift.io/daemonset-dns: default}
+  template:
+    metadata:
+      labels: {dns.operator.openshift.io/daemonset-dns: default}
+    spec:
+      serviceAccountName: dns
+      priorityClassName: system-node-critical
+      containers:
+        - name: dns
+          image: quay.io/openshift/origin-coredns:latest
+          command: ["coredns"]
+          args: ["-conf", "/etc/coredns/Corefile"]
+          volumeMounts:
+            - {name: config-volume, mountPath: /etc/coredns, readOnly: true}
+        - name: kube-rbac-proxy
+          image: quay.io/openshift/origin-kube-rbac-proxy:latest
+      volumes:
+        - name: config-volume
+          configMap:
+            name: dns-default
+            items: [{key: Corefile, path: Corefile}]
+"#;
+
+#[test]
+fn openshift_overlay_and_dns_default_patch_render_validate_and_tie_together() {
+    let objects = render("openshift");
+    let skipped = validate(&objects);
+    assert_eq!(
+        skipped,
+        KINDS_WITHOUT_SCHEMA.iter().map(|s| s.to_string()).collect()
+    );
+    check_flowd(&objects);
+    let flowd = container(find(&objects, "DaemonSet", "flowd"), "flowd");
+    let selinux = flowd["securityContext"]["seLinuxOptions"]["type"].clone();
+    assert_eq!(selinux, "spc_t");
+
+    // The SCC admits what the DaemonSet asks for, and only flowd's ServiceAccount may use it.
+    let scc = find(&objects, "SecurityContextConstraints", "dnsflow-flowd");
+    assert_eq!(scc["allowHostNetwork"], true);
+    assert_eq!(scc["allowHostDirVolumePlugin"], true);
+    assert_eq!(scc["allowPrivilegedContainer"], false);
+    assert_eq!(scc["seLinuxContext"]["seLinuxOptions"]["type"], selinux);
+    for cap in flowd["securityContext"]["capabilities"]["add"]
+        .as_sequence()
+        .unwrap()
+    {
+        assert!(scc["allowedCapabilities"]
+            .as_sequence()
+            .unwrap()
+            .contains(cap));
+    }
+    let use_scc = find(&objects, "ClusterRole", "dnsflow-flowd-scc");
+    assert_eq!(use_scc["rules"][0]["resourceNames"][0], "dnsflow-flowd");
+    assert_eq!(use_scc["rules"][0]["verbs"][0], "use");
+    let binding = find(&objects, "RoleBinding", "dnsflow-flowd-scc");
+    assert_eq!(binding["subjects"][0]["name"], "flowd");
+
+    // The tapd patch, applied to a dns-default like the operator's, as `oc patch` would.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dns-default.yaml"), OPENSHIFT_DNS_DEFAULT).unwrap();
+    std::fs::copy(
+        root().join("deploy/overlays/openshift/dns-default-tapd.yaml"),
+        dir.path().join("dns-default-tapd.yaml"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "resources: [dns-default.yaml]\npatches: [{path: dns-default-tapd.yaml}]\nimages:\n  - {name: dnsflow/tapd, newName: localhost/dnsflow/tapd, newTag: \"0.1.0\"}\n",
+    )
+    .unwrap();
+    let patched = kustomize(dir.path());
+    assert_eq!(validate(&patched), BTreeSet::new());
+    let dns = find(&patched, "DaemonSet", "dns-default");
+    check_tapd_sidecar(dns, "dns");
+    assert_eq!(container(dns, "tapd")["image"], TAPD_IMAGE);
+    // The patch adds to the operator's containers; it does not replace them.
+    assert_eq!(container(dns, "kube-rbac-proxy")["name"], "kube-rbac-proxy");
+
+    // The README's Corefile step adds the very line the kind Corefile carries.
+    let readme = std::fs::read_to_string(root().join("deploy/README.md")).unwrap();
+    assert!(readme.contains(&format!("dnstap unix://{DNSTAP_SOCKET} full")));
+    let patch_doc = std::fs::read_to_string(dir.path().join("dns-default-tapd.yaml")).unwrap();
+    assert!(patch_doc.contains("openshift-dns patch daemonset dns-default"));
+}
+
+#[test]
+fn containerfiles_copy_what_the_workspace_has_and_tag_what_the_overlays_deploy() {
+    let readme = std::fs::read_to_string(root().join("deploy/README.md")).unwrap();
+    for (file, bin, image) in [
+        ("Containerfile.flowd", "flowd", FLOWD_IMAGE),
+        ("Containerfile.tapd", "tapd", TAPD_IMAGE),
+    ] {
+        let text = std::fs::read_to_string(root().join(file)).unwrap();
+        // Multi-stage: a Rust builder, then a runtime image that gets only the binary.
+        let stages: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+        assert_eq!(stages.len(), 2, "{file}: {stages:?}");
+        assert!(stages[0].contains("rust:") && stages[0].ends_with(" AS build"));
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+        {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            for src in &words[1..words.len() - 1] {
+                assert!(root().join(src).exists(), "{file} copies missing {src}");
+            }
+        }
+        let build = format!("-p {bin} --bin {bin}");
+        assert!(text.contains(&build), "{file} does not build {bin}");
+        let manifest = std::fs::read_to_string(root().join(bin).join("Cargo.toml")).unwrap();
+        assert!(manifest.contains(&format!("name = \"{bin}\"")));
+        assert!(root().join(bin).join("src/main.rs").exists());
+        assert!(
+            text.contains(&format!(
+                "COPY --from=build /out/{bin} /usr/local/bin/{bin}"
+            )),
+            "{file}"
+        );
+        let tag = format!("-f {file} -t {image} .");
+        assert!(
+            text.contains(&tag),
+            "{file} does not say how to build {image}"
+        );
+        assert!(
+            readme.contains(&tag),
+            "deploy/README.md does not build {image}"
+        );
+    }
+    let tapd = std::fs::read_to_string(root().join("Containerfile.tapd")).unwrap();
+    assert!(tapd.contains("USER 65532:65532"), "tapd runs as non-root");
+    let flowd = std::fs::read_to_string(root().join("Containerfile.flowd")).unwrap();
+    assert!(
+        flowd.contains("openvswitch-common"),
+        "flowd needs ovs-ofctl"
+    );
+}
