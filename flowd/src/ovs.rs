@@ -1,0 +1,71 @@
+//! The OVS side of flowd: typed flows and their `ovs-ofctl` text ([`flow`]), discovery of OVN's ACL
+//! table and pods' datapath keys ([`discovery`]), and the [`FlowProgrammer`] trait with its
+//! implementations: [`Ofctl`] (the real `ovs-ofctl`/`ovs-vsctl`), [`DryRun`] (prints the exact
+//! `ovs-ofctl` input) and [`Recording`] (an in-memory bridge for unit tests).
+
+pub mod discovery;
+mod dryrun;
+pub mod flow;
+mod ofctl;
+mod recording;
+
+pub use discovery::{AclTarget, PortKeys};
+pub use dryrun::DryRun;
+pub use flow::{
+    Actions, Cookie, FlowAction, FlowEvent, FlowMatch, FlowOp, FlowSpec, ParsedFlow, RemovedReason,
+};
+pub use ofctl::Ofctl;
+pub use recording::Recording;
+
+use std::{collections::HashMap, future::Future};
+use tokio::sync::mpsc;
+
+/// Errors talking to OVS.
+#[derive(Debug, thiserror::Error)]
+pub enum OvsError {
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{program} {args} failed ({status}): {stderr}")]
+    Failed {
+        program: &'static str,
+        args: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("{program} printed more than {limit} bytes")]
+    TooMuchOutput { program: &'static str, limit: usize },
+    #[error("i/o with {program}: {source}")]
+    Io {
+        program: &'static str,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = OvsError> = std::result::Result<T, E>;
+
+/// Monitor events are buffered this deep; beyond it they are dropped and the periodic reconcile repairs
+/// what they would have told (an ovn-controller wipe of 100,000 flows still fits).
+pub const MONITOR_QUEUE: usize = 131_072;
+
+/// Everything flowd does to OVS, narrow enough to fake.
+pub trait FlowProgrammer: Send + Sync + 'static {
+    /// Applies one batch atomically (one `ovs-ofctl --bundle` transaction).
+    fn apply(&self, ops: &[FlowOp]) -> impl Future<Output = Result<()>> + Send;
+    /// Every flow whose cookie carries `prefix` in its high 32 bits.
+    fn dump(&self, prefix: u32) -> impl Future<Output = Result<Vec<ParsedFlow>>> + Send;
+    /// Starts watching `table`; events arrive until the receiver closes (the monitor died).
+    fn monitor(&self, table: u8) -> impl Future<Output = Result<mpsc::Receiver<FlowEvent>>> + Send;
+    /// Finds the EgressFirewall ACL table and OVN's allow actions; `None` while OVN has none yet.
+    fn discover_acl(
+        &self,
+        priority_base: u16,
+    ) -> impl Future<Output = Result<Option<AclTarget>>> + Send;
+    /// The datapath keys of those `iface_ids` that have an OVS port with OVN's flows.
+    fn port_keys(
+        &self,
+        iface_ids: &[String],
+    ) -> impl Future<Output = Result<HashMap<String, PortKeys>>> + Send;
+}

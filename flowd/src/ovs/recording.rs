@@ -1,0 +1,204 @@
+//! An in-memory bridge implementing [`FlowProgrammer`] for unit tests: it applies batches the way OVS
+//! does (an add replaces the flow with the same table, priority and match), records every batch, and
+//! lets a test expire or wipe flows and see the monitor events that follow.
+
+use super::{
+    discovery::{AclTarget, PortKeys},
+    flow::{FlowEvent, FlowMatch, FlowOp, FlowSpec, MatchFields, ParsedFlow, RemovedReason},
+    FlowProgrammer, Result, MONITOR_QUEUE,
+};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
+use tokio::sync::mpsc;
+
+#[derive(Debug, Default)]
+struct State {
+    flows: BTreeMap<FlowMatch, FlowSpec>,
+    batches: Vec<Vec<FlowOp>>,
+    acl: Option<AclTarget>,
+    keys: HashMap<String, PortKeys>,
+    monitors: Vec<mpsc::Sender<FlowEvent>>,
+}
+
+/// A fake bridge; see the module doc.
+#[derive(Debug, Default)]
+pub struct Recording {
+    state: Mutex<State>,
+    /// How long each `apply` takes, to exercise batching.
+    apply_delay: Duration,
+}
+
+/// The flow as `ovs-ofctl monitor` would report it (no priority).
+fn as_event_flow(f: &FlowSpec) -> ParsedFlow {
+    let m = &f.matches;
+    ParsedFlow {
+        cookie: f.cookie,
+        table: m.table,
+        priority: None,
+        idle_timeout: Some(f.idle_timeout),
+        hard_timeout: f.hard_timeout,
+        fields: Some(MatchFields {
+            metadata: Some(m.metadata),
+            reg14: Some(m.reg14),
+            reg15: false,
+            src: Some(m.src),
+            dst: Some(m.dst),
+            l4: m.l4,
+            v6: m.dst.is_ipv6(),
+        }),
+        actions: match &f.action {
+            super::FlowAction::Continue(a) => Some(a.as_str().to_owned()),
+            super::FlowAction::Drop => None,
+        },
+        other_regs: false,
+    }
+}
+
+impl Recording {
+    pub fn new(acl: Option<AclTarget>) -> Self {
+        Self::with_delay(acl, Duration::ZERO)
+    }
+
+    pub fn with_delay(acl: Option<AclTarget>, apply_delay: Duration) -> Self {
+        Self {
+            state: Mutex::new(State {
+                acl,
+                ..State::default()
+            }),
+            apply_delay,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives an OVS port with OVN's flows to `iface_id`.
+    pub fn set_port(&self, iface_id: &str, keys: PortKeys) {
+        self.lock().keys.insert(iface_id.to_owned(), keys);
+    }
+
+    pub fn set_acl(&self, acl: Option<AclTarget>) {
+        self.lock().acl = acl;
+    }
+
+    /// Every batch applied so far.
+    pub fn batches(&self) -> Vec<Vec<FlowOp>> {
+        self.lock().batches.clone()
+    }
+
+    /// The flows now on the fake bridge.
+    pub fn flows(&self) -> Vec<FlowSpec> {
+        self.lock().flows.values().cloned().collect()
+    }
+
+    /// Removes flows selected by `pick` as OVS would for `reason`, telling the monitors.
+    pub fn remove_where(&self, reason: RemovedReason, pick: impl Fn(&FlowSpec) -> bool) {
+        let mut s = self.lock();
+        let gone: Vec<FlowSpec> = s.flows.values().filter(|f| pick(f)).cloned().collect();
+        for f in &gone {
+            s.flows.remove(&f.matches);
+        }
+        Self::notify(
+            &s,
+            gone.iter()
+                .map(|f| FlowEvent::Deleted(reason, as_event_flow(f))),
+        );
+    }
+
+    fn notify(s: &State, events: impl Iterator<Item = FlowEvent>) {
+        for e in events {
+            for m in &s.monitors {
+                let _ = m.try_send(e.clone());
+            }
+        }
+    }
+
+    /// Closes every monitor stream, as if `ovs-ofctl monitor` died.
+    pub fn kill_monitors(&self) {
+        self.lock().monitors.clear();
+    }
+}
+
+impl FlowProgrammer for Recording {
+    async fn apply(&self, ops: &[FlowOp]) -> Result<()> {
+        if !self.apply_delay.is_zero() {
+            tokio::time::sleep(self.apply_delay).await;
+        }
+        let mut s = self.lock();
+        let mut events = Vec::new();
+        for op in ops {
+            match op {
+                FlowOp::Add(f) => {
+                    s.flows.insert(f.matches, f.clone());
+                    events.push(FlowEvent::Added(as_event_flow(f)));
+                }
+                FlowOp::DeleteStrict { cookie, matches } => {
+                    if s.flows.get(matches).is_some_and(|f| f.cookie == *cookie) {
+                        if let Some(f) = s.flows.remove(matches) {
+                            events
+                                .push(FlowEvent::Deleted(RemovedReason::Delete, as_event_flow(&f)));
+                        }
+                    }
+                }
+                FlowOp::DeleteCookie {
+                    table,
+                    cookie,
+                    mask,
+                } => {
+                    let gone: Vec<FlowMatch> = s
+                        .flows
+                        .values()
+                        .filter(|f| {
+                            f.matches.table == *table && f.cookie.0 & mask == cookie.0 & mask
+                        })
+                        .map(|f| f.matches)
+                        .collect();
+                    for m in gone {
+                        if let Some(f) = s.flows.remove(&m) {
+                            events
+                                .push(FlowEvent::Deleted(RemovedReason::Delete, as_event_flow(&f)));
+                        }
+                    }
+                }
+            }
+        }
+        s.batches.push(ops.to_vec());
+        Self::notify(&s, events.into_iter());
+        Ok(())
+    }
+
+    async fn dump(&self, prefix: u32) -> Result<Vec<ParsedFlow>> {
+        Ok(self
+            .lock()
+            .flows
+            .values()
+            .filter(|f| f.cookie.prefix() == prefix)
+            .map(|f| ParsedFlow {
+                priority: Some(f.matches.priority),
+                ..as_event_flow(f)
+            })
+            .collect())
+    }
+
+    async fn monitor(&self, _table: u8) -> Result<mpsc::Receiver<FlowEvent>> {
+        let (tx, rx) = mpsc::channel(MONITOR_QUEUE);
+        self.lock().monitors.push(tx);
+        Ok(rx)
+    }
+
+    async fn discover_acl(&self, _priority_base: u16) -> Result<Option<AclTarget>> {
+        Ok(self.lock().acl.clone())
+    }
+
+    async fn port_keys(&self, iface_ids: &[String]) -> Result<HashMap<String, PortKeys>> {
+        let s = self.lock();
+        Ok(iface_ids
+            .iter()
+            .filter_map(|id| Some((id.clone(), *s.keys.get(id)?)))
+            .collect())
+    }
+}

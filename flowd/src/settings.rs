@@ -1,0 +1,248 @@
+//! The engine's settings, shared by `flowd run` and `flowd replay` (flattened into both), each with
+//! a `FLOWD_*` environment fallback.
+//!
+//! | flag | env | default |
+//! | --- | --- | --- |
+//! | `--priority-base` | `FLOWD_PRIORITY_BASE` | 11000 (OVN-K's EF rule 0: ACL 10000 + OVN's offset 1000) |
+//! | `--idle-floor` | `FLOWD_IDLE_FLOOR` | 300s |
+//! | `--idle-grace` | `FLOWD_IDLE_GRACE` | 30s |
+//! | `--hard-cap` | `FLOWD_HARD_CAP` | none |
+//! | `--bridge` | `FLOWD_BRIDGE` | br-int |
+//! | `--acl-table` | `FLOWD_ACL_TABLE` | discovered |
+//! | `--allow-actions` | `FLOWD_ALLOW_ACTIONS` | discovered (OVN's own allow flow) |
+//! | `--cookie-prefix` | `FLOWD_COOKIE_PREFIX` | 0x646e7366 ("dnsf") |
+//! | `--reconcile-interval` | `FLOWD_RECONCILE_INTERVAL` | 60s |
+//! | `--strict-dns-names` | `FLOWD_STRICT_DNS_NAMES` | false (plain names also cover subdomains) |
+//! | `--cluster-subnet` | `FLOWD_CLUSTER_SUBNETS` | OVN-K/kind pod, service and join subnets |
+
+use crate::{ovs::Actions, policy::PolicySettings};
+use ipnet::IpNet;
+use std::time::Duration;
+
+/// OVN-K's defaults on kind: pods 10.244.0.0/16 and fd00:10:244::/48, services 10.96.0.0/16 and
+/// fd00:10:96::/112, join switch 100.64.0.0/16 and fd98::/64.
+pub const DEFAULT_CLUSTER_SUBNETS: &str =
+    "10.244.0.0/16,fd00:10:244::/48,10.96.0.0/16,fd00:10:96::/112,100.64.0.0/16,fd98::/64";
+/// "dnsf" in ASCII: easy to spot in `ovs-ofctl dump-flows`, and never an OVN cookie (those are 32-bit).
+pub const DEFAULT_COOKIE_PREFIX: u32 = 0x646e_7366;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct EngineSettings {
+    /// OpenFlow priority of EgressFirewall rule 0; rule i gets base - i.
+    #[arg(long, env = "FLOWD_PRIORITY_BASE", default_value_t = 11000)]
+    pub priority_base: u16,
+    /// Shortest idle timeout a grant gets, whatever the TTL (e.g. 300s, 5m).
+    #[arg(long, env = "FLOWD_IDLE_FLOOR", default_value = "300s", value_parser = parse_duration)]
+    pub idle_floor: Duration,
+    /// Added to max(TTL, floor) so that a client re-resolving at expiry never sees a gap.
+    #[arg(long, env = "FLOWD_IDLE_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub idle_grace: Duration,
+    /// Optional hard timeout: a flow goes after this long even while in use.
+    #[arg(long, env = "FLOWD_HARD_CAP", value_parser = parse_duration)]
+    pub hard_cap: Option<Duration>,
+    /// The OVN integration bridge.
+    #[arg(long, env = "FLOWD_BRIDGE", default_value = "br-int")]
+    pub bridge: String,
+    /// EgressFirewall ACL table; discovered from OVN's flows when not set.
+    #[arg(long, env = "FLOWD_ACL_TABLE")]
+    pub acl_table: Option<u8>,
+    /// OpenFlow actions of an allow flow; by default those of OVN's own allow flow.
+    #[arg(long, env = "FLOWD_ALLOW_ACTIONS")]
+    pub allow_actions: Option<Actions>,
+    /// High 32 bits of every dnsflow flow's cookie (hex with 0x, or decimal).
+    #[arg(long, env = "FLOWD_COOKIE_PREFIX", default_value = "0x646e7366", value_parser = parse_u32)]
+    pub cookie_prefix: u32,
+    /// Period of the full reconcile against `ovs-ofctl dump-flows`.
+    #[arg(long, env = "FLOWD_RECONCILE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
+    /// OVN-K's strict matching: a plain dnsName matches only itself, not its subdomains.
+    #[arg(long = "strict-dns-names", env = "FLOWD_STRICT_DNS_NAMES")]
+    pub strict_names: bool,
+    /// Pod, service and join subnets (repeat or comma-separate): answers inside them never get a flow.
+    #[arg(
+        long = "cluster-subnet",
+        env = "FLOWD_CLUSTER_SUBNETS",
+        value_delimiter = ',',
+        default_value = DEFAULT_CLUSTER_SUBNETS
+    )]
+    pub cluster_subnets: Vec<IpNet>,
+}
+
+/// Why a setting is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("--cookie-prefix must not be 0: a zero prefix is OVN's own cookie space")]
+    ZeroCookiePrefix,
+    #[error("--idle-floor plus --idle-grace must be between 1s and 65535s, is {0:?}")]
+    IdleRange(Duration),
+    #[error("--reconcile-interval must be at least 1s")]
+    ReconcileInterval,
+}
+
+impl EngineSettings {
+    /// Checks what clap cannot, before anything starts.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if self.cookie_prefix == 0 {
+            return Err(SettingsError::ZeroCookiePrefix);
+        }
+        let idle = self.idle_floor + self.idle_grace;
+        if idle < Duration::from_secs(1) || idle > Duration::from_secs(u16::MAX.into()) {
+            return Err(SettingsError::IdleRange(idle));
+        }
+        if self.reconcile_interval < Duration::from_secs(1) {
+            return Err(SettingsError::ReconcileInterval);
+        }
+        Ok(())
+    }
+
+    /// What the decision needs of these settings.
+    pub fn policy(&self) -> PolicySettings {
+        PolicySettings {
+            priority_base: self.priority_base,
+            strict_names: self.strict_names,
+            cluster_subnets: self.cluster_subnets.clone(),
+        }
+    }
+
+    /// `idle_timeout` for an answer with this TTL: max(TTL, floor) + grace, in OpenFlow's u16 seconds.
+    pub fn idle_timeout(&self, ttl: u32) -> u16 {
+        let secs = u64::from(ttl).max(self.idle_floor.as_secs()) + self.idle_grace.as_secs();
+        u16::try_from(secs.max(1)).unwrap_or(u16::MAX)
+    }
+
+    /// `hard_timeout`, when capped.
+    pub fn hard_timeout(&self) -> Option<u16> {
+        self.hard_cap
+            .map(|d| u16::try_from(d.as_secs().max(1)).unwrap_or(u16::MAX))
+    }
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            priority_base: 11000,
+            idle_floor: Duration::from_secs(300),
+            idle_grace: Duration::from_secs(30),
+            hard_cap: None,
+            bridge: "br-int".into(),
+            acl_table: None,
+            allow_actions: None,
+            cookie_prefix: DEFAULT_COOKIE_PREFIX,
+            reconcile_interval: Duration::from_secs(60),
+            strict_names: false,
+            cluster_subnets: DEFAULT_CLUSTER_SUBNETS
+                .split(',')
+                .filter_map(|s| s.parse().ok())
+                .collect(),
+        }
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m or 500ms"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Ok(d)
+}
+
+/// Parses `0x646e7366` or a decimal number.
+pub fn parse_u32(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: EngineSettings,
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let s = Cli::try_parse_from(["flowd"]).unwrap().settings;
+        let d = EngineSettings::default();
+        assert_eq!(s.priority_base, 11000);
+        assert_eq!((s.idle_floor, s.idle_grace), (d.idle_floor, d.idle_grace));
+        assert_eq!(s.cookie_prefix, DEFAULT_COOKIE_PREFIX);
+        assert_eq!(s.cluster_subnets, d.cluster_subnets);
+        assert_eq!(s.cluster_subnets.len(), 6);
+        assert_eq!(
+            (s.bridge.as_str(), s.acl_table, s.hard_cap),
+            ("br-int", None, None)
+        );
+        assert!(!s.strict_names);
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn flags_override_everything() {
+        let s = Cli::try_parse_from([
+            "flowd",
+            "--priority-base=20000",
+            "--idle-floor=1s",
+            "--idle-grace=500ms",
+            "--hard-cap=1h",
+            "--bridge=br-test",
+            "--acl-table=44",
+            "--allow-actions=resubmit(,45)",
+            "--cookie-prefix=0xabcdef01",
+            "--reconcile-interval=5m",
+            "--strict-dns-names",
+            "--cluster-subnet=10.0.0.0/8,fd00::/8",
+        ])
+        .unwrap()
+        .settings;
+        assert_eq!(s.priority_base, 20000);
+        assert_eq!(s.idle_grace, Duration::from_millis(500));
+        assert_eq!(s.hard_timeout(), Some(3600));
+        assert_eq!((s.acl_table, s.cookie_prefix), (Some(44), 0xabcd_ef01));
+        assert_eq!(s.allow_actions.unwrap().as_str(), "resubmit(,45)");
+        assert_eq!(s.reconcile_interval, Duration::from_secs(300));
+        assert!(s.strict_names);
+        assert_eq!(s.cluster_subnets.len(), 2);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for bad in [
+            &["flowd", "--idle-floor=5 minutes"][..],
+            &["flowd", "--allow-actions=drop;x"],
+            &["flowd", "--cookie-prefix=0x1ffffffff"],
+            &["flowd", "--cluster-subnet=10.0.0.0/33"],
+            &["flowd", "--acl-table=256"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} accepted");
+        }
+        let zero = Cli::try_parse_from(["flowd", "--cookie-prefix=0"]).unwrap();
+        assert!(zero.settings.validate().is_err());
+        let long = Cli::try_parse_from(["flowd", "--idle-floor=20h"]).unwrap();
+        assert!(long.settings.validate().is_err());
+    }
+
+    #[test]
+    fn idle_timeout_is_max_of_ttl_and_floor_plus_grace() {
+        let s = EngineSettings::default();
+        assert_eq!(s.idle_timeout(5), 330);
+        assert_eq!(s.idle_timeout(3600), 3630);
+        assert_eq!(s.idle_timeout(u32::MAX), u16::MAX);
+    }
+}
