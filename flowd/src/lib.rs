@@ -1,6 +1,7 @@
 //! flowd: turns pods' DNS answers into OVS flows that their namespace's EgressFirewall allows.
 
 pub mod cli;
+pub mod cluster;
 pub mod daemon;
 pub mod egressfirewall;
 pub mod model;
@@ -9,4 +10,5 @@ pub mod policy;
 pub mod replay;
 pub mod rules;
 pub mod settings;
+pub mod snapshot;
 pub mod watch;

@@ -930,8 +930,8 @@ mod tests {
 
     fn any_ip() -> impl Strategy<Value = IpAddr> {
         prop_oneof![
-            any::<[u8; 4]>().prop_map(|b| IpAddr::from(b)),
-            any::<[u8; 16]>().prop_map(|b| IpAddr::from(b)),
+            any::<[u8; 4]>().prop_map(IpAddr::from),
+            any::<[u8; 16]>().prop_map(IpAddr::from),
             // Concentrate some answers in a typical cluster range so subnet exclusions are exercised.
             (0u8..4, any::<u8>()).prop_map(|(c, d)| IpAddr::from([10, 96, c, d])),
         ]

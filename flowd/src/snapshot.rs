@@ -1,0 +1,353 @@
+//! A cluster snapshot file: the Pods, EgressFirewalls and Nodes `flowd replay` works against.
+//!
+//! Accepts what `kubectl get -A pods,egressfirewalls,nodes -o yaml` prints (a `kind: List`) and
+//! multi-document YAML of the same objects (lists may appear inside too). Objects of other kinds, pods that
+//! get no grants (host network, finished, no IP) and invalid EgressFirewalls are skipped with a warning
+//! that says why; only unreadable or syntactically broken files are errors.
+
+use crate::{
+    cluster::{node_subnets, pod_info},
+    egressfirewall::EgressFirewall,
+    model::PodInfo,
+    rules::FirewallRules,
+};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use serde::Deserialize;
+use std::{
+    collections::BTreeMap,
+    io::Read,
+    path::{Path, PathBuf},
+};
+
+/// Largest snapshot read: a pod's YAML is a few KiB, so this holds clusters of several thousand pods while
+/// keeping a wrong path (a disk image, /dev/zero) from exhausting memory.
+pub const MAX_SNAPSHOT_BYTES: u64 = 64 * 1024 * 1024;
+/// Most objects taken from one snapshot (lists included), a second bound against hostile input.
+pub const MAX_OBJECTS: usize = 100_000;
+
+/// What a snapshot says about the cluster, already validated.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// Pods that can hold grants, in file order.
+    pub pods: Vec<PodInfo>,
+    /// Validated EgressFirewall rules by namespace (only the object named `default` counts).
+    pub rules: BTreeMap<String, FirewallRules>,
+    /// Pod subnets by node name.
+    pub nodes: BTreeMap<String, Vec<IpNet>>,
+    /// Everything skipped, and why, one line each.
+    pub warnings: Vec<String>,
+}
+
+/// Why a snapshot file cannot be used at all.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: larger than {MAX_SNAPSHOT_BYTES} bytes")]
+    TooLarge { path: PathBuf },
+    #[error("{path}: not UTF-8 text")]
+    NotText { path: PathBuf },
+    #[error("{path}: invalid YAML: {message}")]
+    Yaml { path: PathBuf, message: String },
+    #[error("{path}: more than {MAX_OBJECTS} objects")]
+    TooManyObjects { path: PathBuf },
+}
+
+impl Snapshot {
+    /// Reads and parses the snapshot at `path`.
+    pub fn load(path: &Path) -> Result<Self, SnapshotError> {
+        let io = |source| SnapshotError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let mut bytes = Vec::new();
+        file.take(MAX_SNAPSHOT_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_SNAPSHOT_BYTES {
+            return Err(SnapshotError::TooLarge {
+                path: path.to_path_buf(),
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|_| SnapshotError::NotText {
+            path: path.to_path_buf(),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses snapshot text; `origin` names it in errors and warnings.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, SnapshotError> {
+        let mut objects = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let value = serde_yaml::Value::deserialize(doc).map_err(|e| SnapshotError::Yaml {
+                path: origin.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            flatten(value, &mut objects);
+            if objects.len() > MAX_OBJECTS {
+                return Err(SnapshotError::TooManyObjects {
+                    path: origin.to_path_buf(),
+                });
+            }
+        }
+        let mut snap = Snapshot::default();
+        for (i, obj) in objects.into_iter().enumerate() {
+            snap.add(i, obj, origin);
+        }
+        Ok(snap)
+    }
+
+    fn add(&mut self, i: usize, obj: serde_yaml::Value, origin: &Path) {
+        let kind = obj
+            .get("kind")
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let at = format!(
+            "{}: object {i} ({})",
+            origin.display(),
+            describe(&obj, &kind)
+        );
+        match kind.as_str() {
+            "Pod" => match serde_yaml::from_value::<Pod>(obj) {
+                Err(e) => self.warn(format!("{at}: not a valid Pod: {e}")),
+                Ok(pod) => match pod_info(&pod) {
+                    Ok(info) => self.pods.push(info),
+                    Err(skip) => self.warn(format!("{at}: skipped: {skip}")),
+                },
+            },
+            "EgressFirewall" => match serde_yaml::from_value::<EgressFirewall>(obj) {
+                Err(e) => self.warn(format!("{at}: not a valid EgressFirewall: {e}")),
+                Ok(ef) => match FirewallRules::from_egress_firewall(&ef) {
+                    Ok(rules) => {
+                        if self.rules.contains_key(&rules.namespace) {
+                            self.warn(format!(
+                                "{at}: replaces an earlier EgressFirewall of the namespace"
+                            ));
+                        }
+                        self.rules.insert(rules.namespace.clone(), rules);
+                    }
+                    Err(e) => self.warn(format!("{at}: skipped: {e}")),
+                },
+            },
+            "Node" => match serde_yaml::from_value::<Node>(obj) {
+                Err(e) => self.warn(format!("{at}: not a valid Node: {e}")),
+                Ok(node) => match node_subnets(&node) {
+                    Ok((name, subnets)) => {
+                        self.nodes.insert(name, subnets);
+                    }
+                    Err(e) => self.warn(format!("{at}: skipped: {e}")),
+                },
+            },
+            "" => self.warn(format!("{at}: skipped: no kind")),
+            _ => self.warn(format!("{at}: skipped: kind {kind} is not used by flowd")),
+        }
+    }
+
+    fn warn(&mut self, line: String) {
+        tracing::warn!(warning = %line, "snapshot");
+        self.warnings.push(line);
+    }
+
+    /// Every node's pod subnets, for [`crate::policy::PolicySettings::cluster_subnets`].
+    pub fn pod_subnets(&self) -> Vec<IpNet> {
+        let mut all: Vec<IpNet> = self.nodes.values().flatten().copied().collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+}
+
+/// Top-level objects, with the items of any `*List` spliced in; null documents (a leading `---`) vanish.
+fn flatten(value: serde_yaml::Value, out: &mut Vec<serde_yaml::Value>) {
+    if value.is_null() {
+        return;
+    }
+    let is_list = value
+        .get("kind")
+        .and_then(serde_yaml::Value::as_str)
+        .is_some_and(|k| k.ends_with("List"));
+    match value {
+        serde_yaml::Value::Mapping(mut map) if is_list => {
+            if let Some(serde_yaml::Value::Sequence(items)) = map.remove("items") {
+                // Items of nested lists are not expanded again: kubectl never nests them.
+                out.extend(items.into_iter().filter(|v| !v.is_null()));
+            }
+        }
+        other => out.push(other),
+    }
+}
+
+/// "Pod abc/client" for messages; never fails.
+fn describe(obj: &serde_yaml::Value, kind: &str) -> String {
+    let field = |f: &str| {
+        obj.get("metadata")
+            .and_then(|m| m.get(f))
+            .and_then(serde_yaml::Value::as_str)
+    };
+    let kind = if kind.is_empty() { "?" } else { kind };
+    match (field("namespace"), field("name")) {
+        (Some(ns), Some(name)) => format!("{kind} {ns}/{name}"),
+        (None, Some(name)) => format!("{kind} {name}"),
+        _ => kind.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIST: &str = r#"
+apiVersion: v1
+kind: List
+metadata: {resourceVersion: ""}
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: client, namespace: abc}
+  spec: {nodeName: ovn-worker, containers: [{name: c, image: busybox}]}
+  status: {phase: Running, podIP: 10.244.1.5, podIPs: [{ip: 10.244.1.5}]}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: host, namespace: kube-system}
+  spec: {nodeName: ovn-worker, hostNetwork: true, containers: []}
+  status: {phase: Running, podIPs: [{ip: 172.18.0.2}]}
+- apiVersion: k8s.ovn.org/v1
+  kind: EgressFirewall
+  metadata: {name: default, namespace: abc}
+  spec:
+    egress:
+    - {type: Allow, to: {dnsName: google.com}}
+    - {type: Deny, to: {cidrSelector: 0.0.0.0/0}}
+- apiVersion: k8s.ovn.org/v1
+  kind: EgressFirewall
+  metadata: {name: default, namespace: bad}
+  spec:
+    egress:
+    - {type: Allow, to: {dnsName: "bad name"}}
+- apiVersion: v1
+  kind: Node
+  metadata:
+    name: ovn-worker
+    annotations: {k8s.ovn.org/node-subnets: '{"default":["10.244.1.0/24"]}'}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: kubernetes, namespace: default}
+"#;
+
+    fn parse(text: &str) -> Result<Snapshot, SnapshotError> {
+        Snapshot::parse(text, Path::new("snap.yaml"))
+    }
+
+    #[test]
+    fn a_kubectl_list_loads_with_warnings_for_what_is_skipped() {
+        let s = parse(LIST).expect("valid");
+        assert_eq!(s.pods.len(), 1);
+        assert_eq!(s.pods[0].key.to_string(), "abc/client");
+        assert_eq!(s.rules.keys().collect::<Vec<_>>(), vec!["abc"]);
+        assert_eq!(s.rules["abc"].rules.len(), 2);
+        assert_eq!(
+            s.nodes["ovn-worker"],
+            vec!["10.244.1.0/24".parse::<IpNet>().expect("net")]
+        );
+        assert_eq!(s.pod_subnets().len(), 1);
+        assert_eq!(s.warnings.len(), 3, "{:#?}", s.warnings);
+        assert!(
+            s.warnings[0].contains("Pod kube-system/host")
+                && s.warnings[0].contains("host network")
+        );
+        assert!(
+            s.warnings[1].contains("EgressFirewall bad/default")
+                && s.warnings[1].contains("egress[0].to.dnsName")
+        );
+        assert!(s.warnings[2].contains("kind Service is not used"));
+        assert!(s
+            .warnings
+            .iter()
+            .all(|w| w.starts_with("snap.yaml: object ")));
+    }
+
+    #[test]
+    fn multi_document_yaml_is_the_same() {
+        let docs = r#"---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: abc}
+spec: {nodeName: ovn-worker, containers: []}
+status: {phase: Running, podIPs: [{ip: 10.244.1.5}]}
+---
+apiVersion: v1
+kind: PodList
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: other, namespace: abc}
+  spec: {nodeName: ovn-worker, containers: []}
+  status: {phase: Running, podIPs: [{ip: 10.244.1.6}]}
+---
+"#;
+        let s = parse(docs).expect("valid");
+        assert_eq!(s.pods.len(), 2);
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    }
+
+    #[test]
+    fn broken_input_is_a_clear_error_or_warning() {
+        let err = parse("items: [").expect_err("bad yaml");
+        assert!(
+            err.to_string().starts_with("snap.yaml: invalid YAML"),
+            "{err}"
+        );
+        let s = parse("kind: Pod\nspec: 5\n").expect("syntax is fine");
+        assert!(
+            s.warnings[0].contains("not a valid Pod"),
+            "{:?}",
+            s.warnings
+        );
+        let s = parse("- 1\n- 2\n").expect("syntax is fine");
+        assert!(s.warnings[0].contains("no kind"), "{:?}", s.warnings);
+        let s = parse("").expect("empty");
+        assert_eq!(s, Snapshot::default());
+    }
+
+    #[test]
+    fn load_bounds_and_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.yaml");
+        let err = Snapshot::load(&missing).expect_err("missing");
+        assert!(err.to_string().contains("missing.yaml"), "{err}");
+        let binary = dir.path().join("bin.yaml");
+        std::fs::write(&binary, [0xff, 0xfe, 0]).expect("write");
+        assert!(matches!(
+            Snapshot::load(&binary),
+            Err(SnapshotError::NotText { .. })
+        ));
+        let big = dir.path().join("big.yaml");
+        let f = std::fs::File::create(&big).expect("create");
+        f.set_len(MAX_SNAPSHOT_BYTES + 1).expect("sparse file");
+        assert!(matches!(
+            Snapshot::load(&big),
+            Err(SnapshotError::TooLarge { .. })
+        ));
+        let ok = dir.path().join("ok.yaml");
+        std::fs::write(&ok, LIST).expect("write");
+        assert_eq!(Snapshot::load(&ok).expect("valid").pods.len(), 1);
+    }
+
+    #[test]
+    fn too_many_objects_is_an_error() {
+        let mut text = String::from("kind: List\nitems:\n");
+        for _ in 0..=MAX_OBJECTS {
+            text.push_str("- {kind: X}\n");
+        }
+        assert!(matches!(
+            parse(&text),
+            Err(SnapshotError::TooManyObjects { .. })
+        ));
+    }
+}
