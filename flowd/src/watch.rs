@@ -1,6 +1,28 @@
 //! Kubernetes state: the pods of this node, every namespace's EgressFirewall, this node, and the DNS
-//! pods that carry tapd, each kept current by a kube-runtime watcher (list, then watch; relist after
-//! `410 Gone` or any error, with kube's default backoff).
+//! pods that carry tapd, each kept current by a kube-runtime watcher (list, then watch; after `410 Gone`
+//! or any error, kube's default backoff and a relist).
+//!
+//! A watcher's relist does not report objects that vanished while it was away: [`changes`] remembers
+//! what it has reported and turns every object missing from a relist into a [`Change::Deleted`], so the
+//! consumer sees one consistent stream of applies and deletes whatever happened on the wire.
+
+use crate::egressfirewall::EgressFirewall;
+use futures::{stream, Stream, StreamExt as _};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::{
+    runtime::{watcher, WatchStreamExt as _},
+    Api, Client, Resource, ResourceExt as _,
+};
+use serde::de::DeserializeOwned;
+use std::{
+    collections::HashMap,
+    fmt::Debug,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 /// One kind of API call flowd makes. The ClusterRole in `deploy/base/clusterrole.yaml` grants exactly
 /// these (a test compares the two, and another checks every request flowd sends against this list).
@@ -32,3 +54,172 @@ pub const REQUIRED_ACCESS: &[ApiAccess] = &[
         verbs: &["list", "watch"],
     },
 ];
+
+/// What happened to one watched object.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change<K> {
+    /// Created or changed (or seen again by a relist with a new resourceVersion).
+    Applied(K),
+    /// Deleted, or missing from a relist: the last state flowd knew.
+    Deleted(K),
+    /// A full list has been delivered (the first one, and again after every relist).
+    Synced,
+}
+
+/// Counters the watchers move; shared with the metrics.
+#[derive(Debug, Default)]
+pub struct WatchStats {
+    /// Watch or list errors (each followed by a backoff).
+    pub errors: AtomicU64,
+    /// Full lists received (the first sync and every relist).
+    pub lists: AtomicU64,
+}
+
+/// `namespace/name`: objects are identified by name, as the API server does.
+fn key_of<K: Resource>(obj: &K) -> (String, String) {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// The changes of the objects `api` lists with `config`, forever: errors are logged and counted, then
+/// kube's default backoff and a new watch (or relist, after `410 Gone`) follow.
+pub fn changes<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    stats: Arc<WatchStats>,
+) -> impl Stream<Item = Change<K>> + Send + 'static
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let mut known: HashMap<(String, String), K> = HashMap::new();
+    // Objects seen since the current relist began; `None` outside a relist.
+    let mut relisted: Option<HashMap<(String, String), K>> = None;
+    watcher(api, config)
+        .default_backoff()
+        .map(move |event| {
+            let mut out = Vec::new();
+            match event {
+                Ok(watcher::Event::Init) => relisted = Some(HashMap::new()),
+                Ok(watcher::Event::InitApply(obj)) => {
+                    let key = key_of(&obj);
+                    let unchanged = known
+                        .get(&key)
+                        .is_some_and(|old| old.resource_version() == obj.resource_version());
+                    if !unchanged {
+                        out.push(Change::Applied(obj.clone()));
+                    }
+                    relisted.get_or_insert_with(HashMap::new).insert(key, obj);
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let fresh = relisted.take().unwrap_or_default();
+                    for (key, old) in known.drain() {
+                        if !fresh.contains_key(&key) {
+                            tracing::debug!(what, namespace = %key.0, name = %key.1, "gone after relist");
+                            out.push(Change::Deleted(old));
+                        }
+                    }
+                    known = fresh;
+                    stats.lists.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(what, objects = known.len(), "listed");
+                    out.push(Change::Synced);
+                }
+                Ok(watcher::Event::Apply(obj)) => {
+                    known.insert(key_of(&obj), obj.clone());
+                    out.push(Change::Applied(obj));
+                }
+                Ok(watcher::Event::Delete(obj)) => {
+                    known.remove(&key_of(&obj));
+                    out.push(Change::Deleted(obj));
+                }
+                Err(error) => {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(what, %error, "watch failed; backing off, then watching or relisting again");
+                }
+            }
+            stream::iter(out)
+        })
+        .flatten()
+}
+
+/// One change of the cluster state flowd follows.
+#[derive(Clone, Debug)]
+pub enum ClusterEvent {
+    Pod(Change<Pod>),
+    Firewall(Change<EgressFirewall>),
+    Node(Change<Node>),
+}
+
+/// Which of the three watches have delivered their first full list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncState {
+    pub pods: bool,
+    pub firewalls: bool,
+    pub node: bool,
+}
+
+impl SyncState {
+    /// Notes a `Synced`; true once all three have been synced.
+    pub fn note(&mut self, event: &ClusterEvent) -> bool {
+        match event {
+            ClusterEvent::Pod(Change::Synced) => self.pods = true,
+            ClusterEvent::Firewall(Change::Synced) => self.firewalls = true,
+            ClusterEvent::Node(Change::Synced) => self.node = true,
+            _ => {}
+        }
+        self.complete()
+    }
+
+    pub fn complete(&self) -> bool {
+        self.pods && self.firewalls && self.node
+    }
+}
+
+/// The merged stream of pod, EgressFirewall and node changes.
+pub type ClusterStream = Pin<Box<dyn Stream<Item = ClusterEvent> + Send>>;
+
+/// Watches the pods scheduled to `node` (field selector `spec.nodeName`), the EgressFirewalls of every
+/// namespace, and `node` itself (field selector `metadata.name`).
+pub fn cluster(client: &Client, node: &str, stats: &Arc<WatchStats>) -> ClusterStream {
+    let pods = changes(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+        "pods",
+        stats.clone(),
+    )
+    .map(ClusterEvent::Pod);
+    let firewalls = changes(
+        Api::<EgressFirewall>::all(client.clone()),
+        watcher::Config::default(),
+        "egressfirewalls",
+        stats.clone(),
+    )
+    .map(ClusterEvent::Firewall);
+    let nodes = changes(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={node}")),
+        "node",
+        stats.clone(),
+    )
+    .map(ClusterEvent::Node);
+    Box::pin(stream::select_all([
+        pods.boxed(),
+        firewalls.boxed(),
+        nodes.boxed(),
+    ]))
+}
+
+/// Watches the DNS pods that carry tapd: `selector` (a label selector) in `namespace`.
+pub fn dns_pods(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    stats: &Arc<WatchStats>,
+) -> Pin<Box<dyn Stream<Item = Change<Pod>> + Send>> {
+    changes(
+        Api::<Pod>::namespaced(client.clone(), namespace),
+        watcher::Config::default().labels(selector),
+        "dns pods",
+        stats.clone(),
+    )
+    .boxed()
+}

@@ -2,3 +2,5 @@
 
 #![allow(clippy::unwrap_used)]
 mod deploy;
+mod apiserver;
+mod cluster;
