@@ -16,15 +16,8 @@ pub struct RunArgs {
     /// `json` for clusters, `text` for people.
     #[arg(long, env = "FLOWD_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
-    /// Namespace of the DNS pods that carry tapd.
-    #[arg(long, env = "FLOWD_TAPD_NAMESPACE", default_value = "kube-system")]
-    pub tapd_namespace: String,
-    /// Label selector of the DNS pods that carry tapd.
-    #[arg(long, env = "FLOWD_TAPD_SELECTOR", default_value = "k8s-app=kube-dns")]
-    pub tapd_selector: String,
-    /// tapd's gRPC port in those pods.
-    #[arg(long, env = "FLOWD_TAPD_PORT", default_value_t = 9530)]
-    pub tapd_port: u16,
+    #[command(flatten)]
+    pub upstream: crate::upstream::UpstreamArgs,
 }
 
 pub fn main(_args: RunArgs) -> anyhow::Result<ExitCode> {

@@ -12,3 +12,4 @@ pub mod rules;
 pub mod settings;
 pub mod snapshot;
 pub mod watch;
+pub mod upstream;

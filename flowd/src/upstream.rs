@@ -1,0 +1,411 @@
+//! The tapd instances flowd listens to: where they are (the DNS pods, or a static list) and one
+//! subscription to each, filtered to this node's pod subnets, asking for the recent answers again on
+//! every (re)connect so that a flowd or tapd restart loses no grant.
+//!
+//! Each subscription is its own task; it reconnects with jittered exponential backoff, and resubscribes
+//! when the node's pod subnets change. tapds that appear or vanish start or stop their task. Events go to
+//! the engine through one bounded channel: when the engine falls behind, the gRPC streams wait (tapd, not
+//! flowd, decides what to drop for a slow subscriber, and counts it).
+
+use crate::watch::Change;
+use dnsflow_proto::v1::{dns_tap_client::DnsTapClient, SubscribeRequest};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt as _;
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+use tapd::DnsResponse;
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+
+/// First reconnect delay: a tapd restarting in a rolling update is back within a second or two.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// Longest reconnect delay: a vanished tapd is normally removed by discovery long before this.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A subscription that lasted this long was healthy: the next failure starts from the shortest delay.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// Connecting to a tapd in the same cluster takes milliseconds; longer means it is not there.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the tapd instances are.
+#[derive(Clone, Debug, clap::Args)]
+pub struct UpstreamArgs {
+    /// Fixed tapd endpoints (`IP:port`, comma-separated); when given, no DNS pods are watched.
+    #[arg(
+        long = "tapd-endpoints",
+        env = "FLOWD_TAPD_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    pub endpoints: Vec<SocketAddr>,
+    /// Namespace of the DNS pods that carry tapd.
+    #[arg(long, env = "FLOWD_TAPD_NAMESPACE", default_value = "kube-system")]
+    pub tapd_namespace: String,
+    /// Label selector of the DNS pods that carry tapd.
+    #[arg(long, env = "FLOWD_TAPD_SELECTOR", default_value = "k8s-app=kube-dns")]
+    pub tapd_selector: String,
+    /// tapd's gRPC port in those pods.
+    #[arg(long, env = "FLOWD_TAPD_PORT", default_value_t = 9530)]
+    pub tapd_port: u16,
+}
+
+/// Counters of the subscriptions; shared with the metrics and the API.
+#[derive(Debug, Default)]
+pub struct UpstreamStats {
+    /// Subscriptions currently streaming.
+    pub connected: AtomicU64,
+    /// Subscriptions established (first connects and reconnects).
+    pub connects: AtomicU64,
+    /// Connection attempts or streams that failed.
+    pub failures: AtomicU64,
+    /// Events received and handed to the engine.
+    pub events: AtomicU64,
+    /// Of those, sent from a tapd's recent-answer replay.
+    pub replayed: AtomicU64,
+    /// Events that did not convert to a `DnsResponse` (logged and dropped).
+    pub invalid: AtomicU64,
+}
+
+/// Counts a subscription as connected for as long as it lives.
+struct Connected(Arc<UpstreamStats>);
+
+impl Connected {
+    fn new(stats: &Arc<UpstreamStats>) -> Self {
+        stats.connected.fetch_add(1, Ordering::Relaxed);
+        stats.connects.fetch_add(1, Ordering::Relaxed);
+        Connected(stats.clone())
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Jittered exponential backoff ("full jitter" halved: between half and all of the current step), so
+/// that every flowd of a cluster does not redial a restarted tapd at the same instant.
+#[derive(Debug)]
+struct Backoff {
+    step: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self { step: BACKOFF_MIN }
+    }
+    fn reset(&mut self) {
+        self.step = BACKOFF_MIN;
+    }
+    fn next_delay(&mut self) -> Duration {
+        let step = self.step;
+        self.step = (self.step * 2).min(BACKOFF_MAX);
+        step / 2 + step.mul_f64(fastrand::f64() / 2.0)
+    }
+}
+
+/// Why one subscription ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("subscribe: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("connect: timed out after {CONNECT_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// The subscriptions, one per tapd endpoint.
+#[derive(Debug)]
+pub struct Upstreams {
+    subnets: watch::Receiver<Vec<IpNet>>,
+    events: mpsc::Sender<DnsResponse>,
+    stats: Arc<UpstreamStats>,
+    tasks: BTreeMap<SocketAddr, JoinHandle<()>>,
+}
+
+impl Drop for Upstreams {
+    fn drop(&mut self) {
+        for task in self.tasks.values() {
+            task.abort();
+        }
+    }
+}
+
+impl Upstreams {
+    /// `subnets`: this node's pod subnets, the subscription filter (nothing is subscribed while it is
+    /// empty: an empty filter would mean every client of the cluster). `events`: to the engine.
+    pub fn new(
+        subnets: watch::Receiver<Vec<IpNet>>,
+        events: mpsc::Sender<DnsResponse>,
+        stats: Arc<UpstreamStats>,
+    ) -> Self {
+        Self {
+            subnets,
+            events,
+            stats,
+            tasks: BTreeMap::new(),
+        }
+    }
+
+    /// Subscribes to every endpoint of `endpoints` not yet subscribed and drops the subscriptions of
+    /// endpoints no longer in it.
+    pub fn set_endpoints(&mut self, endpoints: &BTreeSet<SocketAddr>) {
+        self.tasks.retain(|addr, task| {
+            let keep = endpoints.contains(addr);
+            if !keep {
+                tracing::info!(tapd = %addr, "tapd gone; unsubscribing");
+                task.abort();
+            }
+            keep
+        });
+        for addr in endpoints {
+            if !self.tasks.contains_key(addr) {
+                tracing::info!(tapd = %addr, "tapd found; subscribing");
+                let task = tokio::spawn(subscription(
+                    *addr,
+                    self.subnets.clone(),
+                    self.events.clone(),
+                    self.stats.clone(),
+                ));
+                self.tasks.insert(*addr, task);
+            }
+        }
+    }
+
+    /// The endpoints currently subscribed (or trying to).
+    pub fn endpoints(&self) -> BTreeSet<SocketAddr> {
+        self.tasks.keys().copied().collect()
+    }
+}
+
+/// One tapd, forever: subscribe, stream, and after any end or failure wait and subscribe again.
+async fn subscription(
+    addr: SocketAddr,
+    mut subnets: watch::Receiver<Vec<IpNet>>,
+    events: mpsc::Sender<DnsResponse>,
+    stats: Arc<UpstreamStats>,
+) {
+    let mut backoff = Backoff::new();
+    loop {
+        let filter = subnets.borrow_and_update().clone();
+        if filter.is_empty() {
+            // This node's pod subnets are not known yet.
+            if subnets.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let started = tokio::time::Instant::now();
+        let result = session(addr, &filter, &mut subnets, &events, &stats).await;
+        if events.is_closed() {
+            return;
+        }
+        if started.elapsed() >= HEALTHY_SESSION {
+            backoff.reset();
+        }
+        let delay = match result {
+            // The node's subnets changed: resubscribe with the new filter at once.
+            Ok(End::Refilter) => continue,
+            Ok(End::Closed) => {
+                tracing::info!(tapd = %addr, "tapd ended the stream; resubscribing");
+                backoff.next_delay()
+            }
+            Err(error) => {
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                let delay = backoff.next_delay();
+                tracing::warn!(tapd = %addr, %error, retry_in = ?delay, "tapd subscription failed");
+                delay
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            changed = subnets.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+enum End {
+    /// tapd ended the stream (it is shutting down).
+    Closed,
+    /// The filter changed.
+    Refilter,
+}
+
+async fn session(
+    addr: SocketAddr,
+    filter: &[IpNet],
+    subnets: &mut watch::Receiver<Vec<IpNet>>,
+    events: &mpsc::Sender<DnsResponse>,
+    stats: &Arc<UpstreamStats>,
+) -> Result<End, SessionError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
+        .await
+        .map_err(|_| SessionError::Timeout)??;
+    let request = SubscribeRequest {
+        client_cidrs: filter.iter().map(ToString::to_string).collect(),
+        replay_recent: true,
+    };
+    let mut stream = DnsTapClient::new(channel)
+        .subscribe(request)
+        .await?
+        .into_inner();
+    let _connected = Connected::new(stats);
+    tracing::info!(tapd = %addr, subnets = ?filter, "subscribed");
+    loop {
+        let message = tokio::select! {
+            m = stream.message() => m?,
+            changed = subnets.changed() => {
+                if changed.is_err() || *subnets.borrow() != filter {
+                    return Ok(End::Refilter);
+                }
+                continue;
+            }
+        };
+        let Some(event) = message else {
+            return Ok(End::Closed);
+        };
+        match DnsResponse::try_from(event) {
+            Ok(response) => {
+                stats.events.fetch_add(1, Ordering::Relaxed);
+                if response.replayed {
+                    stats.replayed.fetch_add(1, Ordering::Relaxed);
+                }
+                if events.send(response).await.is_err() {
+                    return Ok(End::Closed);
+                }
+            }
+            Err(error) => {
+                stats.invalid.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(tapd = %addr, %error, "invalid event from tapd; skipped");
+            }
+        }
+    }
+}
+
+/// The tapd endpoints of the DNS pods: each pod with an IP, at `port`. Kept current from the DNS pod
+/// watch ([`crate::watch::dns_pods`]).
+#[derive(Debug)]
+pub struct DnsPods {
+    port: u16,
+    pods: HashMap<(String, String), IpAddr>,
+}
+
+impl DnsPods {
+    pub fn new(port: u16) -> Self {
+        Self {
+            port,
+            pods: HashMap::new(),
+        }
+    }
+
+    /// Applies one change; true when the endpoint set may have changed.
+    pub fn apply(&mut self, change: &Change<Pod>) -> bool {
+        match change {
+            Change::Applied(pod) => {
+                let key = (pod.namespace().unwrap_or_default(), pod.name_any());
+                let finished = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.as_deref())
+                    .is_some_and(|p| p == "Succeeded" || p == "Failed");
+                let ip = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.pod_ip.as_deref())
+                    .and_then(|ip| ip.parse::<IpAddr>().ok())
+                    .filter(|_| !finished && pod.metadata.deletion_timestamp.is_none());
+                match ip {
+                    Some(ip) => self.pods.insert(key, ip) != Some(ip),
+                    None => self.pods.remove(&key).is_some(),
+                }
+            }
+            Change::Deleted(pod) => self
+                .pods
+                .remove(&(pod.namespace().unwrap_or_default(), pod.name_any()))
+                .is_some(),
+            Change::Synced => true,
+        }
+    }
+
+    pub fn endpoints(&self) -> BTreeSet<SocketAddr> {
+        self.pods
+            .values()
+            .map(|ip| SocketAddr::new(*ip, self.port))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        upstream: UpstreamArgs,
+    }
+
+    #[test]
+    fn args_default_to_coredns_and_take_a_static_list() {
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert!(cli.upstream.endpoints.is_empty());
+        assert_eq!(cli.upstream.tapd_namespace, "kube-system");
+        assert_eq!(cli.upstream.tapd_selector, "k8s-app=kube-dns");
+        assert_eq!(cli.upstream.tapd_port, 9530);
+        let cli =
+            Cli::try_parse_from(["x", "--tapd-endpoints", "10.0.0.1:9530,[fd00::1]:9530"]).unwrap();
+        assert_eq!(cli.upstream.endpoints.len(), 2);
+        assert!(Cli::try_parse_from(["x", "--tapd-endpoints", "coredns:9530"]).is_err());
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_up_to_the_cap_and_resets() {
+        let mut b = Backoff::new();
+        let first = b.next_delay();
+        assert!(first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN);
+        let delays: Vec<Duration> = (0..20).map(|_| b.next_delay()).collect();
+        assert!(delays.iter().all(|d| *d <= BACKOFF_MAX));
+        assert!(delays[19] >= BACKOFF_MAX / 2);
+        b.reset();
+        assert!(b.next_delay() <= BACKOFF_MIN);
+    }
+
+    fn dns_pod(name: &str, ip: Option<&str>, phase: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "kube-system"},
+            "status": {"phase": phase, "podIP": ip},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn dns_pods_map_to_endpoints_as_they_come_and_go() {
+        let mut pods = DnsPods::new(9530);
+        assert!(!pods.apply(&Change::Applied(dns_pod("a", None, "Pending"))));
+        assert!(pods.apply(&Change::Applied(dns_pod("a", Some("10.0.0.1"), "Running"))));
+        assert!(pods.apply(&Change::Applied(dns_pod("b", Some("10.0.0.2"), "Running"))));
+        assert!(!pods.apply(&Change::Applied(dns_pod("b", Some("10.0.0.2"), "Running"))));
+        let want: BTreeSet<SocketAddr> = ["10.0.0.1:9530", "10.0.0.2:9530"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(pods.endpoints(), want);
+        assert!(pods.apply(&Change::Applied(dns_pod("b", Some("10.0.0.2"), "Failed"))));
+        assert!(pods.apply(&Change::Deleted(dns_pod("a", Some("10.0.0.1"), "Running"))));
+        assert!(pods.endpoints().is_empty());
+        assert!(!pods.apply(&Change::Applied(dns_pod("x", Some("not-an-ip"), "Running"))));
+    }
+}
