@@ -157,6 +157,11 @@ impl Decoder {
         self.state == State::Done
     }
 
+    /// True once START was seen: the handshake is over.
+    pub fn is_started(&self) -> bool {
+        !matches!(self.state, State::Opening | State::Accepted)
+    }
+
     /// Whether the sender opened with the bidirectional handshake.
     pub fn is_bidirectional(&self) -> bool {
         matches!(

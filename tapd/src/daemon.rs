@@ -1,0 +1,160 @@
+//! The daemon: binds every socket first (so a bad address fails before anything runs), then serves
+//! dnstap in, gRPC and metrics out, until told to stop; then drains within a bound.
+
+use crate::{
+    capture::CaptureFile,
+    config::Config,
+    error::{Error, Result},
+    grpc,
+    hub::{Hub, HubConfig},
+    listener::{DnstapListener, Ingest},
+    metrics::{serve_http, Metrics},
+};
+use std::{future::Future, net::SocketAddr, sync::Arc};
+use tokio::{net::TcpListener, sync::watch};
+
+/// tapd with every socket bound, not yet serving.
+#[derive(Debug)]
+pub struct Daemon {
+    config: Config,
+    dnstap: Vec<DnstapListener>,
+    grpc: TcpListener,
+    metrics_listener: TcpListener,
+    capture: Option<CaptureFile>,
+}
+
+async fn bind_tcp(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(Error::io(format!("binding {what} {addr}")))
+}
+
+impl Daemon {
+    /// Validates `config` and binds the dnstap socket(s), the gRPC and the metrics ports, and opens the
+    /// capture file.
+    pub async fn bind(config: Config) -> Result<Self> {
+        config.validate()?;
+        let grpc = bind_tcp(config.listen, "gRPC").await?;
+        let metrics_listener = bind_tcp(config.metrics_listen, "metrics").await?;
+        let mut dnstap = vec![DnstapListener::bind_unix(
+            &config.socket,
+            config.socket_mode,
+        )?];
+        if let Some(addr) = config.dnstap_tcp {
+            dnstap.push(DnstapListener::bind_tcp(addr).await?);
+        }
+        let capture = config
+            .capture
+            .as_deref()
+            .map(|p| CaptureFile::create(p, config.capture_max_bytes))
+            .transpose()?;
+        Ok(Self {
+            config,
+            dnstap,
+            grpc,
+            metrics_listener,
+            capture,
+        })
+    }
+
+    /// The bound gRPC address (useful when the configured port was 0).
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.local_addr().ok()
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` completes. Then: stop accepting and remove the socket, let connections
+    /// finish what they have read, end the subscriber streams once they have sent what they buffered,
+    /// close the capture file — all within `--drain-timeout` per stage.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let Self {
+            config,
+            dnstap,
+            grpc,
+            metrics_listener,
+            capture,
+        } = self;
+        let metrics = Arc::new(Metrics::default());
+        let hub = Hub::new(
+            HubConfig {
+                subscriber_buffer: config.subscriber_buffer,
+                recent_entries: config.recent_entries,
+                recent_max_ttl: config.recent_max_ttl,
+            },
+            Arc::clone(&metrics),
+        );
+        let ingest = Arc::new(Ingest::new(
+            hub.clone(),
+            Arc::clone(&metrics),
+            capture,
+            config.identity.clone(),
+            config.max_frame_bytes,
+        ));
+        let (stop_tx, stop) = watch::channel(false);
+        let drain = config.drain_timeout;
+
+        let mut readers = Vec::new();
+        for listener in dnstap {
+            readers.push(tokio::spawn(listener.run(
+                Arc::clone(&ingest),
+                config.max_connections,
+                stop.clone(),
+                drain,
+            )));
+        }
+        let wait_stop = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        tracing::info!(addr = ?grpc.local_addr().ok(), "serving gRPC");
+        let grpc_task = tokio::spawn(grpc::serve(grpc, hub.clone(), wait_stop(stop.clone())));
+        let render = {
+            let (metrics, hub) = (Arc::clone(&metrics), hub.clone());
+            Arc::new(move || metrics.render(&|out: &mut String| hub.render_subscribers(out)))
+        };
+        tracing::info!(addr = ?metrics_listener.local_addr().ok(), "serving metrics");
+        let http_task = tokio::spawn(serve_http(
+            metrics_listener,
+            render,
+            wait_stop(stop.clone()),
+        ));
+
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        // Readers drain within `drain` themselves; a little more covers the abort.
+        for r in readers {
+            let _ = tokio::time::timeout(drain * 2, r).await;
+        }
+        hub.close();
+        match tokio::time::timeout(drain, grpc_task).await {
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "gRPC server ended with an error"),
+            Err(_) => tracing::warn!("subscribers did not finish in time"),
+            _ => {}
+        }
+        let _ = tokio::time::timeout(drain, http_task).await;
+        if let Ok(mut ingest) = Arc::try_unwrap(ingest) {
+            ingest.close_capture();
+        }
+        tracing::info!(events = metrics.events(), "stopped");
+        Ok(())
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop tapd with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "received"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "received"),
+    }
+}

@@ -1,0 +1,117 @@
+//! The gRPC edge: `dnsflow.v1.DnsTap/Subscribe`, with server reflection and `grpc.health.v1` on the
+//! same port so that grpcurl and kubelet probes work without local `.proto` files.
+
+use crate::{
+    error::{Error, Result},
+    hub::{ClientFilter, Hub, Subscription},
+};
+use dnsflow_proto::v1::{
+    self as pb,
+    dns_tap_server::{DnsTap, DnsTapServer},
+};
+use futures::Stream;
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+/// Keepalive pings find subscribers that vanished without closing their connection.
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// The `DnsTap` service over a [`Hub`].
+#[derive(Debug, Clone)]
+pub struct DnsTapService {
+    hub: Hub,
+}
+
+impl DnsTapService {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub }
+    }
+}
+
+/// A subscriber's stream in wire form.
+#[derive(Debug)]
+pub struct EventStream {
+    subscription: Subscription,
+    span: tracing::Span,
+}
+
+impl Stream for EventStream {
+    type Item = Result<pb::DnsEvent, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let _entered = self.span.clone().entered();
+        Pin::new(&mut self.subscription)
+            .poll_next(cx)
+            .map(|r| r.map(|r| Ok(pb::DnsEvent::from(&*r))))
+    }
+}
+
+#[tonic::async_trait]
+impl DnsTap for DnsTapService {
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let req = request.into_inner();
+        let filter = ClientFilter::parse(&req.client_cidrs)
+            .map_err(|e| Status::invalid_argument(format!("client_cidrs: {e}")))?;
+        let subscription =
+            self.hub
+                .subscribe(filter, req.replay_recent, peer.clone(), Instant::now());
+        let span = tracing::info_span!("subscriber", id = subscription.id(), %peer);
+        span.in_scope(|| {
+            tracing::info!(
+                cidrs = ?req.client_cidrs,
+                replay = req.replay_recent,
+                "subscribed"
+            );
+        });
+        Ok(Response::new(EventStream { subscription, span }))
+    }
+}
+
+/// Serves `DnsTap`, reflection (v1 and v1alpha, which grpcurl 1.8 speaks) and health on `listener`
+/// until `shutdown` completes and every stream has ended.
+pub async fn serve(
+    listener: TcpListener,
+    hub: Hub,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<DnsTapServer<DnsTapService>>().await;
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(dnsflow_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|e| Error::Config(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|e| Error::Config(format!("reflection: {e}")))?;
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(DnsTapServer::new(DnsTapService::new(hub)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| Error::Io {
+            context: "gRPC server".into(),
+            source: std::io::Error::other(e),
+        })
+}

@@ -1,0 +1,563 @@
+//! The event hub: numbers decoded responses, remembers recent answers, and fans them out to
+//! subscribers.
+//!
+//! The producer (a dnstap connection) never waits: each subscriber has a bounded channel fed with
+//! `try_send`, and a full channel loses the event, counted for that subscriber. The recent-answer cache
+//! lets a subscriber that (re)connects first receive the answers whose TTL has not run out yet.
+
+use crate::{
+    event::{DnsName, DnsResponse},
+    metrics::{DropReason, Metrics},
+};
+use futures::Stream;
+use ipnet::IpNet;
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt::Write as _,
+    net::IpAddr,
+    pin::Pin,
+    str::FromStr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, PoisonError, RwLock,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+use tokio::sync::mpsc;
+
+/// Sizing of the hub.
+#[derive(Debug, Clone, Copy)]
+pub struct HubConfig {
+    /// Events buffered per subscriber before new ones are dropped for it.
+    pub subscriber_buffer: usize,
+    /// Most answers the recent-answer cache holds.
+    pub recent_entries: usize,
+    /// Longest time an answer stays in the cache, whatever its TTL says.
+    pub recent_max_ttl: Duration,
+}
+
+/// Which clients a subscriber wants; empty means all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientFilter(Vec<IpNet>);
+
+/// A `client_cidrs` entry that is neither a CIDR nor an IP.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is neither a CIDR nor an IP address")]
+pub struct FilterError(pub String);
+
+impl ClientFilter {
+    /// Parses CIDRs; a bare IP means that one host.
+    pub fn parse<S: AsRef<str>>(cidrs: &[S]) -> Result<Self, FilterError> {
+        cidrs
+            .iter()
+            .map(|s| {
+                let s = s.as_ref().trim();
+                IpNet::from_str(s)
+                    .map(|n| n.trunc())
+                    .or_else(|_| IpAddr::from_str(s).map(IpNet::from))
+                    .map_err(|_| FilterError(s.to_owned()))
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+
+    pub fn matches(&self, ip: IpAddr) -> bool {
+        self.0.is_empty() || self.0.iter().any(|n| n.contains(&ip))
+    }
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    id: u64,
+    peer: String,
+    filter: ClientFilter,
+    tx: mpsc::Sender<Arc<DnsResponse>>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// A newer answer for the same client, name and type replaces the older one.
+type RecentKey = (IpAddr, DnsName, u16);
+
+#[derive(Debug)]
+struct RecentEntry {
+    response: Arc<DnsResponse>,
+    stored: Instant,
+    expires: Instant,
+}
+
+/// Bounded by entry count; expired entries go when seen (eviction, snapshots).
+#[derive(Debug)]
+struct RecentCache {
+    capacity: usize,
+    max_ttl: Duration,
+    entries: HashMap<RecentKey, RecentEntry>,
+    /// Insertion order, for evicting the oldest; items whose sequence no longer matches the map are
+    /// stale (replaced) and skipped.
+    order: VecDeque<(RecentKey, u64)>,
+}
+
+impl RecentCache {
+    fn new(capacity: usize, max_ttl: Duration) -> Self {
+        Self {
+            capacity,
+            max_ttl,
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn insert(&mut self, r: &Arc<DnsResponse>, now: Instant) {
+        let ttl = r.max_ttl().min(self.max_ttl);
+        if self.capacity == 0 || !r.is_noerror() || ttl.is_zero() {
+            return;
+        }
+        let key = (r.client, r.qname.clone(), r.qtype);
+        if !self.entries.contains_key(&key) {
+            while self.entries.len() >= self.capacity {
+                self.evict_oldest();
+            }
+        }
+        self.order.push_back((key.clone(), r.sequence));
+        self.entries.insert(
+            key,
+            RecentEntry {
+                response: Arc::clone(r),
+                stored: now,
+                expires: now + ttl,
+            },
+        );
+        if self.order.len() > 2 * self.capacity {
+            let entries = &self.entries;
+            self.order
+                .retain(|(k, seq)| entries.get(k).is_some_and(|e| e.response.sequence == *seq));
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        while let Some((key, seq)) = self.order.pop_front() {
+            if self
+                .entries
+                .get(&key)
+                .is_some_and(|e| e.response.sequence == seq)
+            {
+                self.entries.remove(&key);
+                return;
+            }
+        }
+    }
+
+    /// The live answers for `filter`, oldest first, marked replayed, with TTLs counted down.
+    fn snapshot(&mut self, filter: &ClientFilter, now: Instant) -> Vec<Arc<DnsResponse>> {
+        self.entries.retain(|_, e| e.expires > now);
+        let mut out: Vec<Arc<DnsResponse>> = self
+            .entries
+            .values()
+            .filter(|e| filter.matches(e.response.client))
+            .filter_map(|e| {
+                let elapsed =
+                    u32::try_from(now.duration_since(e.stored).as_secs()).unwrap_or(u32::MAX);
+                let mut r = DnsResponse::clone(&e.response);
+                r.replayed = true;
+                r.answers.retain_mut(|a| {
+                    a.ttl = a.ttl.saturating_sub(elapsed);
+                    a.ttl > 0
+                });
+                (!r.answers.is_empty()).then(|| Arc::new(r))
+            })
+            .collect();
+        out.sort_by_key(|r| r.sequence);
+        out
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: HubConfig,
+    metrics: Arc<Metrics>,
+    sequence: AtomicU64,
+    next_subscriber: AtomicU64,
+    closed: AtomicBool,
+    subscribers: RwLock<Vec<Arc<Subscriber>>>,
+    recent: Mutex<RecentCache>,
+}
+
+/// Shared handle to the hub; clones are cheap.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+impl Hub {
+    pub fn new(config: HubConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                metrics,
+                sequence: AtomicU64::new(0),
+                next_subscriber: AtomicU64::new(1),
+                closed: AtomicBool::new(false),
+                subscribers: RwLock::new(Vec::new()),
+                recent: Mutex::new(RecentCache::new(
+                    config.recent_entries,
+                    config.recent_max_ttl,
+                )),
+            }),
+        }
+    }
+
+    /// Numbers `response` (sequence numbers start at 1), caches it, and offers it to every matching
+    /// subscriber without waiting. Returns the sequence number.
+    pub fn publish(&self, mut response: DnsResponse, now: Instant) -> u64 {
+        let inner = &*self.inner;
+        let sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+        response.sequence = sequence;
+        let response = Arc::new(response);
+        inner
+            .recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(&response, now);
+        let subscribers = inner
+            .subscribers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        for s in subscribers
+            .iter()
+            .filter(|s| s.filter.matches(response.client))
+        {
+            if let Err(mpsc::error::TrySendError::Full(_)) = s.tx.try_send(Arc::clone(&response)) {
+                s.dropped.fetch_add(1, Ordering::Relaxed);
+                inner.metrics.dropped(DropReason::SubscriberFull);
+            }
+        }
+        sequence
+    }
+
+    /// Registers a subscriber. With `replay_recent`, the stream starts with the cached answers still
+    /// valid at `now`; it is registered before the snapshot is taken, so an answer arriving meanwhile
+    /// may come twice but is never lost.
+    pub fn subscribe(
+        &self,
+        filter: ClientFilter,
+        replay_recent: bool,
+        peer: String,
+        now: Instant,
+    ) -> Subscription {
+        let inner = &self.inner;
+        let id = inner.next_subscriber.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(inner.config.subscriber_buffer.max(1));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let subscriber = Arc::new(Subscriber {
+            id,
+            peer: peer.clone(),
+            filter: filter.clone(),
+            tx,
+            dropped: Arc::clone(&dropped),
+        });
+        {
+            let mut subs = inner
+                .subscribers
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            // After close, the sender is dropped at once and the stream ends after the replay.
+            if !inner.closed.load(Ordering::Acquire) {
+                subs.push(subscriber);
+            }
+            inner.metrics.set_subscribers(subs.len());
+        }
+        let replay = if replay_recent {
+            inner
+                .recent
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .snapshot(&filter, now)
+        } else {
+            Vec::new()
+        };
+        Subscription {
+            hub: Arc::clone(inner),
+            id,
+            peer,
+            dropped,
+            replay: replay.into(),
+            rx,
+        }
+    }
+
+    /// Ends every subscription once its buffered events are read, and refuses new live ones.
+    pub fn close(&self) {
+        let inner = &self.inner;
+        inner.closed.store(true, Ordering::Release);
+        inner
+            .subscribers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        inner.metrics.set_subscribers(0);
+    }
+
+    /// Prometheus lines for each live subscriber's losses.
+    pub fn render_subscribers(&self, out: &mut String) {
+        let subs = self
+            .inner
+            .subscribers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let _ = writeln!(
+            out,
+            "# HELP tapd_subscriber_dropped_events Events a connected subscriber lost because it read too slowly.\n\
+             # TYPE tapd_subscriber_dropped_events gauge"
+        );
+        for s in subs.iter() {
+            let _ = writeln!(
+                out,
+                "tapd_subscriber_dropped_events{{subscriber=\"{}\",peer=\"{}\"}} {}",
+                s.id,
+                s.peer.escape_default(),
+                s.dropped.load(Ordering::Relaxed)
+            );
+        }
+        drop(subs);
+        let cached = self
+            .inner
+            .recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entries
+            .len();
+        let _ = writeln!(
+            out,
+            "# HELP tapd_recent_answers Answers held for replay to new subscribers.\n\
+             # TYPE tapd_recent_answers gauge\ntapd_recent_answers {cached}"
+        );
+    }
+}
+
+/// One subscriber's events: the replay first, then the live stream. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Arc<Inner>,
+    id: u64,
+    peer: String,
+    dropped: Arc<AtomicU64>,
+    replay: VecDeque<Arc<DnsResponse>>,
+    rx: mpsc::Receiver<Arc<DnsResponse>>,
+}
+
+impl Subscription {
+    /// Events this subscriber lost so far because its buffer was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Arc<DnsResponse>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(r) = self.replay.pop_front() {
+            return Poll::Ready(Some(r));
+        }
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl std::ops::Drop for Subscription {
+    fn drop(&mut self) {
+        let mut subs = self
+            .hub
+            .subscribers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        subs.retain(|s| s.id != self.id);
+        self.hub.metrics.set_subscribers(subs.len());
+        tracing::info!(
+            subscriber = self.id,
+            peer = %self.peer,
+            dropped = self.dropped(),
+            "subscriber gone"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Answer;
+    use futures::StreamExt;
+    use std::time::UNIX_EPOCH;
+
+    fn config() -> HubConfig {
+        HubConfig {
+            subscriber_buffer: 4,
+            recent_entries: 3,
+            recent_max_ttl: Duration::from_secs(3600),
+        }
+    }
+
+    fn resp(client: &str, name: &str, ip: &str, ttl: u32) -> DnsResponse {
+        DnsResponse {
+            client: client.parse().unwrap(),
+            qname: DnsName::new(name).unwrap(),
+            qtype: 1,
+            rcode: 0,
+            cname_chain: vec![],
+            answers: vec![Answer {
+                ip: ip.parse().unwrap(),
+                ttl,
+            }],
+            response_time: None,
+            decoded_time: UNIX_EPOCH,
+            server_identity: "t".into(),
+            sequence: 0,
+            replayed: false,
+        }
+    }
+
+    fn ready(s: &mut Subscription) -> Vec<Arc<DnsResponse>> {
+        let mut out = Vec::new();
+        while let Some(Some(r)) = s.next().now_or_never() {
+            out.push(r);
+        }
+        out
+    }
+
+    use futures::FutureExt;
+
+    #[test]
+    fn filters_parse_cidrs_and_bare_ips() {
+        let f = ClientFilter::parse(&["10.244.1.0/24", "fd00::7", " 10.0.0.9 "]).unwrap();
+        assert!(f.matches("10.244.1.77".parse().unwrap()));
+        assert!(f.matches("fd00::7".parse().unwrap()));
+        assert!(f.matches("10.0.0.9".parse().unwrap()));
+        assert!(!f.matches("10.0.0.10".parse().unwrap()));
+        assert!(ClientFilter::default().matches("1.2.3.4".parse().unwrap()));
+        assert_eq!(
+            ClientFilter::parse(&["10.0.0.0/33"]),
+            Err(FilterError("10.0.0.0/33".into()))
+        );
+    }
+
+    #[test]
+    fn a_full_subscriber_loses_events_and_others_do_not() {
+        let metrics = Arc::new(Metrics::default());
+        let hub = Hub::new(config(), Arc::clone(&metrics));
+        let now = Instant::now();
+        let mut stuck = hub.subscribe(ClientFilter::default(), false, "a".into(), now);
+        let mut only_b = hub.subscribe(
+            ClientFilter::parse(&["10.0.0.2/32"]).unwrap(),
+            false,
+            "b".into(),
+            now,
+        );
+        for i in 0..10 {
+            hub.publish(resp("10.0.0.1", "x.test", "192.0.2.1", 5), now);
+            if i % 2 == 0 {
+                hub.publish(resp("10.0.0.2", "y.test", "192.0.2.2", 5), now);
+                let got = ready(&mut only_b);
+                assert_eq!(got.len(), 1);
+                assert_eq!(got[0].client.to_string(), "10.0.0.2");
+            }
+        }
+        assert_eq!(ready(&mut stuck).len(), 4);
+        assert_eq!(stuck.dropped(), 11);
+        assert_eq!(only_b.dropped(), 0);
+        assert!(metrics
+            .render(&|_: &mut String| {})
+            .contains("tapd_dropped_total{reason=\"subscriber_full\"} 11"));
+        drop(stuck);
+        let mut text = String::new();
+        hub.render_subscribers(&mut text);
+        assert!(text.contains("peer=\"b\"} 0"), "{text}");
+        assert!(!text.contains("peer=\"a\""), "{text}");
+    }
+
+    #[test]
+    fn sequence_numbers_increase_from_one() {
+        let hub = Hub::new(config(), Arc::default());
+        let now = Instant::now();
+        assert_eq!(
+            hub.publish(resp("10.0.0.1", "a.test", "192.0.2.1", 5), now),
+            1
+        );
+        assert_eq!(
+            hub.publish(resp("10.0.0.1", "a.test", "192.0.2.1", 5), now),
+            2
+        );
+    }
+
+    #[test]
+    fn replay_sends_live_answers_newest_per_key_with_ttls_counted_down() {
+        let hub = Hub::new(config(), Arc::default());
+        let t0 = Instant::now();
+        hub.publish(resp("10.0.0.1", "a.test", "192.0.2.1", 100), t0);
+        hub.publish(resp("10.0.0.1", "a.test", "192.0.2.9", 100), t0); // replaces the first
+        hub.publish(resp("10.0.0.1", "short.test", "192.0.2.3", 5), t0);
+        let mut nx = resp("10.0.0.1", "gone.test", "192.0.2.4", 100);
+        nx.rcode = 3;
+        hub.publish(nx, t0);
+        hub.publish(resp("10.0.0.2", "b.test", "192.0.2.5", 100), t0);
+
+        let later = t0 + Duration::from_secs(10);
+        let mut s = hub.subscribe(
+            ClientFilter::parse(&["10.0.0.1"]).unwrap(),
+            true,
+            "p".into(),
+            later,
+        );
+        let got = ready(&mut s);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].replayed);
+        assert_eq!(got[0].answers[0].ip.to_string(), "192.0.2.9");
+        assert_eq!(got[0].answers[0].ttl, 90);
+        assert_eq!(got[0].sequence, 2);
+
+        // Live events follow the replay.
+        hub.publish(resp("10.0.0.1", "c.test", "192.0.2.6", 100), later);
+        let got = ready(&mut s);
+        assert_eq!(got.len(), 1);
+        assert!(!got[0].replayed);
+    }
+
+    #[test]
+    fn recent_cache_is_bounded_and_evicts_the_oldest() {
+        let mut cache = RecentCache::new(3, Duration::from_secs(60));
+        let now = Instant::now();
+        for i in 0..1000u64 {
+            let mut r = resp("10.0.0.1", &format!("n{}.test", i % 5), "192.0.2.1", 30);
+            r.sequence = i + 1;
+            cache.insert(&Arc::new(r), now);
+            assert!(cache.entries.len() <= 3);
+            assert!(cache.order.len() <= 6);
+        }
+        let names: Vec<String> = cache
+            .snapshot(&ClientFilter::default(), now)
+            .iter()
+            .map(|r| r.qname.to_string())
+            .collect();
+        assert_eq!(names, ["n2.test", "n3.test", "n4.test"]);
+        // The TTL cap bounds how long anything stays.
+        assert!(cache
+            .snapshot(&ClientFilter::default(), now + Duration::from_secs(61))
+            .is_empty());
+        assert!(cache.entries.is_empty());
+    }
+
+    #[test]
+    fn close_ends_streams_after_their_buffer() {
+        let hub = Hub::new(config(), Arc::default());
+        let now = Instant::now();
+        let mut s = hub.subscribe(ClientFilter::default(), false, "p".into(), now);
+        hub.publish(resp("10.0.0.1", "a.test", "192.0.2.1", 5), now);
+        hub.close();
+        assert!(s.next().now_or_never().flatten().is_some());
+        assert_eq!(s.next().now_or_never(), Some(None));
+        let mut late = hub.subscribe(ClientFilter::default(), false, "q".into(), now);
+        assert_eq!(late.next().now_or_never(), Some(None));
+    }
+}
