@@ -1,6 +1,42 @@
-//! `flowd run`: the node daemon.
+//! `flowd run`: the node daemon. Kubernetes state ([`crate::watch`]) and DNS answers from every tapd
+//! ([`crate::upstream`]) drive the engine as they arrive; the engine keeps `br-int` equal to what they
+//! justify. The gRPC API ([`crate::api`]) and the metrics/probe endpoint ([`crate::metrics`]) read the
+//! same state.
 
-use std::{net::SocketAddr, process::ExitCode};
+use crate::{
+    api,
+    cluster::{node_subnets, pod_info},
+    engine::Engine,
+    metrics,
+    model::PodKey,
+    ovs::{FlowProgrammer, Ofctl},
+    rules::FirewallRules,
+    settings::EngineSettings,
+    upstream::{DnsPods, UpstreamArgs, UpstreamStats, Upstreams},
+    watch::{self, Change, ClusterEvent, SyncState, WatchStats},
+};
+use futures::StreamExt as _;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt as _;
+use std::{
+    collections::{BTreeSet, HashMap},
+    future::Future,
+    net::SocketAddr,
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::SystemTime,
+};
+use tapd::config::LogFormat;
+use tokio::sync::{mpsc, watch as signal};
+
+/// Exit code for bad configuration (EX_USAGE), returned before any socket is bound.
+pub const EXIT_CONFIG: u8 = 64;
+/// DNS answers queued from the tapd subscriptions to the engine; beyond this the gRPC streams wait.
+const EVENT_QUEUE: usize = 8192;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -10,16 +46,351 @@ pub struct RunArgs {
     /// flowd's gRPC API (`dnsflow.v1.Flowd`, reflection, health).
     #[arg(long, env = "FLOWD_GRPC_LISTEN", default_value = "127.0.0.1:9540")]
     pub grpc_listen: SocketAddr,
-    /// Prometheus `/metrics`, `/livez` and `/readyz`.
+    /// Prometheus `/metrics`, `/healthz` (alive) and `/readyz` (first sync done).
     #[arg(long, env = "FLOWD_METRICS_LISTEN", default_value = "0.0.0.0:9541")]
     pub metrics_listen: SocketAddr,
-    /// `json` for clusters, `text` for people.
-    #[arg(long, env = "FLOWD_LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    /// Log format (RUST_LOG sets the filter).
+    #[arg(long, env = "FLOWD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// This node's pod subnets (repeat or comma-separate), instead of the node's
+    /// `k8s.ovn.org/node-subnets` annotation or `spec.podCIDRs`.
+    #[arg(long = "pod-subnet", env = "FLOWD_POD_SUBNETS", value_delimiter = ',')]
+    pub pod_subnets: Vec<IpNet>,
     #[command(flatten)]
-    pub upstream: crate::upstream::UpstreamArgs,
+    pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub engine: EngineSettings,
 }
 
-pub fn main(_args: RunArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("the node daemon is not built yet")
+/// Why `flowd run` refuses its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--node-name is empty")]
+    NoNodeName,
+    #[error("--tapd-port must not be 0")]
+    TapdPort,
+    #[error(transparent)]
+    Engine(#[from] crate::settings::SettingsError),
+}
+
+impl RunArgs {
+    /// Checks what clap cannot, before anything is bound or started.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_name.trim().is_empty() {
+            return Err(ConfigError::NoNodeName);
+        }
+        if self.upstream.endpoints.is_empty() && self.upstream.tapd_port == 0 {
+            return Err(ConfigError::TapdPort);
+        }
+        self.engine.validate()?;
+        Ok(())
+    }
+}
+
+/// What the cluster looks like to flowd beyond the engine: the rules per namespace and the pods, for
+/// `Explain`.
+#[derive(Debug, Default)]
+pub struct Known {
+    pub rules: HashMap<String, Arc<FirewallRules>>,
+    pub pods: BTreeSet<PodKey>,
+}
+
+/// Readiness, counters, and what the API needs to explain decisions; shared by every part.
+#[derive(Debug)]
+pub struct Status {
+    ready: signal::Sender<bool>,
+    pub watch: Arc<WatchStats>,
+    pub upstream: Arc<UpstreamStats>,
+    /// EgressFirewalls flowd could not use (each logged; the namespace then gets no grants).
+    pub invalid_firewalls: AtomicU64,
+    /// DNS answers handed to the engine.
+    pub dns_events: AtomicU64,
+    pub known: Mutex<Known>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self {
+            ready: signal::channel(false).0,
+            watch: Arc::default(),
+            upstream: Arc::default(),
+            invalid_firewalls: AtomicU64::new(0),
+            dns_events: AtomicU64::new(0),
+            known: Mutex::default(),
+        }
+    }
+}
+
+impl Status {
+    /// True once pods, EgressFirewalls and this node have each been listed in full.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Follows readiness.
+    pub fn ready_changes(&self) -> signal::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What the node loop needs of the configuration.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node: String,
+    /// Overrides the node's own pod subnets when not empty.
+    pub pod_subnets: Vec<IpNet>,
+    pub upstream: UpstreamArgs,
+}
+
+/// Applies one cluster change to the engine (and to what the API knows). Returns this node's pod
+/// subnets when the change revealed them.
+fn apply_cluster_event<P: FlowProgrammer>(
+    engine: &Engine<P>,
+    status: &Status,
+    node: &str,
+    event: ClusterEvent,
+) -> Option<Vec<IpNet>> {
+    match event {
+        ClusterEvent::Pod(Change::Applied(pod)) => match pod_info(&pod) {
+            Ok(info) => {
+                status.known().pods.insert(info.key.clone());
+                engine.upsert_pod(info);
+            }
+            Err(skip) => {
+                // Finished, host-network or IP-less: it must hold no grant (its IP may be reused).
+                tracing::debug!(reason = %skip, "pod gets no grants");
+                let key = pod_key(&pod);
+                status.known().pods.remove(&key);
+                engine.remove_pod(&key);
+            }
+        },
+        ClusterEvent::Pod(Change::Deleted(pod)) => {
+            let key = pod_key(&pod);
+            tracing::debug!(pod = %key, "pod deleted");
+            status.known().pods.remove(&key);
+            engine.remove_pod(&key);
+        }
+        ClusterEvent::Firewall(Change::Applied(ef)) => {
+            let namespace = ef.namespace().unwrap_or_default();
+            match FirewallRules::from_egress_firewall(&ef) {
+                Ok(rules) => {
+                    tracing::info!(%namespace, rules = rules.rules.len(), "EgressFirewall applied");
+                    status
+                        .known()
+                        .rules
+                        .insert(namespace.clone(), Arc::new(rules.clone()));
+                    engine.set_rules(rules);
+                }
+                Err(error) => {
+                    // OVN-K rejects such an object too; granting nothing is the safe reading.
+                    status.invalid_firewalls.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%namespace, name = %ef.name_any(), %error,
+                        "invalid EgressFirewall skipped; the namespace gets no grants");
+                    status.known().rules.remove(&namespace);
+                    engine.remove_rules(&namespace);
+                }
+            }
+        }
+        ClusterEvent::Firewall(Change::Deleted(ef)) => {
+            let namespace = ef.namespace().unwrap_or_default();
+            tracing::info!(%namespace, "EgressFirewall deleted");
+            status.known().rules.remove(&namespace);
+            engine.remove_rules(&namespace);
+        }
+        ClusterEvent::Node(Change::Applied(n)) => match node_subnets(&n) {
+            Ok((name, subnets)) if name == node => return Some(subnets),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "this node's pod subnets are unknown"),
+        },
+        ClusterEvent::Node(Change::Deleted(_)) => {
+            tracing::warn!(node, "this node was deleted");
+        }
+        ClusterEvent::Pod(Change::Synced)
+        | ClusterEvent::Firewall(Change::Synced)
+        | ClusterEvent::Node(Change::Synced) => {}
+    }
+    None
+}
+
+fn pod_key(pod: &Pod) -> PodKey {
+    PodKey::new(pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+/// Runs the node loop until `shutdown`: the engine, the Kubernetes watches, tapd discovery and the
+/// subscriptions. Every change goes to the engine as it arrives.
+pub async fn run_node<P: FlowProgrammer>(
+    config: NodeConfig,
+    client: kube::Client,
+    engine: Engine<P>,
+    status: Arc<Status>,
+    shutdown: impl Future<Output = ()>,
+) {
+    engine.set_node(config.node.clone());
+    let (subnets_tx, subnets_rx) = signal::channel(config.pod_subnets.clone());
+    if !config.pod_subnets.is_empty() {
+        engine.set_local_subnets(config.pod_subnets.clone());
+    }
+    let engine_task = tokio::spawn(engine.clone().run());
+    let (events_tx, mut events_rx) = mpsc::channel(EVENT_QUEUE);
+    let mut upstreams = Upstreams::new(subnets_rx, events_tx, status.upstream.clone());
+    let mut dns_pods = DnsPods::new(config.upstream.tapd_port);
+    let mut discovery = if config.upstream.endpoints.is_empty() {
+        watch::dns_pods(
+            &client,
+            &config.upstream.tapd_namespace,
+            &config.upstream.tapd_selector,
+            &status.watch,
+        )
+    } else {
+        upstreams.set_endpoints(&config.upstream.endpoints.iter().copied().collect());
+        futures::stream::pending().boxed()
+    };
+    let mut cluster = watch::cluster(&client, &config.node, &status.watch);
+    let mut sync = SyncState::default();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(event) = cluster.next() => {
+                if !sync.complete() && sync.note(&event) {
+                    tracing::info!(node = %config.node, "pods, EgressFirewalls and node listed; ready");
+                    status.ready.send_replace(true);
+                }
+                if let Some(subnets) = apply_cluster_event(&engine, &status, &config.node, event) {
+                    if config.pod_subnets.is_empty() && *subnets_tx.borrow() != subnets {
+                        tracing::info!(?subnets, "this node's pod subnets");
+                        engine.set_local_subnets(subnets.clone());
+                        subnets_tx.send_replace(subnets);
+                    }
+                }
+            }
+            Some(change) = discovery.next() => {
+                if dns_pods.apply(&change) {
+                    upstreams.set_endpoints(&dns_pods.endpoints());
+                }
+            }
+            Some(response) = events_rx.recv() => {
+                status.dns_events.fetch_add(1, Ordering::Relaxed);
+                engine.on_dns(response, SystemTime::now());
+            }
+        }
+    }
+    drop(upstreams);
+    engine_task.abort();
+    // Flows stay: their idle timeouts end them if flowd does not come back, and a restart adopts them.
+    if let Err(error) = engine.flush().await {
+        tracing::warn!(%error, "last flush failed");
+    }
+}
+
+/// `flowd run`.
+pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if let Err(error) = args.validate() {
+        eprintln!("flowd: {error}");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    tapd::telemetry::init(args.log_format == LogFormat::Json);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(args: RunArgs) -> anyhow::Result<()> {
+    let grpc = tokio::net::TcpListener::bind(args.grpc_listen).await?;
+    let http = tokio::net::TcpListener::bind(args.metrics_listen).await?;
+    let client = kube::Client::try_default().await?;
+    let engine = Engine::new(args.engine.clone(), Ofctl::new(args.engine.bridge.clone()));
+    let status = Arc::new(Status::default());
+    tracing::info!(node = %args.node_name, grpc = %args.grpc_listen, metrics = %args.metrics_listen, "flowd starting");
+    let (stop_tx, stop_rx) = signal::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let api = tokio::spawn(api::serve(grpc, engine.clone(), status.clone(), stopped()));
+    let http = tokio::spawn(metrics::serve(
+        http,
+        metrics::Sources {
+            engine: engine.clone(),
+            status: status.clone(),
+        },
+        stopped(),
+    ));
+    let config = NodeConfig {
+        node: args.node_name.clone(),
+        pod_subnets: args.pod_subnets.clone(),
+        upstream: args.upstream.clone(),
+    };
+    run_node(
+        config,
+        client,
+        engine,
+        status,
+        tapd::daemon::shutdown_signal(),
+    )
+    .await;
+    tracing::info!("shutting down");
+    stop_tx.send_replace(true);
+    api.await??;
+    http.await??;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn run_args_parse_with_defaults_and_validate() {
+        let cli = Cli::try_parse_from(["flowd", "--node-name", "n1"]).unwrap();
+        assert_eq!(cli.run.grpc_listen, "127.0.0.1:9540".parse().unwrap());
+        assert_eq!(cli.run.metrics_listen, "0.0.0.0:9541".parse().unwrap());
+        assert_eq!(cli.run.log_format, LogFormat::Text);
+        assert!(cli.run.pod_subnets.is_empty());
+        cli.run.validate().unwrap();
+
+        let cli = Cli::try_parse_from([
+            "flowd",
+            "--node-name",
+            "n1",
+            "--pod-subnet",
+            "10.244.1.0/24,fd00:10:244:2::/64",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.pod_subnets.len(), 2);
+        assert_eq!(cli.run.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn bad_config_is_refused_before_anything_starts() {
+        assert!(
+            Cli::try_parse_from(["flowd"]).is_err(),
+            "node name required"
+        );
+        assert!(Cli::try_parse_from(["flowd", "--node-name", "n", "--pod-subnet", "x"]).is_err());
+        let cli = Cli::try_parse_from(["flowd", "--node-name", " "]).unwrap();
+        assert!(matches!(cli.run.validate(), Err(ConfigError::NoNodeName)));
+        let cli =
+            Cli::try_parse_from(["flowd", "--node-name", "n", "--cookie-prefix", "0"]).unwrap();
+        assert!(matches!(cli.run.validate(), Err(ConfigError::Engine(_))));
+        let cli = Cli::try_parse_from(["flowd", "--node-name", "n", "--tapd-port", "0"]).unwrap();
+        assert!(matches!(cli.run.validate(), Err(ConfigError::TapdPort)));
+    }
 }

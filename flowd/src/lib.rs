@@ -14,3 +14,5 @@ pub mod snapshot;
 pub mod settings;
 pub mod upstream;
 pub mod watch;
+pub mod api;
+pub mod metrics;

@@ -138,15 +138,8 @@ fn flowd_env_names() -> BTreeSet<String> {
 }
 
 fn tapd_env_names() -> BTreeSet<String> {
-    [
-        "TAPD_SOCKET",
-        "TAPD_LISTEN",
-        "TAPD_METRICS_LISTEN",
-        "TAPD_LOG_FORMAT",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    use clap::CommandFactory as _;
+    clap_env_names(&tapd::config::Config::command())
 }
 
 /// The volume mounted at `path` in container `c` is an emptyDir of the pod (never a hostPath).
