@@ -91,9 +91,12 @@ pub async fn serve(
 ) -> Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<DnsTapServer<DnsTapService>>().await;
+    // The descriptor set also holds flowd's service: advertise only what this port serves.
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
         b.register_encoded_file_descriptor_set(dnsflow_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(pb::dns_tap_server::SERVICE_NAME)
+            .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
     };
     let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
         .build_v1()

@@ -17,6 +17,9 @@ pub mod hub;
 pub mod listener;
 pub mod metrics;
 pub mod telemetry;
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub mod testsupport;
 
 pub use capture::{CaptureReader, CaptureStats, CaptureWriter};
 pub use error::{Error, Result};

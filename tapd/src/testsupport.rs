@@ -1,0 +1,424 @@
+//! Real-daemon harness for tests (feature `test-support`): Unbound sending dnstap to a socket, `dig`
+//! from a chosen client IP, and tapd itself (as a child process or in-process). Every daemon lives in
+//! its own temp dir and is stopped by its pid when dropped, so tests can run side by side.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use crate::{config::Config, daemon::Daemon};
+use anyhow::{bail, Context as _};
+use clap::Parser as _;
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+use tempfile::TempDir;
+
+/// Daemons here start in well under a second; a slower start means something is wrong.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(20);
+
+/// Fails with a clear message when a tool the tests drive is not installed (`scripts/test` installs
+/// them all).
+pub fn require_tool(name: &str) -> anyhow::Result<()> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    if found {
+        Ok(())
+    } else {
+        bail!("`{name}` is not installed; run scripts/test, which installs every tool the tests drive")
+    }
+}
+
+/// A loopback port free for both UDP and TCP right now (DNS servers bind both).
+pub fn free_port() -> u16 {
+    loop {
+        let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Polls `ready` until it holds or [`START_TIMEOUT`] passes.
+pub fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while !ready() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+/// A child process killed by its pid on drop.
+#[derive(Debug)]
+pub struct ChildDaemon {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl ChildDaemon {
+    pub fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Self> {
+        let out = fs::File::create(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self { name, child, log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the daemon printed so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for `needle` in the log, failing early if the daemon exits.
+    pub fn wait_for_log(&mut self, needle: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited ({status}) before {needle:?}:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not log {needle:?} in time:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `within` for the exit.
+    pub fn terminate(&mut self, within: Duration) -> anyhow::Result<ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {} failed", self.pid());
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {within:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for ChildDaemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// What Unbound serves and how it speaks dnstap.
+#[derive(Debug, Clone)]
+pub struct UnboundConfig {
+    /// Zones served authoritatively, as (apex, zone-file record lines). Unbound follows CNAME chains
+    /// inside these (it does not for `local-data`). SOA and NS are added.
+    pub auth_zones: Vec<(String, Vec<String>)>,
+    /// `local-data` lines, e.g. `"v6.example.test. 45 IN AAAA 2001:db8::7"`.
+    pub local_data: Vec<String>,
+    /// dnstap identity (sent with `dnstap-send-identity`).
+    pub identity: String,
+    /// `dnstap-bidirectional` (READY/ACCEPT handshake) or plain unidirectional.
+    pub bidirectional: bool,
+}
+
+impl Default for UnboundConfig {
+    fn default() -> Self {
+        Self {
+            auth_zones: Vec::new(),
+            local_data: Vec::new(),
+            identity: "unbound-test".into(),
+            bidirectional: true,
+        }
+    }
+}
+
+/// Zones RFC 6761 reserves, which Unbound answers itself unless told otherwise.
+const SPECIAL_USE_ZONES: &[&str] = &["test.", "invalid.", "localhost.", "example.", "local."];
+
+/// An Unbound resolver on 127.0.0.1:`port`, sending `CLIENT_RESPONSE` dnstap to a socket.
+#[derive(Debug)]
+pub struct Unbound {
+    daemon: ChildDaemon,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl Unbound {
+    /// Starts Unbound with dnstap to `dnstap_socket` (start the receiver first: Unbound connects at
+    /// start and then retries only on a timer).
+    pub fn start(dnstap_socket: &Path, config: &UnboundConfig) -> anyhow::Result<Self> {
+        require_tool("unbound")?;
+        let dir = tempfile::Builder::new().prefix("unbound-").tempdir()?;
+        let d = dir.path().display().to_string();
+        let port = free_port();
+        let mut conf = format!(
+            "server:\n  interface: 127.0.0.1\n  port: {port}\n  do-ip6: no\n  chroot: \"\"\n  \
+             username: \"\"\n  directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n  use-syslog: no\n  \
+             logfile: \"\"\n  verbosity: 1\n  num-threads: 1\n  access-control: 127.0.0.0/8 allow\n  \
+             module-config: \"iterator\"\n  do-not-query-localhost: yes\n"
+        );
+        for z in SPECIAL_USE_ZONES {
+            let _ = writeln!(conf, "  local-zone: \"{z}\" nodefault");
+        }
+        for line in &config.local_data {
+            let _ = writeln!(conf, "  local-data: \"{line}\"");
+        }
+        for (i, (apex, records)) in config.auth_zones.iter().enumerate() {
+            let apex = format!("{}.", apex.trim_end_matches('.'));
+            let file = dir.path().join(format!("zone{i}.db"));
+            let mut zone = format!(
+                "$ORIGIN {apex}\n@ 3600 IN SOA ns.{apex} host.{apex} 1 3600 600 86400 60\n\
+                 @ 3600 IN NS ns.{apex}\nns 3600 IN A 127.0.0.1\n"
+            );
+            for r in records {
+                let _ = writeln!(zone, "{r}");
+            }
+            fs::write(&file, zone)?;
+            let _ = write!(
+                conf,
+                "auth-zone:\n  name: \"{apex}\"\n  zonefile: \"{}\"\n  for-downstream: yes\n  \
+                 for-upstream: yes\n",
+                file.display()
+            );
+        }
+        let _ = write!(
+            conf,
+            "remote-control:\n  control-enable: no\ndnstap:\n  dnstap-enable: yes\n  \
+             dnstap-socket-path: \"{}\"\n  dnstap-bidirectional: {}\n  dnstap-send-identity: yes\n  \
+             dnstap-identity: \"{}\"\n  dnstap-log-client-response-messages: yes\n",
+            dnstap_socket.display(),
+            if config.bidirectional { "yes" } else { "no" },
+            config.identity,
+        );
+        let conf_path = dir.path().join("unbound.conf");
+        fs::write(&conf_path, conf)?;
+        let mut daemon = ChildDaemon::spawn(
+            "unbound",
+            Command::new("unbound").arg("-d").arg("-c").arg(&conf_path),
+            dir.path().join("unbound.log"),
+        )?;
+        daemon.wait_for_log("start of service")?;
+        Ok(Self {
+            daemon,
+            port,
+            _dir: dir,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn log(&self) -> String {
+        self.daemon.log()
+    }
+}
+
+/// Runs `dig -b <client> @127.0.0.1 -p <port> <name> <qtype> +short` and returns its lines. `client`
+/// must be a loopback address (127.0.0.N): it becomes the client IP the server sees.
+pub fn dig(client: Ipv4Addr, port: u16, name: &str, qtype: &str) -> anyhow::Result<Vec<String>> {
+    require_tool("dig")?;
+    let out = Command::new("dig")
+        .arg("-b")
+        .arg(client.to_string())
+        .arg("@127.0.0.1")
+        .arg("-p")
+        .arg(port.to_string())
+        .args([name, qtype, "+short", "+time=2", "+tries=1"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "dig {name} {qtype} failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Fetches `path` from an HTTP endpoint (blocking, for metrics in tests).
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: tapd\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// Reads one sample (`name` with its exact label set, e.g. `tapd_decode_errors_total{reason="dns"}`)
+/// from Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Where a running tapd listens.
+#[derive(Debug, Clone)]
+pub struct TapdAddrs {
+    pub socket: PathBuf,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+impl TapdAddrs {
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// The current `/metrics` text.
+    pub fn metrics_text(&self) -> anyhow::Result<String> {
+        http_get(self.metrics, "/metrics")
+    }
+
+    /// One sample from `/metrics` (0 when absent).
+    pub fn metric(&self, name: &str) -> u64 {
+        self.metrics_text()
+            .ok()
+            .and_then(|t| metric(&t, name))
+            .unwrap_or(0)
+    }
+}
+
+fn local_port_addr(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// The tapd binary as a child process, in its own temp dir.
+#[derive(Debug)]
+pub struct TapdProcess {
+    pub daemon: ChildDaemon,
+    pub addrs: TapdAddrs,
+    pub dir: TempDir,
+}
+
+impl TapdProcess {
+    /// Starts `bin` listening on `<tempdir>/dnstap.sock` and free loopback ports, with `extra` flags,
+    /// and waits until the socket exists and gRPC accepts connections.
+    pub fn spawn(bin: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("tapd-").tempdir()?;
+        let addrs = TapdAddrs {
+            socket: dir.path().join("dnstap.sock"),
+            grpc: local_port_addr(free_port()),
+            metrics: local_port_addr(free_port()),
+        };
+        let mut cmd = Command::new(bin);
+        cmd.arg("--socket")
+            .arg(&addrs.socket)
+            .arg("--listen")
+            .arg(addrs.grpc.to_string())
+            .arg("--metrics-listen")
+            .arg(addrs.metrics.to_string())
+            .args(extra)
+            .env_clear()
+            .env("RUST_LOG", "info");
+        let mut daemon = ChildDaemon::spawn("tapd", &mut cmd, dir.path().join("tapd.log"))?;
+        daemon.wait_for_log("accepting dnstap connections")?;
+        wait_until("tapd gRPC", || TcpStream::connect(addrs.grpc).is_ok())?;
+        Ok(Self { daemon, addrs, dir })
+    }
+}
+
+/// tapd running inside the test process (for crates that cannot name the tapd binary).
+#[derive(Debug)]
+pub struct TapdInProcess {
+    pub addrs: TapdAddrs,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<crate::Result<()>>>,
+    _dir: TempDir,
+}
+
+impl TapdInProcess {
+    /// Starts tapd on a socket in a temp dir and ephemeral loopback ports, with `extra` flags.
+    pub async fn start(extra: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("tapd-").tempdir()?;
+        let socket = dir.path().join("dnstap.sock");
+        let socket_arg = socket.display().to_string();
+        let mut args = vec![
+            "tapd",
+            "--socket",
+            &socket_arg,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let config = Config::try_parse_from(args)?;
+        let daemon = Daemon::bind(config).await?;
+        let addrs = TapdAddrs {
+            socket,
+            grpc: daemon.grpc_addr().context("gRPC address")?,
+            metrics: daemon.metrics_addr().context("metrics address")?,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(daemon.run(async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            addrs,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        })
+    }
+
+    /// Stops tapd and waits for it to drain.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TapdInProcess {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
