@@ -65,36 +65,6 @@ impl PolicySettings {
     }
 }
 
-/// Command-line / environment form of [`PolicySettings`], for `flowd run` and `flowd replay` alike.
-#[derive(Clone, Debug, clap::Args)]
-pub struct PolicyArgs {
-    /// OpenFlow priority of EgressFirewall rule 0 (rule i gets BASE - i), as OVN maps ACL priorities.
-    #[arg(long, env = "FLOWD_PRIORITY_BASE", default_value_t = DEFAULT_PRIORITY_BASE)]
-    pub priority_base: u16,
-    /// Match plain dnsNames exactly, as OVN-K does, instead of also covering their subdomains.
-    /// A namespace's `dnsflow.io/dns-name-matching` annotation overrides this.
-    #[arg(long, env = "FLOWD_STRICT_DNS_NAMES")]
-    pub strict_dns_names: bool,
-    /// Cluster pod, service and join subnets (repeat or comma-separate); answers inside never get a flow.
-    /// The pod subnets of every known node are always added.
-    #[arg(
-        long = "cluster-subnet",
-        env = "FLOWD_CLUSTER_SUBNETS",
-        value_delimiter = ','
-    )]
-    pub cluster_subnets: Vec<IpNet>,
-}
-
-impl PolicyArgs {
-    pub fn settings(&self) -> PolicySettings {
-        PolicySettings {
-            priority_base: self.priority_base,
-            strict_names: self.strict_dns_names,
-            cluster_subnets: self.cluster_subnets.clone(),
-        }
-    }
-}
-
 /// Why a response as a whole earns nothing, before any rule is looked at.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ignored {
@@ -885,39 +855,6 @@ mod tests {
                 name: name("google.com")
             }
         );
-    }
-
-    #[test]
-    fn policy_args_parse_with_defaults_and_lists() {
-        use clap::Parser;
-        #[derive(Debug, Parser)]
-        struct Cli {
-            #[command(flatten)]
-            policy: PolicyArgs,
-        }
-        let s = Cli::try_parse_from(["x"])
-            .expect("defaults")
-            .policy
-            .settings();
-        assert_eq!(s, PolicySettings::default());
-        let s = Cli::try_parse_from([
-            "x",
-            "--priority-base",
-            "2000",
-            "--strict-dns-names",
-            "--cluster-subnet",
-            "10.244.0.0/16,10.96.0.0/16",
-            "--cluster-subnet",
-            "100.64.0.0/16",
-        ])
-        .expect("valid")
-        .policy
-        .settings();
-        assert_eq!(s.priority_base, 2000);
-        assert!(s.strict_names);
-        assert_eq!(s.cluster_subnets.len(), 3);
-        assert!(Cli::try_parse_from(["x", "--cluster-subnet", "10.0.0.1"]).is_err());
-        assert!(Cli::try_parse_from(["x", "--priority-base", "70000"]).is_err());
     }
 
     fn label() -> impl Strategy<Value = String> {

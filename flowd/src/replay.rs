@@ -1,10 +1,441 @@
-//! `flowd replay` (owned by the flowd-core work).
+//! `flowd replay`: the decision (and, with `--apply`/`--dry-run-ofctl`, the engine) run alone on
+//! recorded input, without Kubernetes and without tapd.
+//!
+//! Input: a cluster snapshot ([`crate::snapshot`]) and either a dnstap capture or grpcurl's JSON event
+//! stream ([`events`]). With neither given, the shipped example (`examples/`) is replayed, so
+//! `cargo run -p flowd -- replay` shows the seed's case: `dnsName: google.com` Allow, `0.0.0.0/0` Deny,
+//! and a pod resolving `www.google.com` through a CNAME to Google's CDN.
+//!
+//! The replay clock is each event's response time (from dnstap), else the time tapd decoded it.
 
-use std::process::ExitCode;
+pub mod events;
+
+use crate::{
+    model::{FlowKey, Grant, PodInfo, PodKey, Verdict},
+    policy::{decide, l4_name, PolicySettings, RuleOutcome},
+    settings::EngineSettings,
+    snapshot::Snapshot,
+};
+use anyhow::Context as _;
+use events::{InputStats, Item};
+use serde_json::{json, Value};
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Write,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::SystemTime,
+};
+
+/// The shipped example snapshot: namespace `abc` with the seed's EgressFirewall, its pods, a node.
+pub const EXAMPLE_SNAPSHOT: &str = include_str!("../../examples/snapshot.yaml");
+/// The shipped example capture: 10.244.1.5 resolving `www.google.com`, plus noise.
+pub const EXAMPLE_CAPTURE: &[u8] = include_bytes!("../../examples/google.fstrm");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// One line per flow and per skipped event, then a summary.
+    Text,
+    /// One JSON document: events, flows, summary, warnings.
+    Json,
+}
 
 #[derive(Debug, clap::Args)]
-pub struct ReplayArgs {}
+pub struct ReplayArgs {
+    /// Cluster snapshot: what `kubectl get -A pods,egressfirewalls,nodes -o yaml` prints, or
+    /// multi-document YAML of those objects. Default: the shipped example.
+    #[arg(long, env = "FLOWD_REPLAY_SNAPSHOT", value_name = "FILE")]
+    pub snapshot: Option<PathBuf>,
+    /// dnstap capture (Frame Streams file, as fstrm_capture or tapd --capture write it).
+    /// Default, when --events is not given either: the shipped example.
+    #[arg(
+        long,
+        env = "FLOWD_REPLAY_CAPTURE",
+        value_name = "FILE.fstrm",
+        conflicts_with = "events"
+    )]
+    pub capture: Option<PathBuf>,
+    /// The JSON that grpcurl prints for dnsflow.v1.DnsTap/Subscribe.
+    #[arg(long, env = "FLOWD_REPLAY_EVENTS", value_name = "FILE.json")]
+    pub events: Option<PathBuf>,
+    /// Only pods of this node get flows, as the daemon on that node would decide. Default: every pod.
+    #[arg(long, env = "FLOWD_REPLAY_NODE", value_name = "NAME")]
+    pub node: Option<String>,
+    /// Output format.
+    #[arg(long, env = "FLOWD_REPLAY_OUTPUT", value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    #[command(flatten)]
+    pub engine: EngineSettings,
+}
 
-pub fn main(_args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("replay is not built yet")
+/// Why an event earned no flow, as a fixed category (for the summary) and the specifics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skip {
+    pub category: &'static str,
+    pub detail: String,
+}
+
+impl Skip {
+    fn new(category: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            category,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// What replay made of one recorded event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventOutcome {
+    /// 1-based position in the input.
+    pub index: u64,
+    /// The replay clock for this event.
+    pub time: Option<SystemTime>,
+    pub client: Option<IpAddr>,
+    pub qname: Option<String>,
+    pub pod: Option<PodKey>,
+    pub result: Result<Vec<Grant>, Skip>,
+}
+
+/// The decision over a snapshot: finds the pod behind each answer and asks [`decide`].
+#[derive(Debug)]
+pub struct Planner<'a> {
+    snapshot: &'a Snapshot,
+    settings: PolicySettings,
+    node: Option<&'a str>,
+    pods_by_ip: HashMap<IpAddr, &'a PodInfo>,
+}
+
+impl<'a> Planner<'a> {
+    /// `settings.cluster_subnets` is extended with every node's pod subnets from the snapshot.
+    pub fn new(
+        snapshot: &'a Snapshot,
+        mut settings: PolicySettings,
+        node: Option<&'a str>,
+    ) -> Self {
+        settings.cluster_subnets.extend(snapshot.pod_subnets());
+        settings.cluster_subnets.sort();
+        settings.cluster_subnets.dedup();
+        let mut pods_by_ip = HashMap::new();
+        for pod in &snapshot.pods {
+            for ip in &pod.ips {
+                pods_by_ip.entry(*ip).or_insert(pod);
+            }
+        }
+        Self {
+            snapshot,
+            settings,
+            node,
+            pods_by_ip,
+        }
+    }
+
+    pub fn settings(&self) -> &PolicySettings {
+        &self.settings
+    }
+
+    /// Plans one recorded event.
+    pub fn plan(&self, index: u64, item: Item) -> EventOutcome {
+        let resp = match item {
+            Ok(resp) => resp,
+            Err(e) => {
+                return EventOutcome {
+                    index,
+                    time: None,
+                    client: None,
+                    qname: None,
+                    pod: None,
+                    result: Err(Skip::new("invalid event", e)),
+                }
+            }
+        };
+        let mut out = EventOutcome {
+            index,
+            time: Some(resp.response_time.unwrap_or(resp.decoded_time)),
+            client: Some(resp.client),
+            qname: Some(resp.qname.to_string()),
+            pod: None,
+            result: Ok(Vec::new()),
+        };
+        let Some(pod) = self.pods_by_ip.get(&resp.client) else {
+            out.result = Err(Skip::new(
+                "client is not a known pod",
+                resp.client.to_string(),
+            ));
+            return out;
+        };
+        out.pod = Some(pod.key.clone());
+        if let Some(node) = self.node.filter(|n| *n != pod.node) {
+            out.result = Err(Skip::new(
+                "pod on another node",
+                format!("{} runs on {}, not {node}", pod.key, pod.node),
+            ));
+            return out;
+        }
+        let Some(rules) = self.snapshot.rules.get(&pod.key.namespace) else {
+            out.result = Err(Skip::new(
+                "namespace has no EgressFirewall",
+                pod.key.namespace.clone(),
+            ));
+            return out;
+        };
+        let decision = decide(&resp, pod, rules, &self.settings);
+        out.result = if let Some(ignored) = &decision.ignored {
+            Err(Skip::new(
+                match ignored {
+                    crate::policy::Ignored::NotNoError { .. } => "not NOERROR",
+                    crate::policy::Ignored::ClientNotPod { .. } => "client is not a known pod",
+                    crate::policy::Ignored::NoAddresses => "no A/AAAA answers",
+                },
+                ignored.to_string(),
+            ))
+        } else if !decision.grants.is_empty() {
+            Ok(decision.grants)
+        } else if decision.rules.iter().any(|r| r.matches()) {
+            let why: Vec<String> = decision
+                .excluded
+                .iter()
+                .map(|(ip, why)| format!("{ip} {why}"))
+                .chain(decision.rules.iter().filter_map(|r| match &r.outcome {
+                    RuleOutcome::NoPriority { .. } => {
+                        Some(format!("rule {}: {}", r.index, r.reason()))
+                    }
+                    _ => None,
+                }))
+                .collect();
+            Err(Skip::new("no usable answer", why.join("; ")))
+        } else {
+            Err(Skip::new(
+                "no dnsName rule matches",
+                resp.names()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" -> "),
+            ))
+        };
+        out
+    }
+}
+
+/// Totals over a replay.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Client responses (and undecodable records) read.
+    pub events: u64,
+    /// dnstap messages that were not client responses.
+    pub not_client_responses: u64,
+    pub skipped: BTreeMap<&'static str, u64>,
+    pub grants: u64,
+    /// Distinct flows: a later grant for the same flow refreshes it.
+    pub flows: BTreeMap<FlowKey, Grant>,
+}
+
+impl Summary {
+    pub fn add(&mut self, outcome: &EventOutcome) {
+        self.events += 1;
+        match &outcome.result {
+            Err(skip) => *self.skipped.entry(skip.category).or_default() += 1,
+            Ok(grants) => {
+                self.grants += grants.len() as u64;
+                for g in grants {
+                    self.flows.insert(g.key.clone(), g.clone());
+                }
+            }
+        }
+    }
+
+    pub fn skipped_total(&self) -> u64 {
+        self.skipped.values().sum()
+    }
+}
+
+fn verdict_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Allow => "Allow",
+        Verdict::Deny => "Deny",
+    }
+}
+
+fn time_text(t: Option<SystemTime>) -> String {
+    t.map_or_else(|| "-".into(), events::format_rfc3339)
+}
+
+/// One planned flow as a line: who, where, priority, verdict, lifetime, and why.
+pub fn flow_line(g: &Grant, engine: &EngineSettings, time: Option<SystemTime>) -> String {
+    format!(
+        "flow  {pod} {src} -> {dst} {l4} priority={prio} {verdict} ttl={ttl} idle_timeout={idle}  \
+         reason: {qname} matched rule {rule} dnsName={dns}  at {time}",
+        pod = g.key.pod,
+        src = g.key.src,
+        dst = g.key.dst,
+        l4 = l4_name(&g.key.l4),
+        prio = g.key.priority,
+        verdict = verdict_name(g.verdict),
+        ttl = g.ttl,
+        idle = engine.idle_timeout(g.ttl),
+        qname = g.reason.qname,
+        rule = g.reason.rule_index,
+        dns = g.reason.dns_name,
+        time = time_text(time),
+    )
+}
+
+/// A grant as JSON, with the field names of `dnsflow.v1.Grant`.
+pub fn grant_json(g: &Grant, engine: &EngineSettings, time: Option<SystemTime>) -> Value {
+    json!({
+        "namespace": g.key.pod.namespace,
+        "pod": g.key.pod.name,
+        "podIp": g.key.src.to_string(),
+        "queryName": g.reason.qname.to_string(),
+        "ruleIndex": g.reason.rule_index,
+        "action": verdict_name(g.verdict),
+        "dnsName": g.reason.dns_name,
+        "ip": g.key.dst.to_string(),
+        "port": l4_name(&g.key.l4),
+        "ttl": g.ttl,
+        "idleTimeout": engine.idle_timeout(g.ttl),
+        "priority": g.key.priority,
+        "time": time.map(events::format_rfc3339),
+    })
+}
+
+fn outcome_json(o: &EventOutcome, engine: &EngineSettings) -> Value {
+    let mut v = json!({
+        "event": o.index,
+        "time": o.time.map(events::format_rfc3339),
+        "clientIp": o.client.map(|c| c.to_string()),
+        "queryName": o.qname,
+        "pod": o.pod.as_ref().map(ToString::to_string),
+    });
+    match &o.result {
+        Ok(grants) => {
+            v["grants"] = grants
+                .iter()
+                .map(|g| grant_json(g, engine, o.time))
+                .collect();
+        }
+        Err(skip) => {
+            v["skipped"] = json!({"reason": skip.category, "detail": skip.detail});
+        }
+    }
+    v
+}
+
+/// Where the events come from.
+enum Input<'a> {
+    Capture(&'a Path),
+    Events(&'a Path),
+    ExampleCapture,
+}
+
+fn read_input(input: &Input<'_>, each: impl FnMut(Item)) -> anyhow::Result<InputStats> {
+    let open = |p: &Path| std::fs::File::open(p).with_context(|| format!("{}", p.display()));
+    Ok(match input {
+        Input::Capture(p) => events::read_capture(open(p)?, &p.display().to_string(), each)?,
+        Input::Events(p) => events::read_events_json(open(p)?, &p.display().to_string(), each)?,
+        Input::ExampleCapture => {
+            events::read_capture(EXAMPLE_CAPTURE, "examples/google.fstrm", each)?
+        }
+    })
+}
+
+pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    args.engine.validate()?;
+    let snapshot = match &args.snapshot {
+        Some(path) => Snapshot::load(path)?,
+        None => Snapshot::parse(EXAMPLE_SNAPSHOT, Path::new("examples/snapshot.yaml"))?,
+    };
+    let input = match (&args.capture, &args.events) {
+        (Some(p), _) => Input::Capture(p),
+        (None, Some(p)) => Input::Events(p),
+        (None, None) => Input::ExampleCapture,
+    };
+    let planner = Planner::new(&snapshot, args.engine.policy(), args.node.as_deref());
+    let mut summary = Summary::default();
+    let mut outcomes = Vec::new();
+    let mut stdout = std::io::stdout().lock();
+    let mut write_err: Option<std::io::Error> = None;
+    let mut index = 0u64;
+    let stats = read_input(&input, |item| {
+        index += 1;
+        let outcome = planner.plan(index, item);
+        summary.add(&outcome);
+        match args.output {
+            OutputFormat::Json => outcomes.push(outcome_json(&outcome, &args.engine)),
+            OutputFormat::Text if write_err.is_none() => {
+                if let Err(e) = write_text(&mut stdout, &outcome, &args.engine) {
+                    write_err = Some(e);
+                }
+            }
+            OutputFormat::Text => {}
+        }
+    })?;
+    summary.not_client_responses = stats.not_client_responses;
+    if let Some(e) = write_err {
+        return Err(e).context("writing the replay output");
+    }
+    match args.output {
+        OutputFormat::Text => write_summary(&mut stdout, &summary, &snapshot)?,
+        OutputFormat::Json => {
+            let doc = json!({
+                "events": outcomes,
+                "flows": summary.flows.values().map(|g| grant_json(g, &args.engine, None)).collect::<Vec<_>>(),
+                "summary": {
+                    "events": summary.events,
+                    "notClientResponses": summary.not_client_responses,
+                    "skipped": summary.skipped,
+                    "grants": summary.grants,
+                    "flows": summary.flows.len(),
+                },
+                "warnings": snapshot.warnings,
+            });
+            serde_json::to_writer_pretty(&mut stdout, &doc)?;
+            writeln!(stdout)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_text(
+    out: &mut impl Write,
+    o: &EventOutcome,
+    engine: &EngineSettings,
+) -> std::io::Result<()> {
+    match &o.result {
+        Ok(grants) => {
+            for g in grants {
+                writeln!(out, "{}", flow_line(g, engine, o.time))?;
+            }
+        }
+        Err(skip) => {
+            let client = o.client.map_or_else(|| "-".into(), |c| c.to_string());
+            let qname = o.qname.as_deref().unwrap_or("-");
+            writeln!(
+                out,
+                "skip  event {} {client} {qname}: {}: {}",
+                o.index, skip.category, skip.detail
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn write_summary(out: &mut impl Write, s: &Summary, snapshot: &Snapshot) -> std::io::Result<()> {
+    for w in &snapshot.warnings {
+        writeln!(out, "warning: {w}")?;
+    }
+    writeln!(
+        out,
+        "summary: {} events read ({} other dnstap messages ignored), {} skipped, {} grants, {} flows",
+        s.events,
+        s.not_client_responses,
+        s.skipped_total(),
+        s.grants,
+        s.flows.len()
+    )?;
+    for (why, n) in &s.skipped {
+        writeln!(out, "skipped: {n} {why}")?;
+    }
+    Ok(())
 }

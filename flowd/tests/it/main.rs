@@ -4,3 +4,4 @@
 mod deploy;
 mod apiserver;
 mod cluster;
+mod replay;

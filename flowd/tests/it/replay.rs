@@ -1,0 +1,358 @@
+//! `flowd replay`, run as the built binary on the shipped examples and on hostile input.
+
+#[path = "../../examples/make_example_capture.rs"]
+mod example;
+
+use serde_json::Value;
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn flowd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flowd"))
+        .arg("replay")
+        .args(args)
+        // The tests pass every setting explicitly; none may leak in from the caller's environment.
+        .env_remove("FLOWD_STRICT_DNS_NAMES")
+        .env_remove("FLOWD_CLUSTER_SUBNETS")
+        .env_remove("FLOWD_PRIORITY_BASE")
+        .env_remove("FLOWD_REPLAY_NODE")
+        .output()
+        .expect("runs flowd")
+}
+
+fn ok_stdout(args: &[&str]) -> String {
+    let out = flowd(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "flowd replay {args:?} failed: {stderr}"
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+fn json(args: &[&str]) -> Value {
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&ok_stdout(&all)).expect("one JSON document")
+}
+
+/// The flows of a JSON replay as (pod, ip, priority, rule, action).
+fn flows(doc: &Value) -> BTreeSet<(String, IpAddr, u64, u64, String)> {
+    doc["flows"]
+        .as_array()
+        .expect("flows")
+        .iter()
+        .map(|f| {
+            (
+                format!(
+                    "{}/{}",
+                    f["namespace"].as_str().unwrap(),
+                    f["pod"].as_str().unwrap()
+                ),
+                f["ip"].as_str().unwrap().parse().unwrap(),
+                f["priority"].as_u64().unwrap(),
+                f["ruleIndex"].as_u64().unwrap(),
+                f["action"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn expected_flows() -> BTreeSet<(String, IpAddr, u64, u64, String)> {
+    example::granted_ips()
+        .into_iter()
+        .map(|ip| ("abc/client".to_string(), ip, 11000, 0, "Allow".to_string()))
+        .collect()
+}
+
+#[test]
+fn the_shipped_example_grants_the_client_its_google_answers_in_text() {
+    let text = ok_stdout(&[]);
+    let flow_lines: Vec<&str> = text.lines().filter(|l| l.starts_with("flow ")).collect();
+    assert_eq!(flow_lines.len(), 3, "{text}");
+    for ip in example::granted_ips() {
+        let line = flow_lines
+            .iter()
+            .find(|l| l.contains(&format!("-> {ip} ")))
+            .unwrap_or_else(|| panic!("no flow to {ip}:\n{text}"));
+        assert!(line.contains("flow  abc/client "), "{line}");
+        assert!(line.contains(" priority=11000 Allow ttl=274 "), "{line}");
+        assert!(
+            line.contains("reason: www.google.com matched rule 0 dnsName=google.com"),
+            "{line}"
+        );
+    }
+    assert!(flow_lines
+        .iter()
+        .any(|l| l.contains("10.244.1.5 -> 142.250.74.36 any")));
+    assert!(flow_lines
+        .iter()
+        .any(|l| l.contains("fd00:10:244:2::5 -> 2a00:1450:4001:82b::2004 any")));
+    assert!(!text.contains("abc/other"), "{text}");
+    assert!(
+        text.contains("skip  event 3 10.244.1.5 nosuch.google.com: not NOERROR: rcode NXDOMAIN"),
+        "{text}"
+    );
+    assert!(
+        text.contains("skip  event 4 10.244.1.6 www.example.com: no dnsName rule matches"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "skip  event 5 10.244.1.7 www.google.com: namespace has no EgressFirewall: xyz"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("summary: 6 events read (1 other dnstap messages ignored), 4 skipped, 3 grants, 3 flows"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_shipped_example_in_json() {
+    let doc = json(&[]);
+    assert_eq!(flows(&doc), expected_flows());
+    assert_eq!(doc["summary"]["events"], 6);
+    assert_eq!(doc["summary"]["notClientResponses"], 1);
+    assert_eq!(doc["summary"]["grants"], 3);
+    assert_eq!(doc["summary"]["flows"], 3);
+    assert_eq!(doc["summary"]["skipped"]["not NOERROR"], 1);
+    let events = doc["events"].as_array().unwrap();
+    let nx = events
+        .iter()
+        .find(|e| e["queryName"] == "nosuch.google.com")
+        .expect("the NXDOMAIN");
+    assert_eq!(nx["skipped"]["reason"], "not NOERROR");
+    assert!(nx.get("grants").is_none());
+    let other = events
+        .iter()
+        .find(|e| e["pod"] == "abc/other")
+        .expect("the other pod's event");
+    assert_eq!(other["skipped"]["reason"], "no dnsName rule matches");
+    let first = &events[0];
+    assert_eq!(first["time"], "2026-11-26T04:00:00.001Z");
+    assert_eq!(first["grants"][0]["ttl"], 274);
+    assert_eq!(first["grants"][0]["idleTimeout"], 330);
+    assert_eq!(first["grants"][0]["queryName"], "www.google.com");
+    assert_eq!(first["grants"][0]["dnsName"], "google.com");
+    assert_eq!(first["grants"][0]["port"], "any");
+    assert_eq!(doc["warnings"], serde_json::json!([]));
+}
+
+#[test]
+fn files_given_explicitly_and_the_grpcurl_stream_give_the_same_flows() {
+    let ex = examples();
+    let snapshot = ex.join("snapshot.yaml");
+    let capture = ex.join("google.fstrm");
+    let events = ex.join("google-events.json");
+    let from_capture = json(&[
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--capture",
+        capture.to_str().unwrap(),
+    ]);
+    let from_events = json(&[
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--events",
+        events.to_str().unwrap(),
+    ]);
+    assert_eq!(flows(&from_capture), expected_flows());
+    assert_eq!(flows(&from_events), expected_flows());
+    // grpcurl never shows FORWARDER traffic: tapd drops it.
+    assert_eq!(from_events["summary"]["notClientResponses"], 0);
+    assert_eq!(from_events["summary"]["events"], 6);
+}
+
+#[test]
+fn a_snake_case_event_stream_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.json");
+    std::fs::write(
+        &path,
+        r#"{"client_ip": "10.244.1.5", "query_name": "Mail.Google.com.", "rcode": "NOERROR",
+            "answers": [{"ip": "142.250.1.1", "ttl": 60}], "sequence": 9,
+            "response_time": "2026-11-26T05:00:00Z"}
+           {"clientIp": "10.244.1.5", "queryName": "x.google.com", "answers": [{"ip": "bogus"}]}"#,
+    )
+    .unwrap();
+    let doc = json(&["--events", path.to_str().unwrap()]);
+    let got: Vec<(String, IpAddr, u64, u64, String)> = flows(&doc).into_iter().collect();
+    assert_eq!(
+        got,
+        vec![(
+            "abc/client".into(),
+            "142.250.1.1".parse().unwrap(),
+            11000,
+            0,
+            "Allow".into()
+        )]
+    );
+    assert_eq!(doc["summary"]["skipped"]["invalid event"], 1);
+    assert!(doc["events"][1]["skipped"]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("answer ip \"bogus\""));
+}
+
+#[test]
+fn engine_flags_change_the_decision() {
+    let strict = json(&["--strict-dns-names"]);
+    assert_eq!(
+        strict["summary"]["flows"], 0,
+        "www.google.com is not google.com in strict mode"
+    );
+    let other_node = json(&["--node", "ovn-worker2"]);
+    assert_eq!(other_node["summary"]["flows"], 0);
+    assert_eq!(other_node["summary"]["skipped"]["pod on another node"], 6);
+    let own_node = json(&["--node", "ovn-worker"]);
+    assert_eq!(flows(&own_node), expected_flows());
+    let base = json(&["--priority-base", "2000"]);
+    assert!(flows(&base).iter().all(|f| f.2 == 2000));
+    // An answer inside a cluster subnet gets nothing.
+    let excluded = json(&["--cluster-subnet", "142.250.0.0/16"]);
+    assert_eq!(
+        excluded["summary"]["flows"], 1,
+        "only the IPv6 answer is left"
+    );
+}
+
+fn assert_clean_failure(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail: {stderr}");
+    assert_ne!(out.status.code(), Some(101), "panicked: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "stderr lacks {n:?}: {stderr}");
+    }
+}
+
+#[test]
+fn hostile_input_fails_cleanly_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let bad_yaml = p("bad.yaml", b"items: [\n  - {kind: Pod\n");
+    assert_clean_failure(
+        &flowd(&["--snapshot", &bad_yaml]),
+        &["bad.yaml", "invalid YAML"],
+    );
+
+    let binary_yaml = p("binary.yaml", &[0xff, 0x00, 0xfe]);
+    assert_clean_failure(
+        &flowd(&["--snapshot", &binary_yaml]),
+        &["binary.yaml", "not UTF-8"],
+    );
+
+    let capture = std::fs::read(examples().join("google.fstrm")).unwrap();
+    let truncated = p("cut.fstrm", &capture[..capture.len() / 2]);
+    assert_clean_failure(
+        &flowd(&["--capture", &truncated]),
+        &["cut.fstrm", "not a readable dnstap capture"],
+    );
+
+    let not_capture = p("text.fstrm", b"hello, this is not frame streams at all\n");
+    assert_clean_failure(
+        &flowd(&["--capture", &not_capture]),
+        &["text.fstrm", "not a readable dnstap capture"],
+    );
+
+    let bogus = p(
+        "bogus.json",
+        b"{\"clientIp\": \"10.244.1.5\", \"queryName\": \"a.b\"}\n{\"clientIp\": ",
+    );
+    assert_clean_failure(
+        &flowd(&["--events", &bogus]),
+        &["bogus.json", "event 2: invalid JSON"],
+    );
+
+    let missing = dir.path().join("missing.yaml");
+    assert_clean_failure(
+        &flowd(&["--snapshot", missing.to_str().unwrap()]),
+        &["missing.yaml"],
+    );
+
+    // Both inputs at once, or a bad flag value, are usage errors from clap.
+    let both = flowd(&["--capture", "a", "--events", "b"]);
+    assert_eq!(both.status.code(), Some(2));
+    let bad_subnet = flowd(&["--cluster-subnet", "10.0.0.1"]);
+    assert_eq!(bad_subnet.status.code(), Some(2));
+}
+
+#[test]
+fn random_bytes_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = fastrand::Rng::with_seed(0x646e_7366);
+    let capture = std::fs::read(examples().join("google.fstrm")).unwrap();
+    for i in 0..12 {
+        // Half pure noise, half the real capture with a few bytes flipped.
+        let bytes: Vec<u8> = if i % 2 == 0 {
+            (0..rng.usize(0..4096)).map(|_| rng.u8(..)).collect()
+        } else {
+            let mut c = capture.clone();
+            for _ in 0..4 {
+                let at = rng.usize(..c.len());
+                c[at] = rng.u8(..);
+            }
+            c
+        };
+        for (flag, name) in [
+            ("--capture", "x.fstrm"),
+            ("--events", "x.json"),
+            ("--snapshot", "x.yaml"),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, &bytes).unwrap();
+            let out = flowd(&[flag, path.to_str().unwrap()]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_ne!(out.status.code(), Some(101), "{flag} {i}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{flag} {i}: {stderr}");
+        }
+    }
+}
+
+#[test]
+fn the_committed_examples_are_what_the_generator_makes() {
+    let ex = examples();
+    assert!(
+        std::fs::read(ex.join("google.fstrm")).unwrap() == example::capture(),
+        "examples/google.fstrm drifted: run `cargo run -p flowd --example make_example_capture`"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ex.join("google-events.json")).unwrap(),
+        example::events_json(),
+        "examples/google-events.json drifted: run `cargo run -p flowd --example make_example_capture`"
+    );
+}
+
+#[test]
+fn the_example_capture_is_a_frame_streams_file_fstrm_dump_reads() {
+    let out = Command::new("fstrm_dump")
+        .arg(examples().join("google.fstrm"))
+        .output()
+        .expect(
+            "fstrm_dump (Debian package fstrm-bin) must be installed: scripts/test installs it",
+        );
+    // fstrm_dump prints the frame headers on stderr and the payloads on stdout.
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("\"protobuf:dnstap.Dnstap\""), "{text}");
+    assert_eq!(
+        text.matches("Data frame").count(),
+        example::frames().len(),
+        "{text}"
+    );
+    assert!(text.contains("FSTRM_CONTROL_STOP"), "{text}");
+}
