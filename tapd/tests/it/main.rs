@@ -2,5 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod bind;
 mod common;
+mod fstrm;
+mod grpcurl;
 mod unbound;
