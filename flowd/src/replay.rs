@@ -11,7 +11,9 @@
 pub mod events;
 
 use crate::{
+    engine::{Engine, EngineError},
     model::{FlowKey, Grant, PodInfo, PodKey, Verdict},
+    ovs::{AclTarget, Actions, DryRun, FlowProgrammer, Ofctl},
     policy::{decide, l4_name, PolicySettings, RuleOutcome},
     settings::EngineSettings,
     snapshot::Snapshot,
@@ -25,8 +27,10 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::{Arc, Mutex},
     time::SystemTime,
 };
+use tapd::DnsResponse;
 
 /// The shipped example snapshot: namespace `abc` with the seed's EgressFirewall, its pods, a node.
 pub const EXAMPLE_SNAPSHOT: &str = include_str!("../../examples/snapshot.yaml");
@@ -65,9 +69,21 @@ pub struct ReplayArgs {
     /// Output format.
     #[arg(long, env = "FLOWD_REPLAY_OUTPUT", value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
+    /// Run the engine against this OVS bridge (as `flowd run` would) and install the flows, then exit.
+    /// The ACL table and the pods' ports are discovered there unless --acl-table/--allow-actions say.
+    #[arg(long, env = "FLOWD_REPLAY_APPLY", value_name = "BRIDGE")]
+    pub apply: Option<String>,
+    /// Run the engine without a bridge and print the exact `ovs-ofctl --bundle add-flows` input it
+    /// would send (pods get stand-in port keys; the ACL table is --acl-table or a stand-in).
+    #[arg(long, env = "FLOWD_REPLAY_DRY_RUN_OFCTL", conflicts_with = "apply")]
+    pub dry_run_ofctl: bool,
     #[command(flatten)]
     pub engine: EngineSettings,
 }
+
+/// Stand-in EgressFirewall ACL table for `--dry-run-ofctl` without `--acl-table`: OVN 23.03.1's (a
+/// real bridge is always discovered instead).
+pub const DRY_RUN_ACL_TABLE: u8 = 46;
 
 /// Why an event earned no flow, as a fixed category (for the summary) and the specifics.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -351,20 +367,33 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         (None, Some(p)) => Input::Events(p),
         (None, None) => Input::ExampleCapture,
     };
-    let planner = Planner::new(&snapshot, args.engine.policy(), args.node.as_deref());
+    // The decision and the engine see the same settings: the flags plus every node's pod subnets.
+    let mut settings = args.engine.clone();
+    settings.cluster_subnets.extend(snapshot.pod_subnets());
+    settings.cluster_subnets.sort();
+    settings.cluster_subnets.dedup();
+    let use_engine = args.apply.is_some() || args.dry_run_ofctl;
+    let planner = Planner::new(&snapshot, settings.policy(), args.node.as_deref());
     let mut summary = Summary::default();
     let mut outcomes = Vec::new();
+    let mut fed: Vec<(DnsResponse, SystemTime)> = Vec::new();
     let mut stdout = std::io::stdout().lock();
     let mut write_err: Option<std::io::Error> = None;
     let mut index = 0u64;
     let stats = read_input(&input, |item| {
         index += 1;
+        if let (true, Ok(resp)) = (use_engine, &item) {
+            fed.push((
+                resp.clone(),
+                resp.response_time.unwrap_or(resp.decoded_time),
+            ));
+        }
         let outcome = planner.plan(index, item);
         summary.add(&outcome);
         match args.output {
-            OutputFormat::Json => outcomes.push(outcome_json(&outcome, &args.engine)),
+            OutputFormat::Json => outcomes.push(outcome_json(&outcome, &settings)),
             OutputFormat::Text if write_err.is_none() => {
-                if let Err(e) = write_text(&mut stdout, &outcome, &args.engine) {
+                if let Err(e) = write_text(&mut stdout, &outcome, &settings) {
                     write_err = Some(e);
                 }
             }
@@ -375,12 +404,46 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     if let Some(e) = write_err {
         return Err(e).context("writing the replay output");
     }
+    let engine = if let Some(bridge) = &args.apply {
+        let ofctl = Ofctl::new(bridge.clone());
+        let run = run_engine(
+            Engine::new(settings.clone(), ofctl),
+            &snapshot,
+            args.node.as_deref(),
+            fed,
+        );
+        Some(run.with_context(|| format!("applying to bridge {bridge}"))?)
+    } else if args.dry_run_ofctl {
+        let table = settings.acl_table.unwrap_or(DRY_RUN_ACL_TABLE);
+        let allow = settings
+            .allow_actions
+            .clone()
+            .unwrap_or_else(|| Actions::resubmit(table.saturating_add(1)));
+        let buf = SharedBuf::default();
+        let dry = DryRun::new(AclTarget { table, allow }, Box::new(buf.clone()));
+        let mut run = run_engine(
+            Engine::new(settings.clone(), dry),
+            &snapshot,
+            args.node.as_deref(),
+            fed,
+        )
+        .context("dry run")?;
+        run.ofctl = Some(buf.text());
+        Some(run)
+    } else {
+        None
+    };
     match args.output {
-        OutputFormat::Text => write_summary(&mut stdout, &summary, &snapshot)?,
+        OutputFormat::Text => {
+            if let Some(run) = &engine {
+                write_engine_text(&mut stdout, run, args.apply.as_deref())?;
+            }
+            write_summary(&mut stdout, &summary, &snapshot)?;
+        }
         OutputFormat::Json => {
-            let doc = json!({
+            let mut doc = json!({
                 "events": outcomes,
-                "flows": summary.flows.values().map(|g| grant_json(g, &args.engine, None)).collect::<Vec<_>>(),
+                "flows": summary.flows.values().map(|g| grant_json(g, &settings, None)).collect::<Vec<_>>(),
                 "summary": {
                     "events": summary.events,
                     "notClientResponses": summary.not_client_responses,
@@ -390,11 +453,113 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                 },
                 "warnings": snapshot.warnings,
             });
+            if let Some(run) = &engine {
+                doc["engine"] = json!({
+                    "bridge": args.apply,
+                    "flows": run.flows,
+                    "installed": run.installed,
+                    "ofctl": run.ofctl,
+                });
+            }
             serde_json::to_writer_pretty(&mut stdout, &doc)?;
             writeln!(stdout)?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the engine did with the replayed answers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineRun {
+    /// Flows the engine wants.
+    pub flows: usize,
+    /// Of those, written to OVS (the rest wait for their pod's port to appear on the bridge).
+    pub installed: usize,
+    /// With `--dry-run-ofctl`: the exact `ovs-ofctl --bundle add-flows` input.
+    pub ofctl: Option<String>,
+}
+
+/// Feeds the snapshot and the answers to `engine`, in the order the daemon would see them (cluster
+/// state first), and writes one batch.
+fn run_engine<P: FlowProgrammer>(
+    engine: Engine<P>,
+    snapshot: &Snapshot,
+    node: Option<&str>,
+    answers: Vec<(DnsResponse, SystemTime)>,
+) -> Result<EngineRun, EngineError> {
+    if let Some(node) = node {
+        engine.set_node(node);
+    }
+    engine.set_local_subnets(snapshot.pod_subnets());
+    for rules in snapshot.rules.values() {
+        engine.set_rules(rules.clone());
+    }
+    for pod in &snapshot.pods {
+        engine.upsert_pod(pod.clone());
+    }
+    for (resp, at) in answers {
+        engine.on_dns(resp, at);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| {
+            EngineError::Ovs(crate::ovs::OvsError::Io {
+                program: "tokio runtime",
+                source,
+            })
+        })?;
+    runtime.block_on(engine.flush())?;
+    let grants = engine.grants(None, None);
+    Ok(EngineRun {
+        flows: grants.len(),
+        installed: grants.iter().filter(|g| g.installed).count(),
+        ofctl: None,
+    })
+}
+
+/// A `Write` whose bytes can be read back after the writer was handed away.
+#[derive(Clone, Default)]
+struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+impl SharedBuf {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+impl Write for SharedBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn write_engine_text(
+    out: &mut impl Write,
+    run: &EngineRun,
+    bridge: Option<&str>,
+) -> std::io::Result<()> {
+    if let Some(text) = &run.ofctl {
+        writeln!(out, "# ovs-ofctl --bundle add-flows <bridge> - input:")?;
+        out.write_all(text.as_bytes())?;
+    }
+    let waiting = run.flows - run.installed.min(run.flows);
+    match bridge {
+        Some(bridge) => writeln!(
+            out,
+            "engine: {} flows installed in {bridge}, {waiting} waiting for their pod's port on the bridge",
+            run.installed
+        ),
+        None => writeln!(out, "engine: {} flows in the dry run", run.installed),
+    }
 }
 
 fn write_text(

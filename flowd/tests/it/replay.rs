@@ -356,3 +356,52 @@ fn the_example_capture_is_a_frame_streams_file_fstrm_dump_reads() {
     );
     assert!(text.contains("FSTRM_CONTROL_STOP"), "{text}");
 }
+
+#[test]
+fn dry_run_prints_the_engines_exact_ovs_ofctl_input() {
+    let text = ok_stdout(&["--dry-run-ofctl"]);
+    let adds: Vec<&str> = text.lines().filter(|l| l.starts_with("add ")).collect();
+    assert_eq!(adds.len(), 3, "{text}");
+    for ip in example::granted_ips() {
+        let dst = if ip.is_ipv4() {
+            format!(",nw_dst={ip},")
+        } else {
+            format!(",ipv6_dst={ip},")
+        };
+        let line = adds
+            .iter()
+            .find(|l| l.contains(&dst))
+            .unwrap_or_else(|| panic!("no flow to {ip}:\n{text}"));
+        assert!(line.starts_with("add cookie=0x646e7366"), "{line}");
+        assert!(
+            line.contains(",table=46,priority=11000,idle_timeout=330,"),
+            "{line}"
+        );
+        assert!(line.ends_with(",actions=resubmit(,47)"), "{line}");
+    }
+    // Only typed numbers and addresses reach ovs-ofctl, never a name from DNS.
+    assert!(adds.iter().all(|l| !l.contains("google")), "{text}");
+    assert!(text.contains("engine: 3 flows in the dry run"), "{text}");
+
+    let custom = json(&[
+        "--dry-run-ofctl",
+        "--acl-table",
+        "44",
+        "--allow-actions",
+        "resubmit(,45)",
+        "--idle-floor",
+        "10s",
+        "--idle-grace",
+        "0s",
+    ]);
+    let ofctl = custom["engine"]["ofctl"].as_str().unwrap();
+    let adds: Vec<&str> = ofctl.lines().filter(|l| l.starts_with("add ")).collect();
+    assert_eq!(adds.len(), 3, "{ofctl}");
+    assert!(
+        adds.iter()
+            .all(|l| l.contains(",table=44,priority=11000,idle_timeout=274,")
+                && l.ends_with("actions=resubmit(,45)")),
+        "{ofctl}"
+    );
+    assert_eq!(custom["engine"]["installed"], 3);
+}
