@@ -99,6 +99,9 @@ struct State {
     /// Watches from a version below this get `410 Gone`.
     oldest: u64,
     log: Vec<Logged>,
+    /// Resources answered with `500 Internal Server Error` (an API server in trouble; kube's client
+    /// retries 503 itself, so 500 reaches the watcher at once).
+    failing: Vec<Resource>,
 }
 
 /// The server; dropping it stops it.
@@ -137,6 +140,7 @@ impl FakeApiServer {
             history: Vec::new(),
             oldest: 0,
             log: Vec::new(),
+            failing: Vec::new(),
         }));
         let (tx, _) = broadcast::channel(4096);
         let task = {
@@ -239,6 +243,15 @@ impl FakeApiServer {
     fn publish(&self, st: &mut State, signal: Signal) {
         st.history.push(signal.clone());
         let _ = self.tx.send(signal);
+    }
+
+    /// Makes every list and watch of `resource` fail with `500` (or succeed again).
+    pub fn set_failing(&self, resource: Resource, failing: bool) {
+        let mut st = self.state.lock().unwrap();
+        st.failing.retain(|r| *r != resource);
+        if failing {
+            st.failing.push(resource);
+        }
     }
 
     /// Every request so far.
@@ -366,6 +379,12 @@ fn handle(
             &status(404, "NotFound", "not served"),
         );
     };
+    if st.failing.contains(&resource) {
+        return json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &status(500, "InternalError", "etcd is having a bad day"),
+        );
+    }
     if req.method() != hyper::Method::GET {
         return json_response(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -256,3 +256,656 @@ async fn every_call_the_watchers_make_is_in_required_access() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// The node loop on real parts: Unbound → tapd (the real binary) → flowd's watches, subscriptions and
+// engine, with the flows recorded by the engine's in-memory bridge (the OVS side is covered by the
+// sandbox tests and by `pipeline.rs`).
+
+use flowd::{
+    daemon::{run_node, NodeConfig, Status},
+    engine::Engine,
+    ovs::{AclTarget, Actions, FlowProgrammer, PortKeys, Recording},
+    settings::EngineSettings,
+    upstream::UpstreamArgs,
+};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{atomic::Ordering, OnceLock},
+};
+use tapd::testsupport::{dig, free_port, http_get, metric, wait_until, Unbound, UnboundConfig};
+
+/// The EF ACL table the recording bridge pretends OVN uses.
+const ACL_TABLE: u8 = 46;
+
+/// The tapd binary of this workspace, built (or found up to date) once per test run: flowd's tests
+/// cannot name another package's binary, so they ask cargo for it.
+pub fn tapd_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        // target/<profile>/deps/it-<hash>
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "-p", "tapd", "--bin", "tapd"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo build -p tapd");
+        assert!(status.success(), "building tapd failed");
+        let bin = profile_dir.join("tapd");
+        assert!(bin.is_file(), "no tapd binary at {}", bin.display());
+        bin
+    })
+}
+
+/// The tapd binary, as a child process in its own temp dir, killed by its pid when dropped.
+#[derive(Debug)]
+pub struct Tapd {
+    child: Option<Child>,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    pub socket: PathBuf,
+    log: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Tapd {
+    /// Starts tapd with its socket at `socket` and gRPC at `grpc`.
+    pub fn start_at(socket: &Path, grpc: SocketAddr) -> Tapd {
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let log = socket.with_extension(format!("{}.log", grpc.port()));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(tapd_binary())
+            .arg("--socket")
+            .arg(socket)
+            .args(["--listen", &grpc.to_string()])
+            .args(["--metrics-listen", &metrics.to_string()])
+            .env_clear()
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start tapd");
+        let tapd = Tapd {
+            child: Some(child),
+            grpc,
+            metrics,
+            socket: socket.to_path_buf(),
+            log,
+            _dir: None,
+        };
+        wait_until("tapd's gRPC port", || {
+            std::net::TcpStream::connect(grpc).is_ok()
+        })
+        .unwrap_or_else(|e| panic!("{e}:\n{}", tapd.log()));
+        wait_until("tapd's socket", || socket.exists()).unwrap();
+        tapd
+    }
+
+    /// Starts tapd in a new temp dir on a free loopback port.
+    pub fn start() -> Tapd {
+        let dir = tempfile::Builder::new().prefix("tapd-").tempdir().unwrap();
+        let grpc = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let mut tapd = Tapd::start_at(&dir.path().join("dnstap.sock"), grpc);
+        tapd._dir = Some(dir);
+        tapd
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One sample of tapd's `/metrics`, 0 when absent or unreachable.
+    pub fn metric(&self, name: &str) -> u64 {
+        http_get(self.metrics, "/metrics")
+            .ok()
+            .and_then(|t| metric(&t, name))
+            .unwrap_or(0)
+    }
+
+    /// SIGKILL: no drain, no goodbye; the streams just break.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Tapd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `cond` until it holds, failing with `what` after [`WAIT`].
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `dig -b client` without blocking the runtime; returns the answer lines.
+pub async fn dig_from(client: Ipv4Addr, port: u16, name: &str) -> Vec<String> {
+    let name = name.to_string();
+    tokio::task::spawn_blocking(move || dig(client, port, &name, "A").unwrap())
+        .await
+        .unwrap()
+}
+
+/// flowd's node loop, in this process, until dropped.
+pub struct Node<P: FlowProgrammer> {
+    pub engine: Engine<P>,
+    pub status: Arc<Status>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<P: FlowProgrammer> Node<P> {
+    pub fn start(api: &FakeApiServer, engine: Engine<P>, upstream: UpstreamArgs) -> Node<P> {
+        let status = Arc::new(Status::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config = NodeConfig {
+            node: NODE.to_string(),
+            pod_subnets: Vec::new(),
+            upstream,
+        };
+        let task = tokio::spawn(run_node(
+            config,
+            api.client(),
+            engine.clone(),
+            status.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Node {
+            engine,
+            status,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub async fn ready(&self) {
+        let mut ready = self.status.ready_changes();
+        tokio::time::timeout(WAIT, ready.wait_for(|r| *r))
+            .await
+            .expect("flowd not ready in time")
+            .unwrap();
+    }
+
+    pub fn tapd_connected(&self) -> u64 {
+        self.status.upstream.connected.load(Ordering::Relaxed)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        (&mut self.task).await.unwrap();
+    }
+}
+
+impl<P: FlowProgrammer> Drop for Node<P> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Static subscriptions to `tapds`.
+pub fn static_upstream(tapds: &[&Tapd]) -> UpstreamArgs {
+    UpstreamArgs {
+        endpoints: tapds.iter().map(|t| t.grpc).collect(),
+        tapd_namespace: "kube-system".into(),
+        tapd_selector: "k8s-app=kube-dns".into(),
+        tapd_port: 9530,
+    }
+}
+
+/// An engine over the recording bridge, with OVN port keys for `pods` (iface-ids `demo_<pod>`).
+fn recording_engine(pods: &[&str]) -> Engine<Recording> {
+    let bridge = Recording::new(Some(AclTarget {
+        table: ACL_TABLE,
+        allow: Actions::resubmit(ACL_TABLE + 1),
+    }));
+    for (i, pod) in pods.iter().enumerate() {
+        bridge.set_port(
+            &format!("demo_{pod}"),
+            PortKeys {
+                metadata: 1,
+                reg14: 2 + i as u32,
+            },
+        );
+    }
+    Engine::new(EngineSettings::default(), bridge)
+}
+
+/// The destinations of the flows on the recording bridge for traffic from `src`.
+fn flows_from(engine: &Engine<Recording>, src: &str) -> BTreeSet<IpAddr> {
+    let src: IpAddr = src.parse().unwrap();
+    engine
+        .programmer()
+        .flows()
+        .iter()
+        .filter(|f| f.matches.src == src)
+        .map(|f| f.matches.dst)
+        .collect()
+}
+
+fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+/// Unbound answering the test names, with dnstap to `tapd`.
+fn unbound_for(tapd: &Tapd, records: &[&str]) -> Unbound {
+    Unbound::start(
+        &tapd.socket,
+        &UnboundConfig {
+            local_data: records.iter().map(|r| r.to_string()).collect(),
+            ..UnboundConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+const ALLOW_EXAMPLE: &str = "example.com";
+
+fn allow_example_then_deny_all() -> serde_json::Value {
+    json!([{"type": "Allow", "to": {"dnsName": ALLOW_EXAMPLE}},
+           {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_and_firewalls_added_changed_and_deleted_drive_the_flows() {
+    let tapd = Tapd::start();
+    let dns = unbound_for(
+        &tapd,
+        &[
+            "www.example.com. 300 IN A 192.0.2.10",
+            "www.other.test. 300 IN A 192.0.2.20",
+        ],
+    );
+    let api = cluster_with_two_pods().await;
+    api.apply(egress_firewall("demo", allow_example_then_deny_all()));
+    let node = Node::start(
+        &api,
+        recording_engine(&["client", "other"]),
+        static_upstream(&[&tapd]),
+    );
+    node.ready().await;
+    eventually("the tapd subscription", || node.tapd_connected() == 1).await;
+
+    // A name the rules do not allow gets nothing; the allowed one gets exactly its answer.
+    let client = Ipv4Addr::new(127, 0, 0, 11);
+    assert_eq!(
+        dig_from(client, dns.port(), "www.other.test").await,
+        ["192.0.2.20"]
+    );
+    assert_eq!(
+        dig_from(client, dns.port(), "www.example.com").await,
+        ["192.0.2.10"]
+    );
+    eventually("the grant for www.example.com", || {
+        flows_from(&node.engine, "127.0.0.11") == ips(&["192.0.2.10"])
+    })
+    .await;
+    assert!(flows_from(&node.engine, "127.0.0.12").is_empty());
+
+    // The EgressFirewall loses its dnsName rule: the namespace is recomputed, the flow goes.
+    api.apply(egress_firewall(
+        "demo",
+        json!([{"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}]),
+    ));
+    eventually("the flow to go with its rule", || {
+        flows_from(&node.engine, "127.0.0.11").is_empty()
+    })
+    .await;
+    // The rule comes back: the remembered answer earns the flow again, with no new DNS query.
+    api.apply(egress_firewall("demo", allow_example_then_deny_all()));
+    eventually("the flow to come back", || {
+        flows_from(&node.engine, "127.0.0.11") == ips(&["192.0.2.10"])
+    })
+    .await;
+
+    // An invalid EgressFirewall is reported and skipped: the namespace gets nothing from it.
+    api.apply(egress_firewall(
+        "demo",
+        json!([{"type": "Allow", "to": {"dnsName": "not a name!"}}]),
+    ));
+    eventually("the invalid EgressFirewall to be counted", || {
+        node.status.invalid_firewalls.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    eventually("no flow under an invalid EgressFirewall", || {
+        flows_from(&node.engine, "127.0.0.11").is_empty()
+    })
+    .await;
+    api.apply(egress_firewall("demo", allow_example_then_deny_all()));
+    eventually("the flow to come back", || {
+        !flows_from(&node.engine, "127.0.0.11").is_empty()
+    })
+    .await;
+
+    // The pod goes: its flows go at once (its IP will be reused).
+    api.delete(Resource::Pods, "demo", "client");
+    eventually("the deleted pod's flows to go", || {
+        flows_from(&node.engine, "127.0.0.11").is_empty()
+    })
+    .await;
+    // Deleting the EgressFirewall leaves nothing to grant.
+    assert_eq!(
+        dig_from(Ipv4Addr::new(127, 0, 0, 12), dns.port(), "www.example.com")
+            .await
+            .len(),
+        1
+    );
+    eventually("the other pod's grant", || {
+        flows_from(&node.engine, "127.0.0.12") == ips(&["192.0.2.10"])
+    })
+    .await;
+    api.delete(Resource::EgressFirewalls, "demo", "default");
+    eventually("every flow to go with the EgressFirewall", || {
+        node.engine.programmer().flows().is_empty()
+    })
+    .await;
+    assert_requests_within_rbac(&api);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_queried_dns_before_flowd_saw_it_gets_its_grant_when_it_shows_up() {
+    let tapd = Tapd::start();
+    let dns = unbound_for(&tapd, &["www.example.com. 300 IN A 192.0.2.10"]);
+    let api = cluster_with_two_pods().await;
+    let node = Node::start(
+        &api,
+        recording_engine(&["client", "other", "newborn"]),
+        static_upstream(&[&tapd]),
+    );
+    node.ready().await;
+    eventually("the tapd subscription", || node.tapd_connected() == 1).await;
+
+    // The pod's first query happens before its Pod object reaches flowd.
+    let newborn = Ipv4Addr::new(127, 0, 0, 13);
+    assert_eq!(
+        dig_from(newborn, dns.port(), "www.example.com").await,
+        ["192.0.2.10"]
+    );
+    eventually("the answer to be held for the unknown pod", || {
+        node.engine.metrics_snapshot().pending == 1
+    })
+    .await;
+    assert!(flows_from(&node.engine, "127.0.0.13").is_empty());
+
+    api.apply(pod("demo", "newborn", NODE, "127.0.0.13"));
+    eventually("the held answer to become the pod's grant", || {
+        flows_from(&node.engine, "127.0.0.13") == ips(&["192.0.2.10"])
+    })
+    .await;
+    assert_eq!(node.engine.metrics_snapshot().pending, 0);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_only_after_the_first_full_sync_on_probes_and_grpc_health() {
+    let api = cluster_with_two_pods().await;
+    api.set_failing(Resource::EgressFirewalls, true);
+    let node = Node::start(&api, recording_engine(&[]), static_upstream(&[]));
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    let sources = flowd::metrics::Sources {
+        engine: node.engine.clone(),
+        status: node.status.clone(),
+    };
+    let _http = tokio::spawn(flowd::metrics::serve(http, sources, std::future::pending()));
+    let _grpc = tokio::spawn(flowd::api::serve(
+        grpc,
+        node.engine.clone(),
+        node.status.clone(),
+        std::future::pending(),
+    ));
+    let health = || async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        let resp = client
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "dnsflow.v1.Flowd".into(),
+            })
+            .await
+            .unwrap();
+        resp.into_inner().status
+    };
+    let readyz = || async move {
+        tokio::task::spawn_blocking(move || http_get(http_addr, "/readyz").unwrap())
+            .await
+            .unwrap()
+    };
+
+    // Pods and the node are listed, the EgressFirewalls cannot be: not ready.
+    eventually("pods and node listed", || {
+        api.count(Resource::Pods, "list") >= 1 && api.count(Resource::Nodes, "list") >= 1
+    })
+    .await;
+    eventually("EgressFirewall lists failing", || {
+        api.count(Resource::EgressFirewalls, "list") >= 2
+            && node.status.watch.errors.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    assert!(!node.status.is_ready());
+    assert!(readyz().await.starts_with("HTTP/1.1 503"));
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    assert_eq!(health().await, not_serving);
+
+    api.set_failing(Resource::EgressFirewalls, false);
+    node.ready().await;
+    assert!(readyz().await.starts_with("HTTP/1.1 200"));
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    eventually_async_health(health, serving).await;
+    let metrics = tokio::task::spawn_blocking(move || http_get(http_addr, "/metrics").unwrap())
+        .await
+        .unwrap();
+    assert!(metrics.lines().any(|l| l == "dnsflow_ready 1"), "{metrics}");
+    assert!(metric(&metrics, "dnsflow_watch_errors_total").unwrap() >= 1);
+}
+
+async fn eventually_async_health<F, Fut>(health: F, want: i32)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = i32>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while health().await != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health never {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_410_gone_the_relist_takes_the_flows_of_a_pod_deleted_while_away() {
+    let tapd = Tapd::start();
+    let dns = unbound_for(&tapd, &["www.example.com. 300 IN A 192.0.2.10"]);
+    let api = cluster_with_two_pods().await;
+    let node = Node::start(
+        &api,
+        recording_engine(&["client", "other"]),
+        static_upstream(&[&tapd]),
+    );
+    node.ready().await;
+    eventually("the tapd subscription", || node.tapd_connected() == 1).await;
+    for client in [11, 12] {
+        dig_from(
+            Ipv4Addr::new(127, 0, 0, client),
+            dns.port(),
+            "www.example.com",
+        )
+        .await;
+    }
+    eventually("both grants", || {
+        !flows_from(&node.engine, "127.0.0.11").is_empty()
+            && !flows_from(&node.engine, "127.0.0.12").is_empty()
+    })
+    .await;
+
+    api.delete_unseen_and_expire(Resource::Pods, "demo", "client");
+    eventually("the relist to remove the vanished pod's flows", || {
+        flows_from(&node.engine, "127.0.0.11").is_empty()
+    })
+    .await;
+    assert_eq!(flows_from(&node.engine, "127.0.0.12"), ips(&["192.0.2.10"]));
+    assert!(
+        node.status.watch.lists.load(Ordering::Relaxed) > 3,
+        "no relist"
+    );
+    node.stop().await;
+}
+
+/// A DNS pod carrying tapd at `ip`, as discovery sees it.
+fn dns_pod(name: &str, ip: &str) -> serde_json::Value {
+    let mut p = pod("kube-system", name, "node2", ip);
+    p["metadata"]["labels"] = json!({"k8s-app": "kube-dns"});
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tapds_one_killed_and_restarted_mid_stream_lose_no_grant_and_duplicate_none() {
+    let port = free_port();
+    let ip_a = Ipv4Addr::new(127, 0, 0, 101);
+    let ip_b = Ipv4Addr::new(127, 0, 0, 102);
+    let dir = tempfile::tempdir().unwrap();
+    let socket_a = dir.path().join("a.sock");
+    let socket_b = dir.path().join("b.sock");
+    let mut tapd_a = Tapd::start_at(&socket_a, SocketAddr::from((ip_a, port)));
+    let tapd_b = Tapd::start_at(&socket_b, SocketAddr::from((ip_b, port)));
+    let records = [
+        "a.example.com. 300 IN A 192.0.2.31",
+        "b.example.com. 300 IN A 192.0.2.32",
+        "c.example.com. 300 IN A 192.0.2.33",
+        "d.example.com. 300 IN A 192.0.2.34",
+    ];
+    let dns_a = unbound_for(&tapd_a, &records);
+    let dns_b = unbound_for(&tapd_b, &records);
+
+    let api = FakeApiServer::start().await;
+    api.apply(node(NODE, "127.0.0.0/24"));
+    api.apply(pod("demo", "one", NODE, "127.0.0.21"));
+    api.apply(pod("demo", "two", NODE, "127.0.0.22"));
+    api.apply(egress_firewall("demo", allow_example_then_deny_all()));
+    api.apply(dns_pod("coredns-a", &ip_a.to_string()));
+    api.apply(dns_pod("coredns-b", &ip_b.to_string()));
+    let discovery = UpstreamArgs {
+        endpoints: Vec::new(),
+        tapd_namespace: "kube-system".into(),
+        tapd_selector: "k8s-app=kube-dns".into(),
+        tapd_port: port,
+    };
+    let node = Node::start(&api, recording_engine(&["one", "two"]), discovery);
+    node.ready().await;
+    eventually("subscriptions to both tapds", || node.tapd_connected() == 2).await;
+
+    let one = Ipv4Addr::new(127, 0, 0, 21);
+    let two = Ipv4Addr::new(127, 0, 0, 22);
+    dig_from(one, dns_a.port(), "a.example.com").await;
+    dig_from(two, dns_b.port(), "b.example.com").await;
+    eventually("a grant through each tapd", || {
+        flows_from(&node.engine, "127.0.0.21") == ips(&["192.0.2.31"])
+            && flows_from(&node.engine, "127.0.0.22") == ips(&["192.0.2.32"])
+    })
+    .await;
+
+    // tapd A dies mid-stream. flowd notices, keeps every grant, and keeps trying.
+    let failures = node.status.upstream.failures.load(Ordering::Relaxed);
+    tapd_a.kill();
+    eventually("flowd to notice the broken stream", || {
+        node.tapd_connected() == 1
+            && node.status.upstream.failures.load(Ordering::Relaxed) > failures
+    })
+    .await;
+    assert_eq!(flows_from(&node.engine, "127.0.0.21"), ips(&["192.0.2.31"]));
+
+    // tapd A comes back at the same address (the container restarted in its pod): flowd reconnects
+    // by itself and asks for the recent answers again.
+    let connects = node.status.upstream.connects.load(Ordering::Relaxed);
+    let tapd_a = Tapd::start_at(&socket_a, SocketAddr::from((ip_a, port)));
+    eventually("flowd to reconnect to tapd A", || {
+        node.tapd_connected() == 2
+            && node.status.upstream.connects.load(Ordering::Relaxed) > connects
+    })
+    .await;
+    // Unbound redials the new socket on its own timer.
+    eventually("Unbound to reconnect to tapd A", || {
+        tapd_a.metric("tapd_connections") >= 1
+    })
+    .await;
+    dig_from(one, dns_a.port(), "c.example.com").await;
+    eventually("a grant through the restarted tapd", || {
+        flows_from(&node.engine, "127.0.0.21") == ips(&["192.0.2.31", "192.0.2.33"])
+    })
+    .await;
+
+    // tapd B's pod is replaced: the old endpoint vanishes, a new one (same address, new pod) holds
+    // answers given while flowd was not subscribed; flowd gets them from the replay.
+    api.delete(Resource::Pods, "kube-system", "coredns-b");
+    eventually("flowd to drop tapd B", || node.tapd_connected() == 1).await;
+    let events = tapd_b.metric("tapd_events_total");
+    dig_from(two, dns_b.port(), "d.example.com").await;
+    dig_from(two, dns_b.port(), "b.example.com").await;
+    eventually("tapd B to decode both answers", || {
+        tapd_b.metric("tapd_events_total") >= events + 2
+    })
+    .await;
+    assert_eq!(flows_from(&node.engine, "127.0.0.22"), ips(&["192.0.2.32"]));
+    let replayed = node.status.upstream.replayed.load(Ordering::Relaxed);
+    api.apply(dns_pod("coredns-b2", &ip_b.to_string()));
+    eventually("the replayed answer's grant", || {
+        flows_from(&node.engine, "127.0.0.22") == ips(&["192.0.2.32", "192.0.2.34"])
+    })
+    .await;
+    assert!(node.status.upstream.replayed.load(Ordering::Relaxed) > replayed);
+
+    // No grant lost, none duplicated: exactly one flow per (pod, answer), and the engine agrees.
+    let flows = node.engine.programmer().flows();
+    let keys: BTreeSet<(IpAddr, IpAddr)> = flows
+        .iter()
+        .map(|f| (f.matches.src, f.matches.dst))
+        .collect();
+    assert_eq!(keys.len(), flows.len(), "duplicate flows: {flows:?}");
+    assert_eq!(
+        keys,
+        [
+            ("127.0.0.21", "192.0.2.31"),
+            ("127.0.0.21", "192.0.2.33"),
+            ("127.0.0.22", "192.0.2.32"),
+            ("127.0.0.22", "192.0.2.34"),
+        ]
+        .iter()
+        .map(|(s, d)| (s.parse().unwrap(), d.parse().unwrap()))
+        .collect()
+    );
+    assert_eq!(node.engine.grants(None, None).len(), 4);
+    assert_eq!(node.status.upstream.invalid.load(Ordering::Relaxed), 0);
+    drop(tapd_b);
+    node.stop().await;
+}
