@@ -4,6 +4,8 @@
 
 mod bind;
 mod common;
+mod coredns;
 mod fstrm;
 mod grpcurl;
+mod hostile;
 mod unbound;

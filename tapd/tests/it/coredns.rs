@@ -1,0 +1,148 @@
+//! CoreDNS's dnstap behaviour (DESIGN.md §4), reproduced: IPv4-mapped 16-byte client addresses,
+//! FORWARDER messages to ignore, reconnects without STOP, several connections at once.
+
+use crate::common::{
+    a_record, client_response, collect, dns_response, other_message, subscribe, tapd, Sender,
+};
+use dnsflow_proto::dnstap::message::Type;
+use hickory_proto::rr::RecordType;
+use std::{net::Ipv4Addr, time::SystemTime};
+use tapd::dnstap::client_response_frame;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv4_mapped_client_addresses_are_unmapped() {
+    let tapd = tapd(&[]);
+    let mut sub = subscribe(&tapd.addrs, &["10.244.1.0/24"], false).await;
+    let mut s = Sender::connect(&tapd.addrs.socket, true).await;
+    let wire = dns_response(
+        "mapped.example.",
+        RecordType::A,
+        vec![a_record(
+            "mapped.example.",
+            Ipv4Addr::new(192, 0, 2, 44),
+            15,
+        )],
+    );
+    // Before CoreDNS 1.14.5: 16 bytes, ::ffff:10.244.1.9, while socket_family says INET.
+    let mapped = Ipv4Addr::new(10, 244, 1, 9).to_ipv6_mapped().octets();
+    s.send(&client_response_frame(
+        None,
+        &mapped,
+        &wire,
+        SystemTime::now(),
+    ))
+    .await;
+    let e = &collect(&mut sub, 1).await[0];
+    assert_eq!(e.client_ip, "10.244.1.9");
+    assert_eq!(e.query_name, "mapped.example");
+    // No identity from the sender: tapd's own name.
+    assert_eq!(e.server_identity, "tapd");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarder_and_query_messages_are_counted_and_ignored() {
+    let tapd = tapd(&[]);
+    let mut sub = subscribe(&tapd.addrs, &[], false).await;
+    let mut s = Sender::connect(&tapd.addrs.socket, true).await;
+    // CoreDNS's own address on forwarder traffic: never a pod.
+    s.send(&other_message(Type::ForwarderQuery, &[10, 244, 0, 2]))
+        .await;
+    s.send(&other_message(Type::ForwarderResponse, &[10, 244, 0, 2]))
+        .await;
+    s.send(&other_message(Type::ClientQuery, &[10, 244, 1, 5]))
+        .await;
+    s.send(&client_response(
+        [10, 244, 1, 5].into(),
+        "real.example.",
+        [192, 0, 2, 1].into(),
+    ))
+    .await;
+    let e = &collect(&mut sub, 1).await[0];
+    assert_eq!(e.query_name, "real.example");
+    assert_eq!(tapd.addrs.metric("tapd_ignored_messages_total"), 3);
+    assert_eq!(tapd.addrs.metric("tapd_events_total"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconnect_without_stop_is_normal() {
+    let tapd = tapd(&[]);
+    let mut sub = subscribe(&tapd.addrs, &[], false).await;
+    // A Corefile reload: the old connection just goes away, mid-stream, without STOP.
+    let mut old = Sender::connect(&tapd.addrs.socket, true).await;
+    old.send(&client_response(
+        [10, 0, 0, 1].into(),
+        "before.example.",
+        [192, 0, 2, 1].into(),
+    ))
+    .await;
+    drop(old);
+    let mut new = Sender::connect(&tapd.addrs.socket, true).await;
+    new.send(&client_response(
+        [10, 0, 0, 1].into(),
+        "after.example.",
+        [192, 0, 2, 2].into(),
+    ))
+    .await;
+    let names: Vec<String> = collect(&mut sub, 2)
+        .await
+        .into_iter()
+        .map(|e| e.query_name)
+        .collect();
+    assert_eq!(names, ["before.example", "after.example"]);
+    tapd::testsupport::wait_until("the old connection to close", || {
+        tapd.addrs.metric("tapd_connections") == 1
+    })
+    .unwrap();
+    assert_eq!(tapd.addrs.metric("tapd_frame_errors_total"), 0);
+    assert_eq!(tapd.addrs.metric("tapd_connections_total"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn several_simultaneous_connections_are_all_served() {
+    const CONNECTIONS: u8 = 4;
+    const PER_CONNECTION: usize = 200;
+    let tapd = tapd(&[]);
+    let mut sub = subscribe(&tapd.addrs, &[], false).await;
+    // Every `dnstap` directive opens its own connection; mix both modes.
+    let mut senders = Vec::new();
+    for c in 0..CONNECTIONS {
+        senders.push(Sender::connect(&tapd.addrs.socket, c % 2 == 0).await);
+    }
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut s)| {
+            tokio::spawn(async move {
+                for i in 0..PER_CONNECTION {
+                    let client = [10, 1, u8::try_from(c).unwrap(), 1].into();
+                    let name = format!("c{c}-{i}.example.");
+                    s.send(&client_response(client, &name, [192, 0, 2, 1].into()))
+                        .await;
+                }
+                s.stop(c % 2 == 0).await;
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let events = collect(&mut sub, usize::from(CONNECTIONS) * PER_CONNECTION).await;
+    for c in 0..CONNECTIONS {
+        let from_c: Vec<&str> = events
+            .iter()
+            .filter(|e| e.client_ip == format!("10.1.{c}.1"))
+            .map(|e| e.query_name.as_str())
+            .collect();
+        assert_eq!(from_c.len(), PER_CONNECTION);
+        // Order within one connection is kept.
+        assert_eq!(from_c[0], format!("c{c}-0.example"));
+        assert_eq!(
+            from_c[PER_CONNECTION - 1],
+            format!("c{c}-{}.example", PER_CONNECTION - 1)
+        );
+    }
+    assert_eq!(
+        tapd.addrs.metric("tapd_connections_total"),
+        u64::from(CONNECTIONS)
+    );
+}

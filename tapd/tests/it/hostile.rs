@@ -1,0 +1,124 @@
+//! Hostile input on some connections while another keeps being served; every error is counted.
+
+use crate::common::{client_response, collect, subscribe, tapd, Sender};
+use bytes::BufMut;
+use dnsflow_proto::v1::DnsEvent;
+use std::time::SystemTime;
+use tapd::{
+    dnstap::client_response_frame,
+    framestream::{encode_control, Control},
+    testsupport::wait_until,
+};
+use tokio::io::AsyncWriteExt;
+use tonic::Streaming;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_connections_end_alone_and_are_counted() {
+    let tapd = tapd(&["--max-frame-bytes", "65536"]);
+    let mut sub = subscribe(&tapd.addrs, &[], false).await;
+    let mut good = Sender::connect(&tapd.addrs.socket, true).await;
+    check_good(&mut good, &mut sub, 1).await;
+
+    // A READY with another content type: refused, no ACCEPT, connection closed.
+    let mut wrong = Sender::raw(&tapd.addrs.socket).await;
+    wrong
+        .stream
+        .write_all(&encode_control(
+            Control::Ready,
+            Some(b"protobuf:other.Thing"),
+        ))
+        .await
+        .unwrap();
+    assert!(wrong.closed_by_peer().await, "wrong content type refused");
+
+    // A 4 GiB length prefix: refused before anything is buffered.
+    let mut huge = Sender::connect(&tapd.addrs.socket, false).await;
+    huge.stream
+        .write_all(&u32::MAX.to_be_bytes())
+        .await
+        .unwrap();
+    huge.stream.write_all(&[0u8; 1024]).await.unwrap();
+    assert!(huge.closed_by_peer().await, "4 GiB frame refused");
+
+    // A frame cut short by the sender going away.
+    let mut cut = Sender::connect(&tapd.addrs.socket, true).await;
+    cut.stream.write_all(&100u32.to_be_bytes()).await.unwrap();
+    cut.stream.write_all(&[1, 2, 3]).await.unwrap();
+    drop(cut);
+
+    // An oversized control frame.
+    let mut ctl = Sender::raw(&tapd.addrs.socket).await;
+    ctl.stream
+        .write_all(&[0, 0, 0, 0, 0, 0, 4, 0])
+        .await
+        .unwrap();
+    assert!(
+        ctl.closed_by_peer().await,
+        "oversized control frame refused"
+    );
+
+    wait_until("four frame errors", || {
+        tapd.addrs.metric("tapd_frame_errors_total") == 4
+    })
+    .unwrap();
+    check_good(&mut good, &mut sub, 2).await;
+
+    // Well framed, badly filled: each bad frame is counted and the same connection goes on.
+    let mut bad = Sender::connect(&tapd.addrs.socket, true).await;
+    bad.send(b"\x0a\xff\xff\xff\xff\x0fnot protobuf at all")
+        .await;
+    let dns_frame =
+        |wire: &[u8]| client_response_frame(None, &[10, 0, 0, 9], wire, SystemTime::now());
+    // A question name whose compression pointer points at itself.
+    let mut looped = vec![0x12, 0x34, 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0];
+    looped.extend([0xc0, 12, 0, 1, 0, 1]);
+    bad.send(&dns_frame(&looped)).await;
+    // Two pointers pointing at each other.
+    let mut ping_pong = vec![0x12, 0x34, 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0];
+    ping_pong.extend([0xc0, 14, 0xc0, 12, 0, 1, 0, 1]);
+    bad.send(&dns_frame(&ping_pong)).await;
+    // Counts that lie: 65535 answers claimed in a tiny message.
+    let mut lying = vec![0x12, 0x34, 0x81, 0x80, 0, 1, 0xff, 0xff, 0, 0, 0, 0];
+    lying.extend([1, b'a', 0, 0, 1, 0, 1]);
+    bad.send(&dns_frame(&lying)).await;
+    // A count that lies by one: the record is simply not there.
+    let mut short = vec![0x12, 0x34, 0x81, 0x80, 0, 1, 0, 2, 0, 0, 0, 0];
+    short.extend([1, b'a', 0, 0, 1, 0, 1]);
+    short.extend([0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 9, 0, 4, 192, 0, 2, 1]);
+    short.put_slice(&[0xc0, 12, 0, 1]);
+    bad.send(&dns_frame(&short)).await;
+    // Then a good frame on the same connection still counts.
+    bad.send(&client_response(
+        [10, 0, 0, 9].into(),
+        "after-bad.example.",
+        [192, 0, 2, 9].into(),
+    ))
+    .await;
+    let e = &collect(&mut sub, 1).await[0];
+    assert_eq!(e.query_name, "after-bad.example");
+    assert_eq!(
+        tapd.addrs
+            .metric("tapd_decode_errors_total{reason=\"protobuf\"}"),
+        1
+    );
+    assert_eq!(
+        tapd.addrs
+            .metric("tapd_decode_errors_total{reason=\"dns\"}"),
+        4
+    );
+    check_good(&mut good, &mut sub, 3).await;
+    assert_eq!(tapd.addrs.metric("tapd_events_total"), 4);
+}
+
+/// The long-lived good connection still delivers.
+async fn check_good(good: &mut Sender, sub: &mut Streaming<DnsEvent>, n: u32) {
+    let name = format!("good{n}.example.");
+    good.send(&client_response(
+        [10, 0, 0, 1].into(),
+        &name,
+        [192, 0, 2, 1].into(),
+    ))
+    .await;
+    let e = &collect(sub, 1).await[0];
+    assert_eq!(e.query_name, name.trim_end_matches('.'));
+}
