@@ -55,8 +55,15 @@ impl<W: Write> CaptureWriter<W> {
         })
     }
 
-    /// Writes one data frame (a dnstap protobuf message).
+    /// Writes one data frame (a dnstap protobuf message). An empty frame cannot be written: its zero
+    /// length would read as the escape of a control frame.
     pub fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
+        if frame.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "empty Frame Streams data frame",
+            ));
+        }
         self.scratch.clear();
         framestream::encode_data(frame, &mut self.scratch);
         self.out.write_all(&self.scratch)?;

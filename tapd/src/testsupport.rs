@@ -336,7 +336,15 @@ impl TapdProcess {
     /// Starts `bin` listening on `<tempdir>/dnstap.sock` and free loopback ports, with `extra` flags,
     /// and waits until the socket exists and gRPC accepts connections.
     pub fn spawn(bin: &Path, extra: &[&str]) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("tapd-").tempdir()?;
+        Self::spawn_in(
+            bin,
+            tempfile::Builder::new().prefix("tapd-").tempdir()?,
+            extra,
+        )
+    }
+
+    /// Like [`TapdProcess::spawn`], in a given directory (whose socket a previous tapd may have left).
+    pub fn spawn_in(bin: &Path, dir: TempDir, extra: &[&str]) -> anyhow::Result<Self> {
         let addrs = TapdAddrs {
             socket: dir.path().join("dnstap.sock"),
             grpc: local_port_addr(free_port()),

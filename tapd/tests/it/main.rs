@@ -8,4 +8,8 @@ mod coredns;
 mod fstrm;
 mod grpcurl;
 mod hostile;
+mod lifecycle;
+mod pipeline;
+mod slow_subscriber;
+mod subscribe;
 mod unbound;

@@ -1,0 +1,89 @@
+//! The `Subscribe` contract: filters, the replay of recent answers, and argument errors.
+
+use crate::common::{
+    a_record, assert_no_more, client_response, collect, dns_response, subscribe, tapd, Sender,
+};
+use dnsflow_proto::v1::{dns_tap_client::DnsTapClient, SubscribeRequest};
+use hickory_proto::rr::RecordType;
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, SystemTime},
+};
+use tapd::dnstap::client_response_frame;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_cidrs_are_invalid_arguments() {
+    let tapd = tapd(&[]);
+    let mut client = DnsTapClient::connect(tapd.addrs.grpc_url()).await.unwrap();
+    let err = client
+        .subscribe(SubscribeRequest {
+            client_cidrs: vec!["10.0.0.0/8".into(), "10.1.2.300/32".into()],
+            replay_recent: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("10.1.2.300/32"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_subscriber_gets_still_valid_answers_first_then_the_live_stream() {
+    let tapd = tapd(&[]);
+    let mut s = Sender::connect(&tapd.addrs.socket, true).await;
+    s.send(&client_response(
+        [10, 244, 1, 5].into(),
+        "old.example.",
+        [192, 0, 2, 1].into(),
+    ))
+    .await;
+    s.send(&client_response(
+        [10, 244, 1, 5].into(),
+        "old.example.",
+        [192, 0, 2, 2].into(),
+    ))
+    .await;
+    s.send(&client_response(
+        [10, 244, 9, 9].into(),
+        "elsewhere.example.",
+        [192, 0, 2, 3].into(),
+    ))
+    .await;
+    // A zero TTL grants nothing later: not replayed.
+    let wire = dns_response(
+        "zero.example.",
+        RecordType::A,
+        vec![a_record("zero.example.", Ipv4Addr::new(192, 0, 2, 4), 0)],
+    );
+    s.send(&client_response_frame(
+        None,
+        &[10, 244, 1, 5],
+        &wire,
+        SystemTime::now(),
+    ))
+    .await;
+    tapd::testsupport::wait_until("events published", || {
+        tapd.addrs.metric("tapd_events_total") == 4
+    })
+    .unwrap();
+
+    let mut sub = subscribe(&tapd.addrs, &["10.244.1.0/24"], true).await;
+    let replayed = &collect(&mut sub, 1).await[0];
+    assert!(replayed.replayed);
+    assert_eq!(replayed.query_name, "old.example");
+    // The newer answer for the same (client, name, type) replaced the older one.
+    assert_eq!(replayed.answers[0].ip, "192.0.2.2");
+    assert!(replayed.answers[0].ttl <= 30);
+    assert_eq!(replayed.sequence, 2);
+    assert_no_more(&mut sub, Duration::from_millis(200)).await;
+
+    s.send(&client_response(
+        [10, 244, 1, 6].into(),
+        "live.example.",
+        [192, 0, 2, 5].into(),
+    ))
+    .await;
+    let live = &collect(&mut sub, 1).await[0];
+    assert!(!live.replayed);
+    assert_eq!(live.query_name, "live.example");
+    assert_eq!(live.sequence, 5);
+}
