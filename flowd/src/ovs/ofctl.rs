@@ -158,23 +158,25 @@ impl FlowProgrammer for Ofctl {
         let mut child = self
             .command(OFCTL)
             .args(["monitor", &self.bridge, &watch, "--no-names"])
-            .stderr(Stdio::null())
+            .stdout(Stdio::null())
             .spawn()
             .map_err(|source| OvsError::Spawn {
                 program: OFCTL,
                 source,
             })?;
-        let Some(stdout) = child.stdout.take() else {
+        // The flow updates arrive as asynchronous messages, which ovs-ofctl prints (unbuffered) on
+        // stderr; stdout only gets the reply to the monitor request.
+        let Some(events) = child.stderr.take() else {
             return Err(OvsError::Io {
                 program: OFCTL,
-                source: std::io::Error::other("no stdout"),
+                source: std::io::Error::other("no stderr"),
             });
         };
         let (tx, rx) = mpsc::channel(MONITOR_QUEUE);
         tokio::spawn(async move {
             // Owning the child here: when this task ends (EOF or the receiver gone), it is killed.
             let _child = child;
-            let mut reader = BufReader::new(stdout);
+            let mut reader = BufReader::new(events);
             let mut buf = Vec::new();
             loop {
                 buf.clear();

@@ -5,3 +5,5 @@ mod deploy;
 mod apiserver;
 mod cluster;
 mod replay;
+mod ovn;
+mod sandbox;

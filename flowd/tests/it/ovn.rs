@@ -1,0 +1,567 @@
+//! flowd's flows proven in a real OVN 23.03 pipeline: the oracle is `ofproto/trace` of a packet from a
+//! pod (see `sandbox.rs`). Each test builds its own sandbox, so they run in parallel.
+
+use crate::sandbox::{Pod, Sandbox, Trace};
+use anyhow::Result;
+use flowd::{
+    egressfirewall::EgressFirewall, engine::Engine, model::Protocol, ovs::Ofctl,
+    rules::FirewallRules, settings::EngineSettings,
+};
+use serde_json::json;
+use std::{
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+use tapd::{Answer, DnsName, DnsResponse};
+use tokio::task::{block_in_place, JoinHandle};
+
+const NS: &str = "ns1";
+const TCP443: Option<(Protocol, u16)> = Some((Protocol::Tcp, 443));
+/// How long a flow may take from a DNS answer to OVS (one bundle; generous for a loaded CI machine).
+const APPLY_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// A namespace's EgressFirewall from its `spec.egress`, validated as flowd does.
+pub fn rules(egress: serde_json::Value) -> FirewallRules {
+    rules_annotated(egress, None)
+}
+
+fn rules_annotated(egress: serde_json::Value, matching: Option<&str>) -> FirewallRules {
+    let mut meta = json!({"name": "default", "namespace": NS});
+    if let Some(m) = matching {
+        meta["annotations"] = json!({ flowd::egressfirewall::NAME_MATCHING_ANNOTATION: m });
+    }
+    let ef: EgressFirewall = serde_json::from_value(json!({
+        "apiVersion": "k8s.ovn.org/v1", "kind": "EgressFirewall",
+        "metadata": meta, "spec": {"egress": egress}
+    }))
+    .unwrap();
+    FirewallRules::from_egress_firewall(&ef).unwrap()
+}
+
+/// The seed's case: `dnsName: google.com` Allow, then everything else denied.
+fn google() -> FirewallRules {
+    rules(json!([
+        {"type": "Allow", "to": {"dnsName": "google.com"}},
+        {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}},
+        {"type": "Deny", "to": {"cidrSelector": "::/0"}}
+    ]))
+}
+
+/// A NOERROR answer to `client` for `qname`, following `chain`, with `answers` (TTL 300).
+pub fn answer(client: IpAddr, qname: &str, chain: &[&str], answers: &[&str]) -> DnsResponse {
+    DnsResponse {
+        client,
+        qname: DnsName::new(qname).unwrap(),
+        qtype: 1,
+        rcode: 0,
+        cname_chain: chain.iter().map(|n| DnsName::new(n).unwrap()).collect(),
+        answers: answers
+            .iter()
+            .map(|a| Answer {
+                ip: ip(a),
+                ttl: 300,
+            })
+            .collect(),
+        response_time: None,
+        decoded_time: UNIX_EPOCH,
+        server_identity: "test".into(),
+        sequence: 0,
+        replayed: false,
+    }
+}
+
+/// A sandbox with pods `ns1/pod1` and `ns1/pod2`, the namespace's EgressFirewall, and a running engine.
+struct Node {
+    sb: Arc<Sandbox>,
+    pod1: Pod,
+    pod2: Pod,
+    engine: Engine<Ofctl>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn settings() -> EngineSettings {
+    EngineSettings::default()
+}
+
+async fn node_with(rules: FirewallRules, settings: EngineSettings) -> Result<Node> {
+    let (sb, pod1, pod2) = block_in_place(|| -> Result<_> {
+        let sb = Sandbox::start()?;
+        let pod1 = sb.add_pod(NS, "pod1", 5)?;
+        let pod2 = sb.add_pod(NS, "pod2", 6)?;
+        sb.set_egress_firewall(&rules)?;
+        Ok((sb, pod1, pod2))
+    })?;
+    let sb = Arc::new(sb);
+    let (engine, task) = start_engine(&sb, settings, &rules, &[&pod1, &pod2]);
+    Ok(Node {
+        sb,
+        pod1,
+        pod2,
+        engine,
+        task,
+    })
+}
+
+fn start_engine(
+    sb: &Sandbox,
+    settings: EngineSettings,
+    rules: &FirewallRules,
+    pods: &[&Pod],
+) -> (Engine<Ofctl>, JoinHandle<()>) {
+    let engine = Engine::new(settings, sb.ofctl());
+    engine.set_node(Sandbox::NODE);
+    engine.set_rules(rules.clone());
+    for p in pods {
+        engine.upsert_pod(p.info());
+    }
+    let task = tokio::spawn(engine.clone().run());
+    (engine, task)
+}
+
+async fn node(rules: FirewallRules) -> Result<Node> {
+    node_with(rules, settings()).await
+}
+
+impl Node {
+    fn trace(&self, pod: &Pod, dst: &str, l4: Option<(Protocol, u16)>) -> Trace {
+        block_in_place(|| self.sb.trace(pod, ip(dst), l4)).unwrap()
+    }
+
+    fn dns(&self, pod: &Pod, qname: &str, chain: &[&str], answers: &[&str]) {
+        let client = if answers.iter().any(|a| a.contains(':')) {
+            pod.ipv6
+        } else {
+            pod.ipv4
+        };
+        self.engine
+            .on_dns(answer(client, qname, chain, answers), SystemTime::now());
+    }
+
+    fn flows(&self) -> Vec<String> {
+        block_in_place(|| self.sb.dnsflow_flows(self.engine.settings().cookie_prefix)).unwrap()
+    }
+
+    /// Waits until the engine has nothing left to write and OVS holds `n` of our flows.
+    async fn settle(&self, n: usize) -> Result<Duration> {
+        poll(APPLY_TIMEOUT, || {
+            !self.engine.has_pending_changes() && self.flows().len() == n
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; flows now: {:#?}", self.flows()))
+    }
+}
+
+/// Polls `check` every 5 ms until it holds; returns how long that took.
+async fn poll(timeout: Duration, mut check: impl FnMut() -> bool) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        if check() {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            anyhow::bail!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolved_ip_is_dropped_before_the_answer_and_forwarded_after() -> Result<()> {
+    let n = node(google()).await?;
+    assert_eq!(
+        n.trace(&n.pod1, "142.250.1.1", TCP443),
+        Trace::Dropped,
+        "the EF Deny holds before DNS"
+    );
+    n.dns(&n.pod1, "www.google.com", &[], &["142.250.1.1"]);
+    n.settle(1).await?;
+    assert_eq!(n.trace(&n.pod1, "142.250.1.1", TCP443), Trace::Forwarded);
+    assert_eq!(
+        n.trace(&n.pod1, "142.250.1.1", None),
+        Trace::Forwarded,
+        "no ports: any protocol"
+    );
+    assert_eq!(
+        n.trace(&n.pod2, "142.250.1.1", TCP443),
+        Trace::Dropped,
+        "another pod of the namespace"
+    );
+    assert_eq!(
+        n.trace(&n.pod1, "142.250.1.2", TCP443),
+        Trace::Dropped,
+        "an IP the pod did not resolve"
+    );
+    let flow = &n.flows()[0];
+    assert!(
+        flow.contains("table=46") && flow.contains("priority=11000"),
+        "{flow}"
+    );
+    assert!(flow.contains("idle_timeout=330"), "{flow}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_cidr_deny_still_wins_a_later_one_does_not() -> Result<()> {
+    let n = node(rules(json!([
+        {"type": "Deny", "to": {"cidrSelector": "142.250.0.0/16"}},
+        {"type": "Allow", "to": {"dnsName": "google.com"}},
+        {"type": "Deny", "to": {"cidrSelector": "8.8.0.0/16"}},
+        {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}
+    ])))
+    .await?;
+    n.dns(&n.pod1, "google.com", &[], &["142.250.1.1", "8.8.4.4"]);
+    n.settle(2).await?;
+    assert_eq!(
+        n.trace(&n.pod1, "142.250.1.1", TCP443),
+        Trace::Dropped,
+        "rule 0 comes first"
+    );
+    assert_eq!(
+        n.trace(&n.pod1, "8.8.4.4", TCP443),
+        Trace::Forwarded,
+        "rule 2 comes after"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_rules_protocol_and_port_pass() -> Result<()> {
+    let n = node(rules(json!([
+        {"type": "Allow", "to": {"dnsName": "google.com"}, "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "UDP", "port": 443}]},
+        {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}
+    ])))
+    .await?;
+    n.dns(&n.pod1, "google.com", &[], &["142.250.1.1"]);
+    n.settle(2).await?;
+    assert_eq!(n.trace(&n.pod1, "142.250.1.1", TCP443), Trace::Forwarded);
+    assert_eq!(
+        n.trace(&n.pod1, "142.250.1.1", Some((Protocol::Udp, 443))),
+        Trace::Forwarded
+    );
+    assert_eq!(
+        n.trace(&n.pod1, "142.250.1.1", Some((Protocol::Tcp, 80))),
+        Trace::Dropped
+    );
+    assert_eq!(
+        n.trace(&n.pod1, "142.250.1.1", Some((Protocol::Sctp, 443))),
+        Trace::Dropped
+    );
+    assert_eq!(
+        n.trace(&n.pod1, "142.250.1.1", None),
+        Trace::Dropped,
+        "plain IP"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_covers_one_label_not_deeper_names() -> Result<()> {
+    let n = node(rules(json!([
+        {"type": "Allow", "to": {"dnsName": "*.example.com"}},
+        {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}
+    ])))
+    .await?;
+    n.dns(&n.pod1, "a.example.com", &[], &["93.184.216.1"]);
+    n.dns(&n.pod1, "b.a.example.com", &[], &["93.184.216.2"]);
+    n.dns(&n.pod1, "example.com", &[], &["93.184.216.3"]);
+    n.settle(1).await?;
+    assert_eq!(n.trace(&n.pod1, "93.184.216.1", TCP443), Trace::Forwarded);
+    assert_eq!(
+        n.trace(&n.pod1, "93.184.216.2", TCP443),
+        Trace::Dropped,
+        "two labels deeper"
+    );
+    assert_eq!(
+        n.trace(&n.pod1, "93.184.216.3", TCP443),
+        Trace::Dropped,
+        "the base name itself"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_names_cover_subdomains_unless_strict() -> Result<()> {
+    let n = node(google()).await?;
+    n.dns(&n.pod1, "mail.google.com", &[], &["142.250.1.1"]);
+    n.dns(&n.pod1, "evilgoogle.com", &[], &["6.6.6.6"]);
+    n.settle(1).await?;
+    assert_eq!(
+        n.trace(&n.pod1, "142.250.1.1", TCP443),
+        Trace::Forwarded,
+        "subdomain by default"
+    );
+    assert_eq!(
+        n.trace(&n.pod1, "6.6.6.6", TCP443),
+        Trace::Dropped,
+        "not at a label boundary"
+    );
+
+    // The namespace's annotation selects OVN-K's strict matching: the subdomain's flow goes.
+    let strict = rules_annotated(
+        json!([
+            {"type": "Allow", "to": {"dnsName": "google.com"}},
+            {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}
+        ]),
+        Some("strict"),
+    );
+    n.engine.set_rules(strict);
+    n.settle(0).await?;
+    assert_eq!(
+        n.trace(&n.pod1, "142.250.1.1", TCP443),
+        Trace::Dropped,
+        "strict: exact name only"
+    );
+    n.dns(&n.pod1, "google.com", &[], &["142.250.1.9"]);
+    n.settle(1).await?;
+    assert_eq!(n.trace(&n.pod1, "142.250.1.9", TCP443), Trace::Forwarded);
+
+    // And the node-wide flag does the same without an annotation.
+    let mut s = settings();
+    s.strict_names = true;
+    let m = node_with(google(), s).await?;
+    m.dns(&m.pod1, "www.google.com", &[], &["142.250.1.1"]);
+    m.dns(&m.pod1, "google.com", &[], &["142.250.1.2"]);
+    m.settle(1).await?;
+    assert_eq!(m.trace(&m.pod1, "142.250.1.1", TCP443), Trace::Dropped);
+    assert_eq!(m.trace(&m.pod1, "142.250.1.2", TCP443), Trace::Forwarded);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_answer_opens_ipv6_only() -> Result<()> {
+    let n = node(google()).await?;
+    assert_eq!(
+        n.trace(&n.pod1, "2a00:1450:4001::1", TCP443),
+        Trace::Dropped
+    );
+    n.dns(&n.pod1, "www.google.com", &[], &["2a00:1450:4001::1"]);
+    n.settle(1).await?;
+    assert_eq!(
+        n.trace(&n.pod1, "2a00:1450:4001::1", TCP443),
+        Trace::Forwarded
+    );
+    assert_eq!(
+        n.trace(&n.pod1, "2a00:1450:4001::2", TCP443),
+        Trace::Dropped
+    );
+    assert_eq!(
+        n.trace(&n.pod2, "2a00:1450:4001::1", TCP443),
+        Trace::Dropped
+    );
+    assert!(n.flows()[0].contains("ipv6_dst=2a00:1450:4001::1"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cname_chain_is_followed_and_upper_case_is_normalized() -> Result<()> {
+    let n = node(rules(json!([
+        {"type": "Allow", "to": {"dnsName": "WWW.Example.COM."}},
+        {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}
+    ])))
+    .await?;
+    // The pod asked for the rule's name; the addresses belong to the CDN name at the chain's end.
+    n.dns(
+        &n.pod1,
+        "WwW.ExAmPlE.cOm.",
+        &["www.example.com.edgekey.net", "e1.a.akamaiedge.net"],
+        &["23.1.2.3"],
+    );
+    n.settle(1).await?;
+    assert_eq!(n.trace(&n.pod1, "23.1.2.3", TCP443), Trace::Forwarded);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_inside_the_cluster_subnets_gets_nothing() -> Result<()> {
+    let n = node(google()).await?;
+    n.dns(
+        &n.pod1,
+        "google.com",
+        &[],
+        &["10.244.2.7", "10.96.0.1", "142.250.1.1"],
+    );
+    n.settle(1).await?;
+    let flows = n.flows();
+    assert!(flows[0].contains("nw_dst=142.250.1.1"), "{flows:?}");
+    assert_eq!(n.trace(&n.pod1, "10.96.0.1", TCP443), Trace::Dropped);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_are_back_within_a_second_after_ovn_controller_restarts() -> Result<()> {
+    let n = node(google()).await?;
+    n.dns(&n.pod1, "google.com", &[], &["142.250.1.1", "142.250.1.2"]);
+    n.dns(&n.pod1, "google.com", &[], &["2a00:1450:4001::1"]);
+    n.settle(3).await?;
+    let before = n.engine.metrics_snapshot();
+    let restarted = Instant::now();
+    block_in_place(|| n.sb.restart_ovn_controller())?;
+    // The wipe happens when ovn-controller reconnects; wait for it to show, then for our flows.
+    poll(Duration::from_secs(10), || {
+        n.engine.metrics_snapshot().flows_reinstalled >= before.flows_reinstalled + 3
+    })
+    .await?;
+    let wiped = Instant::now();
+    n.settle(3).await?;
+    block_in_place(|| n.sb.sync())?;
+    let back = wiped.elapsed();
+    assert!(
+        back < Duration::from_secs(1),
+        "reinstalled {back:?} after the wipe was seen"
+    );
+    assert_eq!(n.trace(&n.pod1, "142.250.1.1", TCP443), Trace::Forwarded);
+    assert_eq!(
+        n.trace(&n.pod1, "2a00:1450:4001::1", TCP443),
+        Trace::Forwarded
+    );
+    assert_eq!(n.flows().len(), 3);
+    eprintln!(
+        "ovn-controller restart to grants back: {:?}",
+        restarted.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_engine_keeps_valid_flows_removes_stale_ones_without_duplicates() -> Result<()>
+{
+    let n = node(google()).await?;
+    n.dns(&n.pod1, "google.com", &[], &["142.250.1.1", "142.250.1.2"]);
+    n.dns(&n.pod2, "google.com", &[], &["142.250.1.3"]);
+    n.settle(3).await?;
+    n.task.abort();
+    let sb = Arc::clone(&n.sb);
+    let (pod1, pod2) = (n.pod1.clone(), n.pod2.clone());
+    drop(n);
+
+    // The new run hears again only part of the answers (tapd's replay of still-valid ones).
+    let (engine, task) = start_engine(&sb, settings(), &google(), &[&pod1, &pod2]);
+    engine.on_dns(
+        answer(pod1.ipv4, "google.com", &[], &["142.250.1.1"]),
+        SystemTime::now(),
+    );
+    engine.flush().await?;
+    engine.reconcile().await?;
+    let flows = block_in_place(|| sb.dnsflow_flows(engine.settings().cookie_prefix))?;
+    task.abort();
+    assert_eq!(
+        flows.len(),
+        1,
+        "one flow for the one valid grant: {flows:#?}"
+    );
+    assert!(flows[0].contains("nw_dst=142.250.1.1"));
+    let trace = |p: &Pod, d: &str| block_in_place(|| sb.trace(p, ip(d), TCP443)).unwrap();
+    assert_eq!(trace(&pod1, "142.250.1.1"), Trace::Forwarded, "kept");
+    assert_eq!(
+        trace(&pod1, "142.250.1.2"),
+        Trace::Dropped,
+        "stale, removed"
+    );
+    assert_eq!(
+        trace(&pod2, "142.250.1.3"),
+        Trace::Dropped,
+        "stale, removed"
+    );
+    assert_eq!(engine.metrics_snapshot().flows_removed, 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_flow_leaves_ovs_and_the_engine() -> Result<()> {
+    let mut s = settings();
+    s.idle_floor = Duration::ZERO;
+    s.idle_grace = Duration::ZERO;
+    let n = node_with(google(), s).await?;
+    let mut short = answer(n.pod1.ipv4, "google.com", &[], &["142.250.1.1"]);
+    short.answers[0].ttl = 1;
+    n.engine.on_dns(short, SystemTime::now());
+    n.dns(&n.pod1, "google.com", &[], &["142.250.1.2"]);
+    n.settle(2).await?;
+    assert_eq!(n.trace(&n.pod1, "142.250.1.1", TCP443), Trace::Forwarded);
+    // OVS checks idle timeouts about once a second.
+    poll(Duration::from_secs(5), || {
+        n.engine.grants(None, None).len() == 1
+    })
+    .await?;
+    assert_eq!(n.flows().len(), 1);
+    assert_eq!(n.trace(&n.pod1, "142.250.1.1", TCP443), Trace::Dropped);
+    assert_eq!(n.trace(&n.pod1, "142.250.1.2", TCP443), Trace::Forwarded);
+    assert_eq!(n.engine.metrics_snapshot().flows_expired, 1);
+    assert_eq!(n.engine.metrics_snapshot().flows_reinstalled, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_pods_flows_are_gone() -> Result<()> {
+    let n = node(google()).await?;
+    n.dns(
+        &n.pod1,
+        "google.com",
+        &[],
+        &["142.250.1.1", "2a00:1450:4001::1"],
+    );
+    n.dns(&n.pod2, "google.com", &[], &["142.250.1.1"]);
+    n.settle(3).await?;
+    n.engine.remove_pod(&n.pod1.key);
+    n.settle(1).await?;
+    assert_eq!(n.trace(&n.pod1, "142.250.1.1", TCP443), Trace::Dropped);
+    assert_eq!(n.trace(&n.pod2, "142.250.1.1", TCP443), Trace::Forwarded);
+    assert!(n.flows()[0].contains(&format!("nw_src={}", n.pod2.ipv4)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_acl_table_and_pod_keys_are_discovered_from_ovn() -> Result<()> {
+    let (sb, pod1) = block_in_place(|| -> Result<_> {
+        let sb = Sandbox::start()?;
+        let pod1 = sb.add_pod(NS, "pod1", 5)?;
+        sb.set_egress_firewall(&google())?;
+        Ok((sb, pod1))
+    })?;
+    use flowd::ovs::FlowProgrammer;
+    let ofctl = sb.ofctl();
+    let target = ofctl.discover_acl(11000).await?.expect("an ACL table");
+    assert_eq!(target.table, 46, "OVN 23.03.1's ls_out_acl");
+    assert_eq!(
+        target.allow.as_str(),
+        "resubmit(,47)",
+        "no allow ACL here: the fallback"
+    );
+    let keys = ofctl
+        .port_keys(&["ns1_pod1".into(), "ns1_absent".into()])
+        .await?;
+    assert_eq!(keys.len(), 1);
+    let k = keys["ns1_pod1"];
+    let table0 = block_in_place(|| sb.bound_ports())?;
+    let line = &table0[&pod1.ofport];
+    assert!(
+        line.contains(&format!("load:{:#x}->NXM_NX_REG14[]", k.reg14)),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("load:{:#x}->OXM_OF_METADATA[]", k.metadata)),
+        "{line}"
+    );
+    // With an allow ACL (an address set as OVN-K would fill it), OVN's own allow actions are reused.
+    block_in_place(|| {
+        sb.nbctl(&["set", "address_set", "pg_ns1_0_v4", "addresses=\"1.2.3.4\""])
+            .and_then(|_| sb.sync())
+    })?;
+    let target = ofctl.discover_acl(11000).await?.expect("an ACL table");
+    assert_eq!(
+        target.allow.as_str(),
+        "load:0x1->NXM_NX_XXREG0[97],resubmit(,47)"
+    );
+    Ok(())
+}
