@@ -909,3 +909,257 @@ async fn two_tapds_one_killed_and_restarted_mid_stream_lose_no_grant_and_duplica
     drop(tapd_b);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_lists_grants_explains_and_counts_over_grpcurl_and_metrics() {
+    let tapd = Tapd::start();
+    let dns = unbound_for(&tapd, &["www.example.com. 300 IN A 192.0.2.10"]);
+    let api = cluster_with_two_pods().await;
+    api.apply(egress_firewall("demo", allow_example_then_deny_all()));
+    let node = Node::start(
+        &api,
+        recording_engine(&["client", "other"]),
+        static_upstream(&[&tapd]),
+    );
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap().to_string();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    tokio::spawn(flowd::api::serve(
+        grpc,
+        node.engine.clone(),
+        node.status.clone(),
+        std::future::pending(),
+    ));
+    tokio::spawn(flowd::metrics::serve(
+        http,
+        flowd::metrics::Sources {
+            engine: node.engine.clone(),
+            status: node.status.clone(),
+        },
+        std::future::pending(),
+    ));
+    node.ready().await;
+    eventually("the tapd subscription", || node.tapd_connected() == 1).await;
+    dig_from(Ipv4Addr::new(127, 0, 0, 11), dns.port(), "www.example.com").await;
+    eventually("the grant", || {
+        !flows_from(&node.engine, "127.0.0.11").is_empty()
+    })
+    .await;
+
+    let grpcurl = |data: &str, method: &str| {
+        let out = Command::new("grpcurl")
+            .args(["-plaintext", "-d", data, &grpc_addr, method])
+            .output()
+            .expect("grpcurl is not installed: run scripts/test");
+        assert!(
+            out.status.success(),
+            "grpcurl {method}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let listed = block(|| grpcurl(r#"{"namespace":"demo"}"#, "dnsflow.v1.Flowd/ListGrants"));
+    let grants = listed["grants"].as_array().unwrap();
+    assert_eq!(grants.len(), 1, "{listed}");
+    assert_eq!(grants[0]["pod"], "client");
+    assert_eq!(grants[0]["podIp"], "127.0.0.11");
+    assert_eq!(grants[0]["ip"], "192.0.2.10");
+    assert_eq!(grants[0]["queryName"], "www.example.com");
+    assert_eq!(grants[0]["dnsName"], "example.com");
+    assert_eq!(grants[0]["action"], "Allow");
+    assert_eq!(grants[0]["port"], "any");
+    assert_eq!(grants[0]["priority"], 11000);
+    let none = block(|| {
+        grpcurl(
+            r#"{"namespace":"demo","pod":"other"}"#,
+            "dnsflow.v1.Flowd/ListGrants",
+        )
+    });
+    assert!(none.get("grants").is_none(), "{none}");
+
+    let explained = block(|| {
+        grpcurl(
+            r#"{"namespace":"demo","pod":"client","query_name":"WWW.Example.com."}"#,
+            "dnsflow.v1.Flowd/Explain",
+        )
+    });
+    let summary = explained["summary"].as_str().unwrap();
+    assert!(summary.starts_with("rule 0 "), "{explained}");
+    assert!(summary.contains("www.example.com"), "{explained}");
+    assert_eq!(explained["rules"][0]["matches"], true);
+    assert!(
+        explained["rules"][1].get("matches").is_none(),
+        "{explained}"
+    );
+    let elsewhere = block(|| {
+        grpcurl(
+            r#"{"namespace":"demo","pod":"client","query_name":"evilexample.com"}"#,
+            "dnsflow.v1.Flowd/Explain",
+        )
+    });
+    assert!(
+        elsewhere["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("no dnsName rule"),
+        "{elsewhere}"
+    );
+
+    let stats = block(|| grpcurl("{}", "dnsflow.v1.Flowd/Stats"));
+    assert_eq!(stats["grants"], "1");
+    assert_eq!(stats["tapdConnected"], "1");
+    assert_eq!(stats["counters"]["dnsflow_dns_events"], "1");
+    let services = block(|| {
+        let out = Command::new("grpcurl")
+            .args(["-plaintext", &grpc_addr, "list"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    });
+    assert!(
+        services.lines().any(|l| l == "dnsflow.v1.Flowd"),
+        "{services}"
+    );
+    assert!(
+        services.lines().any(|l| l == "grpc.health.v1.Health"),
+        "{services}"
+    );
+
+    let text = block(|| http_get(http_addr, "/metrics").unwrap());
+    assert_eq!(metric(&text, "dnsflow_dns_events_total"), Some(1));
+    assert_eq!(metric(&text, "dnsflow_grants"), Some(1));
+    assert_eq!(metric(&text, "dnsflow_tapd_connections"), Some(1));
+    assert!(metric(&text, "dnsflow_flows_installed_total").unwrap() >= 1);
+    assert!(metric(&text, "dnsflow_ovs_batch_seconds_count").unwrap() >= 1);
+    assert!(text.contains("dnsflow_ovs_batch_seconds_bucket{le=\"+Inf\"}"));
+    node.stop().await;
+}
+
+/// Runs blocking test code (child processes, blocking sockets) off the runtime's worker.
+fn block<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// A kubeconfig for the fake API server, for the real `flowd run`.
+fn kubeconfig(api: &FakeApiServer, dir: &Path) -> PathBuf {
+    let path = dir.join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+         clusters: [{{name: fake, cluster: {{server: \"http://{}\"}}}}]\n\
+         users: [{{name: fake, user: {{}}}}]\n\
+         contexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: default}}}}]\n",
+        api.addr
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn flowd_run_exits_64_on_bad_config_before_binding_anything() {
+    // The port flowd would bind is taken: binding first would fail differently.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for bad in [
+        vec!["--node-name", " "],
+        vec!["--node-name", "n1", "--cookie-prefix", "0"],
+        vec![
+            "--node-name",
+            "n1",
+            "--idle-floor",
+            "0s",
+            "--idle-grace",
+            "0s",
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_flowd"))
+            .arg("run")
+            .args(["--metrics-listen", &addr, "--grpc-listen", &addr])
+            .args(&bad)
+            .env_clear()
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{bad:?}: {out:?}");
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("address"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flowd_run_binary_gets_ready_from_the_api_server_and_serves_its_api() {
+    let api = cluster_with_two_pods().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(&api, dir.path());
+    let tapd = Tapd::start();
+    let grpc = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let log = dir.path().join("flowd.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flowd"))
+        .arg("run")
+        .env_clear()
+        .env("KUBECONFIG", &config)
+        .env("RUST_LOG", "info")
+        .env("FLOWD_NODE_NAME", NODE)
+        .env("FLOWD_GRPC_LISTEN", grpc.to_string())
+        .env("FLOWD_METRICS_LISTEN", http.to_string())
+        .env("FLOWD_TAPD_ENDPOINTS", tapd.grpc.to_string())
+        .env("FLOWD_LOG_FORMAT", "json")
+        // No OVS here: the engine keeps retrying, which readiness does not wait for.
+        .env("FLOWD_BRIDGE", "br-none")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("flowd run to be ready", || {
+        http_get(http, "/readyz")
+            .map(|r| r.starts_with("HTTP/1.1 200"))
+            .unwrap_or(false)
+    })
+    .await;
+    eventually("flowd run to subscribe to tapd", || {
+        tapd.metric("tapd_subscribers") == 1
+    })
+    .await;
+    let text = block(|| http_get(http, "/metrics").unwrap());
+    assert_eq!(metric(&text, "dnsflow_ready"), Some(1));
+    assert_eq!(metric(&text, "dnsflow_pods"), Some(2), "{text}");
+    let out = block(|| {
+        Command::new("grpcurl")
+            .args([
+                "-plaintext",
+                &grpc.to_string(),
+                "grpc.health.v1.Health/Check",
+            ])
+            .output()
+            .unwrap()
+    });
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("SERVING"),
+        "{out:?}"
+    );
+    // JSON logs, one object per line.
+    let first = logs().lines().next().unwrap_or_default().to_string();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&first).is_ok(),
+        "{first}"
+    );
+    assert_requests_within_rbac(&api);
+
+    // SIGTERM: a clean, prompt exit.
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flowd ignored SIGTERM:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}:\n{}", logs());
+}
