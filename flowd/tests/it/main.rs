@@ -7,3 +7,4 @@ mod cluster;
 mod replay;
 mod ovn;
 mod sandbox;
+mod pipeline;
