@@ -383,7 +383,7 @@ mod tests {
         assert!(b.next_delay() <= BACKOFF_MIN);
     }
 
-    fn dns_pod(name: &str, ip: Option<&str>, phase: &str) -> Pod {
+    fn dns_pod(name: &str, ip: Option<&str>, phase: &str) -> Box<Pod> {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "namespace": "kube-system"},
             "status": {"phase": phase, "podIP": ip},

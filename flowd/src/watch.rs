@@ -55,13 +55,14 @@ pub const REQUIRED_ACCESS: &[ApiAccess] = &[
     },
 ];
 
-/// What happened to one watched object.
+/// What happened to one watched object (boxed: a Pod is kilobytes, and changes travel through channels
+/// and merged streams).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change<K> {
     /// Created or changed (or seen again by a relist with a new resourceVersion).
-    Applied(K),
+    Applied(Box<K>),
     /// Deleted, or missing from a relist: the last state flowd knew.
-    Deleted(K),
+    Deleted(Box<K>),
     /// A full list has been delivered (the first one, and again after every relist).
     Synced,
 }
@@ -106,7 +107,7 @@ where
                         .get(&key)
                         .is_some_and(|old| old.resource_version() == obj.resource_version());
                     if !unchanged {
-                        out.push(Change::Applied(obj.clone()));
+                        out.push(Change::Applied(Box::new(obj.clone())));
                     }
                     relisted.get_or_insert_with(HashMap::new).insert(key, obj);
                 }
@@ -115,7 +116,7 @@ where
                     for (key, old) in known.drain() {
                         if !fresh.contains_key(&key) {
                             tracing::debug!(what, namespace = %key.0, name = %key.1, "gone after relist");
-                            out.push(Change::Deleted(old));
+                            out.push(Change::Deleted(Box::new(old)));
                         }
                     }
                     known = fresh;
@@ -125,11 +126,11 @@ where
                 }
                 Ok(watcher::Event::Apply(obj)) => {
                     known.insert(key_of(&obj), obj.clone());
-                    out.push(Change::Applied(obj));
+                    out.push(Change::Applied(Box::new(obj)));
                 }
                 Ok(watcher::Event::Delete(obj)) => {
                     known.remove(&key_of(&obj));
-                    out.push(Change::Deleted(obj));
+                    out.push(Change::Deleted(Box::new(obj)));
                 }
                 Err(error) => {
                     stats.errors.fetch_add(1, Ordering::Relaxed);

@@ -17,8 +17,8 @@ pub const NODE: &str = "node1";
 fn describe(event: &ClusterEvent) -> String {
     fn change<K: kube::Resource>(what: &str, c: &Change<K>) -> String {
         match c {
-            Change::Applied(o) => format!("{what} applied {}", name(o)),
-            Change::Deleted(o) => format!("{what} deleted {}", name(o)),
+            Change::Applied(o) => format!("{what} applied {}", name(o.as_ref())),
+            Change::Deleted(o) => format!("{what} deleted {}", name(o.as_ref())),
             Change::Synced => format!("{what} synced"),
         }
     }
