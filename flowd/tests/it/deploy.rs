@@ -190,6 +190,57 @@ fn check_tapd_sidecar(dns: &Value, dns_container: &str) {
     );
 }
 
+/// The manifest's flowd settings, given to flowd's own parser as flags: they parse and validate.
+fn check_flowd_settings_parse(flowd: &Value) {
+    use clap::{CommandFactory as _, Parser as _};
+    let cmd = flowd::cli::Cli::command();
+    let run = cmd.find_subcommand("run").unwrap();
+    let mut argv = vec!["flowd".to_string(), "run".to_string()];
+    for e in flowd["env"].as_sequence().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        if FOREIGN_ENV.contains(&name) {
+            continue;
+        }
+        let value = match e["value"].as_str() {
+            Some(v) => v.to_string(),
+            // From the downward API.
+            None => "node1".to_string(),
+        };
+        let arg = run
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|v| v == name))
+            .unwrap();
+        argv.push(format!("--{}", arg.get_long().unwrap()));
+        argv.push(value);
+    }
+    let cli = flowd::cli::Cli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("flowd rejects the manifest's settings {argv:?}: {e}"));
+    match cli.command {
+        flowd::cli::Command::Run(args) => args.validate().unwrap(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// flowd finds this DNS workload's tapds: same namespace, its pods carry the selector's labels, and the
+/// port is tapd's gRPC port.
+fn check_discovery(objects: &[Value], dns: &Value) {
+    let flowd = container(find(objects, "DaemonSet", "flowd"), "flowd");
+    assert_eq!(
+        env_value(flowd, "FLOWD_TAPD_NAMESPACE"),
+        dns["metadata"]["namespace"].as_str().unwrap()
+    );
+    let labels = &dns["spec"]["template"]["metadata"]["labels"];
+    for term in env_value(flowd, "FLOWD_TAPD_SELECTOR").split(',') {
+        let (k, v) = term.split_once('=').unwrap();
+        assert_eq!(labels[k], v, "DNS pods lack {term}");
+    }
+    let listen = env_value(container(dns, "tapd"), "TAPD_LISTEN");
+    assert_eq!(
+        listen.rsplit_once(':').unwrap().1,
+        env_value(flowd, "FLOWD_TAPD_PORT")
+    );
+}
+
 fn check_flowd(objects: &[Value]) {
     let ds = find(objects, "DaemonSet", "flowd");
     let spec = pod_spec(ds);
@@ -209,6 +260,7 @@ fn check_flowd(objects: &[Value]) {
         .find(|e| e["name"] == "FLOWD_NODE_NAME")
         .expect("FLOWD_NODE_NAME");
     assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    check_flowd_settings_parse(flowd);
     let names = env_names(flowd);
     let known = flowd_env_names();
     assert!(
@@ -314,6 +366,7 @@ fn kind_overlay_renders_validates_and_ties_together() {
     let coredns = find(&objects, "Deployment", "coredns");
     assert_eq!(coredns["metadata"]["namespace"], "kube-system");
     check_tapd_sidecar(coredns, "coredns");
+    check_discovery(&objects, coredns);
     // The Corefile the Deployment mounts is the one carrying the dnstap line.
     assert!(pod_spec(coredns)["volumes"]
         .as_sequence()
@@ -418,6 +471,7 @@ fn openshift_overlay_and_dns_default_patch_render_validate_and_tie_together() {
     assert_eq!(validate(&patched), BTreeSet::new());
     let dns = find(&patched, "DaemonSet", "dns-default");
     check_tapd_sidecar(dns, "dns");
+    check_discovery(&objects, dns);
     assert_eq!(container(dns, "tapd")["image"], TAPD_IMAGE);
     // The patch adds to the operator's containers; it does not replace them.
     assert_eq!(container(dns, "kube-rbac-proxy")["name"], "kube-rbac-proxy");
