@@ -351,6 +351,7 @@ impl DnsPods {
 mod tests {
     use super::*;
     use clap::Parser;
+    use futures::StreamExt as _;
 
     #[derive(Debug, Parser)]
     struct Cli {
@@ -407,5 +408,147 @@ mod tests {
         assert!(pods.apply(&Change::Deleted(dns_pod("a", Some("10.0.0.1"), "Running"))));
         assert!(pods.endpoints().is_empty());
         assert!(!pods.apply(&Change::Applied(dns_pod("x", Some("not-an-ip"), "Running"))));
+    }
+
+    /// A DnsTap server that records each SubscribeRequest and, per subscription, sends one invalid
+    /// event and one valid event for the first subnet asked for, then keeps the stream open.
+    #[derive(Debug, Default, Clone)]
+    struct FakeTapd {
+        requests: Arc<std::sync::Mutex<Vec<SubscribeRequest>>>,
+    }
+
+    #[tonic::async_trait]
+    impl dnsflow_proto::v1::dns_tap_server::DnsTap for FakeTapd {
+        type SubscribeStream = std::pin::Pin<
+            Box<
+                dyn futures::Stream<Item = Result<dnsflow_proto::v1::DnsEvent, tonic::Status>>
+                    + Send,
+            >,
+        >;
+
+        async fn subscribe(
+            &self,
+            request: tonic::Request<SubscribeRequest>,
+        ) -> Result<tonic::Response<Self::SubscribeStream>, tonic::Status> {
+            let req = request.into_inner();
+            let net: IpNet = req.client_cidrs[0].parse().unwrap();
+            self.requests.lock().unwrap().push(req);
+            let client = net.hosts().next().unwrap().to_string();
+            let invalid = dnsflow_proto::v1::DnsEvent {
+                client_ip: "not-an-ip".into(),
+                query_name: "a.example.com".into(),
+                ..Default::default()
+            };
+            let valid = dnsflow_proto::v1::DnsEvent {
+                client_ip: client,
+                query_name: "a.example.com".into(),
+                answers: vec![dnsflow_proto::v1::Answer {
+                    ip: "192.0.2.1".into(),
+                    ttl: 30,
+                }],
+                replayed: true,
+                ..Default::default()
+            };
+            let events = futures::stream::iter([Ok::<_, tonic::Status>(invalid), Ok(valid)])
+                .chain(futures::stream::pending());
+            Ok(tonic::Response::new(Box::pin(events)))
+        }
+    }
+
+    async fn fake_tapd() -> (SocketAddr, FakeTapd) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fake = FakeTapd::default();
+        let server = dnsflow_proto::v1::dns_tap_server::DnsTapServer::new(fake.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (addr, fake)
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn subscribes_with_the_node_subnets_counts_invalid_events_and_refilters() {
+        let (addr, fake) = fake_tapd().await;
+        let (subnets_tx, subnets_rx) = watch::channel(Vec::new());
+        let (tx, mut rx) = mpsc::channel(16);
+        let stats = Arc::new(UpstreamStats::default());
+        let mut upstreams = Upstreams::new(subnets_rx, tx, stats.clone());
+        upstreams.set_endpoints(&[addr].into_iter().collect());
+
+        // Without this node's subnets an empty filter would mean every client: nothing is subscribed.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(fake.requests.lock().unwrap().is_empty());
+
+        subnets_tx.send_replace(vec!["10.244.1.0/24".parse().unwrap()]);
+        let first = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.client, "10.244.1.1".parse::<IpAddr>().unwrap());
+        assert_eq!(stats.invalid.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.replayed.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.connected.load(Ordering::Relaxed), 1);
+        {
+            let requests = fake.requests.lock().unwrap();
+            assert_eq!(requests.len(), 1);
+            assert_eq!(requests[0].client_cidrs, ["10.244.1.0/24"]);
+            assert!(requests[0].replay_recent);
+        }
+
+        // The node's subnets change: a new subscription with the new filter, at once.
+        subnets_tx.send_replace(vec![
+            "10.244.2.0/24".parse().unwrap(),
+            "fd00:10:244:2::/64".parse().unwrap(),
+        ]);
+        let second = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.client, "10.244.2.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            fake.requests.lock().unwrap()[1].client_cidrs,
+            ["10.244.2.0/24", "fd00:10:244:2::/64"]
+        );
+        assert_eq!(stats.connects.load(Ordering::Relaxed), 2);
+
+        // The tapd vanishes from discovery: its subscription ends.
+        upstreams.set_endpoints(&BTreeSet::new());
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while stats.connected.load(Ordering::Relaxed) != 0 {
+            assert!(tokio::time::Instant::now() < deadline, "still connected");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(upstreams.endpoints().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_tapd_is_retried_with_backoff_and_counted() {
+        // A port nobody listens on.
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let (_subnets_tx, subnets_rx) = watch::channel(vec!["10.244.1.0/24".parse().unwrap()]);
+        let (tx, _rx) = mpsc::channel(16);
+        let stats = Arc::new(UpstreamStats::default());
+        let mut upstreams = Upstreams::new(subnets_rx, tx, stats.clone());
+        let started = tokio::time::Instant::now();
+        upstreams.set_endpoints(&[addr].into_iter().collect());
+        while stats.failures.load(Ordering::Relaxed) < 3 {
+            assert!(started.elapsed() < WAIT, "no retries");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A refused connect fails at once: the time goes to the backoff, at least half of the first
+        // two steps (200 ms, 400 ms).
+        assert!(
+            started.elapsed() >= (BACKOFF_MIN + BACKOFF_MIN * 2) / 2,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(stats.connected.load(Ordering::Relaxed), 0);
     }
 }
