@@ -524,6 +524,33 @@ fn unbound_for(tapd: &Tapd, records: &[&str]) -> Unbound {
 
 const ALLOW_EXAMPLE: &str = "example.com";
 
+/// One tapd fed by one Unbound, the two-pod cluster in the fake API server, and flowd's node loop on the
+/// recording bridge, subscribed and ready.
+struct OneTapd {
+    node: Node<Recording>,
+    api: FakeApiServer,
+    dns: Unbound,
+    _tapd: Tapd,
+}
+
+async fn one_tapd(records: &[&str], pods: &[&str], firewall: bool) -> OneTapd {
+    let tapd = Tapd::start();
+    let dns = unbound_for(&tapd, records);
+    let api = cluster_with_two_pods().await;
+    if firewall {
+        api.apply(egress_firewall("demo", allow_example_then_deny_all()));
+    }
+    let node = Node::start(&api, recording_engine(pods), static_upstream(&[&tapd]));
+    node.ready().await;
+    eventually("the tapd subscription", || node.tapd_connected() == 1).await;
+    OneTapd {
+        node,
+        api,
+        dns,
+        _tapd: tapd,
+    }
+}
+
 fn allow_example_then_deny_all() -> serde_json::Value {
     json!([{"type": "Allow", "to": {"dnsName": ALLOW_EXAMPLE}},
            {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}])
@@ -531,23 +558,20 @@ fn allow_example_then_deny_all() -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_and_firewalls_added_changed_and_deleted_drive_the_flows() {
-    let tapd = Tapd::start();
-    let dns = unbound_for(
-        &tapd,
+    let OneTapd {
+        node,
+        api,
+        dns,
+        _tapd,
+    } = one_tapd(
         &[
             "www.example.com. 300 IN A 192.0.2.10",
             "www.other.test. 300 IN A 192.0.2.20",
         ],
-    );
-    let api = cluster_with_two_pods().await;
-    api.apply(egress_firewall("demo", allow_example_then_deny_all()));
-    let node = Node::start(
-        &api,
-        recording_engine(&["client", "other"]),
-        static_upstream(&[&tapd]),
-    );
-    node.ready().await;
-    eventually("the tapd subscription", || node.tapd_connected() == 1).await;
+        &["client", "other"],
+        true,
+    )
+    .await;
 
     // A name the rules do not allow gets nothing; the allowed one gets exactly its answer.
     let client = Ipv4Addr::new(127, 0, 0, 11);
@@ -628,16 +652,17 @@ async fn pods_and_firewalls_added_changed_and_deleted_drive_the_flows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_that_queried_dns_before_flowd_saw_it_gets_its_grant_when_it_shows_up() {
-    let tapd = Tapd::start();
-    let dns = unbound_for(&tapd, &["www.example.com. 300 IN A 192.0.2.10"]);
-    let api = cluster_with_two_pods().await;
-    let node = Node::start(
-        &api,
-        recording_engine(&["client", "other", "newborn"]),
-        static_upstream(&[&tapd]),
-    );
-    node.ready().await;
-    eventually("the tapd subscription", || node.tapd_connected() == 1).await;
+    let OneTapd {
+        node,
+        api,
+        dns,
+        _tapd,
+    } = one_tapd(
+        &["www.example.com. 300 IN A 192.0.2.10"],
+        &["client", "other", "newborn"],
+        false,
+    )
+    .await;
 
     // The pod's first query happens before its Pod object reaches flowd.
     let newborn = Ipv4Addr::new(127, 0, 0, 13);
@@ -745,16 +770,17 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_410_gone_the_relist_takes_the_flows_of_a_pod_deleted_while_away() {
-    let tapd = Tapd::start();
-    let dns = unbound_for(&tapd, &["www.example.com. 300 IN A 192.0.2.10"]);
-    let api = cluster_with_two_pods().await;
-    let node = Node::start(
-        &api,
-        recording_engine(&["client", "other"]),
-        static_upstream(&[&tapd]),
-    );
-    node.ready().await;
-    eventually("the tapd subscription", || node.tapd_connected() == 1).await;
+    let OneTapd {
+        node,
+        api,
+        dns,
+        _tapd,
+    } = one_tapd(
+        &["www.example.com. 300 IN A 192.0.2.10"],
+        &["client", "other"],
+        false,
+    )
+    .await;
     for client in [11, 12] {
         dig_from(
             Ipv4Addr::new(127, 0, 0, client),
@@ -912,15 +938,17 @@ async fn two_tapds_one_killed_and_restarted_mid_stream_lose_no_grant_and_duplica
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_lists_grants_explains_and_counts_over_grpcurl_and_metrics() {
-    let tapd = Tapd::start();
-    let dns = unbound_for(&tapd, &["www.example.com. 300 IN A 192.0.2.10"]);
-    let api = cluster_with_two_pods().await;
-    api.apply(egress_firewall("demo", allow_example_then_deny_all()));
-    let node = Node::start(
-        &api,
-        recording_engine(&["client", "other"]),
-        static_upstream(&[&tapd]),
-    );
+    let OneTapd {
+        node,
+        api: _api,
+        dns,
+        _tapd,
+    } = one_tapd(
+        &["www.example.com. 300 IN A 192.0.2.10"],
+        &["client", "other"],
+        true,
+    )
+    .await;
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = grpc.local_addr().unwrap().to_string();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -939,8 +967,6 @@ async fn the_api_lists_grants_explains_and_counts_over_grpcurl_and_metrics() {
         },
         std::future::pending(),
     ));
-    node.ready().await;
-    eventually("the tapd subscription", || node.tapd_connected() == 1).await;
     dig_from(Ipv4Addr::new(127, 0, 0, 11), dns.port(), "www.example.com").await;
     eventually("the grant", || {
         !flows_from(&node.engine, "127.0.0.11").is_empty()

@@ -181,12 +181,17 @@ fn check_tapd_sidecar(dns: &Value, dns_container: &str) {
         sc["runAsUser"], 65532,
         "CoreDNS's uid, so the socket is writable by it"
     );
-    let names = env_names(tapd);
-    let known = tapd_env_names();
+    assert_reads_its_env(tapd, &tapd_env_names());
+}
+
+/// Every variable the manifest gives container `c` is one its program reads (`known`, from clap).
+fn assert_reads_its_env(c: &Value, known: &BTreeSet<String>) {
+    let names = env_names(c);
     assert!(
-        names.is_subset(&known),
-        "tapd does not read {:?}",
-        names.difference(&known).collect::<Vec<_>>()
+        names.is_subset(known),
+        "{} does not read {:?}",
+        c["name"].as_str().unwrap(),
+        names.difference(known).collect::<Vec<_>>()
     );
 }
 
@@ -261,13 +266,7 @@ fn check_flowd(objects: &[Value]) {
         .expect("FLOWD_NODE_NAME");
     assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
     check_flowd_settings_parse(flowd);
-    let names = env_names(flowd);
-    let known = flowd_env_names();
-    assert!(
-        names.is_subset(&known),
-        "flowd does not read {:?}",
-        names.difference(&known).collect::<Vec<_>>()
-    );
+    assert_reads_its_env(flowd, &flowd_env_names());
     let ovs = spec["volumes"]
         .as_sequence()
         .unwrap()
