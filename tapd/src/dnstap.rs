@@ -162,8 +162,10 @@ fn check_counts(wire: &[u8]) -> Result<(), DecodeError> {
 }
 
 fn dns_name(name: &Name) -> Result<DnsName, DecodeError> {
-    let text = name.to_ascii();
-    DnsName::new(&text).map_err(|err| DecodeError::Name { name: text, err })
+    DnsName::from_string(name.to_ascii()).map_err(|err| DecodeError::Name {
+        name: name.to_ascii(),
+        err,
+    })
 }
 
 fn parse_dns(wire: &[u8]) -> Result<DnsAnswer, DecodeError> {

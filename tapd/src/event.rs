@@ -43,6 +43,21 @@ impl DnsName {
     /// resolves an address for it.
     pub fn new(s: &str) -> Result<Self, NameError> {
         let s = s.strip_suffix('.').unwrap_or(s);
+        Self::check(s)?;
+        Ok(Self(s.to_ascii_lowercase()))
+    }
+
+    /// Like [`DnsName::new`], reusing the allocation of `s` (the decoder's hot path).
+    pub fn from_string(mut s: String) -> Result<Self, NameError> {
+        if s.ends_with('.') {
+            s.pop();
+        }
+        Self::check(&s)?;
+        s.make_ascii_lowercase();
+        Ok(Self(s))
+    }
+
+    fn check(s: &str) -> Result<(), NameError> {
         if s.is_empty() {
             return Err(NameError::Empty);
         }
@@ -55,7 +70,7 @@ impl DnsName {
         if s.split('.').any(str::is_empty) {
             return Err(NameError::EmptyLabel);
         }
-        Ok(Self(s.to_ascii_lowercase()))
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {
@@ -362,6 +377,14 @@ mod tests {
         assert_eq!(DnsName::new("a.b.."), Err(NameError::EmptyLabel));
         assert_eq!(DnsName::new("a b"), Err(NameError::BadByte));
         assert_eq!(DnsName::new(&"a".repeat(254)), Err(NameError::TooLong));
+        assert_eq!(
+            DnsName::from_string("WWW.Google.COM.".into()),
+            Ok(n("www.google.com"))
+        );
+        assert_eq!(
+            DnsName::from_string("a..b".into()),
+            Err(NameError::EmptyLabel)
+        );
     }
 
     #[test]

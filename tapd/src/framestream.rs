@@ -147,6 +147,13 @@ impl Decoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// The receive buffer, so that a socket can read straight into it (`AsyncReadExt::read_buf`)
+    /// instead of going through [`Decoder::push`]; the same rule applies: poll until `Ok(None)` after
+    /// each read.
+    pub fn buffer_mut(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
     /// Bytes received but not yet consumed.
     pub fn buffered(&self) -> usize {
         self.buf.len()

@@ -113,9 +113,9 @@ impl RecentCache {
             return;
         }
         let key = (r.client, r.qname.clone(), r.qtype);
-        if !self.entries.contains_key(&key) {
-            while self.entries.len() >= self.capacity {
-                self.evict_oldest();
+        while self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
+            if !self.evict_oldest() {
+                break;
             }
         }
         self.order.push_back((key.clone(), r.sequence));
@@ -134,7 +134,8 @@ impl RecentCache {
         }
     }
 
-    fn evict_oldest(&mut self) {
+    /// Removes the oldest live entry; false when there is none.
+    fn evict_oldest(&mut self) -> bool {
         while let Some((key, seq)) = self.order.pop_front() {
             if self
                 .entries
@@ -142,9 +143,10 @@ impl RecentCache {
                 .is_some_and(|e| e.response.sequence == seq)
             {
                 self.entries.remove(&key);
-                return;
+                return true;
             }
         }
+        false
     }
 
     /// The live answers for `filter`, oldest first, marked replayed, with TTLs counted down.

@@ -69,19 +69,24 @@ impl Ingest {
         Decoder::new(dnsflow_proto::DNSTAP_CONTENT_TYPE, self.max_frame)
     }
 
-    /// Handles one data frame: capture, decode, publish, count. Returns whether it decoded with an
-    /// error (for the caller's logging).
-    pub fn on_frame(&self, frame: Bytes) -> Option<dnstap::DecodeError> {
+    /// Handles one data frame received at `received`/`now` (read once per socket read, not per
+    /// frame): capture, decode, publish, count. Returns the decode error, if any, for logging.
+    pub fn on_frame(
+        &self,
+        frame: Bytes,
+        received: SystemTime,
+        now: Instant,
+    ) -> Option<dnstap::DecodeError> {
         self.metrics.frame(frame.len());
         if let Some(capture) = &self.capture {
             if !capture.offer(frame.clone()) {
                 self.metrics.dropped(DropReason::CaptureFull);
             }
         }
-        match dnstap::decode(&frame, &self.identity, SystemTime::now()) {
+        match dnstap::decode(&frame, &self.identity, received) {
             Ok(Decoded::Response(r)) => {
                 self.metrics.event();
-                self.hub.publish(r, Instant::now());
+                self.hub.publish(r, now);
                 None
             }
             Ok(Decoded::Ignored) => {
@@ -108,24 +113,26 @@ impl Ingest {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut decoder = self.decoder();
-        let mut chunk = vec![0u8; READ_CHUNK];
         let opened = Instant::now();
         let mut decode_errors = 0u64;
         loop {
             let handshake_left = HANDSHAKE_TIMEOUT.saturating_sub(opened.elapsed());
+            let started = decoder.is_started();
+            let buf = decoder.buffer_mut();
+            buf.reserve(READ_CHUNK);
             let read = tokio::select! {
-                r = stream.read(&mut chunk) => r,
+                r = stream.read_buf(buf) => r,
                 _ = stop.wait_for(|s| *s) => {
                     tracing::debug!("stopping");
                     return;
                 }
-                () = tokio::time::sleep(handshake_left), if !decoder.is_started() => {
+                () = tokio::time::sleep(handshake_left), if !started => {
                     self.metrics.frame_error();
                     tracing::warn!("no START within {HANDSHAKE_TIMEOUT:?}; closing");
                     return;
                 }
             };
-            let n = match read {
+            match read {
                 Ok(0) => {
                     if let Err(error) = decoder.finish_input() {
                         self.metrics.frame_error();
@@ -135,18 +142,18 @@ impl Ingest {
                     }
                     return;
                 }
-                Ok(n) => n,
+                Ok(_) => {}
                 Err(error) => {
                     tracing::warn!(%error, "read failed");
                     return;
                 }
-            };
-            decoder.push(&chunk[..n]);
+            }
+            let (received, now) = (SystemTime::now(), Instant::now());
             loop {
                 match decoder.poll() {
                     Ok(None) => break,
                     Ok(Some(Output::Data(frame))) => {
-                        if let Some(error) = self.on_frame(frame) {
+                        if let Some(error) = self.on_frame(frame, received, now) {
                             decode_errors += 1;
                             if decode_errors == 1 {
                                 tracing::warn!(%error, "undecodable dnstap frame (further ones at debug level)");

@@ -1,0 +1,232 @@
+//! tapd throughput, printed as figures (run with `cargo bench -p tapd --bench throughput`):
+//!
+//! 1. decoded events/s on one core: a current-thread runtime reads CoreDNS-sized `CLIENT_RESPONSE`
+//!    frames from a unix socket, decodes and publishes them (recent-answer cache on, no subscriber);
+//! 2. events/s delivered over gRPC to one subscriber: the tapd binary in its own process, fed flat out
+//!    over its unix socket, read by one tonic client here;
+//! 3. peak RSS (VmHWM) of that tapd process, and of this process after the decode run.
+//!
+//! Targets: ≥ 300,000 decoded events/s/core, ≥ 100,000 events/s over gRPC, RSS ≤ 32 MiB.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use bytes::BytesMut;
+use dnsflow_proto::{
+    v1::{dns_tap_client::DnsTapClient, SubscribeRequest},
+    DNSTAP_CONTENT_TYPE,
+};
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, Query},
+    rr::{rdata, Name, RData, Record, RecordType},
+};
+use std::{
+    io::{Read, Write},
+    net::Ipv4Addr,
+    os::unix::net::UnixStream,
+    path::Path,
+    str::FromStr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+use tapd::{
+    dnstap::client_response_frame,
+    framestream::{encode_control, encode_data, Control},
+    hub::{Hub, HubConfig},
+    listener::{DnstapListener, Ingest},
+    metrics::Metrics,
+    testsupport::{wait_until, TapdProcess},
+};
+
+/// Distinct frames cycled by the producer: 200 pods × ~20 names, as on a busy node.
+const CORPUS: usize = 4096;
+const DECODE_EVENTS: usize = 2_000_000;
+const GRPC_EVENTS: usize = 1_000_000;
+/// Producer write size: CoreDNS flushes 4 KiB at a time; bigger writes keep the producer from being
+/// the bottleneck of a benchmark about tapd.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// What CoreDNS sends for `full` dnstap: identity, version, addresses, ports, times, and the response
+/// message (here: a CNAME and two A records, about 130 bytes of DNS).
+fn corpus() -> Vec<Vec<u8>> {
+    (0..CORPUS)
+        .map(|i| {
+            let qname = format!("svc{}.example{}.com.", i % 20, i % 7);
+            let target = format!("edge{}.cdn.example.net.", i % 13);
+            let mut m = Message::new(
+                u16::try_from(i).unwrap(),
+                MessageType::Response,
+                OpCode::Query,
+            );
+            m.add_query(Query::query(Name::from_str(&qname).unwrap(), RecordType::A));
+            m.add_answer(Record::from_rdata(
+                Name::from_str(&qname).unwrap(),
+                300,
+                RData::CNAME(rdata::CNAME(Name::from_str(&target).unwrap())),
+            ));
+            for j in 1..=2u8 {
+                m.add_answer(Record::from_rdata(
+                    Name::from_str(&target).unwrap(),
+                    30,
+                    RData::A(rdata::A(Ipv4Addr::new(192, 0, 2, j))),
+                ));
+            }
+            let client = [10, 244, 1, u8::try_from(i % 200).unwrap()];
+            client_response_frame(
+                Some(b"coredns-5d78c9869d-x2x7q"),
+                &client,
+                &m.to_vec().unwrap(),
+                SystemTime::now(),
+            )
+        })
+        .collect()
+}
+
+/// Plays CoreDNS on `socket`: handshake, `events` frames cycled from `frames`, STOP; returns when
+/// tapd answers FINISH, i.e. once it has read (and so decoded) everything.
+fn produce(socket: &Path, frames: &[Vec<u8>], events: usize) -> Duration {
+    let ct = DNSTAP_CONTENT_TYPE.as_bytes();
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.write_all(&encode_control(Control::Ready, Some(ct)))
+        .unwrap();
+    let mut accept = vec![0; encode_control(Control::Accept, Some(ct)).len()];
+    s.read_exact(&mut accept).unwrap();
+    s.write_all(&encode_control(Control::Start, Some(ct)))
+        .unwrap();
+    let started = Instant::now();
+    let mut batch = BytesMut::with_capacity(WRITE_BATCH + 1024);
+    for f in frames.iter().cycle().take(events) {
+        encode_data(f, &mut batch);
+        if batch.len() >= WRITE_BATCH {
+            s.write_all(&batch).unwrap();
+            batch.clear();
+        }
+    }
+    s.write_all(&batch).unwrap();
+    s.write_all(&encode_control(Control::Stop, None)).unwrap();
+    let mut finish = [0u8; 12];
+    s.read_exact(&mut finish).unwrap();
+    started.elapsed()
+}
+
+fn hub_config() -> HubConfig {
+    HubConfig {
+        subscriber_buffer: 16_384,
+        recent_entries: 50_000,
+        recent_max_ttl: Duration::from_secs(3600),
+    }
+}
+
+fn bench_decode(dir: &Path, frames: &[Vec<u8>]) -> f64 {
+    let socket = dir.join("decode.sock");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let server = {
+        let _guard = runtime.enter();
+        let listener = DnstapListener::bind_unix(&socket, 0o600).unwrap();
+        let hub = Hub::new(hub_config(), Arc::clone(&metrics));
+        let ingest = Arc::new(Ingest::new(
+            hub,
+            Arc::clone(&metrics),
+            None,
+            "tapd".into(),
+            tapd::framestream::DEFAULT_MAX_DATA_FRAME,
+        ));
+        listener.run(ingest, 4, stop, Duration::from_secs(1))
+    };
+    let producer = {
+        let frames = frames.to_vec();
+        std::thread::spawn(move || produce(&socket, &frames, DECODE_EVENTS))
+    };
+    runtime.block_on(async {
+        let server = tokio::spawn(server);
+        let elapsed = tokio::task::spawn_blocking(move || producer.join().unwrap())
+            .await
+            .unwrap();
+        stop_tx.send(true).unwrap();
+        server.await.unwrap();
+        assert_eq!(metrics.events(), DECODE_EVENTS as u64);
+        DECODE_EVENTS as f64 / elapsed.as_secs_f64()
+    })
+}
+
+/// The tapd binary, alone in its process so that its memory is measured without the producer and
+/// the subscriber; returns delivered events/s, events lost, and tapd's peak RSS in KiB.
+fn bench_grpc(frames: &[Vec<u8>]) -> (f64, u64, u64) {
+    let tapd = TapdProcess::spawn(Path::new(env!("CARGO_BIN_EXE_tapd")), &[]).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (rate, received) = runtime.block_on(async {
+        let mut client = DnsTapClient::connect(tapd.addrs.grpc_url()).await.unwrap();
+        let mut stream = client
+            .subscribe(SubscribeRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        wait_until("the subscriber", || {
+            tapd.addrs.metric("tapd_subscribers") == 1
+        })
+        .unwrap();
+        let producer = {
+            let frames = frames.to_vec();
+            let socket = tapd.addrs.socket.clone();
+            std::thread::spawn(move || produce(&socket, &frames, GRPC_EVENTS))
+        };
+        let started = Instant::now();
+        let mut received = 0u64;
+        let mut last = started;
+        while received < GRPC_EVENTS as u64 {
+            match tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
+                Ok(Ok(Some(_))) => {
+                    received += 1;
+                    last = Instant::now();
+                }
+                _ => break,
+            }
+        }
+        producer.join().unwrap();
+        (
+            received as f64 / last.duration_since(started).as_secs_f64(),
+            received,
+        )
+    });
+    let status = std::fs::read_to_string(format!("/proc/{}/status", tapd.daemon.pid())).unwrap();
+    (rate, GRPC_EVENTS as u64 - received, vm_hwm_kib(&status))
+}
+
+fn vm_hwm_kib(status: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: only build then.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let frames = corpus();
+    let mean = frames.iter().map(Vec::len).sum::<usize>() / frames.len();
+    println!("frames: {CORPUS} distinct CLIENT_RESPONSE frames, {mean} bytes on average");
+    let decode = bench_decode(dir.path(), &frames);
+    println!("decode (1 core, unix socket): {decode:>12.0} events/s   ({DECODE_EVENTS} events; target ≥ 300000)");
+    let own = vm_hwm_kib(&std::fs::read_to_string("/proc/self/status").unwrap_or_default());
+    println!(
+        "  peak RSS of the decode run (VmHWM, incl. producer thread): {:.1} MiB",
+        own as f64 / 1024.0
+    );
+    let (grpc, lost, rss) = bench_grpc(&frames);
+    println!("gRPC, one subscriber:         {grpc:>12.0} events/s   ({GRPC_EVENTS} events, {lost} lost; target ≥ 100000)");
+    println!(
+        "  peak RSS of the tapd process (VmHWM): {:.1} MiB   (target ≤ 32)",
+        rss as f64 / 1024.0
+    );
+}
