@@ -185,7 +185,7 @@ pub struct Decision {
     pub grants: Vec<Grant>,
     /// Set when the response earns nothing whatever the rules say.
     pub ignored: Option<Ignored>,
-    /// One trace per rule, in order (empty when `ignored`).
+    /// The rules that match, in order (empty when `ignored`); [`explain`] lists every rule.
     pub rules: Vec<RuleTrace>,
     /// Answer IPs that got no flow and why (only computed when some rule matched).
     pub excluded: Vec<(IpAddr, Exclusion)>,
@@ -197,6 +197,17 @@ pub fn explain(
     rules: &FirewallRules,
     settings: &PolicySettings,
 ) -> Vec<RuleTrace> {
+    trace(names, rules, settings, true)
+}
+
+/// [`explain`], keeping only the rules that match when `all` is false: [`decide`] runs for every DNS
+/// answer, and formatting thousands of non-matching rules would dominate its cost.
+fn trace(
+    names: &[&DnsName],
+    rules: &FirewallRules,
+    settings: &PolicySettings,
+    all: bool,
+) -> Vec<RuleTrace> {
     let mode = rules.name_matching_or(settings.name_matching());
     // The earliest matching rule without ports covers every L4 match; otherwise per protocol/port.
     let mut covers_all: Option<usize> = None;
@@ -205,7 +216,7 @@ pub fn explain(
         .rules
         .iter()
         .enumerate()
-        .map(|(index, rule)| {
+        .filter_map(|(index, rule)| {
             let outcome = match rule.dns_pattern() {
                 None => RuleOutcome::NotDnsName,
                 Some(pattern) => match names.iter().find(|n| pattern.matches(n, mode)) {
@@ -252,11 +263,13 @@ pub fn explain(
                     }
                 },
             };
-            RuleTrace {
-                index,
-                rule: rule.to_string(),
-                outcome,
-            }
+            (all || !matches!(outcome, RuleOutcome::NotDnsName | RuleOutcome::NoMatch)).then(|| {
+                RuleTrace {
+                    index,
+                    rule: rule.to_string(),
+                    outcome,
+                }
+            })
         })
         .collect()
 }
@@ -300,7 +313,7 @@ pub fn decide(
         };
     }
     let names: Vec<&DnsName> = resp.names().collect();
-    let traces = explain(&names, rules, settings);
+    let traces = trace(&names, rules, settings, false);
     let mut decision = Decision {
         rules: traces,
         ..Decision::default()
@@ -483,7 +496,25 @@ mod tests {
         assert_eq!(g.reason.qname, name("www.google.com"));
         assert_eq!(g.reason.dns_name, "google.com");
         assert_eq!(d.grants[1].ttl, 200);
-        assert_eq!(d.rules[1].outcome, RuleOutcome::NotDnsName);
+        assert_eq!(d.rules.len(), 1, "only the matching rule is traced");
+        let all = explain(
+            &[&name("www.google.com")],
+            &seed_rules(),
+            &PolicySettings::default(),
+        );
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].outcome, RuleOutcome::NotDnsName);
+        assert_eq!(all[1].rule, "Deny cidrSelector=0.0.0.0/0");
+        assert_eq!(
+            all[1].reason(),
+            "not a dnsName rule (enforced by OVN itself)"
+        );
+        let none = explain(
+            &[&name("example.org")],
+            &seed_rules(),
+            &PolicySettings::default(),
+        );
+        assert_eq!(none[0].outcome, RuleOutcome::NoMatch);
         assert_eq!(
             d.rules[0].reason(),
             "matches www.google.com at priority 11000; flows for any"
@@ -849,8 +880,9 @@ mod tests {
             &settings,
         );
         assert!(d.grants.is_empty());
+        assert_eq!(d.rules[0].index, 1);
         assert_eq!(
-            d.rules[1].outcome,
+            d.rules[0].outcome,
             RuleOutcome::NoPriority {
                 name: name("google.com")
             }
