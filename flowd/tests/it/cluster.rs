@@ -1032,6 +1032,38 @@ async fn the_api_lists_grants_explains_and_counts_over_grpcurl_and_metrics() {
         "{elsewhere}"
     );
 
+    let no_rules = block(|| {
+        grpcurl(
+            r#"{"namespace":"elsewhere","pod":"x","query_name":"www.example.com"}"#,
+            "dnsflow.v1.Flowd/Explain",
+        )
+    });
+    assert!(
+        no_rules["summary"]
+            .as_str()
+            .unwrap()
+            .contains("has no (valid) EgressFirewall"),
+        "{no_rules}"
+    );
+    // A name that is no DNS name is the caller's mistake, said as such.
+    let bad = block(|| {
+        Command::new("grpcurl")
+            .args([
+                "-plaintext",
+                "-d",
+                r#"{"namespace":"demo","pod":"client","query_name":"a..b"}"#,
+                &grpc_addr,
+                "dnsflow.v1.Flowd/Explain",
+            ])
+            .output()
+            .unwrap()
+    });
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("InvalidArgument"),
+        "{bad:?}"
+    );
+
     let stats = block(|| grpcurl("{}", "dnsflow.v1.Flowd/Stats"));
     assert_eq!(stats["grants"], "1");
     assert_eq!(stats["tapdConnected"], "1");
