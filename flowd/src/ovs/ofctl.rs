@@ -17,6 +17,8 @@ const OFCTL: &str = "ovs-ofctl";
 const VSCTL: &str = "ovs-vsctl";
 /// Cap on what one `ovs-ofctl`/`ovs-vsctl` call may print: a dump of 200,000 flows is ~60 MiB.
 pub const MAX_OUTPUT: usize = 256 << 20;
+/// Cap on the flows one dump returns: far above what one node's pods resolve, bounded all the same.
+pub const MAX_DUMP_FLOWS: usize = 2_000_000;
 /// Cap on a tool's error message kept for the log.
 const MAX_STDERR: usize = 4096;
 
@@ -114,7 +116,8 @@ impl Ofctl {
             });
         }
         w.map_err(io)?;
-        Ok(String::from_utf8_lossy(&out).into_owned())
+        Ok(String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
     }
 }
 
@@ -134,23 +137,73 @@ impl FlowProgrammer for Ofctl {
     }
 
     async fn dump(&self, prefix: u32) -> Result<Vec<ParsedFlow>> {
+        // Parsed line by line as it streams: 100,000 flows print ~30 MiB that need not be held at once.
         let filter = format!(
             "cookie={:#x}/{:#x}",
             u64::from(prefix) << 32,
             flow::PREFIX_MASK
         );
-        let out = self
-            .run(
-                OFCTL,
-                &["dump-flows", "--no-names", &self.bridge, &filter],
-                None,
-            )
-            .await?;
-        Ok(out
-            .lines()
-            .filter_map(flow::parse_flow_line)
-            .filter(|f| f.cookie.prefix() == prefix)
-            .collect())
+        let args = ["dump-flows", "--no-names", &self.bridge, &filter];
+        let mut child =
+            self.command(OFCTL)
+                .args(args)
+                .spawn()
+                .map_err(|source| OvsError::Spawn {
+                    program: OFCTL,
+                    source,
+                })?;
+        let io = |source| OvsError::Io {
+            program: OFCTL,
+            source,
+        };
+        let mut flows = Vec::new();
+        let mut err = Vec::new();
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let reader = async {
+            let Some(stdout) = stdout else { return Ok(()) };
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::with_capacity(flow::MAX_LINE_LEN);
+            loop {
+                buf.clear();
+                let n = (&mut reader)
+                    .take(flow::MAX_LINE_LEN as u64)
+                    .read_until(b'\n', &mut buf)
+                    .await?;
+                if n == 0 {
+                    return Ok::<_, std::io::Error>(());
+                }
+                if flows.len() >= MAX_DUMP_FLOWS {
+                    continue;
+                }
+                if let Some(f) = std::str::from_utf8(&buf)
+                    .ok()
+                    .and_then(flow::parse_flow_line)
+                {
+                    if f.cookie.prefix() == prefix {
+                        flows.push(f);
+                    }
+                }
+            }
+        };
+        let err_reader = async {
+            if let Some(s) = stderr {
+                s.take(MAX_STDERR as u64).read_to_end(&mut err).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        let (r, e) = tokio::join!(reader, err_reader);
+        r.map_err(io)?;
+        e.map_err(io)?;
+        let status = child.wait().await.map_err(io)?;
+        if !status.success() {
+            return Err(OvsError::Failed {
+                program: OFCTL,
+                args: args.join(" "),
+                status,
+                stderr: String::from_utf8_lossy(&err).trim().to_owned(),
+            });
+        }
+        Ok(flows)
     }
 
     async fn monitor(&self, table: u8) -> Result<mpsc::Receiver<FlowEvent>> {

@@ -490,10 +490,8 @@ impl Sandbox {
             "port_group",
             &pg,
             "ports",
-            &self
-                .nbctl(&["get", "logical_switch_port", &iface, "_uuid"])?
-                .trim()
-                .to_owned(),
+            self.nbctl(&["get", "logical_switch_port", &iface, "_uuid"])?
+                .trim(),
         ])?;
         let ofport = self.add_ovs_port(&iface)?;
         self.sync()?;
@@ -623,8 +621,8 @@ impl Sandbox {
         )?;
         let last = out
             .lines()
-            .filter_map(|l| l.strip_prefix("Datapath actions: "))
-            .last()
+            .rev()
+            .find_map(|l| l.strip_prefix("Datapath actions: "))
             .with_context(|| format!("no datapath actions in trace:\n{out}"))?;
         Ok(if forwards(last) {
             Trace::Forwarded

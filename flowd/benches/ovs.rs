@@ -1,0 +1,331 @@
+//! flowd's OVS figures, measured on a real OVN 23.03 sandbox (built here, in a temp dir):
+//!
+//! - DNS event → flow present in OVS (seen by an independent `ovs-ofctl monitor`), p50/p99, at 100 and
+//!   1,000 events/s;
+//! - 50,000 flows installed from cold (a restarted engine fed its whole answer cache at once);
+//! - a full reconcile of 100,000 flows (nothing to change; then after a wipe of all of them);
+//! - the engine's peak RSS (VmHWM) holding 100,000 flows, in a child process of its own.
+//!
+//! Run: `cargo bench -p flowd --bench ovs` (release build; prints the figures).
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../tests/it/sandbox.rs"]
+#[allow(dead_code)]
+mod sandbox;
+
+use anyhow::{Context, Result};
+use flowd::{
+    egressfirewall::EgressFirewall,
+    engine::Engine,
+    model::PodInfo,
+    ovs::{flow, FlowEvent, Ofctl},
+    rules::FirewallRules,
+    settings::EngineSettings,
+};
+use sandbox::Sandbox;
+use serde_json::json;
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    net::{IpAddr, Ipv4Addr},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+use tapd::{Answer, DnsName, DnsResponse};
+
+const NS: &str = "bench";
+const PODS: u8 = 20;
+/// Addresses per answer in the bulk phases (CDN answers carry several).
+const IPS_PER_ANSWER: u32 = 10;
+/// Set in the child process that measures RSS: the sandbox directory to use.
+const RSS_CHILD_ENV: &str = "FLOWD_BENCH_RSS_CHILD";
+
+fn rules() -> FirewallRules {
+    let ef: EgressFirewall = serde_json::from_value(json!({
+        "apiVersion": "k8s.ovn.org/v1", "kind": "EgressFirewall",
+        "metadata": {"name": "default", "namespace": NS},
+        "spec": {"egress": [
+            {"type": "Allow", "to": {"dnsName": "example.com"}},
+            {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}
+        ]}
+    }))
+    .unwrap();
+    FirewallRules::from_egress_firewall(&ef).unwrap()
+}
+
+fn pod_info(i: u8) -> PodInfo {
+    PodInfo {
+        key: flowd::model::PodKey::new(NS, format!("pod{i}")),
+        ips: vec![format!("10.244.1.{}", 10 + i).parse().unwrap()],
+        node: Sandbox::NODE.into(),
+    }
+}
+
+/// The `k`-th distinct answer address (11.0.0.0/8).
+fn dst(k: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0b00_0000 + k)
+}
+
+fn answer(pod: u8, name: u32, ips: impl Iterator<Item = Ipv4Addr>) -> DnsResponse {
+    DnsResponse {
+        client: pod_info(pod).ips[0],
+        qname: DnsName::new(&format!("n{name}.example.com")).unwrap(),
+        qtype: 1,
+        rcode: 0,
+        cname_chain: Vec::new(),
+        answers: ips
+            .map(|ip| Answer {
+                ip: ip.into(),
+                ttl: 300,
+            })
+            .collect(),
+        response_time: None,
+        decoded_time: UNIX_EPOCH,
+        server_identity: "bench".into(),
+        sequence: u64::from(name),
+        replayed: false,
+    }
+}
+
+fn engine(ofctl: Ofctl) -> Engine<Ofctl> {
+    let e = Engine::new(EngineSettings::default(), ofctl);
+    e.set_node(Sandbox::NODE);
+    e.set_rules(rules());
+    for i in 0..PODS {
+        e.upsert_pod(pod_info(i));
+    }
+    e
+}
+
+/// Feeds `flows` flows (answers of IPS_PER_ANSWER addresses, round robin over the pods) from `first`.
+fn feed(e: &Engine<Ofctl>, first: u32, flows: u32) {
+    let now = SystemTime::now();
+    let mut k = first;
+    let mut name = first / IPS_PER_ANSWER;
+    while k < first + flows {
+        let n = IPS_PER_ANSWER.min(first + flows - k);
+        e.on_dns(
+            answer((name % u32::from(PODS)) as u8, name, (k..k + n).map(dst)),
+            now,
+        );
+        k += n;
+        name += 1;
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn clear(sb: &Sandbox) -> Result<()> {
+    let filter = format!(
+        "cookie={:#x}/0xffffffff00000000",
+        u64::from(EngineSettings::default().cookie_prefix) << 32
+    );
+    sb.ofctl_cmd(&["del-flows", "br-int", &filter]).map(drop)
+}
+
+fn count(sb: &Sandbox) -> Result<usize> {
+    Ok(sb
+        .dnsflow_flows(EngineSettings::default().cookie_prefix)?
+        .len())
+}
+
+/// Event → flow in OVS at `rate` events/s for `secs` seconds; returns sorted latencies.
+async fn latency(
+    sb: &Sandbox,
+    e: &Engine<Ofctl>,
+    rate: u32,
+    secs: u32,
+    first: u32,
+) -> Result<Vec<Duration>> {
+    let sent: Arc<Mutex<HashMap<IpAddr, Instant>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let mut monitor = Command::new("ovs-ofctl")
+        .args(["monitor", "br-int", "watch:!initial,table=46", "--no-names"])
+        .envs(sb.env())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let events = monitor.stderr.take().context("monitor stderr")?;
+    let reader = {
+        let (sent, seen) = (Arc::clone(&sent), Arc::clone(&seen));
+        std::thread::spawn(move || {
+            for line in BufReader::new(events).lines() {
+                let Ok(line) = line else { break };
+                let at = Instant::now();
+                if let Some(FlowEvent::Added(f)) = flow::parse_monitor_line(&line) {
+                    if let Some(d) = f.fields.and_then(|m| m.dst) {
+                        if let Some(t0) = sent.lock().unwrap().remove(&d) {
+                            seen.lock().unwrap().push(at - t0);
+                        }
+                    }
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let total = rate * secs;
+    let period = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let start = tokio::time::Instant::now();
+    for i in 0..total {
+        tokio::time::sleep_until(start + period * i).await;
+        let ip = dst(first + i);
+        sent.lock().unwrap().insert(ip.into(), Instant::now());
+        e.on_dns(
+            answer((i % u32::from(PODS)) as u8, first + i, std::iter::once(ip)),
+            SystemTime::now(),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.lock().unwrap().len() < total as usize && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    let _ = reader.join();
+    let mut v = seen.lock().unwrap().clone();
+    anyhow::ensure!(
+        v.len() == total as usize,
+        "only {} of {total} flows seen",
+        v.len()
+    );
+    v.sort();
+    Ok(v)
+}
+
+fn vm_status(field: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+}
+
+/// In a process of its own: an engine that installs 100,000 flows into the sandbox at `dir`, reconciles
+/// once, and reports its peak and current RSS.
+fn rss_child(dir: &str) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let ofctl = ["OVS_RUNDIR", "OVN_RUNDIR"]
+            .into_iter()
+            .fold(Ofctl::new("br-int"), |o, k| o.with_env(k, dir));
+        let e = engine(ofctl);
+        feed(&e, 0, 100_000);
+        e.flush().await?;
+        e.reconcile().await?;
+        anyhow::ensure!(
+            e.metrics_snapshot().flows_desired == 100_000,
+            "not 100,000 flows"
+        );
+        println!(
+            "{} {}",
+            vm_status("VmHWM:").unwrap_or(0),
+            vm_status("VmRSS:").unwrap_or(0)
+        );
+        Ok(())
+    })
+}
+
+fn main() -> Result<()> {
+    if let Ok(dir) = std::env::var(RSS_CHILD_ENV) {
+        return rss_child(&dir);
+    }
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let started = Instant::now();
+        let sb = Sandbox::start()?;
+        for i in 0..PODS {
+            sb.add_pod(NS, &format!("pod{i}"), 10 + i)?;
+        }
+        sb.set_egress_firewall(&rules())?;
+        println!("sandbox with {PODS} pods ready in {}", ms(started.elapsed()));
+
+        // 1. Latency under a steady event rate, engine running as in the daemon.
+        let e = engine(sb.ofctl());
+        let task = tokio::spawn(e.clone().run());
+        e.flush().await?;
+        let mut first = 0;
+        for (rate, secs) in [(100, 5), (1000, 5)] {
+            let v = latency(&sb, &e, rate, secs, first).await?;
+            first += rate * secs;
+            let m = e.metrics_snapshot();
+            println!(
+                "event -> flow in OVS at {rate:>4} ev/s: p50 {}  p99 {}  max {}  ({} events, {} batches so far)",
+                ms(percentile(&v, 0.5)),
+                ms(percentile(&v, 0.99)),
+                ms(*v.last().unwrap()),
+                v.len(),
+                m.batches
+            );
+        }
+        task.abort();
+        drop(e);
+        clear(&sb)?;
+
+        // 2. 50,000 flows from cold: a restarted engine gets its whole cache at once.
+        let e = engine(sb.ofctl());
+        let t0 = Instant::now();
+        feed(&e, 0, 50_000);
+        let fed = t0.elapsed();
+        e.flush().await?;
+        let cold = t0.elapsed();
+        anyhow::ensure!(count(&sb)? == 50_000, "not 50,000 flows in OVS");
+        println!(
+            "50,000 flows from cold: {} (decisions {}, {} bundles)",
+            ms(cold),
+            ms(fed),
+            e.metrics_snapshot().batches
+        );
+
+        // 3. Full reconcile of 100,000 flows.
+        feed(&e, 50_000, 50_000);
+        e.flush().await?;
+        anyhow::ensure!(count(&sb)? == 100_000, "not 100,000 flows in OVS");
+        let t0 = Instant::now();
+        e.reconcile().await?;
+        println!("full reconcile of 100,000 flows, nothing to change: {}", ms(t0.elapsed()));
+        clear(&sb)?;
+        let t0 = Instant::now();
+        e.reconcile().await?;
+        anyhow::ensure!(count(&sb)? == 100_000, "reconcile did not restore 100,000 flows");
+        println!("full reconcile of 100,000 flows after all were wiped: {}", ms(t0.elapsed()));
+        drop(e);
+        clear(&sb)?;
+
+        // 4. RSS with 100,000 flows, in a fresh process.
+        let out = Command::new(std::env::current_exe()?)
+            .env(RSS_CHILD_ENV, sb.path())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "rss child: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut it = text.split_whitespace().map(|n| n.parse::<u64>().unwrap_or(0));
+        let (hwm, rss) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+        println!(
+            "engine with 100,000 flows: VmHWM {:.1} MiB, VmRSS {:.1} MiB",
+            hwm as f64 / 1024.0,
+            rss as f64 / 1024.0
+        );
+        Ok(())
+    })
+}
