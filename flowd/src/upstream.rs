@@ -26,6 +26,7 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
 };
+use tracing::Instrument as _;
 
 /// First reconnect delay: a tapd restarting in a rolling update is back within a second or two.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -170,12 +171,15 @@ impl Upstreams {
         for addr in endpoints {
             if !self.tasks.contains_key(addr) {
                 tracing::info!(tapd = %addr, "tapd found; subscribing");
-                let task = tokio::spawn(subscription(
-                    *addr,
-                    self.subnets.clone(),
-                    self.events.clone(),
-                    self.stats.clone(),
-                ));
+                let task = tokio::spawn(
+                    subscription(
+                        *addr,
+                        self.subnets.clone(),
+                        self.events.clone(),
+                        self.stats.clone(),
+                    )
+                    .instrument(tracing::info_span!("tapd", tapd = %addr)),
+                );
                 self.tasks.insert(*addr, task);
             }
         }
@@ -216,13 +220,13 @@ async fn subscription(
             // The node's subnets changed: resubscribe with the new filter at once.
             Ok(End::Refilter) => continue,
             Ok(End::Closed) => {
-                tracing::info!(tapd = %addr, "tapd ended the stream; resubscribing");
+                tracing::info!("tapd ended the stream; resubscribing");
                 backoff.next_delay()
             }
             Err(error) => {
                 stats.failures.fetch_add(1, Ordering::Relaxed);
                 let delay = backoff.next_delay();
-                tracing::warn!(tapd = %addr, %error, retry_in = ?delay, "tapd subscription failed");
+                tracing::warn!(%error, retry_in = ?delay, "tapd subscription failed");
                 delay
             }
         };
@@ -262,7 +266,7 @@ async fn session(
         .await?
         .into_inner();
     let _connected = Connected::new(stats);
-    tracing::info!(tapd = %addr, subnets = ?filter, "subscribed");
+    tracing::info!(subnets = ?filter, "subscribed");
     loop {
         let message = tokio::select! {
             m = stream.message() => m?,
@@ -288,7 +292,7 @@ async fn session(
             }
             Err(error) => {
                 stats.invalid.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(tapd = %addr, %error, "invalid event from tapd; skipped");
+                tracing::warn!(%error, "invalid event from tapd; skipped");
             }
         }
     }
