@@ -405,3 +405,107 @@ fn dry_run_prints_the_engines_exact_ovs_ofctl_input() {
     );
     assert_eq!(custom["engine"]["installed"], 3);
 }
+
+/// The seed's case end to end through the real OVN pipeline: `flowd replay --apply br-int` on the shipped
+/// capture turns client -> Google's answers from dropped (the EF Deny) into forwarded, and nothing else.
+#[test]
+fn apply_installs_the_grants_in_a_real_ovn_pipeline() -> anyhow::Result<()> {
+    use crate::sandbox::{Sandbox, Trace};
+    let sb = Sandbox::start()?;
+    let client = sb.add_pod("abc", "client", 5)?;
+    let other = sb.add_pod("abc", "other", 6)?;
+    let ef = r#"
+apiVersion: k8s.ovn.org/v1
+kind: EgressFirewall
+metadata: {name: default, namespace: abc}
+spec:
+  egress:
+  - {type: Allow, to: {dnsName: google.com}}
+  - {type: Deny, to: {cidrSelector: 0.0.0.0/0}}
+  - {type: Deny, to: {cidrSelector: "::/0"}}
+"#;
+    let snapshot = format!(
+        r#"{ef}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: {node}
+  annotations: {{k8s.ovn.org/node-subnets: '{{"default":["10.244.1.0/24","fd00:10:244:1::/64"]}}'}}
+---
+{client}
+---
+{other}
+"#,
+        node = Sandbox::NODE,
+        client = pod_yaml("client", client.ipv4, client.ipv6),
+        other = pod_yaml("other", other.ipv4, other.ipv6),
+    );
+    let rules = flowd::snapshot::Snapshot::parse(&snapshot, Path::new("t.yaml"))?
+        .rules
+        .remove("abc")
+        .expect("the EgressFirewall validates");
+    sb.set_egress_firewall(&rules)?;
+    let google: Vec<IpAddr> = example::granted_ips();
+    for ip in &google {
+        assert_eq!(
+            sb.trace(&client, *ip, None)?,
+            Trace::Dropped,
+            "{ip} before the replay"
+        );
+    }
+
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("snapshot.yaml");
+    std::fs::write(&path, &snapshot)?;
+    let out = Command::new(env!("CARGO_BIN_EXE_flowd"))
+        .args([
+            "replay",
+            "--snapshot",
+            path.to_str().unwrap(),
+            "--node",
+            Sandbox::NODE,
+        ])
+        .args(["--apply", "br-int"])
+        .envs(sb.env())
+        .env_remove("FLOWD_ACL_TABLE")
+        .env_remove("FLOWD_ALLOW_ACTIONS")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("engine: 3 flows installed in br-int, 0 waiting"),
+        "{stdout}"
+    );
+
+    for ip in &google {
+        assert_eq!(
+            sb.trace(&client, *ip, None)?,
+            Trace::Forwarded,
+            "client -> {ip}"
+        );
+        assert_eq!(
+            sb.trace(&other, *ip, None)?,
+            Trace::Dropped,
+            "other -> {ip}"
+        );
+    }
+    let unresolved: IpAddr = "142.250.74.99".parse()?;
+    assert_eq!(sb.trace(&client, unresolved, None)?, Trace::Dropped);
+    let flows = sb.dnsflow_flows(flowd::settings::DEFAULT_COOKIE_PREFIX)?;
+    assert_eq!(flows.len(), 3, "{flows:#?}");
+    Ok(())
+}
+
+fn pod_yaml(name: &str, v4: IpAddr, v6: IpAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: abc}}\n\
+         spec: {{nodeName: {node}, containers: []}}\n\
+         status: {{phase: Running, podIPs: [{{ip: \"{v4}\"}}, {{ip: \"{v6}\"}}]}}\n",
+        node = crate::sandbox::Sandbox::NODE
+    )
+}
