@@ -509,3 +509,104 @@ fn pod_yaml(name: &str, v4: IpAddr, v6: IpAddr) -> String {
         node = crate::sandbox::Sandbox::NODE
     )
 }
+
+/// A capture recorded from real parts: Unbound (dnstap `CLIENT_RESPONSE`, bidirectional Frame Streams)
+/// into the real `fstrm_capture`, queried by `dig` from client IPs that the snapshot gives to pods.
+#[test]
+fn a_capture_recorded_by_fstrm_capture_from_unbound_replays() -> anyhow::Result<()> {
+    use std::{net::Ipv4Addr, time::Duration};
+    use tapd::testsupport::{dig, require_tool, wait_until, ChildDaemon, Unbound, UnboundConfig};
+    require_tool("fstrm_capture")?;
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("dnstap.sock");
+    let file = dir.path().join("recorded.fstrm");
+    // Debug level 5 makes fstrm_capture log each data frame, which tells when all have arrived.
+    let mut capture = ChildDaemon::spawn(
+        "fstrm_capture",
+        Command::new("fstrm_capture")
+            .args(["-ddddd", "-t", "protobuf:dnstap.Dnstap", "-u"])
+            .arg(&socket)
+            .arg("-w")
+            .arg(&file),
+        dir.path().join("fstrm_capture.log"),
+    )?;
+    capture.wait_for_log("opened output file")?;
+    let unbound = Unbound::start(
+        &socket,
+        &UnboundConfig {
+            auth_zones: vec![(
+                "google.com".into(),
+                vec![
+                    "www 21600 IN CNAME www3.l".into(),
+                    "www3.l 274 IN A 142.250.74.36".into(),
+                    "www3.l 274 IN AAAA 2a00:1450:4001:82b::2004".into(),
+                ],
+            )],
+            ..UnboundConfig::default()
+        },
+    )?;
+    let client = Ipv4Addr::new(127, 0, 0, 5);
+    let web = Ipv4Addr::new(127, 0, 0, 7);
+    let a = dig(client, unbound.port(), "WWW.Google.com", "A")?;
+    assert!(a.contains(&"142.250.74.36".to_string()), "{a:?}");
+    dig(client, unbound.port(), "www.google.com", "AAAA")?;
+    dig(client, unbound.port(), "nosuch.google.com", "A")?;
+    dig(web, unbound.port(), "www.google.com", "A")?;
+    wait_until("four dnstap frames at fstrm_capture", || {
+        capture.log().matches("processing data frame").count() >= 4
+    })?;
+    capture.terminate(Duration::from_secs(5))?;
+    drop(unbound);
+
+    let snapshot = dir.path().join("snapshot.yaml");
+    std::fs::write(
+        &snapshot,
+        r#"
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Pod, metadata: {name: client, namespace: abc},
+   spec: {nodeName: n1, containers: []},
+   status: {phase: Running, podIPs: [{ip: 127.0.0.5}, {ip: "fd00:10:244:2::5"}]}}
+- {apiVersion: v1, kind: Pod, metadata: {name: web, namespace: xyz},
+   spec: {nodeName: n1, containers: []}, status: {phase: Running, podIPs: [{ip: 127.0.0.7}]}}
+- apiVersion: k8s.ovn.org/v1
+  kind: EgressFirewall
+  metadata: {name: default, namespace: abc}
+  spec:
+    egress:
+    - {type: Allow, to: {dnsName: google.com}}
+    - {type: Deny, to: {cidrSelector: 0.0.0.0/0}}
+"#,
+    )?;
+    let doc = json(&[
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--capture",
+        file.to_str().unwrap(),
+    ]);
+    let want: BTreeSet<_> = ["142.250.74.36", "2a00:1450:4001:82b::2004"]
+        .iter()
+        .map(|ip| {
+            (
+                "abc/client".to_string(),
+                ip.parse().unwrap(),
+                11000,
+                0,
+                "Allow".to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(flows(&doc), want, "{doc:#}");
+    assert_eq!(doc["summary"]["events"], 4, "{doc:#}");
+    assert_eq!(doc["summary"]["skipped"]["not NOERROR"], 1, "{doc:#}");
+    assert_eq!(
+        doc["summary"]["skipped"]["namespace has no EgressFirewall"], 1,
+        "{doc:#}"
+    );
+    let first = &doc["events"][0];
+    assert_eq!(first["queryName"], "www.google.com");
+    assert_eq!(first["grants"][0]["ttl"], 274);
+    assert_eq!(first["grants"][0]["podIp"], "127.0.0.5");
+    Ok(())
+}
