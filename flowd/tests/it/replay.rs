@@ -250,6 +250,33 @@ fn hostile_input_fails_cleanly_naming_the_file() {
         &["bad.yaml", "invalid YAML"],
     );
 
+    // A "billion laughs" of aliases and deep nesting are refused, not expanded.
+    let mut laughs = String::from("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for (prev, name) in ('a'..='i').zip('b'..='j') {
+        laughs += &format!(
+            "{name}: &{name} [{}]\n",
+            vec![format!("*{prev}"); 9].join(", ")
+        );
+    }
+    let laughs = p("laughs.yaml", laughs.as_bytes());
+    assert_clean_failure(
+        &flowd(&["--snapshot", &laughs]),
+        &["laughs.yaml", "invalid YAML"],
+    );
+    let deep = p(
+        "deep.yaml",
+        format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).as_bytes(),
+    );
+    assert_clean_failure(
+        &flowd(&["--snapshot", &deep]),
+        &["deep.yaml", "invalid YAML"],
+    );
+    let deep_json = p("deep.json", "[".repeat(100_000).as_bytes());
+    assert_clean_failure(
+        &flowd(&["--events", &deep_json]),
+        &["deep.json", "invalid JSON"],
+    );
+
     let binary_yaml = p("binary.yaml", &[0xff, 0x00, 0xfe]);
     assert_clean_failure(
         &flowd(&["--snapshot", &binary_yaml]),
