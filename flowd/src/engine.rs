@@ -50,6 +50,14 @@ const REFRESH_MIN: Duration = Duration::from_secs(1);
 const MONITOR_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 /// A monitor that ran this long before dying restarts at the shortest backoff again.
 const MONITOR_HEALTHY: Duration = Duration::from_secs(30);
+/// Flows the engine holds at most (a grant beyond it is dropped and counted): ~25 MiB of state.
+pub const MAX_FLOWS: usize = 500_000;
+/// Discovery dumps the whole bridge: while OVN has no ACL table yet, look again at most this often.
+const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
+/// The first reconcile (which removes what an earlier run left and no longer wants) comes this soon
+/// after start, when the interval is longer: time for the caches to fill (tapd replays recent answers
+/// on subscribe). A daemon that knows when it is in sync may call [`Engine::reconcile`] itself.
+pub const FIRST_RECONCILE: Duration = Duration::from_secs(15);
 /// Flows written per bundle at most: bounds the memory of one batch (~10 MiB of text and specs); the
 /// rest follows in the next batch at once.
 pub const MAX_BATCH_FLOWS: usize = 20_000;
@@ -130,6 +138,8 @@ struct State {
     target: Option<AclTarget>,
     local_subnets: Vec<IpNet>,
     node: Option<String>,
+    /// When discovery last found no ACL table.
+    discovery_failed: Option<Instant>,
 }
 
 struct Inner<P> {
@@ -492,6 +502,7 @@ impl<P: FlowProgrammer> Engine<P> {
         let Some(id) = s.flow_id(&g.key) else { return };
         let idle = Duration::from_secs(self.inner.settings.idle_timeout(g.ttl).into());
         let expires = now + idle;
+        let full = s.flows.len() >= MAX_FLOWS;
         match s.flows.get_mut(&id) {
             Some(f) if f.verdict == g.verdict && expires < f.expires + REFRESH_MIN => {
                 // Already there for at least as long: nothing to write.
@@ -503,6 +514,9 @@ impl<P: FlowProgrammer> Engine<P> {
                 f.expires = f.expires.max(expires);
                 f.reason = reason;
                 s.mark_dirty(id);
+            }
+            None if full => {
+                Metrics::add(&self.inner.metrics.grants_dropped, 1);
             }
             None => {
                 s.flows.insert(
@@ -637,6 +651,13 @@ impl<P: FlowProgrammer> Engine<P> {
         if let Some(t) = self.lock().target.clone() {
             return Ok(t);
         }
+        if self
+            .lock()
+            .discovery_failed
+            .is_some_and(|at| at.elapsed() < DISCOVERY_RETRY)
+        {
+            return Err(EngineError::NoAclTable);
+        }
         let st = &self.inner.settings;
         let discovered = self.inner.programmer.discover_acl(st.priority_base).await?;
         let target = match (st.acl_table, discovered) {
@@ -652,7 +673,10 @@ impl<P: FlowProgrammer> Engine<P> {
                 table: d.table,
                 allow: st.allow_actions.clone().unwrap_or(d.allow),
             },
-            (None, None) => return Err(EngineError::NoAclTable),
+            (None, None) => {
+                self.lock().discovery_failed = Some(Instant::now());
+                return Err(EngineError::NoAclTable);
+            }
         };
         tracing::info!(table = target.table, allow = %target.allow, "EgressFirewall ACL stage");
         self.lock().target = Some(target.clone());
@@ -989,7 +1013,8 @@ impl<P: FlowProgrammer> Engine<P> {
 
     async fn reconcile_loop(&self) {
         let period = self.inner.settings.reconcile_interval;
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let first = tokio::time::Instant::now() + period.min(FIRST_RECONCILE);
+        let mut tick = tokio::time::interval_at(first, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
@@ -1492,6 +1517,11 @@ mod tests {
         );
         assert!(matches!(e.flush().await, Err(EngineError::NoAclTable)));
         e.programmer().set_acl(Some(target()));
+        assert!(
+            matches!(e.flush().await, Err(EngineError::NoAclTable)),
+            "the bridge is not dumped again before DISCOVERY_RETRY"
+        );
+        e.lock().discovery_failed = Some(Instant::now() - DISCOVERY_RETRY);
         e.flush().await.unwrap();
         assert_eq!(e.programmer().flows().len(), 1);
     }

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub flows_reinstalled: AtomicU64,
     /// Flows OVS removed on their idle or hard timeout, and that flowd forgot.
     pub flows_expired: AtomicU64,
+    /// Grants not kept because the engine already holds `MAX_FLOWS` flows.
+    pub grants_dropped: AtomicU64,
     pub batches: AtomicU64,
     pub batch_errors: AtomicU64,
     pub batch_latency: LatencyHistogram,
@@ -79,6 +81,7 @@ pub struct MetricsSnapshot {
     pub flows_removed: u64,
     pub flows_reinstalled: u64,
     pub flows_expired: u64,
+    pub grants_dropped: u64,
     pub batches: u64,
     pub batch_errors: u64,
     /// Cumulative bucket counts matching [`BATCH_LATENCY_BUCKETS_US`], then +Inf.
@@ -107,6 +110,7 @@ impl Metrics {
             flows_removed: self.flows_removed.load(Relaxed),
             flows_reinstalled: self.flows_reinstalled.load(Relaxed),
             flows_expired: self.flows_expired.load(Relaxed),
+            grants_dropped: self.grants_dropped.load(Relaxed),
             batches: self.batches.load(Relaxed),
             batch_errors: self.batch_errors.load(Relaxed),
             batch_latency_buckets: buckets,

@@ -127,9 +127,11 @@ impl FlowProgrammer for Ofctl {
             return Ok(());
         }
         let text = flow::render_batch(ops);
+        // --no-names: otherwise ovs-ofctl first fetches every table's features (~1 MiB from OVN's
+        // br-int) to resolve table names, tripling the cost of a small batch.
         self.run(
             OFCTL,
-            &["--bundle", "add-flows", &self.bridge, "-"],
+            &["--no-names", "--bundle", "add-flows", &self.bridge, "-"],
             Some(text),
         )
         .await
