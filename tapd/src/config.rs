@@ -55,7 +55,7 @@ pub struct Config {
     pub max_connections: usize,
 
     /// Events buffered per subscriber; beyond that a slow subscriber loses events (counted).
-    #[arg(long, env = "TAPD_SUBSCRIBER_BUFFER", default_value_t = 16_384)]
+    #[arg(long, env = "TAPD_SUBSCRIBER_BUFFER", default_value_t = 8192)]
     pub subscriber_buffer: usize,
 
     /// Most recent answers kept for replay to (re)connecting subscribers; 0 disables the replay.
