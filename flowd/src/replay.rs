@@ -604,3 +604,112 @@ fn write_summary(out: &mut impl Write, s: &Summary, snapshot: &Snapshot) -> std:
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        replay: ReplayArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ReplayArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("replay").chain(args.iter().copied())).map(|c| c.replay)
+    }
+
+    #[test]
+    fn arguments_parse_with_defaults_and_refuse_conflicts() {
+        let a = parse(&[]).expect("defaults");
+        assert_eq!(a.snapshot, None);
+        assert_eq!((a.capture.as_ref(), a.events.as_ref()), (None, None));
+        assert_eq!(a.output, OutputFormat::Text);
+        assert!(a.apply.is_none() && !a.dry_run_ofctl);
+        assert_eq!(a.engine.priority_base, 11000);
+
+        let a = parse(&[
+            "--snapshot",
+            "s.yaml",
+            "--events",
+            "e.json",
+            "--node",
+            "n1",
+            "--output",
+            "json",
+            "--dry-run-ofctl",
+            "--strict-dns-names",
+            "--acl-table",
+            "44",
+        ])
+        .expect("valid");
+        assert_eq!(a.events.as_deref(), Some(Path::new("e.json")));
+        assert_eq!(a.node.as_deref(), Some("n1"));
+        assert_eq!(a.output, OutputFormat::Json);
+        assert!(a.dry_run_ofctl && a.engine.strict_names);
+        assert_eq!(a.engine.acl_table, Some(44));
+
+        assert!(parse(&["--capture", "c", "--events", "e"]).is_err());
+        assert!(parse(&["--apply", "br-int", "--dry-run-ofctl"]).is_err());
+        assert!(parse(&["--output", "yaml"]).is_err());
+        assert!(parse(&["--apply"]).is_err());
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot::parse(EXAMPLE_SNAPSHOT, Path::new("examples/snapshot.yaml")).expect("example")
+    }
+
+    fn plan_all(planner: &Planner<'_>) -> Vec<EventOutcome> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        events::read_capture(EXAMPLE_CAPTURE, "example", |item| {
+            i += 1;
+            out.push(planner.plan(i, item));
+        })
+        .expect("the example reads");
+        out
+    }
+
+    #[test]
+    fn the_planner_finds_the_pod_and_says_why_events_earn_nothing() {
+        let snap = snapshot();
+        assert!(snap.warnings.is_empty(), "{:?}", snap.warnings);
+        let planner = Planner::new(&snap, PolicySettings::default(), None);
+        // The snapshot's node subnets join the cluster subnets.
+        assert!(planner
+            .settings()
+            .cluster_subnets
+            .contains(&"10.244.1.0/24".parse().expect("net")));
+        let outcomes = plan_all(&planner);
+        let mut summary = Summary::default();
+        outcomes.iter().for_each(|o| summary.add(o));
+        assert_eq!(summary.events, 6);
+        assert_eq!(summary.grants, 3);
+        assert_eq!(summary.flows.len(), 3);
+        assert_eq!(summary.skipped_total(), 3 + 1);
+        assert_eq!(outcomes[0].pod, Some(PodKey::new("abc", "client")));
+        assert_eq!(
+            outcomes[2].result,
+            Err(Skip::new("not NOERROR", "rcode NXDOMAIN"))
+        );
+
+        let elsewhere = Planner::new(&snap, PolicySettings::default(), Some("ovn-worker2"));
+        let outcomes = plan_all(&elsewhere);
+        assert!(outcomes
+            .iter()
+            .all(|o| matches!(&o.result, Err(s) if s.category == "pod on another node")));
+
+        let invalid = planner.plan(9, Err("bad frame".into()));
+        assert_eq!(invalid.result, Err(Skip::new("invalid event", "bad frame")));
+    }
+
+    #[test]
+    fn shared_buffers_read_back_what_was_written() {
+        let buf = SharedBuf::default();
+        let mut writer: Box<dyn Write + Send> = Box::new(buf.clone());
+        writer.write_all(b"add x\n").expect("write");
+        writer.flush().expect("flush");
+        assert_eq!(buf.text(), "add x\n");
+    }
+}
