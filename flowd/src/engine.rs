@@ -1099,22 +1099,14 @@ mod tests {
 
     /// An engine on a fake bridge where pods pod1 (reg14 2) and pod2 (reg14 3) have ports.
     fn engine() -> Engine<Recording> {
-        let fake = Recording::new(Some(target()));
-        fake.set_port(
-            "ns1_pod1",
-            PortKeys {
-                metadata: 1,
-                reg14: 2,
-            },
-        );
-        fake.set_port(
-            "ns1_pod2",
-            PortKeys {
-                metadata: 1,
-                reg14: 3,
-            },
-        );
-        let e = Engine::new(EngineSettings::default(), fake);
+        engine_on(Recording::new(Some(target())), EngineSettings::default())
+    }
+
+    fn engine_on(fake: Recording, settings: EngineSettings) -> Engine<Recording> {
+        for (iface, reg14) in [("ns1_pod1", 2), ("ns1_pod2", 3)] {
+            fake.set_port(iface, PortKeys { metadata: 1, reg14 });
+        }
+        let e = Engine::new(settings, fake);
         e.set_rules(google_rules());
         e
     }
@@ -1324,15 +1316,7 @@ mod tests {
     #[tokio::test]
     async fn changes_during_a_batch_are_coalesced_into_the_next() {
         let fake = Recording::with_delay(Some(target()), Duration::from_millis(100));
-        fake.set_port(
-            "ns1_pod1",
-            PortKeys {
-                metadata: 1,
-                reg14: 2,
-            },
-        );
-        let e = Engine::new(EngineSettings::default(), fake);
-        e.set_rules(google_rules());
+        let e = engine_on(fake, EngineSettings::default());
         e.upsert_pod(pod("pod1", "10.244.1.5"));
         let run = tokio::spawn(e.clone().run());
         e.on_dns(
@@ -1369,16 +1353,7 @@ mod tests {
             idle_grace: Duration::ZERO,
             ..EngineSettings::default()
         };
-        let fake = Recording::new(Some(target()));
-        fake.set_port(
-            "ns1_pod1",
-            PortKeys {
-                metadata: 1,
-                reg14: 2,
-            },
-        );
-        let e = Engine::new(settings, fake);
-        e.set_rules(google_rules());
+        let e = engine_on(Recording::new(Some(target())), settings);
         e.upsert_pod(pod("pod1", "10.244.1.5"));
         let run = tokio::spawn(e.clone().run());
         let now = SystemTime::now();
@@ -1414,6 +1389,27 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(e.programmer().flows().len(), 1, "the new monitor works");
         run.abort();
+    }
+
+    #[tokio::test]
+    async fn a_hard_timeout_ends_the_grant_even_before_its_ttl() {
+        let capped = EngineSettings {
+            hard_cap: Some(Duration::from_secs(60)),
+            ..EngineSettings::default()
+        };
+        let e = engine_on(Recording::new(Some(target())), capped);
+        e.upsert_pod(pod("pod1", "10.244.1.5"));
+        let run = tokio::spawn(e.clone().run());
+        let long = answer("10.244.1.5", "google.com", &[("142.250.0.1", 3600)]);
+        e.on_dns(long, SystemTime::now());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(e.programmer().flows()[0].hard_timeout, Some(60));
+        e.programmer().remove_where(RemovedReason::Hard, |_| true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        run.abort();
+        assert!(e.programmer().flows().is_empty(), "not reinstalled");
+        assert!(e.grants(None, None).is_empty());
+        assert_eq!(e.metrics_snapshot().flows_expired, 1);
     }
 
     #[tokio::test]

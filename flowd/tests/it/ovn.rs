@@ -19,7 +19,7 @@ use tokio::task::{block_in_place, JoinHandle};
 const NS: &str = "ns1";
 const TCP443: Option<(Protocol, u16)> = Some((Protocol::Tcp, 443));
 /// How long a flow may take from a DNS answer to OVS (one bundle; generous for a loaded CI machine).
-const APPLY_TIMEOUT: Duration = Duration::from_secs(3);
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -134,8 +134,9 @@ async fn node(rules: FirewallRules) -> Result<Node> {
 }
 
 impl Node {
-    fn trace(&self, pod: &Pod, dst: &str, l4: Option<(Protocol, u16)>) -> Trace {
-        block_in_place(|| self.sb.trace(pod, ip(dst), l4)).unwrap()
+    /// Traces every case and fails with all mismatches at once: (pod, destination, L4, expected, why).
+    fn expect(&self, cases: &[Case]) {
+        expect_traces(&self.sb, cases);
     }
 
     fn dns(&self, pod: &Pod, qname: &str, chain: &[&str], answers: &[&str]) {
@@ -162,6 +163,25 @@ impl Node {
     }
 }
 
+/// One oracle check: from pod, to destination, with L4 (or plain IP), expected verdict, why.
+type Case<'a> = (&'a Pod, &'a str, Option<(Protocol, u16)>, Trace, &'a str);
+
+fn expect_traces(sb: &Sandbox, cases: &[Case]) {
+    let wrong: Vec<String> = cases
+        .iter()
+        .filter_map(|(pod, dst, l4, want, why)| {
+            let got = block_in_place(|| sb.trace(pod, ip(dst), *l4)).unwrap();
+            (got != *want).then(|| {
+                format!(
+                    "{} -> {dst} {l4:?}: {got:?}, want {want:?} ({why})",
+                    pod.key
+                )
+            })
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
 /// Polls `check` every 5 ms until it holds; returns how long that took.
 async fn poll(timeout: Duration, mut check: impl FnMut() -> bool) -> Result<Duration> {
     let start = Instant::now();
@@ -176,32 +196,40 @@ async fn poll(timeout: Duration, mut check: impl FnMut() -> bool) -> Result<Dura
     }
 }
 
+use Trace::{Dropped, Forwarded};
+const UDP443: Option<(Protocol, u16)> = Some((Protocol::Udp, 443));
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resolved_ip_is_dropped_before_the_answer_and_forwarded_after() -> Result<()> {
     let n = node(google()).await?;
-    assert_eq!(
-        n.trace(&n.pod1, "142.250.1.1", TCP443),
-        Trace::Dropped,
-        "the EF Deny holds before DNS"
-    );
-    n.dns(&n.pod1, "www.google.com", &[], &["142.250.1.1"]);
+    let (p1, p2) = (&n.pod1, &n.pod2);
+    n.expect(&[(
+        p1,
+        "142.250.1.1",
+        TCP443,
+        Dropped,
+        "the EF Deny holds before DNS",
+    )]);
+    n.dns(p1, "www.google.com", &[], &["142.250.1.1"]);
     n.settle(1).await?;
-    assert_eq!(n.trace(&n.pod1, "142.250.1.1", TCP443), Trace::Forwarded);
-    assert_eq!(
-        n.trace(&n.pod1, "142.250.1.1", None),
-        Trace::Forwarded,
-        "no ports: any protocol"
-    );
-    assert_eq!(
-        n.trace(&n.pod2, "142.250.1.1", TCP443),
-        Trace::Dropped,
-        "another pod of the namespace"
-    );
-    assert_eq!(
-        n.trace(&n.pod1, "142.250.1.2", TCP443),
-        Trace::Dropped,
-        "an IP the pod did not resolve"
-    );
+    n.expect(&[
+        (p1, "142.250.1.1", TCP443, Forwarded, "resolved"),
+        (p1, "142.250.1.1", None, Forwarded, "no ports: any protocol"),
+        (
+            p2,
+            "142.250.1.1",
+            TCP443,
+            Dropped,
+            "another pod of the namespace",
+        ),
+        (
+            p1,
+            "142.250.1.2",
+            TCP443,
+            Dropped,
+            "an IP the pod did not resolve",
+        ),
+    ]);
     let flow = &n.flows()[0];
     assert!(
         flow.contains("table=46") && flow.contains("priority=11000"),
@@ -222,16 +250,16 @@ async fn an_earlier_cidr_deny_still_wins_a_later_one_does_not() -> Result<()> {
     .await?;
     n.dns(&n.pod1, "google.com", &[], &["142.250.1.1", "8.8.4.4"]);
     n.settle(2).await?;
-    assert_eq!(
-        n.trace(&n.pod1, "142.250.1.1", TCP443),
-        Trace::Dropped,
-        "rule 0 comes first"
-    );
-    assert_eq!(
-        n.trace(&n.pod1, "8.8.4.4", TCP443),
-        Trace::Forwarded,
-        "rule 2 comes after"
-    );
+    n.expect(&[
+        (
+            &n.pod1,
+            "142.250.1.1",
+            TCP443,
+            Dropped,
+            "rule 0 comes first",
+        ),
+        (&n.pod1, "8.8.4.4", TCP443, Forwarded, "rule 2 comes after"),
+    ]);
     Ok(())
 }
 
@@ -244,24 +272,26 @@ async fn only_the_rules_protocol_and_port_pass() -> Result<()> {
     .await?;
     n.dns(&n.pod1, "google.com", &[], &["142.250.1.1"]);
     n.settle(2).await?;
-    assert_eq!(n.trace(&n.pod1, "142.250.1.1", TCP443), Trace::Forwarded);
-    assert_eq!(
-        n.trace(&n.pod1, "142.250.1.1", Some((Protocol::Udp, 443))),
-        Trace::Forwarded
-    );
-    assert_eq!(
-        n.trace(&n.pod1, "142.250.1.1", Some((Protocol::Tcp, 80))),
-        Trace::Dropped
-    );
-    assert_eq!(
-        n.trace(&n.pod1, "142.250.1.1", Some((Protocol::Sctp, 443))),
-        Trace::Dropped
-    );
-    assert_eq!(
-        n.trace(&n.pod1, "142.250.1.1", None),
-        Trace::Dropped,
-        "plain IP"
-    );
+    let p1 = &n.pod1;
+    n.expect(&[
+        (p1, "142.250.1.1", TCP443, Forwarded, "tcp/443"),
+        (p1, "142.250.1.1", UDP443, Forwarded, "udp/443"),
+        (
+            p1,
+            "142.250.1.1",
+            Some((Protocol::Tcp, 80)),
+            Dropped,
+            "another port",
+        ),
+        (
+            p1,
+            "142.250.1.1",
+            Some((Protocol::Sctp, 443)),
+            Dropped,
+            "another protocol",
+        ),
+        (p1, "142.250.1.1", None, Dropped, "plain IP"),
+    ]);
     Ok(())
 }
 
@@ -276,17 +306,23 @@ async fn a_wildcard_covers_one_label_not_deeper_names() -> Result<()> {
     n.dns(&n.pod1, "b.a.example.com", &[], &["93.184.216.2"]);
     n.dns(&n.pod1, "example.com", &[], &["93.184.216.3"]);
     n.settle(1).await?;
-    assert_eq!(n.trace(&n.pod1, "93.184.216.1", TCP443), Trace::Forwarded);
-    assert_eq!(
-        n.trace(&n.pod1, "93.184.216.2", TCP443),
-        Trace::Dropped,
-        "two labels deeper"
-    );
-    assert_eq!(
-        n.trace(&n.pod1, "93.184.216.3", TCP443),
-        Trace::Dropped,
-        "the base name itself"
-    );
+    n.expect(&[
+        (
+            &n.pod1,
+            "93.184.216.1",
+            TCP443,
+            Forwarded,
+            "one label below",
+        ),
+        (&n.pod1, "93.184.216.2", TCP443, Dropped, "two labels below"),
+        (
+            &n.pod1,
+            "93.184.216.3",
+            TCP443,
+            Dropped,
+            "the base name itself",
+        ),
+    ]);
     Ok(())
 }
 
@@ -296,16 +332,22 @@ async fn plain_names_cover_subdomains_unless_strict() -> Result<()> {
     n.dns(&n.pod1, "mail.google.com", &[], &["142.250.1.1"]);
     n.dns(&n.pod1, "evilgoogle.com", &[], &["6.6.6.6"]);
     n.settle(1).await?;
-    assert_eq!(
-        n.trace(&n.pod1, "142.250.1.1", TCP443),
-        Trace::Forwarded,
-        "subdomain by default"
-    );
-    assert_eq!(
-        n.trace(&n.pod1, "6.6.6.6", TCP443),
-        Trace::Dropped,
-        "not at a label boundary"
-    );
+    n.expect(&[
+        (
+            &n.pod1,
+            "142.250.1.1",
+            TCP443,
+            Forwarded,
+            "subdomain by default",
+        ),
+        (
+            &n.pod1,
+            "6.6.6.6",
+            TCP443,
+            Dropped,
+            "not at a label boundary",
+        ),
+    ]);
 
     // The namespace's annotation selects OVN-K's strict matching: the subdomain's flow goes.
     let strict = rules_annotated(
@@ -317,48 +359,73 @@ async fn plain_names_cover_subdomains_unless_strict() -> Result<()> {
     );
     n.engine.set_rules(strict);
     n.settle(0).await?;
-    assert_eq!(
-        n.trace(&n.pod1, "142.250.1.1", TCP443),
-        Trace::Dropped,
-        "strict: exact name only"
-    );
     n.dns(&n.pod1, "google.com", &[], &["142.250.1.9"]);
     n.settle(1).await?;
-    assert_eq!(n.trace(&n.pod1, "142.250.1.9", TCP443), Trace::Forwarded);
+    n.expect(&[
+        (
+            &n.pod1,
+            "142.250.1.1",
+            TCP443,
+            Dropped,
+            "strict: subdomain no more",
+        ),
+        (
+            &n.pod1,
+            "142.250.1.9",
+            TCP443,
+            Forwarded,
+            "strict: the exact name",
+        ),
+    ]);
 
     // And the node-wide flag does the same without an annotation.
-    let mut s = settings();
-    s.strict_names = true;
-    let m = node_with(google(), s).await?;
+    let m = node_with(
+        google(),
+        EngineSettings {
+            strict_names: true,
+            ..settings()
+        },
+    )
+    .await?;
     m.dns(&m.pod1, "www.google.com", &[], &["142.250.1.1"]);
     m.dns(&m.pod1, "google.com", &[], &["142.250.1.2"]);
     m.settle(1).await?;
-    assert_eq!(m.trace(&m.pod1, "142.250.1.1", TCP443), Trace::Dropped);
-    assert_eq!(m.trace(&m.pod1, "142.250.1.2", TCP443), Trace::Forwarded);
+    m.expect(&[
+        (
+            &m.pod1,
+            "142.250.1.1",
+            TCP443,
+            Dropped,
+            "strict flag: subdomain",
+        ),
+        (
+            &m.pod1,
+            "142.250.1.2",
+            TCP443,
+            Forwarded,
+            "strict flag: exact name",
+        ),
+    ]);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ipv6_answer_opens_ipv6_only() -> Result<()> {
     let n = node(google()).await?;
-    assert_eq!(
-        n.trace(&n.pod1, "2a00:1450:4001::1", TCP443),
-        Trace::Dropped
-    );
+    n.expect(&[(&n.pod1, "2a00:1450:4001::1", TCP443, Dropped, "before DNS")]);
     n.dns(&n.pod1, "www.google.com", &[], &["2a00:1450:4001::1"]);
     n.settle(1).await?;
-    assert_eq!(
-        n.trace(&n.pod1, "2a00:1450:4001::1", TCP443),
-        Trace::Forwarded
-    );
-    assert_eq!(
-        n.trace(&n.pod1, "2a00:1450:4001::2", TCP443),
-        Trace::Dropped
-    );
-    assert_eq!(
-        n.trace(&n.pod2, "2a00:1450:4001::1", TCP443),
-        Trace::Dropped
-    );
+    n.expect(&[
+        (&n.pod1, "2a00:1450:4001::1", TCP443, Forwarded, "resolved"),
+        (
+            &n.pod1,
+            "2a00:1450:4001::2",
+            TCP443,
+            Dropped,
+            "not resolved",
+        ),
+        (&n.pod2, "2a00:1450:4001::1", TCP443, Dropped, "another pod"),
+    ]);
     assert!(n.flows()[0].contains("ipv6_dst=2a00:1450:4001::1"));
     Ok(())
 }
@@ -371,14 +438,10 @@ async fn a_cname_chain_is_followed_and_upper_case_is_normalized() -> Result<()> 
     ])))
     .await?;
     // The pod asked for the rule's name; the addresses belong to the CDN name at the chain's end.
-    n.dns(
-        &n.pod1,
-        "WwW.ExAmPlE.cOm.",
-        &["www.example.com.edgekey.net", "e1.a.akamaiedge.net"],
-        &["23.1.2.3"],
-    );
+    let chain = ["www.example.com.edgekey.net", "e1.a.akamaiedge.net"];
+    n.dns(&n.pod1, "WwW.ExAmPlE.cOm.", &chain, &["23.1.2.3"]);
     n.settle(1).await?;
-    assert_eq!(n.trace(&n.pod1, "23.1.2.3", TCP443), Trace::Forwarded);
+    n.expect(&[(&n.pod1, "23.1.2.3", TCP443, Forwarded, "via the chain")]);
     Ok(())
 }
 
@@ -394,7 +457,7 @@ async fn an_answer_inside_the_cluster_subnets_gets_nothing() -> Result<()> {
     n.settle(1).await?;
     let flows = n.flows();
     assert!(flows[0].contains("nw_dst=142.250.1.1"), "{flows:?}");
-    assert_eq!(n.trace(&n.pod1, "10.96.0.1", TCP443), Trace::Dropped);
+    n.expect(&[(&n.pod1, "10.96.0.1", TCP443, Dropped, "service subnet")]);
     Ok(())
 }
 
@@ -407,24 +470,23 @@ async fn grants_are_back_within_a_second_after_ovn_controller_restarts() -> Resu
     let before = n.engine.metrics_snapshot();
     let restarted = Instant::now();
     block_in_place(|| n.sb.restart_ovn_controller())?;
-    // The wipe happens when ovn-controller reconnects; wait for it to show, then for our flows.
+    // The wipe happens when ovn-controller reconnects; the engine sees it on its flow monitor.
     poll(Duration::from_secs(10), || {
         n.engine.metrics_snapshot().flows_reinstalled >= before.flows_reinstalled + 3
     })
     .await?;
     let wiped = Instant::now();
     n.settle(3).await?;
-    block_in_place(|| n.sb.sync())?;
     let back = wiped.elapsed();
     assert!(
         back < Duration::from_secs(1),
         "reinstalled {back:?} after the wipe was seen"
     );
-    assert_eq!(n.trace(&n.pod1, "142.250.1.1", TCP443), Trace::Forwarded);
-    assert_eq!(
-        n.trace(&n.pod1, "2a00:1450:4001::1", TCP443),
-        Trace::Forwarded
-    );
+    block_in_place(|| n.sb.sync())?;
+    n.expect(&[
+        (&n.pod1, "142.250.1.1", TCP443, Forwarded, "v4 back"),
+        (&n.pod1, "2a00:1450:4001::1", TCP443, Forwarded, "v6 back"),
+    ]);
     assert_eq!(n.flows().len(), 3);
     eprintln!(
         "ovn-controller restart to grants back: {:?}",
@@ -461,17 +523,13 @@ async fn a_restarted_engine_keeps_valid_flows_removes_stale_ones_without_duplica
         "one flow for the one valid grant: {flows:#?}"
     );
     assert!(flows[0].contains("nw_dst=142.250.1.1"));
-    let trace = |p: &Pod, d: &str| block_in_place(|| sb.trace(p, ip(d), TCP443)).unwrap();
-    assert_eq!(trace(&pod1, "142.250.1.1"), Trace::Forwarded, "kept");
-    assert_eq!(
-        trace(&pod1, "142.250.1.2"),
-        Trace::Dropped,
-        "stale, removed"
-    );
-    assert_eq!(
-        trace(&pod2, "142.250.1.3"),
-        Trace::Dropped,
-        "stale, removed"
+    expect_traces(
+        &sb,
+        &[
+            (&pod1, "142.250.1.1", TCP443, Forwarded, "kept"),
+            (&pod1, "142.250.1.2", TCP443, Dropped, "stale, removed"),
+            (&pod2, "142.250.1.3", TCP443, Dropped, "stale, removed"),
+        ],
     );
     assert_eq!(engine.metrics_snapshot().flows_removed, 2);
     Ok(())
@@ -479,26 +537,30 @@ async fn a_restarted_engine_keeps_valid_flows_removes_stale_ones_without_duplica
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_flow_leaves_ovs_and_the_engine() -> Result<()> {
-    let mut s = settings();
-    s.idle_floor = Duration::ZERO;
-    s.idle_grace = Duration::ZERO;
-    let n = node_with(google(), s).await?;
+    let quick = EngineSettings {
+        idle_floor: Duration::ZERO,
+        idle_grace: Duration::ZERO,
+        ..settings()
+    };
+    let n = node_with(google(), quick).await?;
     let mut short = answer(n.pod1.ipv4, "google.com", &[], &["142.250.1.1"]);
     short.answers[0].ttl = 1;
     n.engine.on_dns(short, SystemTime::now());
     n.dns(&n.pod1, "google.com", &[], &["142.250.1.2"]);
     n.settle(2).await?;
-    assert_eq!(n.trace(&n.pod1, "142.250.1.1", TCP443), Trace::Forwarded);
+    n.expect(&[(&n.pod1, "142.250.1.1", TCP443, Forwarded, "before expiry")]);
     // OVS checks idle timeouts about once a second.
     poll(Duration::from_secs(5), || {
         n.engine.grants(None, None).len() == 1
     })
     .await?;
     assert_eq!(n.flows().len(), 1);
-    assert_eq!(n.trace(&n.pod1, "142.250.1.1", TCP443), Trace::Dropped);
-    assert_eq!(n.trace(&n.pod1, "142.250.1.2", TCP443), Trace::Forwarded);
-    assert_eq!(n.engine.metrics_snapshot().flows_expired, 1);
-    assert_eq!(n.engine.metrics_snapshot().flows_reinstalled, 0);
+    n.expect(&[
+        (&n.pod1, "142.250.1.1", TCP443, Dropped, "expired"),
+        (&n.pod1, "142.250.1.2", TCP443, Forwarded, "still valid"),
+    ]);
+    let m = n.engine.metrics_snapshot();
+    assert_eq!((m.flows_expired, m.flows_reinstalled), (1, 0));
     Ok(())
 }
 
@@ -515,8 +577,16 @@ async fn a_removed_pods_flows_are_gone() -> Result<()> {
     n.settle(3).await?;
     n.engine.remove_pod(&n.pod1.key);
     n.settle(1).await?;
-    assert_eq!(n.trace(&n.pod1, "142.250.1.1", TCP443), Trace::Dropped);
-    assert_eq!(n.trace(&n.pod2, "142.250.1.1", TCP443), Trace::Forwarded);
+    n.expect(&[
+        (&n.pod1, "142.250.1.1", TCP443, Dropped, "removed pod"),
+        (
+            &n.pod2,
+            "142.250.1.1",
+            TCP443,
+            Forwarded,
+            "the other pod keeps its grant",
+        ),
+    ]);
     assert!(n.flows()[0].contains(&format!("nw_src={}", n.pod2.ipv4)));
     Ok(())
 }
