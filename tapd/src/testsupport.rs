@@ -430,3 +430,62 @@ impl Drop for TapdInProcess {
         }
     }
 }
+
+/// Drives arbitrary bytes through Frame Streams → dnstap → DNS, as the socket task does, and panics
+/// if an invariant breaks (buffering beyond one frame plus one read, a name that is not normalized, a
+/// chain or answer list over its bound). The first byte picks the opening (none, unidirectional,
+/// bidirectional) and the read size; the rest is the stream. Shared by the property tests and the
+/// cargo-fuzz target in `fuzz/`.
+pub fn drive_pipeline(data: &[u8]) {
+    use crate::{
+        dnstap::{self, Decoded},
+        event::{DnsName, MAX_ANSWERS, MAX_CNAME_CHAIN},
+        framestream::{encode_control, Control, Decoder, Output},
+    };
+    const CAP: usize = 4096;
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let ct = dnsflow_proto::DNSTAP_CONTENT_TYPE.as_bytes();
+    let mut bytes = Vec::with_capacity(rest.len() + 64);
+    match selector % 3 {
+        0 => {}
+        1 => bytes.extend_from_slice(&encode_control(Control::Start, Some(ct))),
+        _ => {
+            bytes.extend_from_slice(&encode_control(Control::Ready, Some(ct)));
+            bytes.extend_from_slice(&encode_control(Control::Start, Some(ct)));
+        }
+    }
+    bytes.extend_from_slice(rest);
+    let chunk = usize::from(selector / 3) + 1;
+    let mut decoder = Decoder::new(dnsflow_proto::DNSTAP_CONTENT_TYPE, CAP);
+    for piece in bytes.chunks(chunk) {
+        decoder.push(piece);
+        loop {
+            match decoder.poll() {
+                Ok(Some(Output::Data(frame))) => {
+                    if let Ok(Decoded::Response(r)) =
+                        dnstap::decode(&frame, "fuzz", std::time::UNIX_EPOCH)
+                    {
+                        assert!(r.cname_chain.len() <= MAX_CNAME_CHAIN);
+                        assert!(r.answers.len() <= MAX_ANSWERS);
+                        for n in r.names() {
+                            assert_eq!(DnsName::new(n.as_str()).as_ref(), Ok(n));
+                        }
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        assert!(
+            decoder.buffered() <= CAP + 8 + chunk,
+            "buffered {}",
+            decoder.buffered()
+        );
+        if decoder.is_done() {
+            break;
+        }
+    }
+    let _ = decoder.finish_input();
+}
