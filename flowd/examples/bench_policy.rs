@@ -7,20 +7,27 @@
 //! - `decide`, the seed's rules (dnsName Allow + 0.0.0.0/0 Deny), an answer with a CNAME and 4 IPs;
 //! - `decide` against 8000 rules (OVN-K's maximum) where only the last one matches: the worst case;
 //! - `explain` of one name against those 8000 rules;
-//! - loading a 5,000-pod `kubectl get -o yaml` snapshot.
+//! - loading a 5,000-pod `kubectl get -o yaml` snapshot;
+//! - replay's pipeline per event: capture decoding (dnstap + DNS) and the planner, 20,000 answers.
 
 use flowd::{
     egressfirewall::EgressFirewall,
     model::{PodInfo, PodKey},
     policy::{decide, explain, PolicySettings},
+    replay::{events::read_capture, Planner},
     rules::FirewallRules,
     snapshot::Snapshot,
+};
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, Query},
+    rr::{rdata::A, Name, RData, Record, RecordType},
 };
 use serde_json::json;
 use std::{
     hint::black_box,
     net::IpAddr,
     path::Path,
+    str::FromStr,
     time::{Duration, Instant, UNIX_EPOCH},
 };
 use tapd::{Answer, DnsName, DnsResponse};
@@ -140,5 +147,61 @@ fn main() {
         measure(|| {
             black_box(Snapshot::parse(black_box(&yaml), Path::new("bench.yaml")).expect("valid"));
         }),
+    );
+
+    // Replay: 20,000 answers from the 5,000 pods above, half of them in a namespace with rules.
+    let mut snap = snap;
+    for ns in 0..25 {
+        let mut r = seed.clone();
+        r.namespace = format!("ns{ns}");
+        snap.rules.insert(r.namespace.clone(), r);
+    }
+    let cdn = Name::from_str("www3.l.google.com.").expect("name");
+    let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+    m.add_query(Query::query(
+        Name::from_str("www.google.com.").expect("name"),
+        RecordType::A,
+    ));
+    m.add_answer(Record::from_rdata(
+        Name::from_str("www.google.com.").expect("name"),
+        300,
+        RData::CNAME(hickory_proto::rr::rdata::CNAME(cdn.clone())),
+    ));
+    for i in 0..4u8 {
+        m.add_answer(Record::from_rdata(
+            cdn.clone(),
+            300,
+            RData::A(A::new(142, 250, 74, i)),
+        ));
+    }
+    let wire = m.to_vec().expect("encodes");
+    let mut w = tapd::CaptureWriter::new(Vec::new()).expect("writer");
+    const EVENTS: u32 = 20_000;
+    for i in 0..EVENTS {
+        let pod = i % 5000;
+        let client = [
+            10,
+            (pod >> 16) as u8,
+            ((pod >> 8) & 255) as u8,
+            (pod & 255) as u8,
+        ];
+        let frame = tapd::dnstap::client_response_frame(None, &client, &wire, UNIX_EPOCH);
+        w.write_frame(&frame).expect("write");
+    }
+    let capture = w.finish().expect("finish");
+    let planner = Planner::new(&snap, settings.clone(), None);
+    let per_run = measure(|| {
+        let mut grants = 0usize;
+        read_capture(capture.as_slice(), "bench", |item| {
+            if let Ok(g) = planner.plan(0, item).result {
+                grants += g.len();
+            }
+        })
+        .expect("reads");
+        assert_eq!(grants, EVENTS as usize / 2 * 4);
+    });
+    report(
+        "replay: decode + plan, per event (20,000 events)",
+        per_run / EVENTS,
     );
 }
