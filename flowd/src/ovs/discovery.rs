@@ -6,7 +6,7 @@
 //! it does not understand.
 
 use super::flow::{parse_flow_line, Actions};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// OVN-K puts EgressFirewall rule `i` at ACL priority `10000 - i` and allows at most this many rules.
 pub const MAX_EF_RULES: u16 = 8000;
@@ -108,17 +108,18 @@ pub fn parse_port_keys(dump: &str) -> HashMap<u32, PortKeys> {
     out
 }
 
-/// Finds the EgressFirewall ACL table in a full `dump-flows` of the bridge: the table holding OVN's
-/// to-lport ACL flows at EF priorities (`priority_base - 7999 ..= priority_base`, above NetworkPolicy)
-/// that match a logical *inport* (`reg14`) and datapath (`metadata`), not an outport (`reg15`) as
-/// NetworkPolicy's to-lport ACLs do. The allow actions are those of OVN's own allow flow for new
+/// Finds the EgressFirewall ACL table in a full `dump-flows` of the bridge: the last table holding
+/// ACL flows at EF priorities (`priority_base - 7999 ..= priority_base`, above NetworkPolicy) that
+/// match a logical *inport* (`reg14`) and datapath (`metadata`), not an outport (`reg15`) as
+/// NetworkPolicy's to-lport ACLs do: OVN-K's EF is a to-lport ACL on `inport`, so it sits in the
+/// egress pipeline, after every ingress table. The allow actions are those of OVN's own allow flow for new
 /// connections there (`reg0=0x80/0x80` on 23.03: commit, then resubmit), else of any flow there that
 /// continues without conntrack, else `resubmit(,T+1)`.
 pub fn find_acl_target(dump: &str, priority_base: u16) -> Option<AclTarget> {
     let low = priority_base
         .saturating_sub(MAX_EF_RULES - 1)
         .max(NETWORK_POLICY_MAX_PRIORITY + 1);
-    let mut score: HashMap<u8, usize> = HashMap::new();
+    let mut tables: HashSet<u8> = HashSet::new();
     let mut flows = Vec::new();
     for line in dump.lines() {
         let Some(f) = parse_flow_line(line) else {
@@ -133,14 +134,12 @@ pub fn find_acl_target(dump: &str, priority_base: u16) -> Option<AclTarget> {
         {
             continue;
         }
-        *score.entry(f.table).or_default() += 1;
+        tables.insert(f.table);
         flows.push(f);
     }
-    // Highest count wins; on a tie the later table, since the egress pipeline comes after ingress.
-    let table = score
-        .into_iter()
-        .max_by_key(|&(table, count)| (count, table))
-        .map(|(t, _)| t)?;
+    // The last such table: the egress pipeline comes after the ingress one, where from-lport ACLs on
+    // `inport` (egress NetworkPolicy, AdminNetworkPolicy) live, however many flows those have.
+    let table = tables.into_iter().max()?;
     let next = format!("resubmit(,{})", table.checked_add(1)?);
     let mut fallback = None;
     for f in flows.iter().filter(|f| f.table == table) {
@@ -177,6 +176,11 @@ mod tests {
  cookie=0x23533ff8, duration=1.028s, table=0, n_packets=0, n_bytes=0, idle_age=1, priority=100,in_port=1 actions=load:0x5->NXM_NX_REG13[],load:0x6->NXM_NX_REG11[],load:0x3->NXM_NX_REG12[],load:0x1->OXM_OF_METADATA[],load:0x1->NXM_NX_REG14[],resubmit(,8)
  cookie=0x5343bea0, duration=1.015s, table=0, n_packets=0, n_bytes=0, idle_age=1, priority=100,in_port=2 actions=load:0x8->NXM_NX_REG13[],load:0x6->NXM_NX_REG11[],load:0x3->NXM_NX_REG12[],load:0x1->OXM_OF_METADATA[],load:0x2->NXM_NX_REG14[],resubmit(,8)
  cookie=0x0, duration=5.266s, table=0, n_packets=0, n_bytes=0, idle_age=5, priority=0 actions=drop
+ cookie=0x333, duration=1.0s, table=19, n_packets=0, n_bytes=0, idle_age=1, priority=10500,ip,reg0=0x80/0x80,reg14=0x1,metadata=0x1,nw_dst=5.5.5.5 actions=load:0x1->NXM_NX_XXREG0[97],resubmit(,20)
+ cookie=0x334, duration=1.0s, table=19, n_packets=0, n_bytes=0, idle_age=1, priority=10500,ip,reg0=0x80/0x80,reg14=0x2,metadata=0x1,nw_dst=5.5.5.5 actions=load:0x1->NXM_NX_XXREG0[97],resubmit(,20)
+ cookie=0x335, duration=1.0s, table=19, n_packets=0, n_bytes=0, idle_age=1, priority=10500,ip,reg0=0x80/0x80,reg14=0x3,metadata=0x1,nw_dst=5.5.5.5 actions=load:0x1->NXM_NX_XXREG0[97],resubmit(,20)
+ cookie=0x336, duration=1.0s, table=19, n_packets=0, n_bytes=0, idle_age=1, priority=10500,ip,reg0=0x80/0x80,reg14=0x4,metadata=0x1,nw_dst=5.5.5.5 actions=load:0x1->NXM_NX_XXREG0[97],resubmit(,20)
+ cookie=0x337, duration=1.0s, table=19, n_packets=0, n_bytes=0, idle_age=1, priority=10500,ip,reg0=0x80/0x80,reg14=0x5,metadata=0x1,nw_dst=5.5.5.5 actions=load:0x1->NXM_NX_XXREG0[97],resubmit(,20)
  cookie=0x111, duration=1.0s, table=18, n_packets=0, n_bytes=0, idle_age=1, priority=2001,ip,reg0=0x80/0x80,reg14=0x1,metadata=0x1 actions=load:0x1->NXM_NX_XXREG0[97],resubmit(,19)
  cookie=0x222, duration=1.0s, table=46, n_packets=0, n_bytes=0, idle_age=1, priority=2001,ip,reg0=0x80/0x80,reg15=0x1,metadata=0x1 actions=load:0x1->NXM_NX_XXREG0[97],resubmit(,47)
  cookie=0x79ee24c9, duration=3.298s, table=46, n_packets=0, n_bytes=0, idle_age=3, priority=65532,icmp6,metadata=0x1,ipv6_src=fe80::/10,icmp_type=132 actions=resubmit(,47)
@@ -230,6 +234,41 @@ mod tests {
                 reg14: 2
             }
         );
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Tool output is hostile until parsed: fragments of real lines in any order, and arbitrary
+        /// text, never make a parser panic, and whatever they yield is well-formed.
+        #[test]
+        fn parsers_survive_any_output(
+            parts in proptest::collection::vec(prop_oneof![
+                proptest::sample::select(vec![
+                    " cookie=0x646e736600012af8", ", table=46", ", duration=1s", " priority=11000",
+                    ",reg14=0x1", ",metadata=0x1", ",reg15=0x2", ",tcp6", ",ip", ",nw_src=1.2.3.4",
+                    ",ipv6_dst=::1", ",tp_dst=443", ",tp_dst=99999", " actions=", "drop", "resubmit(,47)",
+                    "load:0x1->OXM_OF_METADATA[]", ",load:0xffffffffff->NXM_NX_REG14[]", " in_port=3",
+                    "\n", " event=DELETED reason=idle", " event=ADDED", "(", ")", "=", ",", " ",
+                ]).prop_map(str::to_owned),
+                "\\PC{0,12}",
+            ], 0..40),
+        ) {
+            let text: String = parts.concat();
+            for line in text.lines() {
+                if let Some(f) = super::super::flow::parse_flow_line(line) {
+                    if let Some(m) = f.fields.and_then(|x| x.flow_match(f.table, 1)) {
+                        proptest::prop_assert_eq!(m.src.is_ipv4(), m.dst.is_ipv4());
+                    }
+                }
+                let _ = super::super::flow::parse_monitor_line(line);
+            }
+            let _ = parse_port_keys(&text);
+            let _ = parse_interfaces(&text);
+            if let Some(t) = find_acl_target(&text, 11000) {
+                proptest::prop_assert!(Actions::new(t.allow.as_str()).is_ok());
+            }
+        }
     }
 
     #[test]
