@@ -51,8 +51,8 @@ pub struct ReplayArgs {
     /// multi-document YAML of those objects. Default: the shipped example.
     #[arg(long, env = "FLOWD_REPLAY_SNAPSHOT", value_name = "FILE")]
     pub snapshot: Option<PathBuf>,
-    /// dnstap capture (Frame Streams file, as fstrm_capture or tapd --capture write it).
-    /// Default, when --events is not given either: the shipped example.
+    /// dnstap capture (Frame Streams file, as fstrm_capture or tapd --capture write it); `-` reads
+    /// standard input. Default, when --events is not given either: the shipped example.
     #[arg(
         long,
         env = "FLOWD_REPLAY_CAPTURE",
@@ -60,7 +60,7 @@ pub struct ReplayArgs {
         conflicts_with = "events"
     )]
     pub capture: Option<PathBuf>,
-    /// The JSON that grpcurl prints for dnsflow.v1.DnsTap/Subscribe.
+    /// The JSON that grpcurl prints for dnsflow.v1.DnsTap/Subscribe; `-` reads standard input.
     #[arg(long, env = "FLOWD_REPLAY_EVENTS", value_name = "FILE.json")]
     pub events: Option<PathBuf>,
     /// Only pods of this node get flows, as the daemon on that node would decide. Default: every pod.
@@ -243,8 +243,9 @@ pub struct Summary {
     pub not_client_responses: u64,
     pub skipped: BTreeMap<&'static str, u64>,
     pub grants: u64,
-    /// Distinct flows: a later grant for the same flow refreshes it.
-    pub flows: BTreeMap<FlowKey, Grant>,
+    /// Distinct flows with the replay time of their latest grant: a later grant for the same flow
+    /// refreshes it.
+    pub flows: BTreeMap<FlowKey, (Grant, Option<SystemTime>)>,
 }
 
 impl Summary {
@@ -255,7 +256,7 @@ impl Summary {
             Ok(grants) => {
                 self.grants += grants.len() as u64;
                 for g in grants {
-                    self.flows.insert(g.key.clone(), g.clone());
+                    self.flows.insert(g.key.clone(), (g.clone(), outcome.time));
                 }
             }
         }
@@ -345,11 +346,25 @@ enum Input<'a> {
     ExampleCapture,
 }
 
+/// `-` reads standard input, so that `grpcurl ... | flowd replay --events -` works.
+fn open(path: &Path) -> anyhow::Result<(Box<dyn std::io::Read>, String)> {
+    if path == Path::new("-") {
+        return Ok((Box::new(std::io::stdin().lock()), "standard input".into()));
+    }
+    let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    Ok((Box::new(file), path.display().to_string()))
+}
+
 fn read_input(input: &Input<'_>, each: impl FnMut(Item)) -> anyhow::Result<InputStats> {
-    let open = |p: &Path| std::fs::File::open(p).with_context(|| format!("{}", p.display()));
     Ok(match input {
-        Input::Capture(p) => events::read_capture(open(p)?, &p.display().to_string(), each)?,
-        Input::Events(p) => events::read_events_json(open(p)?, &p.display().to_string(), each)?,
+        Input::Capture(p) => {
+            let (reader, origin) = open(p)?;
+            events::read_capture(reader, &origin, each)?
+        }
+        Input::Events(p) => {
+            let (reader, origin) = open(p)?;
+            events::read_events_json(reader, &origin, each)?
+        }
         Input::ExampleCapture => {
             events::read_capture(EXAMPLE_CAPTURE, "examples/google.fstrm", each)?
         }
@@ -443,7 +458,7 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         OutputFormat::Json => {
             let mut doc = json!({
                 "events": outcomes,
-                "flows": summary.flows.values().map(|g| grant_json(g, &settings, None)).collect::<Vec<_>>(),
+                "flows": summary.flows.values().map(|(g, at)| grant_json(g, &settings, *at)).collect::<Vec<_>>(),
                 "summary": {
                     "events": summary.events,
                     "notClientResponses": summary.not_client_responses,

@@ -637,3 +637,27 @@ items:
     assert_eq!(first["grants"][0]["podIp"], "127.0.0.5");
     Ok(())
 }
+
+#[test]
+fn events_can_be_piped_in_as_grpcurl_prints_them() {
+    use std::{io::Write as _, process::Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flowd"))
+        .args(["replay", "--events", "-", "--output", "json"])
+        .env_remove("FLOWD_STRICT_DNS_NAMES")
+        .env_remove("FLOWD_CLUSTER_SUBNETS")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let events = std::fs::read(examples().join("google-events.json")).unwrap();
+    child.stdin.take().unwrap().write_all(&events).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(flows(&doc), expected_flows());
+    assert!(doc["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|f| f["time"].is_string()));
+}
