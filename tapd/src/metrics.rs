@@ -135,76 +135,76 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{labels} {v}");
             }
         };
-        let one = |v: u64| [(String::new(), v)];
-        family(
-            "tapd_frames_total",
-            "counter",
-            "Frame Streams data frames received.",
-            &one(get(&self.frames)),
-        );
-        family(
-            "tapd_frame_bytes_total",
-            "counter",
-            "Bytes of data frames received.",
-            &one(get(&self.bytes)),
-        );
-        family(
-            "tapd_events_total",
-            "counter",
-            "Client responses decoded and published.",
-            &one(get(&self.events)),
-        );
-        family(
-            "tapd_ignored_messages_total",
-            "counter",
-            "dnstap messages that are not CLIENT_RESPONSE (queries, forwarder traffic).",
-            &one(get(&self.ignored)),
-        );
-        let decode: Vec<(String, u64)> = DECODE_REASONS
-            .iter()
-            .zip(&self.decode_errors)
-            .map(|(r, c)| (format!("{{reason=\"{r}\"}}"), get(c)))
-            .collect();
+        let single: [(&str, &str, &str, &AtomicU64); 8] = [
+            (
+                "tapd_frames_total",
+                "counter",
+                "Frame Streams data frames received.",
+                &self.frames,
+            ),
+            (
+                "tapd_frame_bytes_total",
+                "counter",
+                "Bytes of data frames received.",
+                &self.bytes,
+            ),
+            (
+                "tapd_events_total",
+                "counter",
+                "Client responses decoded and published.",
+                &self.events,
+            ),
+            (
+                "tapd_ignored_messages_total",
+                "counter",
+                "dnstap messages that are not CLIENT_RESPONSE (queries, forwarder traffic).",
+                &self.ignored,
+            ),
+            (
+                "tapd_frame_errors_total",
+                "counter",
+                "Connections ended by a malformed or oversized Frame Streams frame.",
+                &self.frame_errors,
+            ),
+            (
+                "tapd_connections_total",
+                "counter",
+                "dnstap connections accepted.",
+                &self.connections_total,
+            ),
+            (
+                "tapd_connections",
+                "gauge",
+                "dnstap connections open.",
+                &self.connections_open,
+            ),
+            (
+                "tapd_subscribers",
+                "gauge",
+                "gRPC subscribers connected.",
+                &self.subscribers,
+            ),
+        ];
+        for (name, kind, help, c) in single {
+            family(name, kind, help, &[(String::new(), get(c))]);
+        }
+        let by_reason =
+            |reasons: &mut dyn Iterator<Item = (&str, &AtomicU64)>| -> Vec<(String, u64)> {
+                reasons
+                    .map(|(r, c)| (format!("{{reason=\"{r}\"}}"), get(c)))
+                    .collect()
+            };
         family(
             "tapd_decode_errors_total",
             "counter",
             "Data frames that did not decode into a client response, by reason.",
-            &decode,
+            &by_reason(&mut DECODE_REASONS.into_iter().zip(&self.decode_errors)),
         );
-        family(
-            "tapd_frame_errors_total",
-            "counter",
-            "Connections ended by a malformed or oversized Frame Streams frame.",
-            &one(get(&self.frame_errors)),
-        );
-        let drops: Vec<(String, u64)> = DropReason::ALL
-            .iter()
-            .zip(&self.drops)
-            .map(|(d, c)| (format!("{{reason=\"{}\"}}", d.label()), get(c)))
-            .collect();
         family(
             "tapd_dropped_total",
             "counter",
             "Events, frames or connections dropped rather than waited for, by reason.",
-            &drops,
-        );
-        family(
-            "tapd_connections_total",
-            "counter",
-            "dnstap connections accepted.",
-            &one(get(&self.connections_total)),
-        );
-        family(
-            "tapd_connections",
-            "gauge",
-            "dnstap connections open.",
-            &one(get(&self.connections_open)),
-        );
-        family(
-            "tapd_subscribers",
-            "gauge",
-            "gRPC subscribers connected.",
-            &one(get(&self.subscribers)),
+            &by_reason(&mut DropReason::ALL.iter().map(|d| d.label()).zip(&self.drops)),
         );
         extra(&mut out);
         out

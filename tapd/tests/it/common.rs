@@ -123,6 +123,17 @@ impl Sender {
         self.stream.write_all(&self.out).await.unwrap();
     }
 
+    /// Sends the CLIENT_RESPONSE of `client` asking `qname` A and getting `ip` (see [`client_response`]).
+    pub async fn answer(
+        &mut self,
+        client: impl Into<IpAddr>,
+        qname: &str,
+        ip: impl Into<Ipv4Addr>,
+    ) {
+        self.send(&client_response(client.into(), qname, ip.into()))
+            .await;
+    }
+
     /// Sends many frames in large writes, as a busy sender does.
     pub async fn send_all(&mut self, frames: impl IntoIterator<Item = Vec<u8>>) {
         self.out.clear();

@@ -1,9 +1,7 @@
 //! CoreDNS's dnstap behaviour (DESIGN.md §4), reproduced: IPv4-mapped 16-byte client addresses,
 //! FORWARDER messages to ignore, reconnects without STOP, several connections at once.
 
-use crate::common::{
-    a_record, client_response, collect, dns_response, other_message, subscribe, tapd, Sender,
-};
+use crate::common::{a_record, collect, dns_response, other_message, subscribe, tapd, Sender};
 use dnsflow_proto::dnstap::message::Type;
 use hickory_proto::rr::RecordType;
 use std::{net::Ipv4Addr, time::SystemTime};
@@ -51,12 +49,8 @@ async fn forwarder_and_query_messages_are_counted_and_ignored() {
         .await;
     s.send(&other_message(Type::ClientQuery, &[10, 244, 1, 5]))
         .await;
-    s.send(&client_response(
-        [10, 244, 1, 5].into(),
-        "real.example.",
-        [192, 0, 2, 1].into(),
-    ))
-    .await;
+    s.answer([10, 244, 1, 5], "real.example.", [192, 0, 2, 1])
+        .await;
     let e = &collect(&mut sub, 1).await[0];
     assert_eq!(e.query_name, "real.example");
     assert_eq!(tapd.addrs.metric("tapd_ignored_messages_total"), 3);
@@ -69,20 +63,12 @@ async fn reconnect_without_stop_is_normal() {
     let mut sub = subscribe(&tapd.addrs, &[], false).await;
     // A Corefile reload: the old connection just goes away, mid-stream, without STOP.
     let mut old = Sender::connect(&tapd.addrs.socket, true).await;
-    old.send(&client_response(
-        [10, 0, 0, 1].into(),
-        "before.example.",
-        [192, 0, 2, 1].into(),
-    ))
-    .await;
+    old.answer([10, 0, 0, 1], "before.example.", [192, 0, 2, 1])
+        .await;
     drop(old);
     let mut new = Sender::connect(&tapd.addrs.socket, true).await;
-    new.send(&client_response(
-        [10, 0, 0, 1].into(),
-        "after.example.",
-        [192, 0, 2, 2].into(),
-    ))
-    .await;
+    new.answer([10, 0, 0, 1], "after.example.", [192, 0, 2, 2])
+        .await;
     let names: Vec<String> = collect(&mut sub, 2)
         .await
         .into_iter()
@@ -114,10 +100,9 @@ async fn several_simultaneous_connections_are_all_served() {
         .map(|(c, mut s)| {
             tokio::spawn(async move {
                 for i in 0..PER_CONNECTION {
-                    let client = [10, 1, u8::try_from(c).unwrap(), 1].into();
+                    let client = [10, 1, u8::try_from(c).unwrap(), 1];
                     let name = format!("c{c}-{i}.example.");
-                    s.send(&client_response(client, &name, [192, 0, 2, 1].into()))
-                        .await;
+                    s.answer(client, &name, [192, 0, 2, 1]).await;
                 }
                 s.stop(c % 2 == 0).await;
             })

@@ -54,20 +54,10 @@ async fn capture_flag_writes_a_file_fstrm_dump_and_capture_reader_read() {
     let path = dir.path().join("cap.fstrm");
     let mut tapd = tapd(&["--capture", path.to_str().unwrap()]);
     let mut s = Sender::connect(&tapd.addrs.socket, true).await;
-    s.send(&client_response(
-        [10, 0, 0, 1].into(),
-        "a.example.",
-        [192, 0, 2, 1].into(),
-    ))
-    .await;
+    s.answer([10, 0, 0, 1], "a.example.", [192, 0, 2, 1]).await;
     s.send(&other_message(Type::ClientQuery, &[10, 0, 0, 1]))
         .await;
-    s.send(&client_response(
-        [10, 0, 0, 2].into(),
-        "b.example.",
-        [192, 0, 2, 2].into(),
-    ))
-    .await;
+    s.answer([10, 0, 0, 2], "b.example.", [192, 0, 2, 2]).await;
     s.stop(true).await;
     tapd::testsupport::wait_until("frames counted", || {
         tapd.addrs.metric("tapd_frames_total") == 3

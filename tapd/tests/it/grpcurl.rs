@@ -1,6 +1,6 @@
 //! grpcurl (a real, independent gRPC client) against tapd: reflection, health, and the event stream.
 
-use crate::common::{client_response, tapd, Sender};
+use crate::common::{tapd, Sender};
 use std::{
     io::Read,
     process::{Command, Stdio},
@@ -65,24 +65,12 @@ async fn grpcurl_receives_the_filtered_stream_as_json() {
     .unwrap();
 
     let mut s = Sender::connect(&tapd.addrs.socket, true).await;
-    s.send(&client_response(
-        [10, 244, 1, 5].into(),
-        "www.Example.com.",
-        [93, 184, 216, 34].into(),
-    ))
-    .await;
-    s.send(&client_response(
-        [10, 244, 2, 5].into(),
-        "other.example.com.",
-        [192, 0, 2, 9].into(),
-    ))
-    .await;
-    s.send(&client_response(
-        [10, 244, 1, 6].into(),
-        "api.example.com.",
-        [192, 0, 2, 10].into(),
-    ))
-    .await;
+    s.answer([10, 244, 1, 5], "www.Example.com.", [93, 184, 216, 34])
+        .await;
+    s.answer([10, 244, 2, 5], "other.example.com.", [192, 0, 2, 9])
+        .await;
+    s.answer([10, 244, 1, 6], "api.example.com.", [192, 0, 2, 10])
+        .await;
 
     // grpcurl prints each message as a JSON object as it arrives; read until two are complete.
     let mut stdout = child.stdout.take().unwrap();

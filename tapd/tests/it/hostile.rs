@@ -1,6 +1,6 @@
 //! Hostile input on some connections while another keeps being served; every error is counted.
 
-use crate::common::{client_response, collect, subscribe, tapd, Sender};
+use crate::common::{collect, subscribe, tapd, Sender};
 use bytes::BufMut;
 use dnsflow_proto::v1::DnsEvent;
 use std::time::SystemTime;
@@ -88,12 +88,8 @@ async fn hostile_connections_end_alone_and_are_counted() {
     short.put_slice(&[0xc0, 12, 0, 1]);
     bad.send(&dns_frame(&short)).await;
     // Then a good frame on the same connection still counts.
-    bad.send(&client_response(
-        [10, 0, 0, 9].into(),
-        "after-bad.example.",
-        [192, 0, 2, 9].into(),
-    ))
-    .await;
+    bad.answer([10, 0, 0, 9], "after-bad.example.", [192, 0, 2, 9])
+        .await;
     let e = &collect(&mut sub, 1).await[0];
     assert_eq!(e.query_name, "after-bad.example");
     assert_eq!(
@@ -113,12 +109,7 @@ async fn hostile_connections_end_alone_and_are_counted() {
 /// The long-lived good connection still delivers.
 async fn check_good(good: &mut Sender, sub: &mut Streaming<DnsEvent>, n: u32) {
     let name = format!("good{n}.example.");
-    good.send(&client_response(
-        [10, 0, 0, 1].into(),
-        &name,
-        [192, 0, 2, 1].into(),
-    ))
-    .await;
+    good.answer([10, 0, 0, 1], &name, [192, 0, 2, 1]).await;
     let e = &collect(sub, 1).await[0];
     assert_eq!(e.query_name, name.trim_end_matches('.'));
 }

@@ -1,7 +1,7 @@
 //! tapd as a process: configuration errors exit 64 before anything is bound; a stale socket is
 //! replaced; SIGTERM drains subscribers and removes the socket.
 
-use crate::common::{client_response, collect, subscribe, tapd, Sender};
+use crate::common::{collect, subscribe, tapd, Sender};
 use std::{
     os::unix::fs::{FileTypeExt, PermissionsExt},
     path::Path,
@@ -57,12 +57,8 @@ async fn stale_socket_is_replaced_with_a_world_writable_one() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o666);
     let mut sub = subscribe(&tapd.addrs, &[], false).await;
     let mut s = Sender::connect(&tapd.addrs.socket, true).await;
-    s.send(&client_response(
-        [10, 0, 0, 3].into(),
-        "stale.example.",
-        [192, 0, 2, 3].into(),
-    ))
-    .await;
+    s.answer([10, 0, 0, 3], "stale.example.", [192, 0, 2, 3])
+        .await;
     assert_eq!(collect(&mut sub, 1).await[0].query_name, "stale.example");
 }
 
@@ -71,12 +67,8 @@ async fn sigterm_ends_streams_cleanly_and_removes_the_socket() {
     let mut tapd = tapd(&["--drain-timeout", "2s"]);
     let mut sub = subscribe(&tapd.addrs, &[], false).await;
     let mut s = Sender::connect(&tapd.addrs.socket, true).await;
-    s.send(&client_response(
-        [10, 0, 0, 4].into(),
-        "last.example.",
-        [192, 0, 2, 4].into(),
-    ))
-    .await;
+    s.answer([10, 0, 0, 4], "last.example.", [192, 0, 2, 4])
+        .await;
     let status = tapd.daemon.terminate(Duration::from_secs(8)).unwrap();
     assert!(status.success(), "{status:?}: {}", tapd.daemon.log());
     assert!(!tapd.addrs.socket.exists(), "socket removed at exit");

@@ -1,8 +1,6 @@
 //! The `Subscribe` contract: filters, the replay of recent answers, and argument errors.
 
-use crate::common::{
-    a_record, assert_no_more, client_response, collect, dns_response, subscribe, tapd, Sender,
-};
+use crate::common::{a_record, assert_no_more, collect, dns_response, subscribe, tapd, Sender};
 use dnsflow_proto::v1::{dns_tap_client::DnsTapClient, SubscribeRequest};
 use hickory_proto::rr::RecordType;
 use std::{
@@ -30,24 +28,12 @@ async fn invalid_cidrs_are_invalid_arguments() {
 async fn a_late_subscriber_gets_still_valid_answers_first_then_the_live_stream() {
     let tapd = tapd(&[]);
     let mut s = Sender::connect(&tapd.addrs.socket, true).await;
-    s.send(&client_response(
-        [10, 244, 1, 5].into(),
-        "old.example.",
-        [192, 0, 2, 1].into(),
-    ))
-    .await;
-    s.send(&client_response(
-        [10, 244, 1, 5].into(),
-        "old.example.",
-        [192, 0, 2, 2].into(),
-    ))
-    .await;
-    s.send(&client_response(
-        [10, 244, 9, 9].into(),
-        "elsewhere.example.",
-        [192, 0, 2, 3].into(),
-    ))
-    .await;
+    s.answer([10, 244, 1, 5], "old.example.", [192, 0, 2, 1])
+        .await;
+    s.answer([10, 244, 1, 5], "old.example.", [192, 0, 2, 2])
+        .await;
+    s.answer([10, 244, 9, 9], "elsewhere.example.", [192, 0, 2, 3])
+        .await;
     // A zero TTL grants nothing later: not replayed.
     let wire = dns_response(
         "zero.example.",
@@ -76,12 +62,8 @@ async fn a_late_subscriber_gets_still_valid_answers_first_then_the_live_stream()
     assert_eq!(replayed.sequence, 2);
     assert_no_more(&mut sub, Duration::from_millis(200)).await;
 
-    s.send(&client_response(
-        [10, 244, 1, 6].into(),
-        "live.example.",
-        [192, 0, 2, 5].into(),
-    ))
-    .await;
+    s.answer([10, 244, 1, 6], "live.example.", [192, 0, 2, 5])
+        .await;
     let live = &collect(&mut sub, 1).await[0];
     assert!(!live.replayed);
     assert_eq!(live.query_name, "live.example");
