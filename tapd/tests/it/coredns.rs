@@ -1,7 +1,10 @@
 //! CoreDNS's dnstap behaviour (DESIGN.md §4), reproduced: IPv4-mapped 16-byte client addresses,
-//! FORWARDER messages to ignore, reconnects without STOP, several connections at once.
+//! FORWARDER messages to ignore, reconnects without STOP, several connections at once; and the
+//! optional TCP listener.
 
-use crate::common::{a_record, collect, dns_response, other_message, subscribe, tapd, Sender};
+use crate::common::{
+    a_record, client_response, collect, dns_response, other_message, subscribe, tapd, Sender,
+};
 use dnsflow_proto::dnstap::message::Type;
 use hickory_proto::rr::RecordType;
 use std::{net::Ipv4Addr, time::SystemTime};
@@ -130,4 +133,40 @@ async fn several_simultaneous_connections_are_all_served() {
         tapd.addrs.metric("tapd_connections_total"),
         u64::from(CONNECTIONS)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dnstap_over_tcp_is_served_beside_the_unix_socket() {
+    use tapd::framestream::{encode_control, encode_data, Control};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = tapd::testsupport::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let tapd = tapd(&["--dnstap-tcp", &addr]);
+    let mut sub = subscribe(&tapd.addrs, &[], false).await;
+    let ct = dnsflow_proto::DNSTAP_CONTENT_TYPE.as_bytes();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(&encode_control(Control::Ready, Some(ct)))
+        .await
+        .unwrap();
+    let want = encode_control(Control::Accept, Some(ct));
+    let mut got = vec![0; want.len()];
+    tcp.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, want);
+    let mut out = bytes::BytesMut::new();
+    out.extend_from_slice(&encode_control(Control::Start, Some(ct)));
+    encode_data(
+        &client_response([10, 9, 9, 9].into(), "tcp.example.", [192, 0, 2, 99].into()),
+        &mut out,
+    );
+    tcp.write_all(&out).await.unwrap();
+    let e = &collect(&mut sub, 1).await[0];
+    assert_eq!(
+        (e.client_ip.as_str(), e.query_name.as_str()),
+        ("10.9.9.9", "tcp.example")
+    );
+    // The unix socket keeps working alongside.
+    let mut s = Sender::connect(&tapd.addrs.socket, false).await;
+    s.answer([10, 9, 9, 8], "unix.example.", [192, 0, 2, 98])
+        .await;
+    assert_eq!(collect(&mut sub, 1).await[0].query_name, "unix.example");
 }
