@@ -542,7 +542,7 @@ fn pod_yaml(name: &str, v4: IpAddr, v6: IpAddr) -> String {
 #[test]
 fn a_capture_recorded_by_fstrm_capture_from_unbound_replays() -> anyhow::Result<()> {
     use std::{net::Ipv4Addr, time::Duration};
-    use tapd::testsupport::{dig, require_tool, wait_until, ChildDaemon, Unbound, UnboundConfig};
+    use tapd::testsupport::{dig, require_tool, wait_until, ChildDaemon, Unbound};
     require_tool("fstrm_capture")?;
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("dnstap.sock");
@@ -558,20 +558,7 @@ fn a_capture_recorded_by_fstrm_capture_from_unbound_replays() -> anyhow::Result<
         dir.path().join("fstrm_capture.log"),
     )?;
     capture.wait_for_log("opened output file")?;
-    let unbound = Unbound::start(
-        &socket,
-        &UnboundConfig {
-            auth_zones: vec![(
-                "google.com".into(),
-                vec![
-                    "www 21600 IN CNAME www3.l".into(),
-                    "www3.l 274 IN A 142.250.74.36".into(),
-                    "www3.l 274 IN AAAA 2a00:1450:4001:82b::2004".into(),
-                ],
-            )],
-            ..UnboundConfig::default()
-        },
-    )?;
+    let unbound = Unbound::start(&socket, &google_zone())?;
     let client = Ipv4Addr::new(127, 0, 0, 5);
     let web = Ipv4Addr::new(127, 0, 0, 7);
     let a = dig(client, unbound.port(), "WWW.Google.com", "A")?;
@@ -585,46 +572,14 @@ fn a_capture_recorded_by_fstrm_capture_from_unbound_replays() -> anyhow::Result<
     capture.terminate(Duration::from_secs(5))?;
     drop(unbound);
 
-    let snapshot = dir.path().join("snapshot.yaml");
-    std::fs::write(
-        &snapshot,
-        r#"
-apiVersion: v1
-kind: List
-items:
-- {apiVersion: v1, kind: Pod, metadata: {name: client, namespace: abc},
-   spec: {nodeName: n1, containers: []},
-   status: {phase: Running, podIPs: [{ip: 127.0.0.5}, {ip: "fd00:10:244:2::5"}]}}
-- {apiVersion: v1, kind: Pod, metadata: {name: web, namespace: xyz},
-   spec: {nodeName: n1, containers: []}, status: {phase: Running, podIPs: [{ip: 127.0.0.7}]}}
-- apiVersion: k8s.ovn.org/v1
-  kind: EgressFirewall
-  metadata: {name: default, namespace: abc}
-  spec:
-    egress:
-    - {type: Allow, to: {dnsName: google.com}}
-    - {type: Deny, to: {cidrSelector: 0.0.0.0/0}}
-"#,
-    )?;
+    let snapshot = loopback_snapshot(dir.path());
     let doc = json(&[
         "--snapshot",
         snapshot.to_str().unwrap(),
         "--capture",
         file.to_str().unwrap(),
     ]);
-    let want: BTreeSet<_> = ["142.250.74.36", "2a00:1450:4001:82b::2004"]
-        .iter()
-        .map(|ip| {
-            (
-                "abc/client".to_string(),
-                ip.parse().unwrap(),
-                11000,
-                0,
-                "Allow".to_string(),
-            )
-        })
-        .collect();
-    assert_eq!(flows(&doc), want, "{doc:#}");
+    assert_eq!(flows(&doc), loopback_flows(), "{doc:#}");
     assert_eq!(doc["summary"]["events"], 4, "{doc:#}");
     assert_eq!(doc["summary"]["skipped"]["not NOERROR"], 1, "{doc:#}");
     assert_eq!(
@@ -660,4 +615,113 @@ fn events_can_be_piped_in_as_grpcurl_prints_them() {
         .unwrap()
         .iter()
         .all(|f| f["time"].is_string()));
+}
+
+/// What the real grpcurl prints for `Subscribe` on a live tapd (fed by a real Unbound) replays to the
+/// same flows: the `--events` reader accepts grpcurl's own output, not only our rendering of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_grpcurl_prints_from_a_live_tapd_replays() -> anyhow::Result<()> {
+    use std::net::Ipv4Addr;
+    use tapd::testsupport::{dig, require_tool, wait_until, TapdInProcess, Unbound};
+    require_tool("grpcurl")?;
+    let tapd = TapdInProcess::start(&[]).await?;
+    let addrs = tapd.addrs.clone();
+    let stream = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let unbound = Unbound::start(&addrs.socket, &google_zone())?;
+        let client = Ipv4Addr::new(127, 0, 0, 5);
+        dig(client, unbound.port(), "www.google.com", "A")?;
+        dig(client, unbound.port(), "www.google.com", "AAAA")?;
+        wait_until("tapd to decode both answers", || {
+            addrs.metric("tapd_events_total") >= 2
+        })?;
+        // The answers came before the subscription: ask for the recent ones first, then hang up.
+        let out = Command::new("grpcurl")
+            .args([
+                "-plaintext",
+                "-max-time",
+                "2",
+                "-d",
+                r#"{"replay_recent":true}"#,
+            ])
+            .arg(addrs.grpc.to_string())
+            .arg("dnsflow.v1.DnsTap/Subscribe")
+            .output()?;
+        Ok(String::from_utf8(out.stdout)?)
+    })
+    .await??;
+    tapd.stop().await?;
+    assert!(stream.contains("\"clientIp\": \"127.0.0.5\""), "{stream}");
+
+    let dir = tempfile::tempdir()?;
+    let events = dir.path().join("grpcurl.json");
+    std::fs::write(&events, &stream)?;
+    let snapshot = loopback_snapshot(dir.path());
+    let doc = json(&[
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--events",
+        events.to_str().unwrap(),
+    ]);
+    assert_eq!(flows(&doc), loopback_flows(), "{stream}\n{doc:#}");
+    assert_eq!(doc["summary"]["skipped"], serde_json::json!({}), "{doc:#}");
+    Ok(())
+}
+
+/// Unbound serving the seed's names: `www.google.com` CNAME `www3.l.google.com`, with A and AAAA.
+fn google_zone() -> tapd::testsupport::UnboundConfig {
+    tapd::testsupport::UnboundConfig {
+        auth_zones: vec![(
+            "google.com".into(),
+            vec![
+                "www 21600 IN CNAME www3.l".into(),
+                "www3.l 274 IN A 142.250.74.36".into(),
+                "www3.l 274 IN AAAA 2a00:1450:4001:82b::2004".into(),
+            ],
+        )],
+        ..tapd::testsupport::UnboundConfig::default()
+    }
+}
+
+/// The seed's namespace for clients that can only be 127.0.0.N on one machine: `abc/client` is
+/// 127.0.0.5 (and an IPv6 address for the AAAA answer), `xyz/web` 127.0.0.7 without EgressFirewall.
+fn loopback_snapshot(dir: &Path) -> PathBuf {
+    let path = dir.join("snapshot.yaml");
+    std::fs::write(
+        &path,
+        r#"
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Pod, metadata: {name: client, namespace: abc},
+   spec: {nodeName: n1, containers: []},
+   status: {phase: Running, podIPs: [{ip: 127.0.0.5}, {ip: "fd00:10:244:2::5"}]}}
+- {apiVersion: v1, kind: Pod, metadata: {name: web, namespace: xyz},
+   spec: {nodeName: n1, containers: []}, status: {phase: Running, podIPs: [{ip: 127.0.0.7}]}}
+- apiVersion: k8s.ovn.org/v1
+  kind: EgressFirewall
+  metadata: {name: default, namespace: abc}
+  spec:
+    egress:
+    - {type: Allow, to: {dnsName: google.com}}
+    - {type: Deny, to: {cidrSelector: 0.0.0.0/0}}
+"#,
+    )
+    .unwrap();
+    path
+}
+
+/// The flows `abc/client` of [`loopback_snapshot`] earns from [`google_zone`]'s answers.
+fn loopback_flows() -> BTreeSet<(String, IpAddr, u64, u64, String)> {
+    ["142.250.74.36", "2a00:1450:4001:82b::2004"]
+        .iter()
+        .map(|ip| {
+            (
+                "abc/client".to_string(),
+                ip.parse().unwrap(),
+                11000,
+                0,
+                "Allow".to_string(),
+            )
+        })
+        .collect()
 }
