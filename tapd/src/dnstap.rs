@@ -48,7 +48,16 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// A short, fixed label for metrics.
+    /// Every value [`DecodeError::reason`] returns, for metrics that list them all.
+    pub const REASONS: [&'static str; 5] = [
+        "protobuf",
+        "client_address",
+        "no_response_message",
+        "dns",
+        "name",
+    ];
+
+    /// A short, fixed label for metrics (one of [`DecodeError::REASONS`]).
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Protobuf(_) | Self::NoMessage => "protobuf",
@@ -433,6 +442,27 @@ mod tests {
             decode(&fwd.encode_to_vec(), "", UNIX_EPOCH),
             Ok(Decoded::Ignored)
         );
+    }
+
+    #[test]
+    fn every_reason_is_listed() {
+        let errors = [
+            DecodeError::Protobuf(String::new()),
+            DecodeError::NoMessage,
+            DecodeError::NoClientAddress,
+            DecodeError::ClientAddress(3),
+            DecodeError::NoResponseMessage,
+            DecodeError::LyingCounts(12),
+            DecodeError::Dns(String::new()),
+            DecodeError::NoQuestion,
+            DecodeError::Name {
+                name: String::new(),
+                err: NameError::Empty,
+            },
+        ];
+        for e in errors {
+            assert!(DecodeError::REASONS.contains(&e.reason()), "{e:?}");
+        }
     }
 
     #[test]

@@ -94,7 +94,7 @@ impl Ingest {
                 None
             }
             Err(e) => {
-                self.metrics.decode_error(e.reason());
+                self.metrics.decode_error(&e);
                 Some(e)
             }
         }
@@ -183,6 +183,10 @@ impl Ingest {
                         return;
                     }
                 }
+            }
+            if decoder.is_done() {
+                // FINISH sent: nothing more is expected from this sender.
+                return;
             }
         }
     }

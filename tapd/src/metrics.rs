@@ -1,6 +1,7 @@
 //! Counters and the tiny HTTP server that exposes them (Prometheus text on `/metrics`, plus `/healthz`
 //! and `/readyz` for probes). [`serve_http`] knows nothing about tapd and is reused by flowd.
 
+use crate::dnstap::DecodeError;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -49,15 +50,6 @@ impl DropReason {
     }
 }
 
-/// Labels of [`crate::dnstap::DecodeError::reason`], in a fixed order.
-const DECODE_REASONS: [&str; 5] = [
-    "protobuf",
-    "client_address",
-    "no_response_message",
-    "dns",
-    "name",
-];
-
 /// tapd's counters. Everything is a relaxed atomic: the hot path never takes a lock to count.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -65,7 +57,7 @@ pub struct Metrics {
     bytes: AtomicU64,
     events: AtomicU64,
     ignored: AtomicU64,
-    decode_errors: [AtomicU64; DECODE_REASONS.len()],
+    decode_errors: [AtomicU64; DecodeError::REASONS.len()],
     frame_errors: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
     connections_total: AtomicU64,
@@ -90,13 +82,12 @@ impl Metrics {
         self.ignored.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a frame that did not decode, by [`crate::dnstap::DecodeError::reason`].
-    pub fn decode_error(&self, reason: &str) {
-        let i = DECODE_REASONS
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(0);
-        self.decode_errors[i].fetch_add(1, Ordering::Relaxed);
+    /// Counts a frame that did not decode, by its reason.
+    pub fn decode_error(&self, error: &DecodeError) {
+        let reason = error.reason();
+        if let Some(i) = DecodeError::REASONS.iter().position(|r| *r == reason) {
+            self.decode_errors[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Counts a connection ended by a Frame Streams error.
@@ -198,7 +189,7 @@ impl Metrics {
             "tapd_decode_errors_total",
             "counter",
             "Data frames that did not decode into a client response, by reason.",
-            &by_reason(&mut DECODE_REASONS.into_iter().zip(&self.decode_errors)),
+            &by_reason(&mut DecodeError::REASONS.into_iter().zip(&self.decode_errors)),
         );
         family(
             "tapd_dropped_total",
@@ -284,8 +275,8 @@ mod tests {
         let m = Metrics::default();
         m.frame(10);
         m.event();
-        m.decode_error("dns");
-        m.decode_error("dns");
+        m.decode_error(&DecodeError::NoQuestion);
+        m.decode_error(&DecodeError::LyingCounts(12));
         m.dropped(DropReason::SubscriberFull);
         m.connection_opened();
         let text = m.render(&|out: &mut String| out.push_str("tapd_extra 1\n"));
