@@ -58,6 +58,9 @@ const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
 /// after start, when the interval is longer: time for the caches to fill (tapd replays recent answers
 /// on subscribe). A daemon that knows when it is in sync may call [`Engine::reconcile`] itself.
 pub const FIRST_RECONCILE: Duration = Duration::from_secs(15);
+/// After a foreign wipe, the reconcile that checks OVN's tables again waits this long: ovn-controller
+/// reinstalls its flows within a few hundred milliseconds of reconnecting.
+pub const WIPE_SETTLE: Duration = Duration::from_secs(2);
 /// Flows written per bundle at most: bounds the memory of one batch (~10 MiB of text and specs); the
 /// rest follows in the next batch at once.
 pub const MAX_BATCH_FLOWS: usize = 20_000;
@@ -140,6 +143,9 @@ struct State {
     node: Option<String>,
     /// When discovery last found no ACL table.
     discovery_failed: Option<Instant>,
+    /// Someone deleted our flows (ovn-controller reconnecting, maybe upgraded): look at OVN's tables
+    /// again at the next reconcile, which comes [`WIPE_SETTLE`] later.
+    rediscover: bool,
 }
 
 struct Inner<P> {
@@ -148,6 +154,10 @@ struct Inner<P> {
     programmer: P,
     state: Mutex<State>,
     wake: Notify,
+    /// A foreign wipe was seen: reconcile (and rediscover) soon.
+    wiped: Notify,
+    /// The ACL table changed: the monitor must watch the new one.
+    retarget: Notify,
     /// Held while a batch (or a reconcile) talks to OVS: at most one bundle in flight.
     apply_lock: tokio::sync::Mutex<()>,
     metrics: Metrics,
@@ -280,6 +290,8 @@ impl<P: FlowProgrammer> Engine<P> {
                 programmer,
                 state: Mutex::new(state),
                 wake: Notify::new(),
+                wiped: Notify::new(),
+                retarget: Notify::new(),
                 apply_lock: tokio::sync::Mutex::new(()),
                 metrics: Metrics::default(),
             }),
@@ -683,6 +695,39 @@ impl<P: FlowProgrammer> Engine<P> {
         Ok(target)
     }
 
+    /// After a foreign wipe, OVN may have been upgraded and its tables renumbered: when discovery now
+    /// finds another ACL table (or other allow actions), every flow moves there (the reconcile then
+    /// removes the old ones as stale) and the monitor follows.
+    async fn rediscover_if_wiped(&self) -> Result<(), EngineError> {
+        if !std::mem::take(&mut self.lock().rediscover) || self.inner.settings.acl_table.is_some() {
+            return Ok(());
+        }
+        let st = &self.inner.settings;
+        let Some(found) = self.inner.programmer.discover_acl(st.priority_base).await? else {
+            return Ok(());
+        };
+        let found = AclTarget {
+            allow: st.allow_actions.clone().unwrap_or(found.allow),
+            ..found
+        };
+        let mut s = self.lock();
+        if s.target.as_ref() == Some(&found) {
+            return Ok(());
+        }
+        tracing::warn!(table = found.table, allow = %found.allow, "OVN's EgressFirewall ACL stage moved");
+        s.target = Some(found);
+        let all: Vec<FlowId> = s.flows.keys().copied().collect();
+        for id in all {
+            s.mark_dirty(id);
+        }
+        // Pod deletes and exact deletes were meant for the old table; the reconcile finds leftovers.
+        s.delete_strict.clear();
+        s.delete_pods.clear();
+        drop(s);
+        self.inner.retarget.notify_one();
+        Ok(())
+    }
+
     /// Fetches datapath keys for pods with dirty flows and no keys yet.
     async fn ensure_keys(&self) -> Result<(), EngineError> {
         let missing: Vec<String> = {
@@ -820,6 +865,7 @@ impl<P: FlowProgrammer> Engine<P> {
     /// are missing because they expired.
     pub async fn reconcile(&self) -> Result<(), EngineError> {
         let _guard = self.inner.apply_lock.lock().await;
+        self.rediscover_if_wiped().await?;
         let target = self.ensure_target().await?;
         // Pods with flows but no keys yet get theirs first, so their flows are comparable.
         self.ensure_keys().await?;
@@ -944,6 +990,10 @@ impl<P: FlowProgrammer> Engine<P> {
             RemovedReason::Idle | RemovedReason::Delete | RemovedReason::Other => {
                 s.mark_dirty(id);
                 Metrics::add(&metrics.flows_reinstalled, 1);
+                if reason != RemovedReason::Idle && !s.rediscover {
+                    s.rediscover = true;
+                    self.inner.wiped.notify_one();
+                }
                 true
             }
         }
@@ -993,7 +1043,12 @@ impl<P: FlowProgrammer> Engine<P> {
                         }
                     }
                     first = false;
-                    while let Some(event) = rx.recv().await {
+                    loop {
+                        let event = tokio::select! {
+                            e = rx.recv() => e,
+                            () = self.inner.retarget.notified() => None,
+                        };
+                        let Some(event) = event else { break };
                         if self.on_flow_event(event) {
                             self.inner.wake.notify_one();
                         }
@@ -1017,7 +1072,13 @@ impl<P: FlowProgrammer> Engine<P> {
         let mut tick = tokio::time::interval_at(first, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.inner.wiped.notified() => {
+                    // Let ovn-controller finish reinstalling its own flows before looking at them.
+                    tokio::time::sleep(WIPE_SETTLE).await;
+                }
+            }
             if let Err(e) = self.reconcile().await {
                 tracing::warn!(error = %e, "reconcile failed");
             }
@@ -1389,6 +1450,41 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(e.programmer().flows().len(), 1, "the new monitor works");
         run.abort();
+    }
+
+    #[tokio::test]
+    async fn after_a_wipe_the_flows_follow_a_renumbered_acl_table() {
+        let e = engine();
+        e.upsert_pod(pod("pod1", "10.244.1.5"));
+        let run = tokio::spawn(e.clone().run());
+        e.on_dns(
+            answer("10.244.1.5", "google.com", &[("142.250.0.1", 300)]),
+            SystemTime::now(),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // ovn-controller is upgraded: it wipes br-int and its ACL stage is now table 48.
+        let moved = AclTarget {
+            table: 48,
+            allow: Actions::resubmit(49),
+        };
+        e.programmer().set_acl(Some(moved.clone()));
+        e.programmer().remove_where(RemovedReason::Delete, |_| true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            e.programmer().flows()[0].matches.table,
+            46,
+            "reinstalled at once"
+        );
+        tokio::time::sleep(WIPE_SETTLE + Duration::from_millis(300)).await;
+        let flows = e.programmer().flows();
+        assert_eq!(flows.len(), 1, "{flows:?}");
+        assert_eq!(flows[0].matches.table, 48);
+        assert_eq!(flows[0].action, FlowAction::Continue(moved.allow));
+        // The monitor follows: a wipe of the new table is repaired too.
+        e.programmer().remove_where(RemovedReason::Delete, |_| true);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        run.abort();
+        assert_eq!(e.programmer().flows().len(), 1);
     }
 
     #[tokio::test]
