@@ -200,6 +200,48 @@ pub fn explain(
     trace(names, rules, settings, true)
 }
 
+/// The L4 matches that earlier matching rules already cover with a flow of higher priority for the
+/// same pod and IPs (every rule of one decision sees the same answers).
+#[derive(Default)]
+struct Coverage {
+    /// The earliest matching rule without ports: it covers every L4 match.
+    all: Option<usize>,
+    /// Otherwise, per protocol/port, the rule covering it.
+    ports: Vec<(PortMatch, usize)>,
+}
+
+impl Coverage {
+    fn covered_by(&self, l4: L4) -> Option<usize> {
+        self.all.or_else(|| {
+            let p = l4?;
+            self.ports.iter().find(|(c, _)| *c == p).map(|(_, i)| *i)
+        })
+    }
+
+    /// Splits rule `index`'s L4 matches into live and shadowed ones, and records the live ones.
+    fn claim(&mut self, index: usize, ports: &[PortMatch]) -> (Vec<L4>, Vec<(L4, usize)>) {
+        let entries: Vec<L4> = if ports.is_empty() {
+            vec![None]
+        } else {
+            ports.iter().copied().map(Some).collect()
+        };
+        let (mut live, mut shadowed) = (Vec::new(), Vec::new());
+        for l4 in entries {
+            match self.covered_by(l4) {
+                Some(by) => shadowed.push((l4, by)),
+                None => live.push(l4),
+            }
+        }
+        for l4 in &live {
+            match l4 {
+                None => self.all = self.all.or(Some(index)),
+                Some(p) => self.ports.push((*p, index)),
+            }
+        }
+        (live, shadowed)
+    }
+}
+
 /// [`explain`], keeping only the rules that match when `all` is false: [`decide`] runs for every DNS
 /// answer, and formatting thousands of non-matching rules would dominate its cost.
 fn trace(
@@ -209,69 +251,43 @@ fn trace(
     all: bool,
 ) -> Vec<RuleTrace> {
     let mode = rules.name_matching_or(settings.name_matching());
-    // The earliest matching rule without ports covers every L4 match; otherwise per protocol/port.
-    let mut covers_all: Option<usize> = None;
-    let mut covers: Vec<(PortMatch, usize)> = Vec::new();
-    rules
-        .rules
-        .iter()
-        .enumerate()
-        .filter_map(|(index, rule)| {
-            let outcome = match rule.dns_pattern() {
-                None => RuleOutcome::NotDnsName,
-                Some(pattern) => match names.iter().find(|n| pattern.matches(n, mode)) {
-                    None => RuleOutcome::NoMatch,
-                    Some(name) => {
-                        let name = (*name).clone();
-                        match u16::try_from(index)
-                            .ok()
-                            .and_then(|i| settings.priority_base.checked_sub(i))
-                        {
-                            None => RuleOutcome::NoPriority { name },
-                            Some(priority) => {
-                                let entries: Vec<L4> = if rule.ports.is_empty() {
-                                    vec![None]
-                                } else {
-                                    rule.ports.iter().copied().map(Some).collect()
-                                };
-                                let (mut live, mut shadowed) = (Vec::new(), Vec::new());
-                                for l4 in entries {
-                                    let by = covers_all.or_else(|| {
-                                        l4.and_then(|p| {
-                                            covers.iter().find(|(c, _)| *c == p).map(|(_, i)| *i)
-                                        })
-                                    });
-                                    match by {
-                                        Some(by) => shadowed.push((l4, by)),
-                                        None => live.push(l4),
-                                    }
-                                }
-                                for l4 in &live {
-                                    match l4 {
-                                        None => covers_all = covers_all.or(Some(index)),
-                                        Some(p) => covers.push((*p, index)),
-                                    }
-                                }
-                                RuleOutcome::Matched {
-                                    name,
-                                    priority,
-                                    live,
-                                    shadowed,
-                                }
-                            }
+    let mut coverage = Coverage::default();
+    let mut out = Vec::new();
+    for (index, rule) in rules.rules.iter().enumerate() {
+        let matched = rule
+            .dns_pattern()
+            .map(|pattern| names.iter().find(|n| pattern.matches(n, mode)));
+        let outcome = match matched {
+            None => RuleOutcome::NotDnsName,
+            Some(None) => RuleOutcome::NoMatch,
+            Some(Some(name)) => {
+                let name = (*name).clone();
+                let priority = u16::try_from(index)
+                    .ok()
+                    .and_then(|i| settings.priority_base.checked_sub(i));
+                match priority {
+                    None => RuleOutcome::NoPriority { name },
+                    Some(priority) => {
+                        let (live, shadowed) = coverage.claim(index, &rule.ports);
+                        RuleOutcome::Matched {
+                            name,
+                            priority,
+                            live,
+                            shadowed,
                         }
                     }
-                },
-            };
-            (all || !matches!(outcome, RuleOutcome::NotDnsName | RuleOutcome::NoMatch)).then(|| {
-                RuleTrace {
-                    index,
-                    rule: rule.to_string(),
-                    outcome,
                 }
-            })
-        })
-        .collect()
+            }
+        };
+        if all || !matches!(outcome, RuleOutcome::NotDnsName | RuleOutcome::NoMatch) {
+            out.push(RuleTrace {
+                index,
+                rule: rule.to_string(),
+                outcome,
+            });
+        }
+    }
+    out
 }
 
 fn exclusion(ip: IpAddr, settings: &PolicySettings) -> Option<Exclusion> {
