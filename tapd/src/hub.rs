@@ -391,7 +391,7 @@ impl std::ops::Drop for Subscription {
 mod tests {
     use super::*;
     use crate::event::Answer;
-    use futures::StreamExt;
+    use futures::{FutureExt, StreamExt};
     use std::time::UNIX_EPOCH;
 
     fn config() -> HubConfig {
@@ -428,8 +428,6 @@ mod tests {
         }
         out
     }
-
-    use futures::FutureExt;
 
     #[test]
     fn filters_parse_cidrs_and_bare_ips() {
