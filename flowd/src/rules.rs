@@ -634,4 +634,66 @@ mod tests {
             );
         }
     }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(json!(null)),
+            any::<bool>().prop_map(|b| json!(b)),
+            any::<i64>().prop_map(|n| json!(n)),
+            prop_oneof![
+                Just("Allow".to_string()),
+                Just("Deny".to_string()),
+                Just("TCP".to_string()),
+                Just("*.example.com".to_string()),
+                Just("10.0.0.0/8".to_string()),
+                "[ -~]{0,12}",
+            ]
+            .prop_map(|s| json!(s)),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("type".to_string()),
+                        Just("to".to_string()),
+                        Just("ports".to_string()),
+                        Just("dnsName".to_string()),
+                        Just("cidrSelector".to_string()),
+                        Just("nodeSelector".to_string()),
+                        Just("protocol".to_string()),
+                        Just("port".to_string()),
+                        "[a-z]{1,6}",
+                    ],
+                    inner,
+                    0..4,
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    use proptest::strategy::Strategy as _;
+
+    proptest::proptest! {
+        /// Whatever an EgressFirewall holds, validation answers with rules or a reason, never a panic.
+        #[test]
+        fn hostile_objects_never_panic(egress in proptest::collection::vec(
+            json_value().prop_map(|v| if v.is_object() { v } else { json!({"type": "Allow", "to": v}) }),
+            0..6,
+        )) {
+            let value = json!({
+                "apiVersion": "k8s.ovn.org/v1", "kind": "EgressFirewall",
+                "metadata": {"name": "default", "namespace": "abc"},
+                "spec": {"egress": egress.clone()}
+            });
+            if let Ok(obj) = serde_json::from_value::<EgressFirewall>(value) {
+                match FirewallRules::from_egress_firewall(&obj) {
+                    Ok(rules) => proptest::prop_assert_eq!(rules.rules.len(), egress.len()),
+                    Err(e) => proptest::prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+        }
+    }
 }
