@@ -61,6 +61,8 @@ pub const FIRST_RECONCILE: Duration = Duration::from_secs(15);
 /// After a foreign wipe, the reconcile that checks OVN's tables again waits this long: ovn-controller
 /// reinstalls its flows within a few hundred milliseconds of reconnecting.
 pub const WIPE_SETTLE: Duration = Duration::from_secs(2);
+/// A pod whose OVS port was not found is looked for again after this long (each look runs two tools).
+const KEYS_RETRY: Duration = Duration::from_secs(1);
 /// Flows written per bundle at most: bounds the memory of one batch (~10 MiB of text and specs); the
 /// rest follows in the next batch at once.
 pub const MAX_BATCH_FLOWS: usize = 20_000;
@@ -119,6 +121,8 @@ struct PodEntry {
     info: PodInfo,
     id: u16,
     keys: Option<PortKeys>,
+    /// When its keys were last looked for in vain (a pod without an OVN port, e.g. host-network).
+    keys_missed: Option<Instant>,
     /// Remembered answers by question name, with when they arrived, oldest first by arrival.
     answers: HashMap<DnsName, (DnsResponse, SystemTime)>,
 }
@@ -385,6 +389,7 @@ impl<P: FlowProgrammer> Engine<P> {
                     info: pod.clone(),
                     id,
                     keys: None,
+                    keys_missed: None,
                     answers: HashMap::new(),
                 },
             );
@@ -735,7 +740,9 @@ impl<P: FlowProgrammer> Engine<P> {
             let pods: HashSet<u16> = s.dirty.iter().map(|f| f.pod).collect();
             pods.iter()
                 .filter_map(|id| s.by_id.get(id).and_then(|k| s.pods.get(k)))
-                .filter(|p| p.keys.is_none())
+                .filter(|p| {
+                    p.keys.is_none() && p.keys_missed.is_none_or(|t| t.elapsed() >= KEYS_RETRY)
+                })
                 .map(|p| p.info.key.iface_id())
                 .collect()
         };
@@ -744,9 +751,13 @@ impl<P: FlowProgrammer> Engine<P> {
         }
         let found = self.inner.programmer.port_keys(&missing).await?;
         let mut s = self.lock();
+        let now = Instant::now();
         for pod in s.pods.values_mut() {
-            if let Some(k) = found.get(&pod.info.key.iface_id()) {
-                pod.keys = Some(*k);
+            let id = pod.info.key.iface_id();
+            match found.get(&id) {
+                Some(k) => pod.keys = Some(*k),
+                None if missing.contains(&id) => pod.keys_missed = Some(now),
+                None => {}
             }
         }
         Ok(())
@@ -1581,6 +1592,14 @@ mod tests {
                 reg14: 9,
             },
         );
+        e.flush().await.unwrap();
+        assert!(
+            e.programmer().flows().is_empty(),
+            "not looked for again at once"
+        );
+        for p in e.lock().pods.values_mut() {
+            p.keys_missed = p.keys_missed.map(|t| t - KEYS_RETRY);
+        }
         e.flush().await.unwrap();
         assert_eq!(e.programmer().flows()[0].matches.reg14, 9);
     }

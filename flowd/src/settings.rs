@@ -77,6 +77,8 @@ pub enum SettingsError {
     IdleRange(Duration),
     #[error("--reconcile-interval must be at least 1s")]
     ReconcileInterval,
+    #[error("--acl-table {0} leaves no table after it to continue to (at most 253)")]
+    AclTable(u8),
 }
 
 impl EngineSettings {
@@ -91,6 +93,10 @@ impl EngineSettings {
         }
         if self.reconcile_interval < Duration::from_secs(1) {
             return Err(SettingsError::ReconcileInterval);
+        }
+        // OpenFlow tables end at 254; an allow continues to the next one.
+        if let Some(t) = self.acl_table.filter(|t| *t > 253) {
+            return Err(SettingsError::AclTable(t));
         }
         Ok(())
     }
@@ -236,6 +242,8 @@ mod tests {
         assert!(zero.settings.validate().is_err());
         let long = Cli::try_parse_from(["flowd", "--idle-floor=20h"]).unwrap();
         assert!(long.settings.validate().is_err());
+        let last = Cli::try_parse_from(["flowd", "--acl-table=254"]).unwrap();
+        assert!(last.settings.validate().is_err());
     }
 
     #[test]
