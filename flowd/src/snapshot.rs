@@ -1,6 +1,6 @@
 //! A cluster snapshot file: the Pods, EgressFirewalls and Nodes `flowd replay` works against.
 //!
-//! Accepts what `kubectl get -A pods,egressfirewalls,nodes -o yaml` prints (a `kind: List`) and
+//! Accepts what `kubectl get -A pods,egressfirewalls,nodes -o yaml` (or `-o json`) prints (a `kind: List`) and
 //! multi-document YAML of the same objects (lists may appear inside too). Objects of other kinds, pods that
 //! get no grants (host network, finished, no IP) and invalid EgressFirewalls are skipped with a warning
 //! that says why; only unreadable or syntactically broken files are errors.
@@ -294,6 +294,16 @@ items:
         let s = parse(docs).expect("valid");
         assert_eq!(s.pods.len(), 2);
         assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    }
+
+    #[test]
+    fn kubectl_json_output_loads_too() {
+        let json = serde_json::to_string_pretty(
+            &serde_yaml::from_str::<serde_json::Value>(LIST).expect("yaml to json"),
+        )
+        .expect("json");
+        let s = parse(&json).expect("JSON is YAML");
+        assert_eq!(s, parse(LIST).expect("valid"));
     }
 
     #[test]
