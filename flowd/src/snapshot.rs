@@ -1,9 +1,9 @@
 //! A cluster snapshot file: the Pods, EgressFirewalls and Nodes `flowd replay` works against.
 //!
-//! Accepts what `kubectl get -A pods,egressfirewalls,nodes -o yaml` (or `-o json`) prints (a `kind: List`) and
-//! multi-document YAML of the same objects (lists may appear inside too). Objects of other kinds, pods that
-//! get no grants (host network, finished, no IP) and invalid EgressFirewalls are skipped with a warning
-//! that says why; only unreadable or syntactically broken files are errors.
+//! Accepts what `kubectl get -A pods,egressfirewalls,nodes -o yaml` (or `-o json`) prints, a
+//! `kind: List`, and multi-document YAML of the same objects (lists may appear inside too). Objects of
+//! other kinds, pods that get no grants (host network, finished, no IP) and invalid EgressFirewalls are
+//! skipped with a warning that says why; only unreadable or syntactically broken files are errors.
 
 use crate::{
     cluster::{node_subnets, pod_info},
