@@ -725,3 +725,36 @@ fn loopback_flows() -> BTreeSet<(String, IpAddr, u64, u64, String)> {
         })
         .collect()
 }
+
+/// The example's Pods and Node are valid Kubernetes objects (strict schema validation by the real
+/// `kubernetes-validate`), so the snapshot is what a cluster would print.
+#[test]
+fn the_example_snapshot_passes_kubernetes_schema_validation() {
+    tapd::testsupport::require_tool("kubernetes-validate").unwrap();
+    let list: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(examples().join("snapshot.yaml")).unwrap())
+            .unwrap();
+    let items = list["items"].as_sequence().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for (i, item) in items.iter().enumerate() {
+        if item["kind"] == "EgressFirewall" {
+            continue; // a CRD: not in the bundled schemas
+        }
+        let path = dir.path().join(format!("item{i}.yaml"));
+        std::fs::write(&path, serde_yaml::to_string(item).unwrap()).unwrap();
+        let out = Command::new("kubernetes-validate")
+            .arg("--strict")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success() && text.contains(" passed "), "{text}");
+        checked += 1;
+    }
+    assert_eq!(checked, 4, "three pods and a node");
+}
