@@ -19,13 +19,52 @@ use tapd::{CaptureReader, DnsResponse};
 /// exhaust memory through one endless JSON value.
 pub const MAX_EVENTS_BYTES: u64 = 1 << 30;
 
+/// Reads at most `limit` bytes of `inner`, then fails: a silent cut would surface as a misleading
+/// "truncated" or "invalid JSON" error instead of naming the real problem.
+#[derive(Debug)]
+struct Bounded<R> {
+    inner: R,
+    left: u64,
+    limit: u64,
+}
+
+impl<R: Read> Bounded<R> {
+    fn new(inner: R, limit: u64) -> Self {
+        Self {
+            inner,
+            left: limit,
+            limit,
+        }
+    }
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            // Input ending exactly at the limit is fine; one more byte is not.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(std::io::Error::other(format!(
+                    "input larger than {} bytes",
+                    self.limit
+                ))),
+            };
+        }
+        let max = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let n = self.inner.read(&mut buf[..max])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 /// Why recorded input cannot be read on.
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
     #[error("{origin}: {message}")]
     Broken { origin: String, message: String },
-    #[error("{origin}: larger than {MAX_EVENTS_BYTES} bytes")]
-    TooLarge { origin: String },
 }
 
 /// One recorded event: a response, or why the record is not one.
@@ -44,7 +83,7 @@ pub fn read_capture(
     origin: &str,
     mut each: impl FnMut(Item),
 ) -> Result<InputStats, InputError> {
-    let mut reader = CaptureReader::new(BufReader::new(input.take(MAX_EVENTS_BYTES + 1)));
+    let mut reader = CaptureReader::new(BufReader::new(Bounded::new(input, MAX_EVENTS_BYTES)));
     for item in reader.by_ref() {
         match item {
             Ok(resp) => each(Ok(resp)),
@@ -68,7 +107,7 @@ pub fn read_events_json(
     origin: &str,
     mut each: impl FnMut(Item),
 ) -> Result<InputStats, InputError> {
-    let reader = BufReader::new(input.take(MAX_EVENTS_BYTES + 1));
+    let reader = BufReader::new(Bounded::new(input, MAX_EVENTS_BYTES));
     for (i, value) in serde_json::Deserializer::from_reader(reader)
         .into_iter::<Value>()
         .enumerate()
@@ -528,6 +567,17 @@ mod tests {
                 .starts_with("ev.json: event 2: invalid JSON"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn input_beyond_the_bound_is_an_error_that_says_so() {
+        let mut r = Bounded::new(&b"abcdef"[..], 6);
+        let mut all = Vec::new();
+        r.read_to_end(&mut all).expect("exactly at the bound");
+        assert_eq!(all, b"abcdef");
+        let mut r = Bounded::new(&b"abcdefg"[..], 6);
+        let err = r.read_to_end(&mut Vec::new()).expect_err("beyond");
+        assert_eq!(err.to_string(), "input larger than 6 bytes");
     }
 
     #[test]
