@@ -14,7 +14,7 @@ use crate::{
     engine::{Engine, EngineError},
     model::{FlowKey, Grant, PodInfo, PodKey, Verdict},
     ovs::{AclTarget, Actions, DryRun, FlowProgrammer, Ofctl},
-    policy::{decide, l4_name, PolicySettings, RuleOutcome},
+    policy::{decide, l4_name, Ignored, PolicySettings, RuleOutcome},
     settings::EngineSettings,
     snapshot::Snapshot,
 };
@@ -200,9 +200,9 @@ impl<'a> Planner<'a> {
         out.result = if let Some(ignored) = &decision.ignored {
             Err(Skip::new(
                 match ignored {
-                    crate::policy::Ignored::NotNoError { .. } => "not NOERROR",
-                    crate::policy::Ignored::ClientNotPod { .. } => "client is not a known pod",
-                    crate::policy::Ignored::NoAddresses => "no A/AAAA answers",
+                    Ignored::NotNoError { .. } => "not NOERROR",
+                    Ignored::ClientNotPod { .. } => "client is not a known pod",
+                    Ignored::NoAddresses => "no A/AAAA answers",
                 },
                 ignored.to_string(),
             ))
