@@ -59,7 +59,8 @@ pub struct Config {
     pub subscriber_buffer: usize,
 
     /// Most recent answers kept for replay to (re)connecting subscribers; 0 disables the replay.
-    #[arg(long, env = "TAPD_RECENT_ENTRIES", default_value_t = 50_000)]
+    /// Each costs about 0.5 KiB.
+    #[arg(long, env = "TAPD_RECENT_ENTRIES", default_value_t = 20_000)]
     pub recent_entries: usize,
 
     /// Longest time an answer is kept for replay, whatever its TTL (e.g. 30s, 15m, 1h).

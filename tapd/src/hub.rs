@@ -6,7 +6,7 @@
 //! lets a subscriber that (re)connects first receive the answers whose TTL has not run out yet.
 
 use crate::{
-    event::{DnsName, DnsResponse},
+    event::DnsResponse,
     metrics::{DropReason, Metrics},
 };
 use futures::Stream;
@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use std::{
     collections::{HashMap, VecDeque},
     fmt::Write as _,
+    hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
     net::IpAddr,
     pin::Pin,
     str::FromStr,
@@ -76,8 +77,35 @@ struct Subscriber {
     dropped: Arc<AtomicU64>,
 }
 
-/// A newer answer for the same client, name and type replaces the older one.
-type RecentKey = (IpAddr, DnsName, u16);
+/// Stale order items tolerated before compacting: compaction is linear, so it must not run on every
+/// insert of a small cache.
+const COMPACT_SLACK: usize = 1024;
+
+/// Answers are keyed by a keyed SipHash of (client, name, type), not by the values themselves: the
+/// map and the order queue then hold 8 bytes per key instead of a cloned name, which matters at tens
+/// of thousands of entries. A newer answer for the same key replaces the older one; a collision
+/// (odds 2^-64, and unguessable from outside) would merely let one cached answer replace another.
+type RecentKey = u64;
+
+/// The identity hash for keys that are already hashes.
+#[derive(Debug, Default)]
+struct PreHashed(u64);
+
+impl Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 #[derive(Debug)]
 struct RecentEntry {
@@ -91,7 +119,8 @@ struct RecentEntry {
 struct RecentCache {
     capacity: usize,
     max_ttl: Duration,
-    entries: HashMap<RecentKey, RecentEntry>,
+    keys: RandomState,
+    entries: HashMap<RecentKey, RecentEntry, BuildHasherDefault<PreHashed>>,
     /// Insertion order, for evicting the oldest; items whose sequence no longer matches the map are
     /// stale (replaced) and skipped.
     order: VecDeque<(RecentKey, u64)>,
@@ -102,7 +131,8 @@ impl RecentCache {
         Self {
             capacity,
             max_ttl,
-            entries: HashMap::new(),
+            keys: RandomState::new(),
+            entries: HashMap::default(),
             order: VecDeque::new(),
         }
     }
@@ -112,13 +142,13 @@ impl RecentCache {
         if self.capacity == 0 || !r.is_noerror() || ttl.is_zero() {
             return;
         }
-        let key = (r.client, r.qname.clone(), r.qtype);
+        let key = self.keys.hash_one((r.client, &r.qname, r.qtype));
         while self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
             if !self.evict_oldest() {
                 break;
             }
         }
-        self.order.push_back((key.clone(), r.sequence));
+        self.order.push_back((key, r.sequence));
         self.entries.insert(
             key,
             RecentEntry {
@@ -127,7 +157,9 @@ impl RecentCache {
                 expires: now + ttl,
             },
         );
-        if self.order.len() > 2 * self.capacity {
+        // Replaced answers leave stale items behind; drop them once they outnumber the live ones, so
+        // the order queue stays within twice the live entries (plus a little slack).
+        if self.order.len() > 2 * self.entries.len() + COMPACT_SLACK {
             let entries = &self.entries;
             self.order
                 .retain(|(k, seq)| entries.get(k).is_some_and(|e| e.response.sequence == *seq));
@@ -390,7 +422,7 @@ impl std::ops::Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Answer;
+    use crate::event::{Answer, DnsName};
     use futures::{FutureExt, StreamExt};
     use std::time::UNIX_EPOCH;
 
@@ -533,7 +565,7 @@ mod tests {
             r.sequence = i + 1;
             cache.insert(&Arc::new(r), now);
             assert!(cache.entries.len() <= 3);
-            assert!(cache.order.len() <= 6);
+            assert!(cache.order.len() <= 2 * 3 + COMPACT_SLACK + 1);
         }
         let names: Vec<String> = cache
             .snapshot(&ClientFilter::default(), now)
