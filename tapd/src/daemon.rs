@@ -108,13 +108,17 @@ impl Daemon {
         let wait_stop = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        tracing::info!(addr = ?grpc.local_addr().ok(), "serving gRPC");
+        let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
+        tracing::info!(addr = %grpc_addr, "serving gRPC");
         let grpc_task = tokio::spawn(grpc::serve(grpc, hub.clone(), wait_stop(stop.clone())));
         let render = {
             let (metrics, hub) = (Arc::clone(&metrics), hub.clone());
             Arc::new(move || metrics.render(&|out: &mut String| hub.render_subscribers(out)))
         };
-        tracing::info!(addr = ?metrics_listener.local_addr().ok(), "serving metrics");
+        let metrics_addr = metrics_listener
+            .local_addr()
+            .unwrap_or(config.metrics_listen);
+        tracing::info!(addr = %metrics_addr, "serving metrics");
         let http_task = tokio::spawn(serve_http(
             metrics_listener,
             render,
