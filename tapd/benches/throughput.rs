@@ -140,6 +140,7 @@ fn hub_config() -> HubConfig {
         subscriber_buffer: 8192,
         recent_entries: 20_000,
         recent_max_ttl: Duration::from_secs(3600),
+        max_subscribers: 4,
     }
 }
 

@@ -58,6 +58,10 @@ pub struct Config {
     #[arg(long, env = "TAPD_SUBSCRIBER_BUFFER", default_value_t = 8192)]
     pub subscriber_buffer: usize,
 
+    /// Most gRPC subscribers at once (flowd needs one per node).
+    #[arg(long, env = "TAPD_MAX_SUBSCRIBERS", default_value_t = 256)]
+    pub max_subscribers: usize,
+
     /// Most recent answers kept for replay to (re)connecting subscribers; 0 disables the replay.
     /// Each costs about 0.5 KiB.
     #[arg(long, env = "TAPD_RECENT_ENTRIES", default_value_t = 20_000)]
@@ -104,6 +108,9 @@ impl Config {
         }
         if self.max_connections == 0 {
             return bad("--max-connections must be at least 1".into());
+        }
+        if self.max_subscribers == 0 {
+            return bad("--max-subscribers must be at least 1".into());
         }
         if self.subscriber_buffer == 0 {
             return bad("--subscriber-buffer must be at least 1".into());

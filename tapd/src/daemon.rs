@@ -83,6 +83,7 @@ impl Daemon {
                 subscriber_buffer: config.subscriber_buffer,
                 recent_entries: config.recent_entries,
                 recent_max_ttl: config.recent_max_ttl,
+                max_subscribers: config.max_subscribers,
             },
             Arc::clone(&metrics),
         );

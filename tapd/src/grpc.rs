@@ -67,9 +67,10 @@ impl DnsTap for DnsTapService {
         let req = request.into_inner();
         let filter = ClientFilter::parse(&req.client_cidrs)
             .map_err(|e| Status::invalid_argument(format!("client_cidrs: {e}")))?;
-        let subscription =
-            self.hub
-                .subscribe(filter, req.replay_recent, peer.clone(), Instant::now());
+        let subscription = self
+            .hub
+            .subscribe(filter, req.replay_recent, peer.clone(), Instant::now())
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
         let span = tracing::info_span!("subscriber", id = subscription.id(), %peer);
         span.in_scope(|| {
             tracing::info!(

@@ -36,20 +36,38 @@ pub struct HubConfig {
     pub recent_entries: usize,
     /// Longest time an answer stays in the cache, whatever its TTL says.
     pub recent_max_ttl: Duration,
+    /// Most subscribers at once (each may hold `subscriber_buffer` events).
+    pub max_subscribers: usize,
 }
+
+/// A subscription refused because [`HubConfig::max_subscribers`] are connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0} subscribers already connected")]
+pub struct TooManySubscribers(pub usize);
 
 /// Which clients a subscriber wants; empty means all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientFilter(Vec<IpNet>);
 
-/// A `client_cidrs` entry that is neither a CIDR nor an IP.
+/// Most networks one filter may list: every event is matched against them on the dnstap reader's
+/// path, so the list must stay short (a node has a handful of pod subnets).
+pub const MAX_FILTER_CIDRS: usize = 256;
+
+/// Why a `client_cidrs` list is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is neither a CIDR nor an IP address")]
-pub struct FilterError(pub String);
+pub enum FilterError {
+    #[error("{0:?} is neither a CIDR nor an IP address")]
+    NotACidr(String),
+    #[error("{0} networks; at most {MAX_FILTER_CIDRS}")]
+    TooMany(usize),
+}
 
 impl ClientFilter {
     /// Parses CIDRs; a bare IP means that one host.
     pub fn parse<S: AsRef<str>>(cidrs: &[S]) -> Result<Self, FilterError> {
+        if cidrs.len() > MAX_FILTER_CIDRS {
+            return Err(FilterError::TooMany(cidrs.len()));
+        }
         cidrs
             .iter()
             .map(|s| {
@@ -57,7 +75,7 @@ impl ClientFilter {
                 IpNet::from_str(s)
                     .map(|n| n.trunc())
                     .or_else(|_| IpAddr::from_str(s).map(IpNet::from))
-                    .map_err(|_| FilterError(s.to_owned()))
+                    .map_err(|_| FilterError::NotACidr(s.to_owned()))
             })
             .collect::<Result<_, _>>()
             .map(Self)
@@ -277,7 +295,7 @@ impl Hub {
         replay_recent: bool,
         peer: String,
         now: Instant,
-    ) -> Subscription {
+    ) -> Result<Subscription, TooManySubscribers> {
         let inner = &self.inner;
         let id = inner.next_subscriber.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(inner.config.subscriber_buffer.max(1));
@@ -294,6 +312,9 @@ impl Hub {
                 .subscribers
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
+            if subs.len() >= inner.config.max_subscribers {
+                return Err(TooManySubscribers(subs.len()));
+            }
             // After close, the sender is dropped at once and the stream ends after the replay.
             if !inner.closed.load(Ordering::Acquire) {
                 subs.push(subscriber);
@@ -309,14 +330,14 @@ impl Hub {
         } else {
             Vec::new()
         };
-        Subscription {
+        Ok(Subscription {
             hub: Arc::clone(inner),
             id,
             peer,
             dropped,
             replay: replay.into(),
             rx,
-        }
+        })
     }
 
     /// Ends every subscription once its buffered events are read, and refuses new live ones.
@@ -431,6 +452,7 @@ mod tests {
             subscriber_buffer: 4,
             recent_entries: 3,
             recent_max_ttl: Duration::from_secs(3600),
+            max_subscribers: 3,
         }
     }
 
@@ -471,7 +493,11 @@ mod tests {
         assert!(ClientFilter::default().matches("1.2.3.4".parse().unwrap()));
         assert_eq!(
             ClientFilter::parse(&["10.0.0.0/33"]),
-            Err(FilterError("10.0.0.0/33".into()))
+            Err(FilterError::NotACidr("10.0.0.0/33".into()))
+        );
+        assert_eq!(
+            ClientFilter::parse(&vec!["10.0.0.1"; MAX_FILTER_CIDRS + 1]),
+            Err(FilterError::TooMany(MAX_FILTER_CIDRS + 1))
         );
     }
 
@@ -480,13 +506,17 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(config(), Arc::clone(&metrics));
         let now = Instant::now();
-        let mut stuck = hub.subscribe(ClientFilter::default(), false, "a".into(), now);
-        let mut only_b = hub.subscribe(
-            ClientFilter::parse(&["10.0.0.2/32"]).unwrap(),
-            false,
-            "b".into(),
-            now,
-        );
+        let mut stuck = hub
+            .subscribe(ClientFilter::default(), false, "a".into(), now)
+            .unwrap();
+        let mut only_b = hub
+            .subscribe(
+                ClientFilter::parse(&["10.0.0.2/32"]).unwrap(),
+                false,
+                "b".into(),
+                now,
+            )
+            .unwrap();
         for i in 0..10 {
             hub.publish(resp("10.0.0.1", "x.test", "192.0.2.1", 5), now);
             if i % 2 == 0 {
@@ -507,6 +537,27 @@ mod tests {
         hub.render_subscribers(&mut text);
         assert!(text.contains("peer=\"b\"} 0"), "{text}");
         assert!(!text.contains("peer=\"a\""), "{text}");
+    }
+
+    #[test]
+    fn subscribers_are_bounded() {
+        let hub = Hub::new(config(), Arc::default());
+        let now = Instant::now();
+        let subs: Vec<Subscription> = (0..3)
+            .map(|_| {
+                hub.subscribe(ClientFilter::default(), false, "p".into(), now)
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            hub.subscribe(ClientFilter::default(), false, "q".into(), now)
+                .err(),
+            Some(TooManySubscribers(3))
+        );
+        drop(subs);
+        assert!(hub
+            .subscribe(ClientFilter::default(), false, "q".into(), now)
+            .is_ok());
     }
 
     #[test]
@@ -536,12 +587,14 @@ mod tests {
         hub.publish(resp("10.0.0.2", "b.test", "192.0.2.5", 100), t0);
 
         let later = t0 + Duration::from_secs(10);
-        let mut s = hub.subscribe(
-            ClientFilter::parse(&["10.0.0.1"]).unwrap(),
-            true,
-            "p".into(),
-            later,
-        );
+        let mut s = hub
+            .subscribe(
+                ClientFilter::parse(&["10.0.0.1"]).unwrap(),
+                true,
+                "p".into(),
+                later,
+            )
+            .unwrap();
         let got = ready(&mut s);
         assert_eq!(got.len(), 1, "{got:?}");
         assert!(got[0].replayed);
@@ -584,12 +637,16 @@ mod tests {
     fn close_ends_streams_after_their_buffer() {
         let hub = Hub::new(config(), Arc::default());
         let now = Instant::now();
-        let mut s = hub.subscribe(ClientFilter::default(), false, "p".into(), now);
+        let mut s = hub
+            .subscribe(ClientFilter::default(), false, "p".into(), now)
+            .unwrap();
         hub.publish(resp("10.0.0.1", "a.test", "192.0.2.1", 5), now);
         hub.close();
         assert!(s.next().now_or_never().flatten().is_some());
         assert_eq!(s.next().now_or_never(), Some(None));
-        let mut late = hub.subscribe(ClientFilter::default(), false, "q".into(), now);
+        let mut late = hub
+            .subscribe(ClientFilter::default(), false, "q".into(), now)
+            .unwrap();
         assert_eq!(late.next().now_or_never(), Some(None));
     }
 }

@@ -380,10 +380,13 @@ mod tests {
                 subscriber_buffer: 16,
                 recent_entries: 16,
                 recent_max_ttl: Duration::from_secs(60),
+                max_subscribers: 4,
             },
             Arc::clone(&metrics),
         );
-        let mut sub = hub.subscribe(ClientFilter::default(), false, "t".into(), Instant::now());
+        let mut sub = hub
+            .subscribe(ClientFilter::default(), false, "t".into(), Instant::now())
+            .unwrap();
         let ingest = Arc::new(Ingest::new(hub, metrics, None, "tapd".into(), 4096));
         let (stop_tx, stop) = watch::channel(false);
         let task = tokio::spawn(listener.run(ingest, 4, stop, Duration::from_secs(1)));

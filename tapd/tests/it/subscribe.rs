@@ -69,3 +69,23 @@ async fn a_late_subscriber_gets_still_valid_answers_first_then_the_live_stream()
     assert_eq!(live.query_name, "live.example");
     assert_eq!(live.sequence, 5);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subscribers_and_filters_are_bounded() {
+    let tapd = tapd(&["--max-subscribers", "1"]);
+    let _first = subscribe(&tapd.addrs, &[], false).await;
+    let mut client = DnsTapClient::connect(tapd.addrs.grpc_url()).await.unwrap();
+    let err = client
+        .subscribe(SubscribeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    let err = client
+        .subscribe(SubscribeRequest {
+            client_cidrs: vec!["10.0.0.1".into(); tapd::hub::MAX_FILTER_CIDRS + 1],
+            replay_recent: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+}
