@@ -167,8 +167,9 @@ impl Default for UnboundConfig {
     }
 }
 
-/// Zones RFC 6761 reserves, which Unbound answers itself unless told otherwise.
-const SPECIAL_USE_ZONES: &[&str] = &["test.", "invalid.", "localhost.", "example.", "local."];
+/// Special-use zones (RFC 6761, 7686, 8375) that Unbound answers itself unless told otherwise, so that
+/// tests may serve names under them.
+const SPECIAL_USE_ZONES: &[&str] = &["test.", "invalid.", "onion.", "home.arpa."];
 
 /// An Unbound resolver on 127.0.0.1:`port`, sending `CLIENT_RESPONSE` dnstap to a socket.
 #[derive(Debug)]
