@@ -185,8 +185,7 @@ fn parse_dns(wire: &[u8]) -> Result<DnsAnswer, DecodeError> {
 
     // Follow CNAMEs from the question name, in answer order, bounded and loop-safe.
     let mut chain_names: Vec<&Name> = vec![query.name()];
-    let mut cname_chain = Vec::new();
-    while cname_chain.len() < MAX_CNAME_CHAIN {
+    while chain_names.len() <= MAX_CNAME_CHAIN {
         let Some(current) = chain_names.last() else {
             break;
         };
@@ -195,32 +194,34 @@ fn parse_dns(wire: &[u8]) -> Result<DnsAnswer, DecodeError> {
             _ => None,
         });
         match next {
-            Some(target) if !chain_names.contains(&target) => {
-                cname_chain.push(dns_name(target)?);
-                chain_names.push(target);
-            }
+            Some(target) if !chain_names.contains(&target) => chain_names.push(target),
             _ => break,
         }
     }
-
-    let on_chain = |r: &&Record| chain_names.contains(&&r.name);
-    let answers = msg
+    // Exact capacities: these vectors live on in the subscriber buffers and the replay cache.
+    let mut cname_chain = Vec::with_capacity(chain_names.len() - 1);
+    for name in &chain_names[1..] {
+        cname_chain.push(dns_name(name)?);
+    }
+    let address = |r: &Record| match &r.data {
+        RData::A(a) if chain_names.contains(&&r.name) => Some(Answer {
+            ip: IpAddr::V4(a.0),
+            ttl: r.ttl,
+        }),
+        RData::AAAA(a) if chain_names.contains(&&r.name) => Some(Answer {
+            ip: IpAddr::V6(a.0),
+            ttl: r.ttl,
+        }),
+        _ => None,
+    };
+    let count = msg
         .answers
         .iter()
-        .filter(on_chain)
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(Answer {
-                ip: IpAddr::V4(a.0),
-                ttl: r.ttl,
-            }),
-            RData::AAAA(a) => Some(Answer {
-                ip: IpAddr::V6(a.0),
-                ttl: r.ttl,
-            }),
-            _ => None,
-        })
+        .filter_map(address)
         .take(MAX_ANSWERS)
-        .collect();
+        .count();
+    let mut answers = Vec::with_capacity(count);
+    answers.extend(msg.answers.iter().filter_map(address).take(count));
     Ok(DnsAnswer {
         qname,
         qtype: u16::from(query.query_type()),
