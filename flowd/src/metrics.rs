@@ -7,22 +7,12 @@ use crate::{
     engine::{Engine, MetricsSnapshot, BATCH_LATENCY_BUCKETS_US},
     ovs::FlowProgrammer,
 };
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::{server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
 use std::{
-    convert::Infallible,
     fmt::Write as _,
     future::Future,
     sync::{atomic::Ordering::Relaxed, Arc},
-    time::Duration,
 };
-use tokio::{net::TcpListener, task::JoinSet};
-
-/// A scrape or probe connection idle this long is closed (Prometheus scrapes take milliseconds).
-const HTTP_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+use tokio::net::TcpListener;
 
 /// What the metrics are read from.
 #[derive(Debug)]
@@ -201,29 +191,17 @@ pub fn render<P: FlowProgrammer>(sources: &Sources<P>) -> String {
     out
 }
 
-fn respond(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    resp
-}
-
-fn route<B, P: FlowProgrammer>(req: &Request<B>, sources: &Sources<P>) -> Response<Full<Bytes>> {
-    if req.method() != http::Method::GET {
-        return respond(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+impl<P: FlowProgrammer> tapd::metrics::Exposition for Sources<P> {
+    fn render(&self) -> String {
+        render(self)
     }
-    match req.uri().path() {
-        "/metrics" => respond(StatusCode::OK, render(sources)),
-        "/healthz" => respond(StatusCode::OK, "ok\n".into()),
-        "/readyz" if sources.status.is_ready() => respond(StatusCode::OK, "ready\n".into()),
-        "/readyz" => respond(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the first list of pods, EgressFirewalls and this node\n".into(),
-        ),
-        _ => respond(StatusCode::NOT_FOUND, "not found\n".into()),
+
+    fn readiness(&self) -> Result<(), String> {
+        if self.status.is_ready() {
+            Ok(())
+        } else {
+            Err("waiting for the first list of pods, EgressFirewalls and this node".into())
+        }
     }
 }
 
@@ -233,30 +211,5 @@ pub async fn serve<P: FlowProgrammer>(
     sources: Sources<P>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(error) => {
-                    tracing::warn!(%error, "metrics accept failed");
-                    continue;
-                }
-            },
-            Some(_) = connections.join_next() => continue,
-        };
-        let sources = sources.clone();
-        connections.spawn(async move {
-            let service = service_fn(move |req| {
-                let resp = route(&req, &sources);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(HTTP_CONNECTION_TIMEOUT, conn).await;
-        });
-    }
-    connections.shutdown().await;
-    Ok(())
+    tapd::metrics::serve_http(listener, Arc::new(sources), shutdown).await
 }

@@ -5,7 +5,7 @@ use crate::dnstap::DecodeError;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use std::{
     convert::Infallible,
@@ -212,10 +212,24 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
     resp
 }
 
-fn route(
-    req: &Request<Incoming>,
-    render: &(dyn Fn() -> String + Send + Sync),
-) -> Response<Full<Bytes>> {
+/// What the HTTP endpoints expose: Prometheus text on `/metrics`, and whether `/readyz` says ready.
+/// A plain `Fn() -> String` is an exposition that is ready as soon as it is served.
+pub trait Exposition: Send + Sync + 'static {
+    /// The Prometheus text format (0.0.4) body of `/metrics`.
+    fn render(&self) -> String;
+    /// `Err(why)` while the daemon is not ready; `/readyz` then answers 503 with `why`.
+    fn readiness(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<F: Fn() -> String + Send + Sync + 'static + ?Sized> Exposition for F {
+    fn render(&self) -> String {
+        self()
+    }
+}
+
+fn route<B, E: Exposition + ?Sized>(req: &Request<B>, exposition: &E) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -224,18 +238,26 @@ fn route(
         );
     }
     match req.uri().path() {
-        "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4", render()),
-        "/healthz" | "/readyz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            exposition.render(),
+        ),
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => match exposition.readiness() {
+            Ok(()) => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+            Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why + "\n"),
+        },
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }
 
-/// Serves `/metrics` (the text `render` returns), `/healthz` and `/readyz` on `listener` until
-/// `shutdown` completes. The caller binds the listener before calling, so "ready" means every socket of
-/// the daemon is bound.
-pub async fn serve_http(
+/// Serves `/metrics`, `/healthz` and `/readyz` from `exposition` on `listener` until `shutdown`
+/// completes. The caller binds the listener before calling, so an exposition without its own readiness
+/// is "ready" once every socket of the daemon is bound.
+pub async fn serve_http<E: Exposition + ?Sized>(
     listener: TcpListener,
-    render: Arc<dyn Fn() -> String + Send + Sync>,
+    exposition: Arc<E>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let mut connections = JoinSet::new();
@@ -252,10 +274,10 @@ pub async fn serve_http(
             },
             Some(_) = connections.join_next() => continue,
         };
-        let render = Arc::clone(&render);
+        let exposition = Arc::clone(&exposition);
         connections.spawn(async move {
             let service = service_fn(move |req| {
-                let resp = route(&req, &*render);
+                let resp = route(&req, &*exposition);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
@@ -325,5 +347,25 @@ mod tests {
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
+    }
+
+    struct NotYet;
+
+    impl Exposition for NotYet {
+        fn render(&self) -> String {
+            String::new()
+        }
+        fn readiness(&self) -> Result<(), String> {
+            Err("still listing".into())
+        }
+    }
+
+    #[test]
+    fn readyz_says_why_it_is_not_ready() {
+        let req = Request::get("/readyz").body(()).unwrap();
+        let resp = route(&req, &NotYet);
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let healthz = route(&Request::get("/healthz").body(()).unwrap(), &NotYet);
+        assert_eq!(healthz.status(), StatusCode::OK);
     }
 }
