@@ -23,7 +23,10 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Condvar, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -34,6 +37,37 @@ pub const NODE_SUBNET_V4: &str = "10.244.1.1/24";
 pub const NODE_SUBNET_V6: &str = "fd00:10:244:1::1/64";
 /// How long to wait for a daemon or ovn-controller to catch up before failing the test.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// `--timeout` of ovs-vsctl/ovn-nbctl: a dozen sandboxes starting at once on two cores, beside a
+/// compiler, have been seen to need more than 20 s for one `--wait=hv sync`.
+const TOOL_TIMEOUT: &str = "--timeout=90";
+/// Sandboxes building their topology at the same time, at most: ovn-northd and ovn-controller
+/// recompute everything then, and a dozen at once starve each other.
+const CONCURRENT_STARTS: usize = 4;
+
+/// A counting gate for [`CONCURRENT_STARTS`].
+static STARTING: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+struct StartPermit;
+
+impl StartPermit {
+    fn acquire() -> Self {
+        let (count, cv) = &STARTING;
+        let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= CONCURRENT_STARTS {
+            n = cv.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        StartPermit
+    }
+}
+
+impl Drop for StartPermit {
+    fn drop(&mut self) {
+        let (count, cv) = &STARTING;
+        *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        cv.notify_one();
+    }
+}
 
 const TOOLS: [&str; 8] = [
     "ovsdb-tool",
@@ -111,6 +145,7 @@ impl Sandbox {
     /// Starts every daemon and builds the node's topology; fails (never skips) if OVS/OVN is missing.
     pub fn start() -> Result<Self> {
         check_tools()?;
+        let _permit = StartPermit::acquire();
         let dir = tempfile::Builder::new().prefix("ovn-sb").tempdir()?;
         let sb = Self {
             dir,
@@ -254,14 +289,14 @@ impl Sandbox {
 
     pub fn vsctl(&self, args: &[&str]) -> Result<String> {
         let db = format!("--db=unix:{}", self.path().join("db.sock").display());
-        let mut all = vec![db.as_str(), "--timeout=20"];
+        let mut all = vec![db.as_str(), TOOL_TIMEOUT];
         all.extend_from_slice(args);
         self.run("ovs-vsctl", &all)
     }
 
     pub fn nbctl(&self, args: &[&str]) -> Result<String> {
         let db = format!("--db=unix:{}", self.path().join("nb.sock").display());
-        let mut all = vec![db.as_str(), "--timeout=20"];
+        let mut all = vec![db.as_str(), TOOL_TIMEOUT];
         all.extend_from_slice(args);
         self.run("ovn-nbctl", &all)
     }
@@ -273,7 +308,28 @@ impl Sandbox {
 
     /// Waits until ovn-controller has put every NB change into br-int.
     pub fn sync(&self) -> Result<()> {
-        self.nbctl(&["--wait=hv", "sync"]).map(drop)
+        self.nbctl(&["--wait=hv", "sync"])
+            .map(drop)
+            .with_context(|| self.diagnosis())
+    }
+
+    /// What the OVN daemons said last, for a failure message.
+    fn diagnosis(&self) -> String {
+        let mut out = String::new();
+        for name in ["ovn-controller", "ovn-northd", "ovs-vswitchd"] {
+            let alive = self
+                .pid(name)
+                .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            let log = std::fs::read_to_string(self.path().join(format!("{name}.log")))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(12).collect();
+            out += &format!("--- {name} (running: {alive}):\n");
+            for l in tail.into_iter().rev() {
+                out += l;
+                out.push('\n');
+            }
+        }
+        out
     }
 
     fn start_ovn_controller(&self) -> Result<()> {
