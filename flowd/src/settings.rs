@@ -18,6 +18,8 @@
 use crate::{ovs::Actions, policy::PolicySettings};
 use ipnet::IpNet;
 use std::time::Duration;
+/// Durations read like tapd's (`500ms`, `30s`, `5m`, `1h`, bare seconds).
+pub use tapd::config::parse_duration;
 
 /// OVN-K's defaults on kind: pods 10.244.0.0/16 and fd00:10:244::/48, services 10.96.0.0/16 and
 /// fd00:10:96::/112, join switch 100.64.0.0/16 and fd98::/64.
@@ -142,24 +144,6 @@ impl Default for EngineSettings {
                 .collect(),
         }
     }
-}
-
-/// Parses `500ms`, `30s`, `5m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m or 500ms"))?;
-    let d = match unit {
-        "" | "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    Ok(d)
 }
 
 /// Parses `0x646e7366` or a decimal number.
