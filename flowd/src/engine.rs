@@ -735,20 +735,27 @@ impl<P: FlowProgrammer> Engine<P> {
 
     /// Fetches datapath keys for pods with dirty flows and no keys yet.
     async fn ensure_keys(&self) -> Result<(), EngineError> {
+        let due = |p: &PodEntry| {
+            p.keys.is_none() && p.keys_missed.is_none_or(|t| t.elapsed() >= KEYS_RETRY)
+        };
         let missing: Vec<String> = {
             let s = self.lock();
-            let pods: HashSet<u16> = s.dirty.iter().map(|f| f.pod).collect();
-            pods.iter()
-                .filter_map(|id| s.by_id.get(id).and_then(|k| s.pods.get(k)))
-                .filter(|p| {
-                    p.keys.is_none() && p.keys_missed.is_none_or(|t| t.elapsed() >= KEYS_RETRY)
-                })
+            let needed = s
+                .dirty
+                .iter()
+                .filter_map(|f| s.by_id.get(&f.pod).and_then(|k| s.pods.get(k)))
+                .any(due);
+            if !needed {
+                return Ok(());
+            }
+            // One lookup costs the same for one pod or all: fetch every pod still without keys, so
+            // that the first answer of each other pod does not pay for its own.
+            s.pods
+                .values()
+                .filter(|p| due(p))
                 .map(|p| p.info.key.iface_id())
                 .collect()
         };
-        if missing.is_empty() {
-            return Ok(());
-        }
         let found = self.inner.programmer.port_keys(&missing).await?;
         let mut s = self.lock();
         let now = Instant::now();
