@@ -1033,8 +1033,11 @@ impl<P: FlowProgrammer> Engine<P> {
             } else {
                 self.inner.wake.notified().await;
             }
-            if let Err(e) = self.flush().await {
-                tracing::warn!(error = %e, "writing flows failed; retrying");
+            match self.flush().await {
+                Ok(()) => {}
+                // Normal until OVN has ACL flows on this node; discovery itself is rate-limited.
+                Err(e @ EngineError::NoAclTable) => tracing::debug!(error = %e, "flows wait"),
+                Err(e) => tracing::warn!(error = %e, "writing flows failed; retrying"),
             }
         }
     }
