@@ -112,3 +112,61 @@ impl FlowProgrammer for DryRun {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ovs::{Actions, Cookie, FlowAction, FlowMatch, FlowSpec};
+    use std::sync::Arc;
+
+    /// A writer the test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn prints_the_exact_bundle_and_announces_stand_in_keys() {
+        let out = Shared::default();
+        let target = AclTarget {
+            table: 46,
+            allow: Actions::resubmit(47),
+        };
+        let dry = DryRun::new(target.clone(), Box::new(out.clone()));
+        let keys = dry.port_keys(&["ns1_pod1".into()]).await.unwrap();
+        let again = dry.port_keys(&["ns1_pod1".into()]).await.unwrap();
+        assert_eq!(keys, again, "stable stand-in keys");
+        let k = keys["ns1_pod1"];
+        let op = FlowOp::Add(FlowSpec {
+            cookie: Cookie::new(1, 2, 11000),
+            matches: FlowMatch {
+                table: 46,
+                priority: 11000,
+                metadata: k.metadata,
+                reg14: k.reg14,
+                src: "10.244.1.5".parse().unwrap(),
+                dst: "142.250.1.1".parse().unwrap(),
+                l4: None,
+            },
+            idle_timeout: 330,
+            hard_timeout: None,
+            action: FlowAction::Continue(target.allow.clone()),
+        });
+        dry.apply(std::slice::from_ref(&op)).await.unwrap();
+        assert_eq!(dry.discover_acl(11000).await.unwrap(), Some(target));
+        assert!(dry.dump(1).await.unwrap().is_empty());
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with("# ns1_pod1: stand-in keys metadata=0x1,reg14=0x2"));
+        assert_eq!(format!("{}\n", lines[1]), flow::render_batch(&[op]));
+    }
+}
