@@ -66,8 +66,10 @@ const KEYS_RETRY: Duration = Duration::from_secs(1);
 /// Flows written per bundle at most: bounds the memory of one batch (~10 MiB of text and specs); the
 /// rest follows in the next batch at once.
 pub const MAX_BATCH_FLOWS: usize = 20_000;
-/// Retry period for flows waiting for OVS (no ACL table or port keys yet) or after a failed batch.
+/// Retry period for flows waiting for OVS (no ACL table or port keys yet) or after a failed batch...
 const RETRY: Duration = Duration::from_millis(500);
+/// ...growing up to this while batches keep failing.
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Errors of the engine's OVS side.
 #[derive(Debug, thiserror::Error)]
@@ -1024,7 +1026,12 @@ impl<P: FlowProgrammer> Engine<P> {
     }
 
     async fn flusher(&self) {
+        let mut failures = 0u32;
         loop {
+            if failures > 0 {
+                // OVS refuses or is away: back off (events keep accumulating into the next batch).
+                tokio::time::sleep((RETRY * 2u32.pow(failures.min(4))).min(RETRY_MAX)).await;
+            }
             let retry = self.has_pending_changes();
             if retry {
                 // Something could not be written (no keys, no table, or an error): try again soon,
@@ -1034,10 +1041,13 @@ impl<P: FlowProgrammer> Engine<P> {
                 self.inner.wake.notified().await;
             }
             match self.flush().await {
-                Ok(()) => {}
+                Ok(()) => failures = 0,
                 // Normal until OVN has ACL flows on this node; discovery itself is rate-limited.
                 Err(e @ EngineError::NoAclTable) => tracing::debug!(error = %e, "flows wait"),
-                Err(e) => tracing::warn!(error = %e, "writing flows failed; retrying"),
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, failures, "writing flows failed; retrying");
+                }
             }
         }
     }
@@ -1506,6 +1516,26 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         run.abort();
         assert_eq!(e.programmer().flows().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_is_counted_and_written_again_after_a_pause() {
+        let e = engine();
+        e.upsert_pod(pod("pod1", "10.244.1.5"));
+        e.programmer().fail_next(1);
+        let run = tokio::spawn(e.clone().run());
+        let now = SystemTime::now();
+        e.on_dns(
+            answer("10.244.1.5", "google.com", &[("142.250.0.1", 300)]),
+            now,
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(e.programmer().flows().is_empty());
+        assert_eq!(e.metrics_snapshot().batch_errors, 1);
+        tokio::time::sleep(RETRY * 2 + Duration::from_millis(500)).await;
+        run.abort();
+        assert_eq!(e.programmer().flows().len(), 1);
+        assert!(e.grants(None, None)[0].installed);
     }
 
     #[tokio::test]

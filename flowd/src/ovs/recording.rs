@@ -29,6 +29,8 @@ pub struct Recording {
     state: Mutex<State>,
     /// How long each `apply` takes, to exercise batching.
     apply_delay: Duration,
+    /// This many next `apply` calls fail (as if OVS were away), changing nothing.
+    failures: std::sync::atomic::AtomicUsize,
 }
 
 /// The flow as `ovs-ofctl monitor` would report it (no priority).
@@ -69,7 +71,13 @@ impl Recording {
                 ..State::default()
             }),
             apply_delay,
+            failures: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// Makes the next `n` batches fail.
+    pub fn fail_next(&self, n: usize) {
+        self.failures.store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -127,6 +135,20 @@ impl FlowProgrammer for Recording {
     async fn apply(&self, ops: &[FlowOp]) -> Result<()> {
         if !self.apply_delay.is_zero() {
             tokio::time::sleep(self.apply_delay).await;
+        }
+        let failing = self
+            .failures
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        if failing {
+            return Err(super::OvsError::Io {
+                program: "recording",
+                source: std::io::Error::other("injected failure"),
+            });
         }
         let mut s = self.lock();
         let mut events = Vec::new();
