@@ -35,12 +35,34 @@ pub fn require_tool(name: &str) -> anyhow::Result<()> {
     }
 }
 
-/// A loopback port free for both UDP and TCP right now (DNS servers bind both).
+/// Ports handed to test daemons come from below the kernel's ephemeral range (`ip_local_port_range`,
+/// 32768 and up by default): a port from `bind(0)` is released before the daemon binds it, and in
+/// between any outgoing connection of a parallel test may take it as its source port.
+const TEST_PORTS: std::ops::Range<u32> = 20_000..32_768;
+
+/// A loopback port free for both UDP and TCP right now (DNS servers bind both). Within one process
+/// no port is handed out twice in a row: a counter walks [`TEST_PORTS`] from a random start, so
+/// parallel tests of one binary never race for the same port and two binaries rarely meet.
 pub fn free_port() -> u16 {
+    use std::{
+        hash::{BuildHasher as _, RandomState},
+        sync::{
+            atomic::{AtomicU32, Ordering},
+            OnceLock,
+        },
+    };
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let span = TEST_PORTS.end - TEST_PORTS.start;
+    let next = NEXT.get_or_init(|| {
+        let seed = RandomState::new().hash_one(std::process::id());
+        AtomicU32::new(u32::try_from(seed % u64::from(span)).unwrap())
+    });
     loop {
-        let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+        let offset = next.fetch_add(1, Ordering::Relaxed) % span;
+        let port = u16::try_from(TEST_PORTS.start + offset).unwrap();
+        if UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+            && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+        {
             return port;
         }
     }
