@@ -40,6 +40,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// `--timeout` of ovs-vsctl/ovn-nbctl: a dozen sandboxes starting at once on two cores, beside a
 /// compiler, have been seen to need more than 20 s for one `--wait=hv sync`.
 const TOOL_TIMEOUT: &str = "--timeout=90";
+/// `--timeout` of one `--wait=hv sync`, and how many are tried (see [`Sandbox::sync`]).
+const SYNC_TIMEOUT: &str = "--timeout=20";
+const SYNC_ATTEMPTS: usize = 3;
 /// Sandboxes building their topology at the same time, at most: ovn-northd and ovn-controller
 /// recompute everything then, and a dozen at once starve each other.
 const CONCURRENT_STARTS: usize = 4;
@@ -307,19 +310,37 @@ impl Sandbox {
     }
 
     /// Waits until ovn-controller has put every NB change into br-int.
+    ///
+    /// ovn-controller has been seen to die silently right after connecting to br-int when a dozen
+    /// sandboxes start at once; such a sandbox gets it started again (said on stderr) rather than a
+    /// test failing for a reason that is not flowd's.
     pub fn sync(&self) -> Result<()> {
-        self.nbctl(&["--wait=hv", "sync"])
-            .map(drop)
-            .with_context(|| self.diagnosis())
+        for attempt in 1..=SYNC_ATTEMPTS {
+            let db = format!("--db=unix:{}", self.path().join("nb.sock").display());
+            match self.run("ovn-nbctl", &[&db, SYNC_TIMEOUT, "--wait=hv", "sync"]) {
+                Ok(_) => return Ok(()),
+                Err(e) if attempt == SYNC_ATTEMPTS => {
+                    return Err(e).with_context(|| self.diagnosis())
+                }
+                Err(_) if !self.running("ovn-controller") => {
+                    eprintln!(
+                        "sandbox {}: ovn-controller is gone; starting it again\n{}",
+                        self.path().display(),
+                        self.diagnosis()
+                    );
+                    self.start_ovn_controller()?;
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// What the OVN daemons said last, for a failure message.
     fn diagnosis(&self) -> String {
         let mut out = String::new();
         for name in ["ovn-controller", "ovn-northd", "ovs-vswitchd"] {
-            let alive = self
-                .pid(name)
-                .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            let alive = self.running(name);
             let log = std::fs::read_to_string(self.path().join(format!("{name}.log")))
                 .unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(12).collect();
@@ -355,24 +376,34 @@ impl Sandbox {
             .ok()
     }
 
-    /// Stops the daemon of `name`'s pidfile (SIGTERM, then SIGKILL) and waits for it to be gone.
-    fn stop(&self, name: &str) {
-        let Some(pid) = self.pid(name) else { return };
-        // A zombie counts as gone: the detached daemon's parent is init, which may be slow to reap it.
-        let alive = || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| !r.trim_start().starts_with('Z'))
-            })
+    /// Whether the daemon of `name`'s pidfile runs. Pids wrap quickly here (pid_max 32768, thousands
+    /// of short-lived tools): only a live process whose command line names this sandbox's directory
+    /// counts. A zombie counts as gone: the detached daemon's parent is init, which may be slow to
+    /// reap it.
+    fn running(&self, name: &str) -> bool {
+        let Some(pid) = self.pid(name) else {
+            return false;
         };
-        let _ = Command::new("kill").arg(pid.to_string()).output();
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while alive() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if alive() {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
+        let live = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        });
+        live && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*self.path().to_string_lossy()))
+    }
+
+    /// Stops the daemon of `name`'s pidfile (SIGTERM, then SIGKILL), if it is ours, and waits for it.
+    fn stop(&self, name: &str) {
+        if let Some(pid) = self.pid(name).filter(|_| self.running(name)) {
+            let _ = Command::new("kill").arg(pid.to_string()).output();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.running(name) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if self.running(name) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
+            }
         }
         let _ = std::fs::remove_file(self.path().join(format!("{name}.pid")));
     }
