@@ -149,6 +149,8 @@ struct State {
     node: Option<String>,
     /// When discovery last found no ACL table.
     discovery_failed: Option<Instant>,
+    /// New pods arrived: look up their datapath keys before their first answer needs them.
+    prefetch_keys: bool,
     /// Someone deleted our flows (ovn-controller reconnecting, maybe upgraded): look at OVN's tables
     /// again at the next reconcile, which comes [`WIPE_SETTLE`] later.
     rediscover: bool,
@@ -385,6 +387,7 @@ impl<P: FlowProgrammer> Engine<P> {
                 s.by_ip.insert(*ip, pod.key.clone());
             }
             s.by_id.insert(id, pod.key.clone());
+            s.prefetch_keys = true;
             s.pods.insert(
                 pod.key.clone(),
                 PodEntry {
@@ -740,16 +743,17 @@ impl<P: FlowProgrammer> Engine<P> {
         let due = |p: &PodEntry| {
             p.keys.is_none() && p.keys_missed.is_none_or(|t| t.elapsed() >= KEYS_RETRY)
         };
-        let missing: Vec<String> = {
-            let s = self.lock();
-            let needed = s
-                .dirty
-                .iter()
-                .filter_map(|f| s.by_id.get(&f.pod).and_then(|k| s.pods.get(k)))
-                .any(due);
+        let missing: HashSet<String> = {
+            let mut s = self.lock();
+            let needed = s.prefetch_keys
+                || s.dirty
+                    .iter()
+                    .filter_map(|f| s.by_id.get(&f.pod).and_then(|k| s.pods.get(k)))
+                    .any(due);
             if !needed {
                 return Ok(());
             }
+            s.prefetch_keys = false;
             // One lookup costs the same for one pod or all: fetch every pod still without keys, so
             // that the first answer of each other pod does not pay for its own.
             s.pods
@@ -758,7 +762,11 @@ impl<P: FlowProgrammer> Engine<P> {
                 .map(|p| p.info.key.iface_id())
                 .collect()
         };
-        let found = self.inner.programmer.port_keys(&missing).await?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = missing.iter().cloned().collect();
+        let found = self.inner.programmer.port_keys(&ids).await?;
         let mut s = self.lock();
         let now = Instant::now();
         for pod in s.pods.values_mut() {
@@ -826,6 +834,9 @@ impl<P: FlowProgrammer> Engine<P> {
 
     /// Writes batches until nothing writable is left.
     async fn flush_locked(&self) -> Result<(), EngineError> {
+        if self.lock().prefetch_keys {
+            self.ensure_keys().await?;
+        }
         while self.has_pending_changes() {
             if self.write_batch().await? == 0 {
                 break;
@@ -1642,6 +1653,20 @@ mod tests {
         }
         e.flush().await.unwrap();
         assert_eq!(e.programmer().flows()[0].matches.reg14, 9);
+    }
+
+    #[tokio::test]
+    async fn a_new_pods_keys_are_fetched_before_its_first_answer() {
+        let e = engine();
+        e.upsert_pod(pod("pod1", "10.244.1.5"));
+        e.upsert_pod(pod("pod2", "10.244.1.6"));
+        e.flush().await.unwrap();
+        let s = e.lock();
+        assert!(
+            s.pods.values().all(|p| p.keys.is_some()),
+            "one lookup for both"
+        );
+        assert!(!s.prefetch_keys);
     }
 
     #[tokio::test]
