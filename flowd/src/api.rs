@@ -79,7 +79,7 @@ impl<P: FlowProgrammer> Flowd for FlowdApi<P> {
             (None, Some(_)) => return Err(GrpcStatus::invalid_argument("pod needs its namespace")),
             (_, None) => None,
         };
-        let table = self.engine.settings().acl_table;
+        let table = self.engine.acl_table();
         let grants = self
             .engine
             .grants(pod.as_ref(), namespace)

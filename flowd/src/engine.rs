@@ -323,6 +323,16 @@ impl<P: FlowProgrammer> Engine<P> {
         &self.inner.programmer
     }
 
+    /// The EgressFirewall ACL table in use: `--acl-table`, else the one discovered in the bridge
+    /// (`None` until discovery has found it).
+    pub fn acl_table(&self) -> Option<u8> {
+        self.lock()
+            .target
+            .as_ref()
+            .map(|t| t.table)
+            .or(self.inner.settings.acl_table)
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }

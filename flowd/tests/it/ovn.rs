@@ -236,6 +236,7 @@ async fn a_resolved_ip_is_dropped_before_the_answer_and_forwarded_after() -> Res
         "{flow}"
     );
     assert!(flow.contains("idle_timeout=330"), "{flow}");
+    assert_eq!(n.engine.acl_table(), Some(46), "the table the engine found");
     Ok(())
 }
 
