@@ -31,7 +31,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
     process::{Command, Stdio},
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime},
 };
 use tapd::{Answer, DnsName, DnsResponse};
 
@@ -69,23 +69,16 @@ fn dst(k: u32) -> Ipv4Addr {
 }
 
 fn answer(pod: u8, name: u32, ips: impl Iterator<Item = Ipv4Addr>) -> DnsResponse {
+    let answers = ips
+        .map(|ip| Answer {
+            ip: ip.into(),
+            ttl: 300,
+        })
+        .collect();
+    let qname = DnsName::new(&format!("n{name}.example.com")).unwrap();
     DnsResponse {
-        client: pod_info(pod).ips[0],
-        qname: DnsName::new(&format!("n{name}.example.com")).unwrap(),
-        qtype: 1,
-        rcode: 0,
-        cname_chain: Vec::new(),
-        answers: ips
-            .map(|ip| Answer {
-                ip: ip.into(),
-                ttl: 300,
-            })
-            .collect(),
-        response_time: None,
-        decoded_time: UNIX_EPOCH,
-        server_identity: "bench".into(),
         sequence: u64::from(name),
-        replayed: false,
+        ..DnsResponse::noerror(pod_info(pod).ips[0], qname, Vec::new(), answers)
     }
 }
 

@@ -43,24 +43,16 @@ fn rules(egress: Vec<serde_json::Value>) -> FirewallRules {
 }
 
 fn response() -> DnsResponse {
-    DnsResponse {
-        client: IpAddr::from([10, 244, 1, 5]),
-        qname: DnsName::new("www.google.com").expect("name"),
-        qtype: 1,
-        rcode: 0,
-        cname_chain: vec![DnsName::new("www3.l.google.com").expect("name")],
-        answers: (0..4)
-            .map(|i| Answer {
-                ip: IpAddr::from([142, 250, 74, 36 + i]),
-                ttl: 300,
-            })
-            .collect(),
-        response_time: None,
-        decoded_time: UNIX_EPOCH,
-        server_identity: String::new(),
-        sequence: 1,
-        replayed: false,
-    }
+    let answers = (0..4).map(|i| Answer {
+        ip: IpAddr::from([142, 250, 74, 36 + i]),
+        ttl: 300,
+    });
+    DnsResponse::noerror(
+        IpAddr::from([10, 244, 1, 5]),
+        DnsName::new("www.google.com").expect("name"),
+        vec![DnsName::new("www3.l.google.com").expect("name")],
+        answers.collect(),
+    )
 }
 
 /// Runs `f` for about a second and returns the mean time per call.

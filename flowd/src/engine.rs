@@ -1147,7 +1147,6 @@ mod tests {
     };
     use proptest::prelude::*;
     use serde_json::json;
-    use std::time::UNIX_EPOCH;
     use tapd::Answer;
 
     const NS: &str = "ns1";
@@ -1189,25 +1188,16 @@ mod tests {
     }
 
     fn answer(client: &str, qname: &str, answers: &[(&str, u32)]) -> DnsResponse {
-        DnsResponse {
-            client: ip(client),
-            qname: DnsName::new(qname).unwrap(),
-            qtype: 1,
-            rcode: 0,
-            cname_chain: Vec::new(),
-            answers: answers
-                .iter()
-                .map(|(a, ttl)| Answer {
-                    ip: ip(a),
-                    ttl: *ttl,
-                })
-                .collect(),
-            response_time: None,
-            decoded_time: UNIX_EPOCH,
-            server_identity: "test".into(),
-            sequence: 0,
-            replayed: false,
-        }
+        let answers = answers.iter().map(|(a, ttl)| Answer {
+            ip: ip(a),
+            ttl: *ttl,
+        });
+        DnsResponse::noerror(
+            ip(client),
+            DnsName::new(qname).unwrap(),
+            Vec::new(),
+            answers.collect(),
+        )
     }
 
     /// An engine on a fake bridge where pods pod1 (reg14 2) and pod2 (reg14 3) have ports.

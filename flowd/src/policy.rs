@@ -409,7 +409,6 @@ mod tests {
     };
     use proptest::prelude::*;
     use serde_json::json;
-    use std::time::UNIX_EPOCH;
     use tapd::Answer;
 
     fn name(s: &str) -> DnsName {
@@ -439,25 +438,12 @@ mod tests {
     }
 
     fn response(client: &str, qname: &str, chain: &[&str], answers: &[(&str, u32)]) -> DnsResponse {
-        DnsResponse {
-            client: ip(client),
-            qname: name(qname),
-            qtype: 1,
-            rcode: 0,
-            cname_chain: chain.iter().map(|n| name(n)).collect(),
-            answers: answers
-                .iter()
-                .map(|(a, ttl)| Answer {
-                    ip: ip(a),
-                    ttl: *ttl,
-                })
-                .collect(),
-            response_time: None,
-            decoded_time: UNIX_EPOCH,
-            server_identity: "coredns".into(),
-            sequence: 1,
-            replayed: false,
-        }
+        let answers = answers.iter().map(|(a, ttl)| Answer {
+            ip: ip(a),
+            ttl: *ttl,
+        });
+        let chain = chain.iter().map(|n| name(n)).collect();
+        DnsResponse::noerror(ip(client), name(qname), chain, answers.collect())
     }
 
     /// (priority, dst, l4, verdict, rule index) of each grant.

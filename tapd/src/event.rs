@@ -150,6 +150,29 @@ pub struct DnsResponse {
 pub const RCODE_NOERROR: u16 = 0;
 
 impl DnsResponse {
+    /// A NOERROR response of type A to `client` for `qname`, with everything else at its zero value
+    /// (no times, no identity, sequence 0): what tests, benchmarks and tools build by hand.
+    pub fn noerror(
+        client: IpAddr,
+        qname: DnsName,
+        cname_chain: Vec<DnsName>,
+        answers: Vec<Answer>,
+    ) -> Self {
+        Self {
+            client,
+            qname,
+            qtype: 1,
+            rcode: RCODE_NOERROR,
+            cname_chain,
+            answers,
+            response_time: None,
+            decoded_time: UNIX_EPOCH,
+            server_identity: String::new(),
+            sequence: 0,
+            replayed: false,
+        }
+    }
+
     /// Only NOERROR answers grant anything.
     pub fn is_noerror(&self) -> bool {
         self.rcode == RCODE_NOERROR

@@ -445,7 +445,6 @@ mod tests {
     use super::*;
     use crate::event::{Answer, DnsName};
     use futures::{FutureExt, StreamExt};
-    use std::time::UNIX_EPOCH;
 
     fn config() -> HubConfig {
         HubConfig {
@@ -457,22 +456,15 @@ mod tests {
     }
 
     fn resp(client: &str, name: &str, ip: &str, ttl: u32) -> DnsResponse {
-        DnsResponse {
-            client: client.parse().unwrap(),
-            qname: DnsName::new(name).unwrap(),
-            qtype: 1,
-            rcode: 0,
-            cname_chain: vec![],
-            answers: vec![Answer {
+        DnsResponse::noerror(
+            client.parse().unwrap(),
+            DnsName::new(name).unwrap(),
+            vec![],
+            vec![Answer {
                 ip: ip.parse().unwrap(),
                 ttl,
             }],
-            response_time: None,
-            decoded_time: UNIX_EPOCH,
-            server_identity: "t".into(),
-            sequence: 0,
-            replayed: false,
-        }
+        )
     }
 
     fn ready(s: &mut Subscription) -> Vec<Arc<DnsResponse>> {

@@ -996,7 +996,11 @@ async fn the_api_lists_grants_explains_and_counts_over_grpcurl_and_metrics() {
     assert_eq!(grants[0]["action"], "Allow");
     assert_eq!(grants[0]["port"], "any");
     assert_eq!(grants[0]["priority"], 11000);
-    assert_eq!(grants[0]["table"], u32::from(ACL_TABLE), "the discovered table");
+    assert_eq!(
+        grants[0]["table"],
+        u32::from(ACL_TABLE),
+        "the discovered table"
+    );
     let none = block(|| {
         grpcurl(
             r#"{"namespace":"demo","pod":"other"}"#,

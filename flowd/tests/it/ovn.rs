@@ -11,7 +11,7 @@ use serde_json::json;
 use std::{
     net::IpAddr,
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime},
 };
 use tapd::{Answer, DnsName, DnsResponse};
 use tokio::task::{block_in_place, JoinHandle};
@@ -54,25 +54,17 @@ fn google() -> FirewallRules {
 
 /// A NOERROR answer to `client` for `qname`, following `chain`, with `answers` (TTL 300).
 pub fn answer(client: IpAddr, qname: &str, chain: &[&str], answers: &[&str]) -> DnsResponse {
-    DnsResponse {
+    let answers = answers.iter().map(|a| Answer {
+        ip: ip(a),
+        ttl: 300,
+    });
+    let chain = chain.iter().map(|n| DnsName::new(n).unwrap()).collect();
+    DnsResponse::noerror(
         client,
-        qname: DnsName::new(qname).unwrap(),
-        qtype: 1,
-        rcode: 0,
-        cname_chain: chain.iter().map(|n| DnsName::new(n).unwrap()).collect(),
-        answers: answers
-            .iter()
-            .map(|a| Answer {
-                ip: ip(a),
-                ttl: 300,
-            })
-            .collect(),
-        response_time: None,
-        decoded_time: UNIX_EPOCH,
-        server_identity: "test".into(),
-        sequence: 0,
-        replayed: false,
-    }
+        DnsName::new(qname).unwrap(),
+        chain,
+        answers.collect(),
+    )
 }
 
 /// A sandbox with pods `ns1/pod1` and `ns1/pod2`, the namespace's EgressFirewall, and a running engine.
