@@ -494,6 +494,7 @@ fn containerfiles_copy_what_the_workspace_has_and_tag_what_the_overlays_deploy()
         let stages: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
         assert_eq!(stages.len(), 2, "{file}: {stages:?}");
         assert!(stages[0].contains("rust:") && stages[0].ends_with(" AS build"));
+        let mut copied = Vec::new();
         for line in text
             .lines()
             .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
@@ -501,7 +502,24 @@ fn containerfiles_copy_what_the_workspace_has_and_tag_what_the_overlays_deploy()
             let words: Vec<&str> = line.split_whitespace().collect();
             for src in &words[1..words.len() - 1] {
                 assert!(root().join(src).exists(), "{file} copies missing {src}");
+                copied.push(root().join(src).canonicalize().unwrap());
             }
+        }
+        // What the crates embed at compile time must be in the build context too.
+        let compiled: &[&str] = if bin == "flowd" {
+            &["proto", "tapd", "flowd"]
+        } else {
+            &["proto", "tapd"]
+        };
+        for embedded in compiled
+            .iter()
+            .flat_map(|c| embedded_files(&root().join(c).join("src")))
+        {
+            assert!(
+                copied.iter().any(|c| embedded.starts_with(c)),
+                "{file} does not copy {}, which {bin} embeds",
+                embedded.display()
+            );
         }
         let build = format!("-p {bin} --bin {bin}");
         assert!(text.contains(&build), "{file} does not build {bin}");
@@ -531,4 +549,29 @@ fn containerfiles_copy_what_the_workspace_has_and_tag_what_the_overlays_deploy()
         flowd.contains("openvswitch-common"),
         "flowd needs ovs-ofctl"
     );
+}
+
+/// Every file that `include_str!`/`include_bytes!` under `dir` names, resolved.
+fn embedded_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(embedded_files(&path));
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        for part in text.split("include_").skip(1) {
+            let Some(rest) = part
+                .strip_prefix("str!(\"")
+                .or_else(|| part.strip_prefix("bytes!(\""))
+            else {
+                continue;
+            };
+            let literal = &rest[..rest.find('"').unwrap()];
+            let resolved = path.parent().unwrap().join(literal);
+            out.push(resolved.canonicalize().unwrap_or(resolved));
+        }
+    }
+    out
 }
