@@ -43,16 +43,14 @@ const IPS_PER_ANSWER: u32 = 10;
 const RSS_CHILD_ENV: &str = "FLOWD_BENCH_RSS_CHILD";
 
 fn rules() -> FirewallRules {
-    let ef: EgressFirewall = serde_json::from_value(json!({
-        "apiVersion": "k8s.ovn.org/v1", "kind": "EgressFirewall",
-        "metadata": {"name": "default", "namespace": NS},
-        "spec": {"egress": [
+    let ef = EgressFirewall::inline(
+        NS,
+        json!([
             {"type": "Allow", "to": {"dnsName": "example.com"}},
             {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}
-        ]}
-    }))
-    .unwrap();
-    FirewallRules::from_egress_firewall(&ef).unwrap()
+        ]),
+    );
+    FirewallRules::from_egress_firewall(&ef.unwrap()).unwrap()
 }
 
 fn pod_info(i: u8) -> PodInfo {

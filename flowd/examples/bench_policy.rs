@@ -33,12 +33,7 @@ use std::{
 use tapd::{Answer, DnsName, DnsResponse};
 
 fn rules(egress: Vec<serde_json::Value>) -> FirewallRules {
-    let ef: EgressFirewall = serde_json::from_value(json!({
-        "apiVersion": "k8s.ovn.org/v1", "kind": "EgressFirewall",
-        "metadata": {"name": "default", "namespace": "abc"},
-        "spec": {"egress": egress}
-    }))
-    .expect("valid object");
+    let ef = EgressFirewall::inline("abc", json!(egress)).expect("valid object");
     FirewallRules::from_egress_firewall(&ef).expect("valid rules")
 }
 

@@ -28,6 +28,22 @@ pub struct EgressFirewallSpec {
     pub egress: Vec<EgressFirewallRule>,
 }
 
+impl EgressFirewall {
+    /// `namespace`'s EgressFirewall (the one named `default`, the only one OVN-K honours) with the
+    /// `spec.egress` list given as JSON, e.g. `[{"type": "Allow", "to": {"dnsName": "google.com"}}]`:
+    /// for tools and tests that write rules inline instead of reading them from the API server or a
+    /// snapshot. Content is as loosely typed as in any other object; validation is
+    /// [`crate::rules::FirewallRules::from_egress_firewall`]'s job.
+    pub fn inline(namespace: &str, egress: serde_json::Value) -> serde_json::Result<Self> {
+        let spec = EgressFirewallSpec {
+            egress: serde_json::from_value(egress)?,
+        };
+        let mut ef = Self::new(crate::rules::EGRESS_FIREWALL_NAME, spec);
+        ef.metadata.namespace = Some(namespace.to_string());
+        Ok(ef)
+    }
+}
+
 /// One `spec.egress[]` entry.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 pub struct EgressFirewallRule {

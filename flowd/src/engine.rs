@@ -1163,13 +1163,7 @@ mod tests {
     }
 
     fn rules(egress: serde_json::Value) -> FirewallRules {
-        let ef: EgressFirewall = serde_json::from_value(json!({
-            "apiVersion": "k8s.ovn.org/v1", "kind": "EgressFirewall",
-            "metadata": {"name": "default", "namespace": NS},
-            "spec": {"egress": egress}
-        }))
-        .unwrap();
-        FirewallRules::from_egress_firewall(&ef).unwrap()
+        FirewallRules::from_egress_firewall(&EgressFirewall::inline(NS, egress).unwrap()).unwrap()
     }
 
     fn google_rules() -> FirewallRules {

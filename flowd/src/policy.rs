@@ -428,12 +428,7 @@ mod tests {
     }
 
     fn rules(egress: serde_json::Value) -> FirewallRules {
-        let ef: EgressFirewall = serde_json::from_value(json!({
-            "apiVersion": "k8s.ovn.org/v1", "kind": "EgressFirewall",
-            "metadata": {"name": "default", "namespace": "abc"},
-            "spec": {"egress": egress}
-        }))
-        .expect("deserializes");
+        let ef = EgressFirewall::inline("abc", egress).expect("deserializes");
         FirewallRules::from_egress_firewall(&ef).expect("valid rules")
     }
 

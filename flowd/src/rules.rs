@@ -347,16 +347,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn ef(value: serde_json::Value) -> EgressFirewall {
-        serde_json::from_value(value).expect("deserializes")
-    }
-
     fn with_egress(egress: serde_json::Value) -> EgressFirewall {
-        ef(json!({
-            "apiVersion": "k8s.ovn.org/v1", "kind": "EgressFirewall",
-            "metadata": {"name": "default", "namespace": "abc"},
-            "spec": {"egress": egress}
-        }))
+        EgressFirewall::inline("abc", egress).expect("deserializes")
     }
 
     fn name(s: &str) -> DnsName {
@@ -683,12 +675,7 @@ mod tests {
             json_value().prop_map(|v| if v.is_object() { v } else { json!({"type": "Allow", "to": v}) }),
             0..6,
         )) {
-            let value = json!({
-                "apiVersion": "k8s.ovn.org/v1", "kind": "EgressFirewall",
-                "metadata": {"name": "default", "namespace": "abc"},
-                "spec": {"egress": egress.clone()}
-            });
-            if let Ok(obj) = serde_json::from_value::<EgressFirewall>(value) {
+            if let Ok(obj) = EgressFirewall::inline("abc", json!(egress.clone())) {
                 match FirewallRules::from_egress_firewall(&obj) {
                     Ok(rules) => proptest::prop_assert_eq!(rules.rules.len(), egress.len()),
                     Err(e) => proptest::prop_assert!(!e.to_string().is_empty()),

@@ -31,15 +31,11 @@ pub fn rules(egress: serde_json::Value) -> FirewallRules {
 }
 
 fn rules_annotated(egress: serde_json::Value, matching: Option<&str>) -> FirewallRules {
-    let mut meta = json!({"name": "default", "namespace": NS});
+    let mut ef = EgressFirewall::inline(NS, egress).unwrap();
     if let Some(m) = matching {
-        meta["annotations"] = json!({ flowd::egressfirewall::NAME_MATCHING_ANNOTATION: m });
+        let annotation = flowd::egressfirewall::NAME_MATCHING_ANNOTATION;
+        ef.metadata.annotations = Some([(annotation.to_string(), m.to_string())].into());
     }
-    let ef: EgressFirewall = serde_json::from_value(json!({
-        "apiVersion": "k8s.ovn.org/v1", "kind": "EgressFirewall",
-        "metadata": meta, "spec": {"egress": egress}
-    }))
-    .unwrap();
     FirewallRules::from_egress_firewall(&ef).unwrap()
 }
 
