@@ -18,8 +18,8 @@ pub use metrics::{LatencyHistogram, Metrics, MetricsSnapshot, BATCH_LATENCY_BUCK
 use crate::{
     model::{FlowKey, Grant, GrantReason, PodInfo, PodKey, PortMatch, Verdict},
     ovs::{
-        flow::POD_MASK, AclTarget, Cookie, FlowAction, FlowEvent, FlowMatch, FlowOp,
-        FlowProgrammer, FlowSpec, OvsError, PortKeys, RemovedReason,
+        flow::POD_MASK, Cookie, FlowAction, FlowEvent, FlowMatch, FlowOp, FlowProgrammer, FlowSpec,
+        LearnError, OvsError, PortKeys, RemovedReason, Template,
     },
     policy::{self, PolicySettings},
     rules::FirewallRules,
@@ -52,7 +52,8 @@ const MONITOR_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Durat
 const MONITOR_HEALTHY: Duration = Duration::from_secs(30);
 /// Flows the engine holds at most (a grant beyond it is dropped and counted): ~25 MiB of state.
 pub const MAX_FLOWS: usize = 500_000;
-/// Discovery dumps the whole bridge: while OVN has no ACL table yet, look again at most this often.
+/// Learning the template dumps the whole bridge: while OVN's flows teach nothing yet (or a pod's switch
+/// has no router port in the template), look again at most this often.
 const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
 /// The first reconcile (which removes what an earlier run left and no longer wants) comes this soon
 /// after start, when the interval is longer: time for the caches to fill (tapd replays recent answers
@@ -76,10 +77,9 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 pub enum EngineError {
     #[error(transparent)]
     Ovs(#[from] OvsError),
-    #[error(
-        "no EgressFirewall ACL table found in the bridge yet (set --acl-table to skip discovery)"
-    )]
-    NoAclTable,
+    /// flowd cannot be sure what a flow means on this OVN: it installs nothing.
+    #[error("installing nothing: {0}")]
+    NoTemplate(LearnError),
 }
 
 /// Identity of a flow inside the engine: [`FlowKey`] with the pod as its 16-bit id.
@@ -102,6 +102,9 @@ struct FlowState {
     reason: Arc<GrantReason>,
     /// Written to OVS at least once since it was last changed.
     installed: bool,
+    /// Which of the template's variants (bit `k` for variant `k`) OVS holds, as far as the engine
+    /// knows: each expires on its own idle timer, and the grant lives on while any of them does.
+    live: u8,
 }
 
 /// One grant as the inspection API shows it.
@@ -138,17 +141,21 @@ struct State {
     flows: HashMap<FlowId, FlowState>,
     /// Flows to write in the next batch.
     dirty: HashSet<FlowId>,
-    /// Exact deletes for the next batch (flows no longer wanted), and whole pods to delete.
-    delete_strict: HashMap<FlowId, (Cookie, FlowMatch)>,
+    /// Exact deletes for the next batch (flows no longer wanted, every variant), and whole pods to delete.
+    delete_strict: HashMap<FlowId, Vec<(Cookie, FlowMatch)>>,
     delete_pods: Vec<u16>,
     pending: VecDeque<(DnsResponse, SystemTime)>,
     /// Deletes found by a reconcile (not cancelled when the same flow is wanted again: its add follows).
     delete_stale: Vec<(Cookie, FlowMatch)>,
-    target: Option<AclTarget>,
+    template: Option<Template>,
     local_subnets: Vec<IpNet>,
     node: Option<String>,
-    /// When discovery last found no ACL table.
-    discovery_failed: Option<Instant>,
+    /// When learning the template last failed, and why (shown by readiness and the API).
+    learn_failed: Option<(Instant, LearnError)>,
+    /// When the template was last learned (or tried): every try dumps the whole bridge.
+    learned_at: Option<Instant>,
+    /// A pod's switch has no router port in the template: learn it again (rate-limited).
+    relearn: bool,
     /// New pods arrived: look up their datapath keys before their first answer needs them.
     prefetch_keys: bool,
     /// Someone deleted our flows (ovn-controller reconnecting, maybe upgraded): look at OVN's tables
@@ -227,21 +234,48 @@ impl State {
         }
     }
 
+    fn keys(&self, pod: u16) -> Option<PortKeys> {
+        self.by_id
+            .get(&pod)
+            .and_then(|k| self.pods.get(k))
+            .and_then(|p| p.keys)
+    }
+
+    /// The exact deletes of every variant OVS may hold of a flow with this verdict.
+    fn deletes(&self, id: FlowId, verdict: Verdict, prefix: u32) -> Vec<(Cookie, FlowMatch)> {
+        let (Some(template), Some(keys)) = (self.template.as_ref(), self.keys(id.pod)) else {
+            return Vec::new();
+        };
+        let cookie = Cookie::new(prefix, id.pod, id.priority);
+        physical(template, keys, &id, verdict)
+            .into_iter()
+            .flatten()
+            .map(|(m, _)| (cookie, m))
+            .collect()
+    }
+
     /// Forgets a flow and, when OVS may hold it, queues its exact delete.
     fn drop_flow(&mut self, id: FlowId, prefix: u32) {
-        self.flows.remove(&id);
         self.dirty.remove(&id);
-        if let (Some(target), Some(keys)) = (
-            self.target.as_ref(),
-            self.by_id
-                .get(&id.pod)
-                .and_then(|k| self.pods.get(k))
-                .and_then(|p| p.keys),
-        ) {
-            let cookie = Cookie::new(prefix, id.pod, id.priority);
-            self.delete_strict
-                .insert(id, (cookie, flow_match(target.table, keys, &id)));
+        if let Some(f) = self.flows.remove(&id) {
+            let deletes = self.deletes(id, f.verdict, prefix);
+            if !deletes.is_empty() {
+                self.delete_strict.insert(id, deletes);
+            }
         }
+    }
+
+    /// Which variant of the template a flow read back from OVS is, for the flow the engine holds under
+    /// `id`; `None` when it has a shape the template does not produce (then it is not ours to keep).
+    fn variant_of(&self, id: &FlowId, m: &FlowMatch) -> Option<usize> {
+        let (template, keys, flow) = (
+            self.template.as_ref()?,
+            self.keys(id.pod)?,
+            self.flows.get(id)?,
+        );
+        physical(template, keys, id, flow.verdict)?
+            .iter()
+            .position(|(want, _)| want == m)
     }
 }
 
@@ -262,32 +296,61 @@ fn share_reasons(grants: Vec<Grant>) -> Vec<(Grant, Arc<GrantReason>)> {
         .collect()
 }
 
-fn flow_match(table: u8, keys: PortKeys, id: &FlowId) -> FlowMatch {
-    FlowMatch {
-        table,
-        priority: id.priority,
-        metadata: keys.metadata,
-        reg14: keys.reg14,
-        src: id.src,
-        dst: id.dst,
-        l4: id.l4,
+/// The OVS flows of one grant: one per variant of the template (OVN's own allow ACL shapes), each in
+/// the EF's table and tier, for traffic of this pod leaving its switch toward the router. `None` while
+/// the template knows no router port for the pod's switch.
+fn physical(
+    template: &Template,
+    keys: PortKeys,
+    id: &FlowId,
+    verdict: Verdict,
+) -> Option<Vec<(FlowMatch, FlowAction)>> {
+    let outport = template.uplink(keys.metadata)?;
+    Some(
+        template
+            .variants(verdict == Verdict::Allow)
+            .into_iter()
+            .map(|(hint, action)| {
+                let m = FlowMatch {
+                    table: template.table,
+                    priority: id.priority,
+                    tier: template.tier,
+                    hint,
+                    metadata: keys.metadata,
+                    reg14: keys.reg14,
+                    outport: Some(outport),
+                    src: id.src,
+                    dst: id.dst,
+                    l4: id.l4,
+                };
+                (m, action)
+            })
+            .collect(),
+    )
+}
+
+/// The engine's identity of a flow read back from OVS.
+fn flow_id(cookie: Cookie, m: &FlowMatch) -> FlowId {
+    FlowId {
+        pod: cookie.pod_id(),
+        priority: m.priority,
+        src: m.src,
+        dst: m.dst,
+        l4: m.l4,
     }
+}
+
+/// Bit mask with one bit per variant.
+fn all_variants(n: usize) -> u8 {
+    u8::try_from((1u16 << n.min(8)) - 1).unwrap_or(u8::MAX)
 }
 
 impl<P: FlowProgrammer> Engine<P> {
     /// A new engine. `settings` should have passed [`EngineSettings::validate`].
     pub fn new(settings: EngineSettings, programmer: P) -> Self {
         let policy = settings.policy();
-        // With both overrides nothing is left to discover; otherwise the first batch discovers.
-        let target = match (settings.acl_table, &settings.allow_actions) {
-            (Some(table), Some(allow)) => Some(AclTarget {
-                table,
-                allow: allow.clone(),
-            }),
-            _ => None,
-        };
+        // The first batch learns the template from OVN's flows.
         let state = State {
-            target,
             local_subnets: settings.cluster_subnets.clone(),
             ..State::default()
         };
@@ -323,14 +386,24 @@ impl<P: FlowProgrammer> Engine<P> {
         &self.inner.programmer
     }
 
-    /// The EgressFirewall ACL table in use: `--acl-table`, else the one discovered in the bridge
-    /// (`None` until discovery has found it).
+    /// The EgressFirewall ACL table in use, as learned from OVN's flows (`None` until then).
     pub fn acl_table(&self) -> Option<u8> {
-        self.lock()
-            .target
-            .as_ref()
-            .map(|t| t.table)
-            .or(self.inner.settings.acl_table)
+        self.lock().template.as_ref().map(|t| t.table)
+    }
+
+    /// The template flows are written with (`None` until learned).
+    pub fn template(&self) -> Option<Template> {
+        self.lock().template.clone()
+    }
+
+    /// Why nothing can be installed, while grants wait for a template OVN's flows cannot teach: the
+    /// daemon is not ready then. `None` when there is a template, or nothing waits for one.
+    pub fn blocked(&self) -> Option<String> {
+        let s = self.lock();
+        if s.template.is_some() || s.flows.is_empty() {
+            return None;
+        }
+        s.learn_failed.as_ref().map(|(_, e)| e.to_string())
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -341,6 +414,7 @@ impl<P: FlowProgrammer> Engine<P> {
     pub fn metrics_snapshot(&self) -> MetricsSnapshot {
         let mut m = self.inner.metrics.snapshot();
         let s = self.lock();
+        m.template_learned = u64::from(s.template.is_some());
         m.flows_desired = s.flows.len() as u64;
         m.pods = s.pods.len() as u64;
         m.pending = s.pending.len() as u64;
@@ -541,7 +615,16 @@ impl<P: FlowProgrammer> Engine<P> {
                 f.reason = reason;
             }
             Some(f) => {
-                f.verdict = g.verdict;
+                if f.verdict != g.verdict {
+                    // The rule's verdict changed: the other verdict's variants go first.
+                    let old = f.verdict;
+                    f.verdict = g.verdict;
+                    let deletes = s.deletes(id, old, self.inner.settings.cookie_prefix);
+                    s.delete_stale.extend(deletes);
+                }
+                let Some(f) = s.flows.get_mut(&id) else {
+                    return;
+                };
                 f.ttl = g.ttl;
                 f.expires = f.expires.max(expires);
                 f.reason = reason;
@@ -559,6 +642,7 @@ impl<P: FlowProgrammer> Engine<P> {
                         expires,
                         reason,
                         installed: false,
+                        live: 0,
                     },
                 );
                 s.mark_dirty(id);
@@ -679,73 +763,84 @@ impl<P: FlowProgrammer> Engine<P> {
         self.flush_locked().await
     }
 
-    async fn ensure_target(&self) -> Result<AclTarget, EngineError> {
-        if let Some(t) = self.lock().target.clone() {
-            return Ok(t);
-        }
-        if self
-            .lock()
-            .discovery_failed
-            .is_some_and(|at| at.elapsed() < DISCOVERY_RETRY)
+    async fn ensure_template(&self) -> Result<Template, EngineError> {
         {
-            return Err(EngineError::NoAclTable);
-        }
-        let st = &self.inner.settings;
-        let discovered = self.inner.programmer.discover_acl(st.priority_base).await?;
-        let target = match (st.acl_table, discovered) {
-            (Some(table), d) => AclTarget {
-                table,
-                allow: st
-                    .allow_actions
-                    .clone()
-                    .or(d.filter(|d| d.table == table).map(|d| d.allow))
-                    .unwrap_or_else(|| crate::ovs::Actions::resubmit(table.saturating_add(1))),
-            },
-            (None, Some(d)) => AclTarget {
-                table: d.table,
-                allow: st.allow_actions.clone().unwrap_or(d.allow),
-            },
-            (None, None) => {
-                self.lock().discovery_failed = Some(Instant::now());
-                return Err(EngineError::NoAclTable);
+            let s = self.lock();
+            let recent = s
+                .learned_at
+                .is_some_and(|at| at.elapsed() < DISCOVERY_RETRY);
+            match (&s.template, &s.learn_failed) {
+                (Some(t), _) if !s.relearn || recent => return Ok(t.clone()),
+                (None, Some((_, e))) if recent => return Err(EngineError::NoTemplate(e.clone())),
+                _ => {}
             }
-        };
-        tracing::info!(table = target.table, allow = %target.allow, "EgressFirewall ACL stage");
-        self.lock().target = Some(target.clone());
-        Ok(target)
+        }
+        self.learn().await
     }
 
-    /// After a foreign wipe, OVN may have been upgraded and its tables renumbered: when discovery now
-    /// finds another ACL table (or other allow actions), every flow moves there (the reconcile then
-    /// removes the old ones as stale) and the monitor follows.
-    async fn rediscover_if_wiped(&self) -> Result<(), EngineError> {
-        if !std::mem::take(&mut self.lock().rediscover) || self.inner.settings.acl_table.is_some() {
-            return Ok(());
-        }
+    /// Learns the template from OVN's flows now. A template that differs from the one in use (an
+    /// upgrade renumbered the tables, or changed the pipeline) moves every flow: each is written again
+    /// in the new shape, and the old shapes go in the same bundle or at the next reconcile.
+    async fn learn(&self) -> Result<Template, EngineError> {
         let st = &self.inner.settings;
-        let Some(found) = self.inner.programmer.discover_acl(st.priority_base).await? else {
-            return Ok(());
-        };
-        let found = AclTarget {
-            allow: st.allow_actions.clone().unwrap_or(found.allow),
-            ..found
-        };
+        let learned = self
+            .inner
+            .programmer
+            .learn_template(st.priority_base, st.acl_table)
+            .await?;
         let mut s = self.lock();
-        if s.target.as_ref() == Some(&found) {
-            return Ok(());
+        s.relearn = false;
+        s.learned_at = Some(Instant::now());
+        let found = match learned {
+            Ok(t) => t,
+            Err(e) => {
+                let changed = s.learn_failed.as_ref().is_none_or(|(_, old)| *old != e);
+                if changed {
+                    tracing::warn!(reason = %e, "cannot learn from OVN's flows what a grant must look like; installing nothing");
+                }
+                Metrics::add(&self.inner.metrics.template_failures, 1);
+                s.learn_failed = Some((Instant::now(), e.clone()));
+                // A template learned before stays valid until OVN's flows show another one.
+                return s.template.clone().ok_or(EngineError::NoTemplate(e));
+            }
+        };
+        if s.learn_failed.take().is_some() || s.template.is_none() {
+            tracing::info!(template = %found, "learned from OVN's flows what a grant must look like");
         }
-        tracing::warn!(table = found.table, allow = %found.allow, "OVN's EgressFirewall ACL stage moved");
-        s.target = Some(found);
+        if s.template.as_ref() == Some(&found) {
+            return Ok(found);
+        }
+        let moved = s.template.is_some();
+        if moved {
+            tracing::warn!(template = %found, "OVN's EgressFirewall pipeline changed; moving every flow");
+            // The old shapes: exact deletes now, while the old template still says what they were.
+            let prefix = st.cookie_prefix;
+            let ids: Vec<(FlowId, Verdict)> =
+                s.flows.iter().map(|(id, f)| (*id, f.verdict)).collect();
+            for (id, verdict) in ids {
+                let deletes = s.deletes(id, verdict, prefix);
+                s.delete_stale.extend(deletes);
+            }
+        }
+        s.template = Some(found.clone());
         let all: Vec<FlowId> = s.flows.keys().copied().collect();
         for id in all {
             s.mark_dirty(id);
         }
-        // Pod deletes and exact deletes were meant for the old table; the reconcile finds leftovers.
-        s.delete_strict.clear();
         s.delete_pods.clear();
         drop(s);
-        self.inner.retarget.notify_one();
-        Ok(())
+        if moved {
+            self.inner.retarget.notify_one();
+        }
+        Ok(found)
+    }
+
+    /// After a foreign wipe, OVN may have been upgraded and its tables renumbered: learn again.
+    async fn rediscover_if_wiped(&self) -> Result<(), EngineError> {
+        if !std::mem::take(&mut self.lock().rediscover) {
+            return Ok(());
+        }
+        self.learn().await.map(drop)
     }
 
     /// Fetches datapath keys for pods with dirty flows and no keys yet.
@@ -791,20 +886,24 @@ impl<P: FlowProgrammer> Engine<P> {
     }
 
     /// Takes the pending changes as one batch of operations (deletes first). Flows whose pod has no
-    /// datapath keys yet stay pending.
-    fn take_batch(&self, target: &AclTarget) -> (Vec<FlowOp>, Vec<FlowId>) {
+    /// datapath keys, or whose switch no router port in the template, yet stay pending.
+    fn take_batch(&self, template: &Template) -> (Vec<FlowOp>, Vec<FlowId>) {
         let st = &self.inner.settings;
         let mut s = self.lock();
         let mut ops = Vec::with_capacity(s.dirty.len() + s.delete_strict.len());
         for pod in std::mem::take(&mut s.delete_pods) {
             ops.push(FlowOp::DeleteCookie {
-                table: target.table,
+                table: template.table,
                 cookie: Cookie::pod(st.cookie_prefix, pod),
                 mask: POD_MASK,
             });
         }
-        for (_, (cookie, matches)) in s.delete_strict.drain() {
-            ops.push(FlowOp::DeleteStrict { cookie, matches });
+        for (_, deletes) in s.delete_strict.drain() {
+            ops.extend(
+                deletes
+                    .into_iter()
+                    .map(|(cookie, matches)| FlowOp::DeleteStrict { cookie, matches }),
+            );
         }
         for (cookie, matches) in std::mem::take(&mut s.delete_stale) {
             ops.push(FlowOp::DeleteStrict { cookie, matches });
@@ -817,26 +916,36 @@ impl<P: FlowProgrammer> Engine<P> {
         let mut written = Vec::with_capacity(dirty.len());
         for id in dirty {
             let Some(f) = s.flows.get(&id) else { continue };
-            let keys = s
-                .by_id
-                .get(&id.pod)
-                .and_then(|k| s.pods.get(k))
-                .and_then(|p| p.keys);
-            let Some(keys) = keys else {
-                // Not on the bridge yet: try again later.
-                s.dirty.insert(id);
-                continue;
+            let flows = s
+                .keys(id.pod)
+                .map(|keys| (keys, physical(template, keys, &id, f.verdict)));
+            let flows = match flows {
+                Some((_, Some(flows))) => flows,
+                Some((keys, None)) => {
+                    // The template knows no router port for this switch yet: learn again, later.
+                    if !s.relearn {
+                        tracing::warn!(metadata = keys.metadata, "no port toward the router found on the pod's logical switch; its grants wait");
+                    }
+                    s.relearn = true;
+                    s.dirty.insert(id);
+                    continue;
+                }
+                None => {
+                    // Not on the bridge yet: try again later.
+                    s.dirty.insert(id);
+                    continue;
+                }
             };
-            ops.push(FlowOp::Add(FlowSpec {
-                cookie: Cookie::new(st.cookie_prefix, id.pod, id.priority),
-                matches: flow_match(target.table, keys, &id),
-                idle_timeout: st.idle_timeout(f.ttl),
-                hard_timeout: st.hard_timeout(),
-                action: match f.verdict {
-                    Verdict::Allow => FlowAction::Continue(target.allow.clone()),
-                    Verdict::Deny => FlowAction::Drop,
-                },
-            }));
+            let cookie = Cookie::new(st.cookie_prefix, id.pod, id.priority);
+            for (matches, action) in flows {
+                ops.push(FlowOp::Add(FlowSpec {
+                    cookie,
+                    matches,
+                    idle_timeout: st.idle_timeout(f.ttl),
+                    hard_timeout: st.hard_timeout(),
+                    action,
+                }));
+            }
             written.push(id);
         }
         (ops, written)
@@ -857,9 +966,9 @@ impl<P: FlowProgrammer> Engine<P> {
 
     /// Writes one batch; returns how many operations it held.
     async fn write_batch(&self) -> Result<usize, EngineError> {
-        let target = self.ensure_target().await?;
+        let template = self.ensure_template().await?;
         self.ensure_keys().await?;
-        let (ops, written) = self.take_batch(&target);
+        let (ops, written) = self.take_batch(&template);
         if ops.is_empty() {
             return Ok(0);
         }
@@ -874,6 +983,7 @@ impl<P: FlowProgrammer> Engine<P> {
                 for id in &written {
                     if let Some(f) = s.flows.get_mut(id) {
                         f.installed = true;
+                        f.live = all_variants(template.variants(f.verdict == Verdict::Allow).len());
                     }
                 }
                 Metrics::add(&m.flows_installed, written.len());
@@ -902,12 +1012,12 @@ impl<P: FlowProgrammer> Engine<P> {
     }
 
     /// Full reconcile against `dump-flows`: removes our flows that are not wanted (left by an earlier run,
-    /// or of a pod that changed ports), reinstalls wanted flows that are missing, and forgets those that
-    /// are missing because they expired.
+    /// of a pod that changed ports, or in a shape the template no longer produces), reinstalls wanted
+    /// flows that are missing, and forgets those that are missing because they expired.
     pub async fn reconcile(&self) -> Result<(), EngineError> {
         let _guard = self.inner.apply_lock.lock().await;
         self.rediscover_if_wiped().await?;
-        let target = self.ensure_target().await?;
+        let template = self.ensure_template().await?;
         // Pods with flows but no keys yet get theirs first, so their flows are comparable.
         self.ensure_keys().await?;
         self.flush_locked().await?;
@@ -917,60 +1027,52 @@ impl<P: FlowProgrammer> Engine<P> {
         let m = &self.inner.metrics;
         {
             let mut s = self.lock();
-            let mut present: HashSet<FlowId> = HashSet::with_capacity(dumped.len());
+            // Per flow, the variants OVS holds.
+            let mut present: HashMap<FlowId, u8> = HashMap::with_capacity(dumped.len());
             let mut stale = Vec::new();
             for f in &dumped {
-                let id = f.fields.as_ref().and_then(|fields| {
+                let Some((id, matches)) = f.fields.as_ref().and_then(|fields| {
                     let priority = f.priority?;
                     let m = fields.flow_match(f.table, priority)?;
-                    Some((
-                        FlowId {
-                            pod: f.cookie.pod_id(),
-                            priority,
-                            src: m.src,
-                            dst: m.dst,
-                            l4: m.l4,
-                        },
-                        m,
-                    ))
-                });
-                let Some((id, matches)) = id else {
+                    Some((flow_id(f.cookie, &m), m))
+                }) else {
                     tracing::warn!(cookie = %f.cookie, table = f.table, "flow with our cookie prefix in a shape we do not write; leaving it");
                     continue;
                 };
-                let keys = s
-                    .by_id
-                    .get(&id.pod)
-                    .and_then(|k| s.pods.get(k))
-                    .and_then(|p| p.keys);
-                let wanted = s.flows.contains_key(&id)
-                    && f.table == target.table
-                    && id.priority == f.cookie.priority()
-                    && keys.is_some_and(|k| {
-                        k.metadata == matches.metadata && k.reg14 == matches.reg14
-                    });
-                if wanted {
-                    present.insert(id);
-                } else {
-                    stale.push((f.cookie, matches));
+                let variant = (id.priority == f.cookie.priority())
+                    .then(|| s.variant_of(&id, &matches))
+                    .flatten();
+                match variant {
+                    Some(k) => *present.entry(id).or_default() |= 1 << k,
+                    None => stale.push((f.cookie, matches)),
                 }
             }
             Metrics::add(&m.flows_removed, stale.len());
             s.delete_stale.extend(stale);
-            let missing: Vec<(FlowId, bool)> = s
-                .flows
-                .iter()
-                .filter(|(id, f)| f.installed && !present.contains(id))
-                .map(|(id, f)| (*id, f.expires <= now + EXPIRY_SLACK))
-                .collect();
-            for (id, expired) in missing {
-                if expired {
-                    s.flows.remove(&id);
-                    Metrics::add(&m.flows_expired, 1);
-                } else {
-                    s.mark_dirty(id);
-                    Metrics::add(&m.flows_reinstalled, 1);
+            let mut reinstall = Vec::new();
+            let mut expired = Vec::new();
+            for (id, f) in s.flows.iter_mut().filter(|(_, f)| f.installed) {
+                let held = present.get(id).copied().unwrap_or(0);
+                let all = all_variants(template.variants(f.verdict == Verdict::Allow).len());
+                if held == all {
+                    continue;
                 }
+                if f.expires > now + EXPIRY_SLACK {
+                    reinstall.push(*id);
+                } else if held == 0 {
+                    expired.push(*id);
+                } else {
+                    // Past its answer, some variants idled out; the rest still carry traffic.
+                    f.live = held;
+                }
+            }
+            for id in expired {
+                s.flows.remove(&id);
+                Metrics::add(&m.flows_expired, 1);
+            }
+            for id in reinstall {
+                s.mark_dirty(id);
+                Metrics::add(&m.flows_reinstalled, 1);
             }
         }
         Metrics::add(&m.reconciles, 1);
@@ -993,51 +1095,39 @@ impl<P: FlowProgrammer> Engine<P> {
         else {
             return false;
         };
-        let id = FlowId {
-            pod: f.cookie.pod_id(),
-            priority: m.priority,
-            src: m.src,
-            dst: m.dst,
-            l4: m.l4,
-        };
+        let id = flow_id(f.cookie, &m);
         let mut s = self.lock();
-        let Some(flow) = s.flows.get(&id) else {
-            // Our own delete, or a flow we no longer want.
+        // Our own delete, a flow we no longer want, or a shape (old template, old port) not ours now.
+        let Some(variant) = s.variant_of(&id, &m) else {
             return false;
         };
-        let keys_match = s
-            .by_id
-            .get(&id.pod)
-            .and_then(|k| s.pods.get(k))
-            .and_then(|p| p.keys)
-            .is_some_and(|k| k.metadata == m.metadata && k.reg14 == m.reg14);
-        if !keys_match {
+        let Some(flow) = s.flows.get_mut(&id) else {
             return false;
-        }
+        };
         let metrics = &self.inner.metrics;
         let due = flow.expires <= SystemTime::now() + EXPIRY_SLACK;
-        match reason {
-            RemovedReason::Hard => {
+        let timed_out = match reason {
+            RemovedReason::Hard => true,
+            RemovedReason::Idle => due,
+            RemovedReason::Delete | RemovedReason::Other => false,
+        };
+        if timed_out {
+            // This variant's own timer ran out; the grant lives while another variant does.
+            flow.live &= !(1 << variant);
+            if flow.live == 0 {
                 s.flows.remove(&id);
                 Metrics::add(&metrics.flows_expired, 1);
-                false
             }
-            RemovedReason::Idle if due => {
-                s.flows.remove(&id);
-                Metrics::add(&metrics.flows_expired, 1);
-                false
-            }
-            // Idle before our record says (refreshed meanwhile), or deleted by someone else: write again.
-            RemovedReason::Idle | RemovedReason::Delete | RemovedReason::Other => {
-                s.mark_dirty(id);
-                Metrics::add(&metrics.flows_reinstalled, 1);
-                if reason != RemovedReason::Idle && !s.rediscover {
-                    s.rediscover = true;
-                    self.inner.wiped.notify_one();
-                }
-                true
-            }
+            return false;
         }
+        // Idle before our record says (refreshed meanwhile), or deleted by someone else: write again.
+        s.mark_dirty(id);
+        Metrics::add(&metrics.flows_reinstalled, 1);
+        if reason != RemovedReason::Idle && !s.rediscover {
+            s.rediscover = true;
+            self.inner.wiped.notify_one();
+        }
+        true
     }
 
     /// Runs the engine until the future is dropped: the flusher, the flow monitor (restarted with
@@ -1064,7 +1154,7 @@ impl<P: FlowProgrammer> Engine<P> {
             match self.flush().await {
                 Ok(()) => failures = 0,
                 // Normal until OVN has ACL flows on this node; discovery itself is rate-limited.
-                Err(e @ EngineError::NoAclTable) => tracing::debug!(error = %e, "flows wait"),
+                Err(e @ EngineError::NoTemplate(_)) => tracing::debug!(error = %e, "flows wait"),
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     tracing::warn!(error = %e, failures, "writing flows failed; retrying");
@@ -1077,7 +1167,7 @@ impl<P: FlowProgrammer> Engine<P> {
         let mut backoff = MONITOR_BACKOFF.0;
         let mut first = true;
         loop {
-            let target = match self.ensure_target().await {
+            let target = match self.ensure_template().await {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::debug!(error = %e, "no ACL table yet");
@@ -1143,7 +1233,11 @@ mod tests {
     use super::*;
     use crate::{
         egressfirewall::EgressFirewall,
-        ovs::{flow, Actions, Recording},
+        ovs::{
+            flow, template,
+            template::{Pipeline, Variant},
+            Actions, Recording,
+        },
     };
     use proptest::prelude::*;
     use serde_json::json;
@@ -1155,10 +1249,38 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn target() -> AclTarget {
-        AclTarget {
+    /// A switch without conntrack hints: one flow per grant. Node switch 1's router port is 1.
+    fn target() -> Template {
+        Template {
             table: 46,
-            allow: Actions::new("load:0x1->NXM_NX_XXREG0[97],resubmit(,47)").unwrap(),
+            pipeline: Pipeline::Continue,
+            tier: None,
+            allow: vec![Variant {
+                hint: None,
+                actions: Actions::new("load:0x1->NXM_NX_XXREG0[97],resubmit(,47)").unwrap(),
+            }],
+            uplinks: [(1, 1)].into(),
+        }
+    }
+
+    /// OVN 25.03's shape: tier 2, and a new and an established variant per allow grant.
+    fn tiered() -> Template {
+        let tiered = "load:0x1->OXM_OF_PKT_REG4[48],load:0x1->NXM_NX_XXREG0[97],resubmit(,52)";
+        Template {
+            table: 51,
+            pipeline: Pipeline::VerdictRegister,
+            tier: Some(crate::ovs::RegMatch::masked(0x8000_0000, 0xc000_0000)),
+            allow: vec![
+                Variant {
+                    hint: Some(template::HINT_ALLOW_NEW),
+                    actions: Actions::new(tiered).unwrap(),
+                },
+                Variant {
+                    hint: Some(template::HINT_ALLOW),
+                    actions: Actions::new("load:0x1->OXM_OF_PKT_REG4[48],resubmit(,52)").unwrap(),
+                },
+            ],
+            uplinks: [(1, 1)].into(),
         }
     }
 
@@ -1244,7 +1366,10 @@ mod tests {
             (46, 1, 2)
         );
         assert_eq!(f.matches.src, ip("10.244.1.5"));
-        assert_eq!(f.action, FlowAction::Continue(target().allow));
+        assert_eq!(
+            f.action,
+            FlowAction::Continue(target().allow[0].actions.clone())
+        );
         assert_eq!(f.cookie.prefix(), crate::settings::DEFAULT_COOKIE_PREFIX);
         assert_eq!(f.cookie.priority(), 11000);
         let grants = e.grants(Some(&PodKey::new(NS, "pod1")), None);
@@ -1489,6 +1614,76 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_variant_expires_on_its_own_and_the_grant_lives_while_one_does() {
+        let settings = EngineSettings {
+            idle_floor: Duration::ZERO,
+            idle_grace: Duration::ZERO,
+            ..EngineSettings::default()
+        };
+        let e = engine_on(Recording::new(Some(tiered())), settings);
+        e.upsert_pod(pod("pod1", "10.244.1.5"));
+        let run = tokio::spawn(e.clone().run());
+        e.on_dns(
+            answer("10.244.1.5", "google.com", &[("142.250.0.1", 1)]),
+            SystemTime::now(),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let flows = e.programmer().flows();
+        let hints: Vec<_> = flows.iter().map(|f| f.matches.hint).collect();
+        assert_eq!(
+            hints,
+            [Some(template::HINT_ALLOW_NEW), Some(template::HINT_ALLOW)],
+            "{flows:?}"
+        );
+        assert!(flows.iter().all(|f| f.matches.tier == tiered().tier
+            && f.matches.outport == Some(1)
+            && f.matches.table == 51));
+        // Past the answer's TTL no new connection came: OVS expires the new-connection variant while
+        // the established one still carries traffic. The grant stays, and so does that flow.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        e.programmer().remove_where(RemovedReason::Idle, |f| {
+            f.matches.hint == Some(template::HINT_ALLOW_NEW)
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(e.grants(None, None).len(), 1);
+        e.reconcile().await.unwrap();
+        let flows = e.programmer().flows();
+        assert_eq!(flows.len(), 1, "not reinstalled, not removed: {flows:?}");
+        assert_eq!(flows[0].matches.hint, Some(template::HINT_ALLOW));
+        e.programmer().remove_where(RemovedReason::Idle, |_| true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(e.grants(None, None).is_empty());
+        assert_eq!(e.metrics_snapshot().flows_expired, 1);
+        run.abort();
+    }
+
+    #[tokio::test]
+    async fn a_rule_turned_deny_replaces_every_allow_variant() {
+        let e = engine_on(Recording::new(Some(tiered())), EngineSettings::default());
+        e.upsert_pod(pod("pod1", "10.244.1.5"));
+        e.on_dns(
+            answer("10.244.1.5", "google.com", &[("142.250.0.1", 300)]),
+            SystemTime::now(),
+        );
+        e.flush().await.unwrap();
+        assert_eq!(e.programmer().flows().len(), 2);
+        e.set_rules(rules(
+            json!([{"type": "Deny", "to": {"dnsName": "google.com"}}]),
+        ));
+        e.flush().await.unwrap();
+        let flows = e.programmer().flows();
+        assert_eq!(flows.len(), 1, "{flows:?}");
+        assert_eq!(
+            (
+                flows[0].matches.hint,
+                &flows[0].action,
+                flows[0].matches.tier
+            ),
+            (None, &FlowAction::Drop, tiered().tier)
+        );
+    }
+
+    #[tokio::test]
     async fn after_a_wipe_the_flows_follow_a_renumbered_acl_table() {
         let e = engine();
         e.upsert_pod(pod("pod1", "10.244.1.5"));
@@ -1499,11 +1694,15 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
         // ovn-controller is upgraded: it wipes br-int and its ACL stage is now table 48.
-        let moved = AclTarget {
+        let moved = Template {
             table: 48,
-            allow: Actions::resubmit(49),
+            allow: vec![Variant {
+                hint: None,
+                actions: Actions::resubmit(49),
+            }],
+            ..target()
         };
-        e.programmer().set_acl(Some(moved.clone()));
+        e.programmer().set_template(Some(moved.clone()));
         e.programmer().remove_where(RemovedReason::Delete, |_| true);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(
@@ -1515,7 +1714,7 @@ mod tests {
         let flows = e.programmer().flows();
         assert_eq!(flows.len(), 1, "{flows:?}");
         assert_eq!(flows[0].matches.table, 48);
-        assert_eq!(flows[0].action, FlowAction::Continue(moved.allow));
+        assert_eq!(flows[0].action, FlowAction::Continue(Actions::resubmit(49)));
         // The monitor follows: a wipe of the new table is repaired too.
         e.programmer().remove_where(RemovedReason::Delete, |_| true);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1588,7 +1787,7 @@ mod tests {
             };
             FlowOp::Add(FlowSpec {
                 cookie: Cookie::new(crate::settings::DEFAULT_COOKIE_PREFIX, pod, 11000),
-                matches: flow_match(46, keys, &id),
+                matches: physical(&target(), keys, &id, Verdict::Deny).unwrap()[0].0,
                 idle_timeout: 100,
                 hard_timeout: None,
                 action: FlowAction::Drop,
@@ -1679,21 +1878,27 @@ mod tests {
     #[tokio::test]
     async fn without_an_acl_table_nothing_is_written() {
         let e = engine();
-        e.programmer().set_acl(None);
+        e.programmer().set_template(None);
         e.upsert_pod(pod("pod1", "10.244.1.5"));
         e.on_dns(
             answer("10.244.1.5", "google.com", &[("142.250.1.1", 60)]),
             SystemTime::now(),
         );
-        assert!(matches!(e.flush().await, Err(EngineError::NoAclTable)));
-        e.programmer().set_acl(Some(target()));
+        assert!(matches!(e.flush().await, Err(EngineError::NoTemplate(_))));
         assert!(
-            matches!(e.flush().await, Err(EngineError::NoAclTable)),
+            e.blocked().is_some(),
+            "a grant waits: not ready, saying why"
+        );
+        assert_eq!(e.metrics_snapshot().template_failures, 1);
+        e.programmer().set_template(Some(target()));
+        assert!(
+            matches!(e.flush().await, Err(EngineError::NoTemplate(_))),
             "the bridge is not dumped again before DISCOVERY_RETRY"
         );
-        e.lock().discovery_failed = Some(Instant::now() - DISCOVERY_RETRY);
+        e.lock().learned_at = Some(Instant::now() - DISCOVERY_RETRY);
         e.flush().await.unwrap();
         assert_eq!(e.programmer().flows().len(), 1);
+        assert_eq!(e.blocked(), None);
     }
 
     proptest! {

@@ -43,6 +43,7 @@ pub fn counters(m: &MetricsSnapshot, status: &Status) -> Vec<(&'static str, u64)
         ("dnsflow_flows_removed", m.flows_removed),
         ("dnsflow_flows_reinstalled", m.flows_reinstalled),
         ("dnsflow_flows_expired", m.flows_expired),
+        ("dnsflow_template_failures", m.template_failures),
         ("dnsflow_ovs_batches", m.batches),
         ("dnsflow_ovs_batch_errors", m.batch_errors),
         ("dnsflow_monitor_restarts", m.monitor_restarts),
@@ -94,6 +95,10 @@ const HELP: &[(&str, &str)] = &[
     (
         "dnsflow_flows_expired",
         "Flows OVS removed on their idle or hard timeout.",
+    ),
+    (
+        "dnsflow_template_failures",
+        "Tries to learn from OVN's flows what a grant must look like that found nothing usable.",
     ),
     ("dnsflow_ovs_batches", "ovs-ofctl bundles applied."),
     ("dnsflow_ovs_batch_errors", "ovs-ofctl bundles that failed."),
@@ -147,6 +152,11 @@ pub fn render<P: FlowProgrammer>(sources: &Sources<P>) -> String {
             u64::from(status.is_ready()),
         ),
         (
+            "dnsflow_template_learned",
+            "1 once flowd has learned from OVN's flows what a grant must look like.",
+            m.template_learned,
+        ),
+        (
             "dnsflow_tapd_connections",
             "tapd subscriptions streaming now.",
             status.upstream.connected.load(Relaxed),
@@ -197,10 +207,12 @@ impl<P: FlowProgrammer> tapd::metrics::Exposition for Sources<P> {
     }
 
     fn readiness(&self) -> Result<(), String> {
-        if self.status.is_ready() {
-            Ok(())
-        } else {
-            Err("waiting for the first list of pods, EgressFirewalls and this node".into())
+        if !self.status.is_ready() {
+            return Err("waiting for the first list of pods, EgressFirewalls and this node".into());
+        }
+        match self.engine.blocked() {
+            Some(why) => Err(format!("grants wait, installing nothing: {why}")),
+            None => Ok(()),
         }
     }
 }

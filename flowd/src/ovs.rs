@@ -1,5 +1,6 @@
-//! The OVS side of flowd: typed flows and their `ovs-ofctl` text ([`flow`]), discovery of OVN's ACL
-//! table and pods' datapath keys ([`discovery`]), and the [`FlowProgrammer`] trait with its
+//! The OVS side of flowd: typed flows and their `ovs-ofctl` text ([`flow`]), what a flow must look like
+//! on this OVN, learned from OVN's own flows ([`template`]), pods' datapath keys ([`discovery`]), and
+//! the [`FlowProgrammer`] trait with its
 //! implementations: [`Ofctl`] (the real `ovs-ofctl`/`ovs-vsctl`), [`DryRun`] (prints the exact
 //! `ovs-ofctl` input) and [`Recording`] (an in-memory bridge for unit tests).
 
@@ -8,14 +9,17 @@ mod dryrun;
 pub mod flow;
 mod ofctl;
 mod recording;
+pub mod template;
 
-pub use discovery::{AclTarget, PortKeys};
+pub use discovery::PortKeys;
 pub use dryrun::DryRun;
 pub use flow::{
-    Actions, Cookie, FlowAction, FlowEvent, FlowMatch, FlowOp, FlowSpec, ParsedFlow, RemovedReason,
+    Actions, Cookie, FlowAction, FlowEvent, FlowMatch, FlowOp, FlowSpec, ParsedFlow, RegMatch,
+    RemovedReason,
 };
 pub use ofctl::Ofctl;
 pub use recording::Recording;
+pub use template::{LearnError, Template};
 
 use std::{collections::HashMap, future::Future};
 use tokio::sync::mpsc;
@@ -58,11 +62,13 @@ pub trait FlowProgrammer: Send + Sync + 'static {
     fn dump(&self, prefix: u32) -> impl Future<Output = Result<Vec<ParsedFlow>>> + Send;
     /// Starts watching `table`; events arrive until the receiver closes (the monitor died).
     fn monitor(&self, table: u8) -> impl Future<Output = Result<mpsc::Receiver<FlowEvent>>> + Send;
-    /// Finds the EgressFirewall ACL table and OVN's allow actions; `None` while OVN has none yet.
-    fn discover_acl(
+    /// Learns what flowd's flows must look like from OVN's own flows (in `table`, when given); the
+    /// inner error says what the bridge lacks.
+    fn learn_template(
         &self,
         priority_base: u16,
-    ) -> impl Future<Output = Result<Option<AclTarget>>> + Send;
+        table: Option<u8>,
+    ) -> impl Future<Output = Result<Result<Template, LearnError>>> + Send;
     /// The datapath keys of those `iface_ids` that have an OVS port with OVN's flows.
     fn port_keys(
         &self,

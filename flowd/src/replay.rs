@@ -13,7 +13,7 @@ pub mod events;
 use crate::{
     engine::{Engine, EngineError},
     model::{FlowKey, Grant, PodInfo, PodKey, Verdict},
-    ovs::{AclTarget, Actions, DryRun, FlowProgrammer, Ofctl},
+    ovs::{DryRun, FlowProgrammer, Ofctl},
     policy::{decide, l4_name, Ignored, PolicySettings, RuleOutcome},
     settings::EngineSettings,
     snapshot::Snapshot,
@@ -70,11 +70,12 @@ pub struct ReplayArgs {
     #[arg(long, env = "FLOWD_REPLAY_OUTPUT", value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
     /// Run the engine against this OVS bridge (as `flowd run` would) and install the flows, then exit.
-    /// The ACL table and the pods' ports are discovered there unless --acl-table/--allow-actions say.
+    /// What the flows look like is learned from OVN's flows there, and the pods' ports are found there.
     #[arg(long, env = "FLOWD_REPLAY_APPLY", value_name = "BRIDGE")]
     pub apply: Option<String>,
     /// Run the engine without a bridge and print the exact `ovs-ofctl --bundle add-flows` input it
-    /// would send (pods get stand-in port keys; the ACL table is --acl-table or a stand-in).
+    /// would send, in the shape OVN 23.03.1 gives them (pods get stand-in port keys; the ACL table is
+    /// --acl-table or a stand-in).
     #[arg(long, env = "FLOWD_REPLAY_DRY_RUN_OFCTL", conflicts_with = "apply")]
     pub dry_run_ofctl: bool,
     #[command(flatten)]
@@ -430,12 +431,8 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         Some(run.with_context(|| format!("applying to bridge {bridge}"))?)
     } else if args.dry_run_ofctl {
         let table = settings.acl_table.unwrap_or(DRY_RUN_ACL_TABLE);
-        let allow = settings
-            .allow_actions
-            .clone()
-            .unwrap_or_else(|| Actions::resubmit(table.saturating_add(1)));
         let buf = SharedBuf::default();
-        let dry = DryRun::new(AclTarget { table, allow }, Box::new(buf.clone()));
+        let dry = DryRun::new(table, Box::new(buf.clone()));
         let mut run = run_engine(
             Engine::new(settings.clone(), dry),
             &snapshot,

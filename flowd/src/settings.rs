@@ -8,14 +8,13 @@
 //! | `--idle-grace` | `FLOWD_IDLE_GRACE` | 30s |
 //! | `--hard-cap` | `FLOWD_HARD_CAP` | none |
 //! | `--bridge` | `FLOWD_BRIDGE` | br-int |
-//! | `--acl-table` | `FLOWD_ACL_TABLE` | discovered |
-//! | `--allow-actions` | `FLOWD_ALLOW_ACTIONS` | discovered (OVN's own allow flow) |
+//! | `--acl-table` | `FLOWD_ACL_TABLE` | discovered (when set, OVN's EF flows must be there) |
 //! | `--cookie-prefix` | `FLOWD_COOKIE_PREFIX` | 0x646e7366 ("dnsf") |
 //! | `--reconcile-interval` | `FLOWD_RECONCILE_INTERVAL` | 60s |
 //! | `--strict-dns-names` | `FLOWD_STRICT_DNS_NAMES` | false (plain names also cover subdomains) |
 //! | `--cluster-subnet` | `FLOWD_CLUSTER_SUBNETS` | OVN-K/kind pod, service and join subnets |
 
-use crate::{ovs::Actions, policy::PolicySettings};
+use crate::policy::PolicySettings;
 use ipnet::IpNet;
 use std::time::Duration;
 /// Durations read like tapd's (`500ms`, `30s`, `5m`, `1h`, bare seconds).
@@ -45,12 +44,11 @@ pub struct EngineSettings {
     /// The OVN integration bridge.
     #[arg(long, env = "FLOWD_BRIDGE", default_value = "br-int")]
     pub bridge: String,
-    /// EgressFirewall ACL table; discovered from OVN's flows when not set.
+    /// The EgressFirewall ACL table flowd expects. Flows always take the shape (table, ACL tier,
+    /// conntrack hints, allow actions) learned from OVN's own flows; when set, OVN's EgressFirewall
+    /// flows must be in this table, or flowd installs nothing.
     #[arg(long, env = "FLOWD_ACL_TABLE")]
     pub acl_table: Option<u8>,
-    /// OpenFlow actions of an allow flow; by default those of OVN's own allow flow.
-    #[arg(long, env = "FLOWD_ALLOW_ACTIONS")]
-    pub allow_actions: Option<Actions>,
     /// High 32 bits of every dnsflow flow's cookie (hex with 0x, or decimal).
     #[arg(long, env = "FLOWD_COOKIE_PREFIX", default_value = "0x646e7366", value_parser = parse_u32)]
     pub cookie_prefix: u32,
@@ -134,7 +132,6 @@ impl Default for EngineSettings {
             hard_cap: None,
             bridge: "br-int".into(),
             acl_table: None,
-            allow_actions: None,
             cookie_prefix: DEFAULT_COOKIE_PREFIX,
             reconcile_interval: Duration::from_secs(60),
             strict_names: false,
@@ -193,7 +190,6 @@ mod tests {
             "--hard-cap=1h",
             "--bridge=br-test",
             "--acl-table=44",
-            "--allow-actions=resubmit(,45)",
             "--cookie-prefix=0xabcdef01",
             "--reconcile-interval=5m",
             "--strict-dns-names",
@@ -205,7 +201,6 @@ mod tests {
         assert_eq!(s.idle_grace, Duration::from_millis(500));
         assert_eq!(s.hard_timeout(), Some(3600));
         assert_eq!((s.acl_table, s.cookie_prefix), (Some(44), 0xabcd_ef01));
-        assert_eq!(s.allow_actions.unwrap().as_str(), "resubmit(,45)");
         assert_eq!(s.reconcile_interval, Duration::from_secs(300));
         assert!(s.strict_names);
         assert_eq!(s.cluster_subnets.len(), 2);
@@ -215,7 +210,7 @@ mod tests {
     fn bad_values_are_refused() {
         for bad in [
             &["flowd", "--idle-floor=5 minutes"][..],
-            &["flowd", "--allow-actions=drop;x"],
+            &["flowd", "--allow-actions=resubmit(,45)"],
             &["flowd", "--cookie-prefix=0x1ffffffff"],
             &["flowd", "--cluster-subnet=10.0.0.0/33"],
             &["flowd", "--acl-table=256"],

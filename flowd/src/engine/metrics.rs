@@ -64,6 +64,8 @@ pub struct Metrics {
     pub flows_expired: AtomicU64,
     /// Grants not kept because the engine already holds `MAX_FLOWS` flows.
     pub grants_dropped: AtomicU64,
+    /// Tries to learn the flow template that found nothing usable in OVN's flows.
+    pub template_failures: AtomicU64,
     pub batches: AtomicU64,
     pub batch_errors: AtomicU64,
     pub batch_latency: LatencyHistogram,
@@ -82,6 +84,7 @@ pub struct MetricsSnapshot {
     pub flows_reinstalled: u64,
     pub flows_expired: u64,
     pub grants_dropped: u64,
+    pub template_failures: u64,
     pub batches: u64,
     pub batch_errors: u64,
     /// Cumulative bucket counts matching [`BATCH_LATENCY_BUCKETS_US`], then +Inf.
@@ -92,7 +95,8 @@ pub struct MetricsSnapshot {
     pub reconciles: u64,
     pub pending_held: u64,
     pub pending_dropped: u64,
-    /// Gauges: flows flowd wants now, pods it knows, answers waiting for their pod.
+    /// Gauges: a template learned (1) or not, flows flowd wants now, pods it knows, answers waiting.
+    pub template_learned: u64,
     pub flows_desired: u64,
     pub pods: u64,
     pub pending: u64,
@@ -111,6 +115,7 @@ impl Metrics {
             flows_reinstalled: self.flows_reinstalled.load(Relaxed),
             flows_expired: self.flows_expired.load(Relaxed),
             grants_dropped: self.grants_dropped.load(Relaxed),
+            template_failures: self.template_failures.load(Relaxed),
             batches: self.batches.load(Relaxed),
             batch_errors: self.batch_errors.load(Relaxed),
             batch_latency_buckets: buckets,
@@ -120,6 +125,7 @@ impl Metrics {
             reconciles: self.reconciles.load(Relaxed),
             pending_held: self.pending_held.load(Relaxed),
             pending_dropped: self.pending_dropped.load(Relaxed),
+            template_learned: 0,
             flows_desired: 0,
             pods: 0,
             pending: 0,

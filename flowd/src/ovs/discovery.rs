@@ -1,17 +1,11 @@
-//! Runtime discovery of what OVN built in `br-int`, from `ovs-ofctl`/`ovs-vsctl` output: the table of
-//! the EgressFirewall ACL stage and how OVN's allow flows continue from it, and each pod's datapath keys.
-//! Nothing is hard-coded: the ACL table moves between OVN releases, even patch releases.
+//! Runtime discovery of each pod's datapath keys in `br-int`, from `ovs-ofctl`/`ovs-vsctl` output (what
+//! flowd's flows look like is learned in [`super::template`]). Nothing is hard-coded: keys are OVN's.
 //!
 //! Every parser here takes the tools' output as hostile text: bounded, never panicking, ignoring what
 //! it does not understand.
 
-use super::flow::{parse_flow_line, Actions};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-/// OVN-K puts EgressFirewall rule `i` at ACL priority `10000 - i` and allows at most this many rules.
-pub const MAX_EF_RULES: u16 = 8000;
-/// NetworkPolicy ACLs sit at OpenFlow priorities up to 2000 (ACL 1000 + 1000): the EF range is above.
-const NETWORK_POLICY_MAX_PRIORITY: u16 = 2000;
 /// More interfaces than this on one bridge is not a Kubernetes node; the rest is ignored.
 pub const MAX_INTERFACES: usize = 65_536;
 
@@ -22,13 +16,6 @@ pub struct PortKeys {
     pub metadata: u64,
     /// Logical port tunnel key (`reg14`).
     pub reg14: u32,
-}
-
-/// Where flowd's flows go and how an allow continues.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AclTarget {
-    pub table: u8,
-    pub allow: Actions,
 }
 
 /// Reads `ovs-vsctl --format=json --columns=ofport,external_ids list Interface` into
@@ -108,65 +95,6 @@ pub fn parse_port_keys(dump: &str) -> HashMap<u32, PortKeys> {
     out
 }
 
-/// Finds the EgressFirewall ACL table in a full `dump-flows` of the bridge: the last table holding
-/// ACL flows at EF priorities (`priority_base - 7999 ..= priority_base`, above NetworkPolicy) that
-/// match a logical *inport* (`reg14`) and datapath (`metadata`), not an outport (`reg15`) as
-/// NetworkPolicy's to-lport ACLs do: OVN-K's EF is a to-lport ACL on `inport`, so it sits in the
-/// egress pipeline, after every ingress table. The allow actions are those of OVN's own allow flow for new
-/// connections there (`reg0=0x80/0x80` on 23.03: commit, then resubmit), else of any flow there that
-/// continues without conntrack, else `resubmit(,T+1)`.
-pub fn find_acl_target(dump: &str, priority_base: u16) -> Option<AclTarget> {
-    let low = priority_base
-        .saturating_sub(MAX_EF_RULES - 1)
-        .max(NETWORK_POLICY_MAX_PRIORITY + 1);
-    let mut tables: HashSet<u8> = HashSet::new();
-    let mut flows = Vec::new();
-    for line in dump.lines() {
-        let Some(f) = parse_flow_line(line) else {
-            continue;
-        };
-        let Some(priority) = f.priority else { continue };
-        let Some(fields) = f.fields else { continue };
-        if !(low..=priority_base).contains(&priority)
-            || fields.reg14.is_none()
-            || fields.metadata.is_none()
-            || fields.reg15
-        {
-            continue;
-        }
-        tables.insert(f.table);
-        flows.push(f);
-    }
-    // The last such table: the egress pipeline comes after the ingress one, where from-lport ACLs on
-    // `inport` (egress NetworkPolicy, AdminNetworkPolicy) live, however many flows those have.
-    let table = tables.into_iter().max()?;
-    let next = format!("resubmit(,{})", table.checked_add(1)?);
-    let mut fallback = None;
-    for f in flows.iter().filter(|f| f.table == table) {
-        let Some(actions) = f.actions.as_deref() else {
-            continue;
-        };
-        if !actions.ends_with(&next) || actions.contains("ct(") {
-            continue;
-        }
-        let Ok(actions) = Actions::new(actions) else {
-            continue;
-        };
-        if f.other_regs && actions.as_str() != next {
-            // The allow-new flow: it commits the connection, which is what a packet we let through needs.
-            return Some(AclTarget {
-                table,
-                allow: actions,
-            });
-        }
-        fallback.get_or_insert(actions);
-    }
-    Some(AclTarget {
-        table,
-        allow: fallback.unwrap_or_else(|| Actions::resubmit(table + 1)),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,38 +118,6 @@ mod tests {
  cookie=0xbed979c, duration=3.287s, table=46, n_packets=0, n_bytes=0, idle_age=3, priority=10999,ip,reg0=0x200/0x200,reg14=0x1,metadata=0x1 actions=drop
  cookie=0xbed979c, duration=3.287s, table=46, n_packets=0, n_bytes=0, idle_age=3, priority=10999,ip,reg0=0x200/0x200,reg14=0x2,metadata=0x1 actions=drop
 ";
-
-    #[test]
-    fn finds_the_ef_table_and_ovn_allow_actions() {
-        let t = find_acl_target(DUMP, 11000).unwrap();
-        assert_eq!(t.table, 46);
-        assert_eq!(
-            t.allow.as_str(),
-            "load:0x1->NXM_NX_XXREG0[97],resubmit(,47)"
-        );
-    }
-
-    #[test]
-    fn falls_back_to_resubmit_when_only_drops_exist() {
-        let only_deny: String = DUMP
-            .lines()
-            .filter(|l| !l.contains("nw_dst=1.2.3.4"))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let t = find_acl_target(&only_deny, 11000).unwrap();
-        assert_eq!((t.table, t.allow.as_str()), (46, "resubmit(,47)"));
-    }
-
-    #[test]
-    fn no_ef_flows_means_no_table() {
-        let none: String = DUMP
-            .lines()
-            .filter(|l| !l.contains("priority=1"))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        assert_eq!(find_acl_target(&none, 11000), None);
-        assert_eq!(find_acl_target("garbage\n\0\n", 11000), None);
-    }
 
     #[test]
     fn reads_port_keys_from_table_zero() {
@@ -265,9 +161,6 @@ mod tests {
             }
             let _ = parse_port_keys(&text);
             let _ = parse_interfaces(&text);
-            if let Some(t) = find_acl_target(&text, 11000) {
-                proptest::prop_assert!(Actions::new(t.allow.as_str()).is_ok());
-            }
         }
     }
 

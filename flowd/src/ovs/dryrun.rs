@@ -1,11 +1,12 @@
 //! A [`FlowProgrammer`] that changes nothing: it prints the exact `ovs-ofctl --bundle add-flows`
 //! input each batch would send (`flowd replay --dry-run-ofctl`). Without a bridge there is nothing to
-//! discover, so the ACL target comes from the caller and pods get stand-in datapath keys, announced
-//! in a `#` comment line (which `ovs-ofctl` skips).
+//! learn from: the flows take the shape of OVN 23.03.1's ([`Template::stand_in`], in the caller's table),
+//! and pods get stand-in datapath keys, announced in a `#` comment line (which `ovs-ofctl` skips).
 
 use super::{
-    discovery::{AclTarget, PortKeys},
+    discovery::PortKeys,
     flow::{self, FlowEvent, FlowOp, ParsedFlow},
+    template::{LearnError, Template},
     FlowProgrammer, OvsError, Result,
 };
 use std::{
@@ -24,25 +25,28 @@ struct State {
 
 /// See the module doc.
 pub struct DryRun {
-    target: AclTarget,
+    template: Template,
     state: Mutex<State>,
 }
 
 impl std::fmt::Debug for DryRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DryRun")
-            .field("target", &self.target)
+            .field("template", &self.template)
             .finish_non_exhaustive()
     }
 }
 
-/// Stand-in logical switch key for every pod of a dry run (one node switch).
+/// Stand-in logical switch key for every pod of a dry run (one node switch)...
 const DRY_RUN_METADATA: u64 = 1;
+/// ...and its router port's key; pods' port keys follow it.
+const DRY_RUN_UPLINK: u32 = 1;
 
 impl DryRun {
-    pub fn new(target: AclTarget, out: Box<dyn Write + Send>) -> Self {
+    /// A dry run whose flows go to EF table `table`.
+    pub fn new(table: u8, out: Box<dyn Write + Send>) -> Self {
         Self {
-            target,
+            template: Template::stand_in(table, DRY_RUN_METADATA, DRY_RUN_UPLINK),
             state: Mutex::new(State {
                 out,
                 keys: HashMap::new(),
@@ -79,8 +83,12 @@ impl FlowProgrammer for DryRun {
         Ok(rx)
     }
 
-    async fn discover_acl(&self, _priority_base: u16) -> Result<Option<AclTarget>> {
-        Ok(Some(self.target.clone()))
+    async fn learn_template(
+        &self,
+        _priority_base: u16,
+        _table: Option<u8>,
+    ) -> Result<Result<Template, LearnError>> {
+        Ok(Ok(self.template.clone()))
     }
 
     async fn port_keys(&self, iface_ids: &[String]) -> Result<HashMap<String, PortKeys>> {
@@ -88,7 +96,10 @@ impl FlowProgrammer for DryRun {
         let mut announced = Vec::new();
         for id in iface_ids {
             if !s.keys.contains_key(id) {
-                let reg14 = u32::try_from(s.keys.len() + 2).unwrap_or(u32::MAX);
+                let reg14 = u32::try_from(s.keys.len())
+                    .ok()
+                    .and_then(|n| n.checked_add(DRY_RUN_UPLINK + 1))
+                    .unwrap_or(u32::MAX);
                 s.keys.insert(
                     id.clone(),
                     PortKeys {
@@ -136,11 +147,7 @@ mod tests {
     #[tokio::test]
     async fn prints_the_exact_bundle_and_announces_stand_in_keys() {
         let out = Shared::default();
-        let target = AclTarget {
-            table: 46,
-            allow: Actions::resubmit(47),
-        };
-        let dry = DryRun::new(target.clone(), Box::new(out.clone()));
+        let dry = DryRun::new(46, Box::new(out.clone()));
         let keys = dry.port_keys(&["ns1_pod1".into()]).await.unwrap();
         let again = dry.port_keys(&["ns1_pod1".into()]).await.unwrap();
         assert_eq!(keys, again, "stable stand-in keys");
@@ -150,18 +157,22 @@ mod tests {
             matches: FlowMatch {
                 table: 46,
                 priority: 11000,
+                tier: None,
+                hint: None,
                 metadata: k.metadata,
                 reg14: k.reg14,
+                outport: Some(DRY_RUN_UPLINK),
                 src: "10.244.1.5".parse().unwrap(),
                 dst: "142.250.1.1".parse().unwrap(),
                 l4: None,
             },
             idle_timeout: 330,
             hard_timeout: None,
-            action: FlowAction::Continue(target.allow.clone()),
+            action: FlowAction::Continue(Actions::resubmit(47)),
         });
         dry.apply(std::slice::from_ref(&op)).await.unwrap();
-        assert_eq!(dry.discover_acl(11000).await.unwrap(), Some(target));
+        let t = dry.learn_template(11000, None).await.unwrap().unwrap();
+        assert_eq!((t.table, t.uplink(k.metadata)), (46, Some(DRY_RUN_UPLINK)));
         assert!(dry.dump(1).await.unwrap().is_empty());
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();

@@ -129,15 +129,76 @@ pub enum FlowAction {
     Drop,
 }
 
-/// The match of one dnsflow flow: the pod's datapath keys, its IP, the answer IP, the rule's port.
+/// A 32-bit register match as OVN writes it: `reg0=0x80/0x80`, or `reg15=0x1` when exact.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegMatch {
+    pub value: u32,
+    pub mask: u32,
+}
+
+impl RegMatch {
+    pub const fn masked(value: u32, mask: u32) -> Self {
+        Self {
+            value: value & mask,
+            mask,
+        }
+    }
+
+    pub const fn exact(value: u32) -> Self {
+        Self {
+            value,
+            mask: u32::MAX,
+        }
+    }
+
+    /// The exact value, when the match is not masked.
+    pub fn exact_value(self) -> Option<u32> {
+        (self.mask == u32::MAX).then_some(self.value)
+    }
+
+    /// Parses `0x80/0x80`, `0x1` or `1` (ovs-ofctl prints exact matches without a mask).
+    fn parse(s: &str) -> Option<Self> {
+        let (value, mask) = match s.split_once('/') {
+            Some((v, m)) => (v, Some(m)),
+            None => (s, None),
+        };
+        let value = u32::try_from(parse_num_u64(value)?).ok()?;
+        let mask = match mask {
+            Some(m) => u32::try_from(parse_num_u64(m)?).ok()?,
+            None => u32::MAX,
+        };
+        Some(Self::masked(value, mask))
+    }
+}
+
+impl fmt::Display for RegMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.exact_value() {
+            Some(v) => write!(f, "{v:#x}"),
+            None => write!(f, "{:#x}/{:#x}", self.value, self.mask),
+        }
+    }
+}
+
+/// The match of one dnsflow flow: where OVN evaluates the EgressFirewall (table, tier), which of OVN's
+/// conntrack hints it answers, the pod's datapath keys, the switch's router port the traffic leaves by,
+/// the pod's IP, the answer IP and the rule's port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowMatch {
     pub table: u8,
     pub priority: u16,
+    /// OVN ≥ 23.06: the ACL tier this flow is evaluated in (`reg8[30..31]`); `None` before tiers.
+    pub tier: Option<RegMatch>,
+    /// OVN's ACL hint bits (`reg0`, e.g. allow-new `0x80/0x80`); `None` on a switch without conntrack.
+    pub hint: Option<RegMatch>,
     /// The pod's logical switch key (`metadata`).
     pub metadata: u64,
     /// The pod's logical port key (`reg14`).
     pub reg14: u32,
+    /// The logical output port (`reg15`): the switch's port toward the cluster router, so that a grant
+    /// never changes the verdict for traffic that stays on the switch. `None` only in flows read back
+    /// from an older flowd, which never match a current template.
+    pub outport: Option<u32>,
     pub src: IpAddr,
     pub dst: IpAddr,
     pub l4: Option<PortMatch>,
@@ -190,15 +251,18 @@ fn write_match(out: &mut String, m: &FlowMatch) {
         ("ipv6_src", "ipv6_dst")
     };
     // Writing to a String cannot fail.
-    let _ = write!(
-        out,
-        "{},metadata={:#x},reg14={:#x},{src_field}={},{dst_field}={}",
-        proto_keyword(m),
-        m.metadata,
-        m.reg14,
-        m.src,
-        m.dst
-    );
+    out.push_str(proto_keyword(m));
+    if let Some(hint) = m.hint {
+        let _ = write!(out, ",reg0={hint}");
+    }
+    if let Some(tier) = m.tier {
+        let _ = write!(out, ",reg8={tier}");
+    }
+    let _ = write!(out, ",metadata={:#x},reg14={:#x}", m.metadata, m.reg14);
+    if let Some(outport) = m.outport {
+        let _ = write!(out, ",reg15={outport:#x}");
+    }
+    let _ = write!(out, ",{src_field}={},{dst_field}={}", m.src, m.dst);
     if let Some(p) = m.l4 {
         let _ = write!(out, ",tp_dst={}", p.port);
     }
@@ -269,16 +333,20 @@ pub struct ParsedFlow {
     pub fields: Option<MatchFields>,
     /// `None` for `drop` (monitor prints no actions for a drop flow).
     pub actions: Option<String>,
-    /// Registers in the match other than reg14 (OVN's conntrack state bits, e.g. `reg0=0x80/0x80`).
-    pub other_regs: bool,
 }
 
 /// The typed part of a match.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct MatchFields {
     pub metadata: Option<u64>,
     pub reg14: Option<u32>,
-    pub reg15: bool,
+    pub reg15: Option<RegMatch>,
+    /// OVN's ACL hint bits.
+    pub reg0: Option<RegMatch>,
+    /// OVN's ACL tier and verdict register.
+    pub reg8: Option<RegMatch>,
+    /// Fields beyond those flowd writes (conntrack state, other registers, L2...): not a flowd flow.
+    pub foreign: bool,
     pub src: Option<IpAddr>,
     pub dst: Option<IpAddr>,
     pub l4: Option<PortMatch>,
@@ -290,15 +358,24 @@ impl MatchFields {
     /// The complete match of a dnsflow flow, when every part is there.
     pub fn flow_match(&self, table: u8, priority: u16) -> Option<FlowMatch> {
         let (src, dst) = (self.src?, self.dst?);
-        (src.is_ipv4() == dst.is_ipv4() && dst.is_ipv6() == self.v6).then_some(FlowMatch {
-            table,
-            priority,
-            metadata: self.metadata?,
-            reg14: self.reg14?,
-            src,
-            dst,
-            l4: self.l4,
-        })
+        let outport = match self.reg15 {
+            Some(r) => Some(r.exact_value()?),
+            None => None,
+        };
+        (src.is_ipv4() == dst.is_ipv4() && dst.is_ipv6() == self.v6 && !self.foreign).then_some(
+            FlowMatch {
+                table,
+                priority,
+                tier: self.reg8,
+                hint: self.reg0,
+                metadata: self.metadata?,
+                reg14: self.reg14?,
+                outport,
+                src,
+                dst,
+                l4: self.l4,
+            },
+        )
     }
 }
 
@@ -313,15 +390,7 @@ fn parse_num_u64(s: &str) -> Option<u64> {
 
 /// Parses the comma-separated match of a flow (`priority=...,tcp,reg14=0x1,...`).
 fn parse_match(text: &str, flow: &mut ParsedFlow) {
-    let mut f = MatchFields {
-        metadata: None,
-        reg14: None,
-        reg15: false,
-        src: None,
-        dst: None,
-        l4: None,
-        v6: false,
-    };
+    let mut f = MatchFields::default();
     let mut proto = None;
     let mut tp_dst = None;
     let mut unknown_shape = false;
@@ -342,11 +411,12 @@ fn parse_match(text: &str, flow: &mut ParsedFlow) {
             ("sctp6", None) => (proto, f.v6) = (Some(Protocol::Sctp), true),
             ("metadata", Some(v)) => f.metadata = parse_num_u64(v),
             ("reg14", Some(v)) => f.reg14 = parse_num_u64(v).and_then(|n| u32::try_from(n).ok()),
-            ("reg15", Some(_)) => f.reg15 = true,
+            ("reg15", Some(v)) => f.reg15 = RegMatch::parse(v),
+            ("reg0", Some(v)) => f.reg0 = RegMatch::parse(v),
+            ("reg8", Some(v)) => f.reg8 = RegMatch::parse(v),
             ("nw_src" | "ipv6_src", Some(v)) => f.src = v.parse().ok(),
             ("nw_dst" | "ipv6_dst", Some(v)) => f.dst = v.parse().ok(),
             ("tp_dst", Some(v)) => tp_dst = v.parse::<u16>().ok(),
-            (k, Some(_)) if k.starts_with("reg") || k.starts_with("xreg") => flow.other_regs = true,
             _ => unknown_shape = true,
         }
     }
@@ -360,6 +430,7 @@ fn parse_match(text: &str, flow: &mut ParsedFlow) {
     };
     if unknown_shape {
         // Not a flow flowd wrote; keep the registers for table discovery but no addresses.
+        f.foreign = true;
         f.src = None;
         f.dst = None;
     }
@@ -384,7 +455,6 @@ pub fn parse_flow_line(line: &str) -> Option<ParsedFlow> {
         hard_timeout: None,
         fields: None,
         actions: actions.filter(|a| *a != "drop").map(str::to_owned),
-        other_regs: false,
     };
     let mut saw_cookie = false;
     let mut saw_match = false;
@@ -493,8 +563,11 @@ mod tests {
             matches: FlowMatch {
                 table: 46,
                 priority: 11000,
+                tier: None,
+                hint: None,
                 metadata: 1,
                 reg14: 2,
+                outport: Some(1),
                 src,
                 dst,
                 l4,
@@ -518,6 +591,8 @@ mod tests {
         let mut capped = spec("2001:db8::1", None, FlowAction::Drop);
         capped.hard_timeout = Some(3600);
         capped.matches.priority = 10998;
+        capped.matches.tier = Some(RegMatch::masked(0x8000_0000, 0xc000_0000));
+        capped.matches.hint = Some(RegMatch::masked(0x100, 0x100));
         let ops = [
             FlowOp::Add(spec("142.250.1.1", Some(TCP443), allow)),
             FlowOp::Add(capped.clone()),
@@ -533,9 +608,9 @@ mod tests {
         ];
         assert_eq!(
             render_batch(&ops),
-            "add cookie=0x646e736600032af8,table=46,priority=11000,idle_timeout=330,tcp,metadata=0x1,reg14=0x2,nw_src=10.244.1.5,nw_dst=142.250.1.1,tp_dst=443,actions=load:0x1->NXM_NX_XXREG0[97],resubmit(,47)\n\
-             add cookie=0x646e736600032af8,table=46,priority=10998,idle_timeout=330,hard_timeout=3600,ipv6,metadata=0x1,reg14=0x2,ipv6_src=fd00:10:244:1::5,ipv6_dst=2001:db8::1,actions=drop\n\
-             delete_strict cookie=0x646e736600032af8/-1,table=46,priority=10998,ipv6,metadata=0x1,reg14=0x2,ipv6_src=fd00:10:244:1::5,ipv6_dst=2001:db8::1\n\
+            "add cookie=0x646e736600032af8,table=46,priority=11000,idle_timeout=330,tcp,metadata=0x1,reg14=0x2,reg15=0x1,nw_src=10.244.1.5,nw_dst=142.250.1.1,tp_dst=443,actions=load:0x1->NXM_NX_XXREG0[97],resubmit(,47)\n\
+             add cookie=0x646e736600032af8,table=46,priority=10998,idle_timeout=330,hard_timeout=3600,ipv6,reg0=0x100/0x100,reg8=0x80000000/0xc0000000,metadata=0x1,reg14=0x2,reg15=0x1,ipv6_src=fd00:10:244:1::5,ipv6_dst=2001:db8::1,actions=drop\n\
+             delete_strict cookie=0x646e736600032af8/-1,table=46,priority=10998,ipv6,reg0=0x100/0x100,reg8=0x80000000/0xc0000000,metadata=0x1,reg14=0x2,reg15=0x1,ipv6_src=fd00:10:244:1::5,ipv6_dst=2001:db8::1\n\
              delete cookie=0x646e736600030000/0xffffffffffff0000,table=46\n"
         );
     }
@@ -598,10 +673,16 @@ mod tests {
         let line = " cookie=0xf1bb7908, duration=0.010s, table=46, n_packets=0, n_bytes=0, idle_age=0, priority=11000,ip,reg0=0x80/0x80,reg14=0x1,metadata=0x1,nw_dst=1.2.3.4 actions=load:0x1->NXM_NX_XXREG0[97],resubmit(,47)";
         let p = parse_flow_line(line).unwrap();
         assert_eq!(p.priority, Some(11000));
-        assert!(p.other_regs);
         let f = p.fields.unwrap();
         assert_eq!((f.metadata, f.reg14), (Some(1), Some(1)));
+        assert_eq!(f.reg0, Some(RegMatch::masked(0x80, 0x80)));
         assert_eq!(f.flow_match(46, 11000), None, "no source: not one of ours");
+        let tiered = " cookie=0xa02b8829, duration=0.024s, table=51, n_packets=0, n_bytes=0, idle_age=0, priority=11000,ip,reg0=0x100/0x100,reg8=0x80000000/0xc0000000,reg14=0x3,metadata=0x1,nw_dst=9.9.9.9 actions=load:0x1->OXM_OF_PKT_REG4[48],resubmit(,52)";
+        let f = parse_flow_line(tiered).unwrap().fields.unwrap();
+        assert_eq!(f.reg8, Some(RegMatch::masked(0x8000_0000, 0xc000_0000)));
+        assert!(!f.foreign);
+        let ct = " cookie=0x259c58f, duration=3.131s, table=51, n_packets=0, n_bytes=0, idle_age=3, priority=65532,ct_state=+inv+trk,metadata=0x1 actions=drop";
+        assert!(parse_flow_line(ct).unwrap().fields.unwrap().foreign);
         assert_eq!(
             p.actions.as_deref(),
             Some("load:0x1->NXM_NX_XXREG0[97],resubmit(,47)")
@@ -647,6 +728,7 @@ mod tests {
             v4 in any::<bool>(), a in any::<[u8; 16]>(), b in any::<[u8; 16]>(),
             meta in any::<u32>(), reg in 0u32..0x8000, prio in any::<u16>(), pod in any::<u16>(),
             idle in 1u16.., port in proptest::option::of((0usize..3, 1u16..)),
+            tier in any::<bool>(), hint in any::<bool>(), out in any::<u32>(),
         ) {
             let (src, dst): (IpAddr, IpAddr) = if v4 {
                 ([a[0], a[1], a[2], a[3]].into(), [b[0], b[1], b[2], b[3]].into())
@@ -658,12 +740,16 @@ mod tests {
             });
             let s = FlowSpec {
                 cookie: Cookie::new(0x646e_7366, pod, prio),
-                matches: FlowMatch { table: 46, priority: prio, metadata: meta.into(), reg14: reg, src, dst, l4 },
+                matches: FlowMatch {
+                    table: 46, priority: prio, tier: tier.then_some(RegMatch::masked(0x8000_0000, 0xc000_0000)),
+                    hint: hint.then_some(RegMatch::masked(0x100, 0x100)), metadata: meta.into(), reg14: reg,
+                    outport: Some(out), src, dst, l4,
+                },
                 idle_timeout: idle, hard_timeout: None, action: FlowAction::Drop,
             };
             let line = render_batch(&[FlowOp::Add(s.clone())]);
             let body = line.strip_prefix("add ").unwrap().strip_suffix('\n').unwrap();
-            prop_assert!(body.chars().all(|c| c.is_ascii_alphanumeric() || ",=:._".contains(c)), "{}", body);
+            prop_assert!(body.chars().all(|c| c.is_ascii_alphanumeric() || ",=:._/".contains(c)), "{}", body);
             let p = parse_flow_line(&dump_line(&s)).unwrap();
             prop_assert_eq!(p.fields.unwrap().flow_match(46, prio), Some(s.matches));
         }

@@ -2,8 +2,9 @@
 //! keywords and formatted integers; flows go through stdin of one `--bundle` process per batch.
 
 use super::{
-    discovery::{self, AclTarget, PortKeys},
+    discovery::{self, PortKeys},
     flow::{self, FlowEvent, FlowOp, ParsedFlow},
+    template::{self, LearnError, Template},
     FlowProgrammer, OvsError, Result, MONITOR_QUEUE,
 };
 use std::{collections::HashMap, ffi::OsString, process::Stdio};
@@ -255,11 +256,15 @@ impl FlowProgrammer for Ofctl {
         Ok(rx)
     }
 
-    async fn discover_acl(&self, priority_base: u16) -> Result<Option<AclTarget>> {
+    async fn learn_template(
+        &self,
+        priority_base: u16,
+        table: Option<u8>,
+    ) -> Result<Result<Template, LearnError>> {
         let out = self
             .run(OFCTL, &["dump-flows", "--no-names", &self.bridge], None)
             .await?;
-        Ok(discovery::find_acl_target(&out, priority_base))
+        Ok(template::learn(&out, priority_base, table))
     }
 
     async fn port_keys(&self, iface_ids: &[String]) -> Result<HashMap<String, PortKeys>> {

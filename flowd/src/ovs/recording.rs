@@ -3,8 +3,11 @@
 //! lets a test expire or wipe flows and see the monitor events that follow.
 
 use super::{
-    discovery::{AclTarget, PortKeys},
-    flow::{FlowEvent, FlowMatch, FlowOp, FlowSpec, MatchFields, ParsedFlow, RemovedReason},
+    discovery::PortKeys,
+    flow::{
+        FlowEvent, FlowMatch, FlowOp, FlowSpec, MatchFields, ParsedFlow, RegMatch, RemovedReason,
+    },
+    template::{LearnError, Template},
     FlowProgrammer, Result, MONITOR_QUEUE,
 };
 use std::{
@@ -18,7 +21,7 @@ use tokio::sync::mpsc;
 struct State {
     flows: BTreeMap<FlowMatch, FlowSpec>,
     batches: Vec<Vec<FlowOp>>,
-    acl: Option<AclTarget>,
+    template: Option<Template>,
     keys: HashMap<String, PortKeys>,
     monitors: Vec<mpsc::Sender<FlowEvent>>,
 }
@@ -45,7 +48,10 @@ fn as_event_flow(f: &FlowSpec) -> ParsedFlow {
         fields: Some(MatchFields {
             metadata: Some(m.metadata),
             reg14: Some(m.reg14),
-            reg15: false,
+            reg15: m.outport.map(RegMatch::exact),
+            reg0: m.hint,
+            reg8: m.tier,
+            foreign: false,
             src: Some(m.src),
             dst: Some(m.dst),
             l4: m.l4,
@@ -55,19 +61,18 @@ fn as_event_flow(f: &FlowSpec) -> ParsedFlow {
             super::FlowAction::Continue(a) => Some(a.as_str().to_owned()),
             super::FlowAction::Drop => None,
         },
-        other_regs: false,
     }
 }
 
 impl Recording {
-    pub fn new(acl: Option<AclTarget>) -> Self {
-        Self::with_delay(acl, Duration::ZERO)
+    pub fn new(template: Option<Template>) -> Self {
+        Self::with_delay(template, Duration::ZERO)
     }
 
-    pub fn with_delay(acl: Option<AclTarget>, apply_delay: Duration) -> Self {
+    pub fn with_delay(template: Option<Template>, apply_delay: Duration) -> Self {
         Self {
             state: Mutex::new(State {
-                acl,
+                template,
                 ..State::default()
             }),
             apply_delay,
@@ -89,8 +94,8 @@ impl Recording {
         self.lock().keys.insert(iface_id.to_owned(), keys);
     }
 
-    pub fn set_acl(&self, acl: Option<AclTarget>) {
-        self.lock().acl = acl;
+    pub fn set_template(&self, template: Option<Template>) {
+        self.lock().template = template;
     }
 
     /// Every batch applied so far.
@@ -212,8 +217,16 @@ impl FlowProgrammer for Recording {
         Ok(rx)
     }
 
-    async fn discover_acl(&self, _priority_base: u16) -> Result<Option<AclTarget>> {
-        Ok(self.lock().acl.clone())
+    async fn learn_template(
+        &self,
+        _priority_base: u16,
+        table: Option<u8>,
+    ) -> Result<Result<Template, LearnError>> {
+        Ok(match (self.lock().template.clone(), table) {
+            (None, _) => Err(LearnError::NoAclTable),
+            (Some(t), Some(want)) if t.table != want => Err(LearnError::WrongTable(t.table, want)),
+            (Some(t), _) => Ok(t),
+        })
     }
 
     async fn port_keys(&self, iface_ids: &[String]) -> Result<HashMap<String, PortKeys>> {
