@@ -245,7 +245,7 @@ fn main() -> Result<()> {
         .build()?;
     rt.block_on(async {
         let started = Instant::now();
-        let sb = Sandbox::start()?;
+        let sb = Sandbox::start(sandbox::Ovn::V23_03)?;
         for i in 0..PODS {
             sb.add_pod(NS, &format!("pod{i}"), 10 + i)?;
         }

@@ -265,7 +265,7 @@ async fn every_call_the_watchers_make_is_in_required_access() {
 use flowd::{
     daemon::{run_node, NodeConfig, Status},
     engine::Engine,
-    ovs::{AclTarget, Actions, FlowProgrammer, PortKeys, Recording},
+    ovs::{FlowProgrammer, PortKeys, Recording, Template},
     settings::EngineSettings,
     upstream::UpstreamArgs,
 };
@@ -478,10 +478,11 @@ pub fn static_upstream(tapds: &[&Tapd]) -> UpstreamArgs {
 
 /// An engine over the recording bridge, with OVN port keys for `pods` (iface-ids `demo_<pod>`).
 fn recording_engine(pods: &[&str]) -> Engine<Recording> {
-    let bridge = Recording::new(Some(AclTarget {
-        table: ACL_TABLE,
-        allow: Actions::resubmit(ACL_TABLE + 1),
-    }));
+    // A switch without conntrack hints (one flow per grant); it leaves by router port 1.
+    let mut template = Template::stand_in(ACL_TABLE, 1, 1);
+    template.allow.truncate(1);
+    template.allow[0].hint = None;
+    let bridge = Recording::new(Some(template));
     for (i, pod) in pods.iter().enumerate() {
         bridge.set_port(
             &format!("demo_{pod}"),

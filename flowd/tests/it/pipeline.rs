@@ -73,7 +73,7 @@ async fn watch_decoded_times(tapd: &Tapd) -> Arc<Mutex<HashMap<String, SystemTim
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dig_for_an_allowed_name_flips_the_trace_from_drop_to_forward() {
-    let sb = block_in_place(Sandbox::start).unwrap();
+    let sb = block_in_place(|| Sandbox::start(crate::sandbox::Ovn::V25_03)).unwrap();
     let pod = block_in_place(|| sb.add_pod("demo", "client", 5)).unwrap();
     let other = block_in_place(|| sb.add_pod("demo", "other", 6)).unwrap();
     let dns_ip = Ipv4Addr::new(127, 0, 0, 5);

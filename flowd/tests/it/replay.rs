@@ -388,23 +388,35 @@ fn the_example_capture_is_a_frame_streams_file_fstrm_dump_reads() {
 fn dry_run_prints_the_engines_exact_ovs_ofctl_input() {
     let text = ok_stdout(&["--dry-run-ofctl"]);
     let adds: Vec<&str> = text.lines().filter(|l| l.starts_with("add ")).collect();
-    assert_eq!(adds.len(), 3, "{text}");
+    assert_eq!(
+        adds.len(),
+        6,
+        "a new and an established variant per grant: {text}"
+    );
     for ip in example::granted_ips() {
         let dst = if ip.is_ipv4() {
             format!(",nw_dst={ip},")
         } else {
             format!(",ipv6_dst={ip},")
         };
-        let line = adds
-            .iter()
-            .find(|l| l.contains(&dst))
-            .unwrap_or_else(|| panic!("no flow to {ip}:\n{text}"));
-        assert!(line.starts_with("add cookie=0x646e7366"), "{line}");
+        let lines: Vec<&&str> = adds.iter().filter(|l| l.contains(&dst)).collect();
+        assert_eq!(lines.len(), 2, "{ip}:\n{text}");
+        for line in &lines {
+            assert!(line.starts_with("add cookie=0x646e7366"), "{line}");
+            assert!(
+                line.contains(",table=46,priority=11000,idle_timeout=330,"),
+                "{line}"
+            );
+            assert!(line.contains(",reg15=0x1,"), "toward the router: {line}");
+        }
+        assert!(lines[0].contains(",reg0=0x80/0x80,"), "{}", lines[0]);
         assert!(
-            line.contains(",table=46,priority=11000,idle_timeout=330,"),
-            "{line}"
+            lines[0].ends_with(",actions=load:0x1->NXM_NX_XXREG0[97],resubmit(,47)"),
+            "{}",
+            lines[0]
         );
-        assert!(line.ends_with(",actions=resubmit(,47)"), "{line}");
+        assert!(lines[1].contains(",reg0=0x100/0x100,"), "{}", lines[1]);
+        assert!(lines[1].ends_with(",actions=resubmit(,47)"), "{}", lines[1]);
     }
     // Only typed numbers and addresses reach ovs-ofctl, never a name from DNS.
     assert!(adds.iter().all(|l| !l.contains("google")), "{text}");
@@ -414,8 +426,6 @@ fn dry_run_prints_the_engines_exact_ovs_ofctl_input() {
         "--dry-run-ofctl",
         "--acl-table",
         "44",
-        "--allow-actions",
-        "resubmit(,45)",
         "--idle-floor",
         "10s",
         "--idle-grace",
@@ -423,11 +433,11 @@ fn dry_run_prints_the_engines_exact_ovs_ofctl_input() {
     ]);
     let ofctl = custom["engine"]["ofctl"].as_str().unwrap();
     let adds: Vec<&str> = ofctl.lines().filter(|l| l.starts_with("add ")).collect();
-    assert_eq!(adds.len(), 3, "{ofctl}");
+    assert_eq!(adds.len(), 6, "{ofctl}");
     assert!(
         adds.iter()
             .all(|l| l.contains(",table=44,priority=11000,idle_timeout=274,")
-                && l.ends_with("actions=resubmit(,45)")),
+                && l.ends_with("resubmit(,45)")),
         "{ofctl}"
     );
     assert_eq!(custom["engine"]["installed"], 3);
@@ -437,8 +447,15 @@ fn dry_run_prints_the_engines_exact_ovs_ofctl_input() {
 /// capture turns client -> Google's answers from dropped (the EF Deny) into forwarded, and nothing else.
 #[test]
 fn apply_installs_the_grants_in_a_real_ovn_pipeline() -> anyhow::Result<()> {
+    for ovn in crate::sandbox::Ovn::ALL {
+        apply_on(ovn).map_err(|e| e.context(format!("on {ovn:?}")))?;
+    }
+    Ok(())
+}
+
+fn apply_on(ovn: crate::sandbox::Ovn) -> anyhow::Result<()> {
     use crate::sandbox::{Sandbox, Trace};
-    let sb = Sandbox::start()?;
+    let sb = Sandbox::start(ovn)?;
     let client = sb.add_pod("abc", "client", 5)?;
     let other = sb.add_pod("abc", "other", 6)?;
     let ef = r#"
@@ -496,7 +513,6 @@ metadata:
         .args(["--apply", "br-int"])
         .envs(sb.env())
         .env_remove("FLOWD_ACL_TABLE")
-        .env_remove("FLOWD_ALLOW_ACTIONS")
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -524,7 +540,13 @@ metadata:
     let unresolved: IpAddr = "142.250.74.99".parse()?;
     assert_eq!(sb.trace(&client, unresolved, None)?, Trace::Dropped);
     let flows = sb.dnsflow_flows(flowd::settings::DEFAULT_COOKIE_PREFIX)?;
-    assert_eq!(flows.len(), 3, "{flows:#?}");
+    assert_eq!(
+        flows.len(),
+        6,
+        "new and established variant per grant: {flows:#?}"
+    );
+    let table = format!("table={},", ovn.ef_table());
+    assert!(flows.iter().all(|f| f.contains(&table)), "{flows:#?}");
     Ok(())
 }
 

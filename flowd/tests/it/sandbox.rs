@@ -1,16 +1,22 @@
-//! A real OVN 23.03 node in a temp dir, shaped like what OVN-Kubernetes builds, for flowd's tests.
+//! A real OVN node in a temp dir, shaped like what OVN-Kubernetes builds, for flowd's tests: on OVN
+//! 23.03 (Debian 12, the host's packages) or on OVN 25.03 (Debian 13's, in the root filesystem that
+//! `scripts/test` makes, run under `chroot`), see [`Ovn`].
 //!
 //! [`Sandbox::start`] brings up ovsdb-server (OVS, NB, SB), ovs-vswitchd on the dummy datapath (nothing
 //! touches the host, so sandboxes run side by side), ovn-northd and ovn-controller, each `--detach
 //! --pidfile` and stopped by that pid on drop. The logical topology: a node switch with a load balancer
 //! (packets recirculate through conntrack, as on OVN-K), a router port on it, a router with default
 //! routes (`0.0.0.0/0`, `::/0`) to an exit switch, one port group per namespace, and each namespace's
-//! EgressFirewall as OVN-K renders it: `to-lport` ACLs at `10000 - i` on `inport == @pg`, `dnsName`
-//! rules on (empty) address sets. [`Sandbox::trace`] is the oracle: `ofproto/trace` of a packet from a
-//! pod, read from the last conntrack pass.
+//! EgressFirewall as OVN-K renders it: `to-lport` ACLs at `10000 - i` on `inport == @pg` in tier 2,
+//! `dnsName` rules on address sets (empty unless a test fills them, as OVN-K's own resolution would).
+//! Beside it, as on a real node: NetworkPolicy ACLs in tier 2 (every namespace's pods may egress, a
+//! from-lport ACL after the load balancer; a namespace may deny ingress, to-lport on `outport`) and an
+//! AdminNetworkPolicy-like deny in tier 1. [`Sandbox::trace`] is the oracle: `ofproto/trace` of a
+//! packet from a pod, read from the last conntrack pass.
 //!
 //! All tools get the sandbox's `OVS_RUNDIR`/`OVN_RUNDIR` in their own environment (never this process's),
-//! and [`Sandbox::ofctl`] hands the same to flowd's programmer.
+//! and [`Sandbox::ofctl`] hands the same to flowd's programmer, which runs the host's `ovs-ofctl`
+//! against either version.
 
 use anyhow::{bail, Context, Result};
 use flowd::{
@@ -83,6 +89,99 @@ const TOOLS: [&str; 8] = [
     "ovn-controller",
 ];
 
+/// The OVN a sandbox runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Ovn {
+    /// OVS 3.1 + OVN 23.03 from the host's Debian 12 packages: no ACL tiers.
+    V23_03,
+    /// OVS 3.5 + OVN 25.03 from Debian 13, in a root filesystem run under chroot: ACL tiers and the
+    /// verdict register, as clusters run OVN today.
+    V25_03,
+}
+
+/// Where `scripts/test` makes the OVN 25.03 root filesystem, unless `DNSFLOW_OVN_2503_ROOT` says.
+const OVN_2503_ROOT: &str = "/var/cache/dnsflow/trixie-ovn";
+
+/// The tier OVN-K gives EgressFirewall and NetworkPolicy ACLs (`BuildACLWithDefaultTier`)...
+const DEFAULT_TIER: &str = "--tier=2";
+/// ...and AdminNetworkPolicy ACLs.
+const ANP_TIER: &str = "--tier=1";
+/// OVN-K's AdminNetworkPolicy ACL priorities are 20000..=30000; on OVN without tiers only a priority
+/// above the EgressFirewall's keeps an ANP deny first.
+const ANP_PRIORITY: &str = "29000";
+/// Destinations an AdminNetworkPolicy denies to every pod of the node.
+pub const ANP_DENIED: &str = "203.0.113.0/24";
+
+impl Ovn {
+    pub const ALL: [Ovn; 2] = [Ovn::V23_03, Ovn::V25_03];
+
+    /// The root filesystem its tools run in; `None` for the host's.
+    fn root(self) -> Option<PathBuf> {
+        match self {
+            Ovn::V23_03 => None,
+            Ovn::V25_03 => Some(
+                std::env::var_os("DNSFLOW_OVN_2503_ROOT")
+                    .map_or_else(|| PathBuf::from(OVN_2503_ROOT), PathBuf::from),
+            ),
+        }
+    }
+
+    fn has_tiers(self) -> bool {
+        self == Ovn::V25_03
+    }
+
+    /// The EgressFirewall ACL table of this OVN build (`ls_out_acl_eval`).
+    pub fn ef_table(self) -> u8 {
+        match self {
+            Ovn::V23_03 => 46,
+            Ovn::V25_03 => 51,
+        }
+    }
+}
+
+/// The root filesystem needs `/proc` and `/dev` inside for the daemons; mounted once per test run.
+fn prepare_root(root: &Path) -> Result<()> {
+    static MOUNTED: Mutex<bool> = Mutex::new(false);
+    let mut done = MOUNTED.lock().unwrap_or_else(|e| e.into_inner());
+    if *done {
+        return Ok(());
+    }
+    if !root.join("usr/bin/ovn-controller").is_file() {
+        bail!(
+            "no OVN 25.03 root filesystem at {}: run scripts/test, which makes it with debootstrap",
+            root.display()
+        );
+    }
+    let mounts = [
+        ("proc", vec!["-t", "proc", "proc"]),
+        ("dev", vec!["--bind", "/dev"]),
+    ];
+    for (dir, args) in mounts {
+        let target = root.join(dir);
+        let present = match dir {
+            "proc" => target.join("self").exists(),
+            _ => target.join("null").exists(),
+        };
+        if !present {
+            let out = Command::new("mount")
+                .args(&args)
+                .arg(&target)
+                .output()
+                .context("running mount")?;
+            if !out.status.success() {
+                bail!(
+                    "mount {} {} failed: {}",
+                    args.join(" "),
+                    target.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+    }
+    *done = true;
+    Ok(())
+}
+
 /// The oracle's answer for one packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Trace {
@@ -114,6 +213,8 @@ impl Pod {
 /// One OVN node; see the module doc.
 #[derive(Debug)]
 pub struct Sandbox {
+    ovn: Ovn,
+    root: Option<PathBuf>,
     dir: tempfile::TempDir,
     next_port: AtomicU32,
 }
@@ -131,10 +232,12 @@ fn check_tools() -> Result<()> {
     Ok(())
 }
 
-/// `ovs-vswitchd` and `ovsdb-server` live in /usr/sbin, which a test's PATH may lack.
-fn program(name: &str) -> PathBuf {
+/// `ovs-vswitchd` and `ovsdb-server` live in /usr/sbin, which a test's PATH may lack; under `root`
+/// when the tool runs in a chroot.
+fn program(root: Option<&Path>, name: &str) -> PathBuf {
     let sbin = Path::new("/usr/sbin").join(name);
-    if sbin.is_file() {
+    let inside = root.map_or_else(|| sbin.clone(), |r| r.join("usr/sbin").join(name));
+    if inside.is_file() {
         sbin
     } else {
         PathBuf::from(name)
@@ -145,16 +248,27 @@ impl Sandbox {
     /// The chassis name of the sandbox's only node.
     pub const NODE: &'static str = "node1";
 
-    /// Starts every daemon and builds the node's topology; fails (never skips) if OVS/OVN is missing.
-    pub fn start() -> Result<Self> {
+    /// Starts every daemon of `ovn` and builds the node's topology; fails (never skips) if that OVN is
+    /// missing.
+    pub fn start(ovn: Ovn) -> Result<Self> {
         check_tools()?;
+        let root = ovn.root();
+        if let Some(root) = &root {
+            prepare_root(root)?;
+        }
         let _permit = StartPermit::acquire();
-        let dir = tempfile::Builder::new().prefix("ovn-sb").tempdir()?;
+        let builder = tempfile::Builder::new().prefix("ovn-sb").clone();
+        let dir = match &root {
+            Some(root) => builder.tempdir_in(root.join("tmp"))?,
+            None => builder.tempdir()?,
+        };
         let sb = Self {
+            ovn,
+            root,
             dir,
             next_port: AtomicU32::new(1),
         };
-        let d = sb.path().to_owned();
+        let d = sb.inner_path();
         let p = |s: &str| d.join(s).to_string_lossy().into_owned();
         sb.run(
             "ovsdb-tool",
@@ -238,13 +352,28 @@ impl Sandbox {
         Ok(sb)
     }
 
+    /// The sandbox's state directory, as this process sees it.
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
-    /// Environment for any OVS/OVN tool pointed at this sandbox.
+    /// The state directory as the sandbox's own tools see it (inside the chroot).
+    fn inner_path(&self) -> PathBuf {
+        match &self.root {
+            Some(root) => {
+                Path::new("/").join(self.path().strip_prefix(root).unwrap_or(self.path()))
+            }
+            None => self.path().to_owned(),
+        }
+    }
+
+    /// Environment for any OVS/OVN tool outside the sandbox's root pointed at this sandbox.
     pub fn env(&self) -> Vec<(String, String)> {
-        let d = self.path().to_string_lossy().into_owned();
+        Self::env_for(self.path())
+    }
+
+    fn env_for(dir: &Path) -> Vec<(String, String)> {
+        let d = dir.to_string_lossy().into_owned();
         [
             "OVS_RUNDIR",
             "OVN_RUNDIR",
@@ -264,9 +393,18 @@ impl Sandbox {
             .fold(Ofctl::new("br-int"), |o, (k, v)| o.with_env(k, v))
     }
 
+    /// The sandbox's own build of `tool` (under chroot for OVN 25.03), pointed at its state.
     fn command(&self, tool: &str) -> Command {
-        let mut c = Command::new(program(tool));
-        c.envs(self.env());
+        let program = program(self.root.as_deref(), tool);
+        let mut c = match &self.root {
+            Some(root) => {
+                let mut c = Command::new("chroot");
+                c.arg(root).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        c.envs(Self::env_for(&self.inner_path()));
         c
     }
 
@@ -291,17 +429,36 @@ impl Sandbox {
     }
 
     pub fn vsctl(&self, args: &[&str]) -> Result<String> {
-        let db = format!("--db=unix:{}", self.path().join("db.sock").display());
+        let db = format!("--db=unix:{}", self.inner_path().join("db.sock").display());
         let mut all = vec![db.as_str(), TOOL_TIMEOUT];
         all.extend_from_slice(args);
         self.run("ovs-vsctl", &all)
     }
 
     pub fn nbctl(&self, args: &[&str]) -> Result<String> {
-        let db = format!("--db=unix:{}", self.path().join("nb.sock").display());
+        let db = format!("--db=unix:{}", self.inner_path().join("nb.sock").display());
         let mut all = vec![db.as_str(), TOOL_TIMEOUT];
         all.extend_from_slice(args);
         self.run("ovn-nbctl", &all)
+    }
+
+    pub fn sbctl(&self, args: &[&str]) -> Result<String> {
+        let db = format!("--db=unix:{}", self.inner_path().join("sb.sock").display());
+        let mut all = vec![db.as_str(), TOOL_TIMEOUT];
+        all.extend_from_slice(args);
+        self.run("ovn-sbctl", &all)
+    }
+
+    /// The tunnel key OVN gave logical port `name`.
+    pub fn port_key(&self, name: &str) -> Result<u32> {
+        let key = self.sbctl(&[
+            "--bare",
+            "--columns=tunnel_key",
+            "find",
+            "port_binding",
+            &format!("logical_port={name}"),
+        ])?;
+        Ok(key.trim().parse()?)
     }
 
     /// `ovs-ofctl <args>` on br-int (e.g. `dump-flows`).
@@ -316,7 +473,7 @@ impl Sandbox {
     /// test failing for a reason that is not flowd's.
     pub fn sync(&self) -> Result<()> {
         for attempt in 1..=SYNC_ATTEMPTS {
-            let db = format!("--db=unix:{}", self.path().join("nb.sock").display());
+            let db = format!("--db=unix:{}", self.inner_path().join("nb.sock").display());
             match self.run("ovn-nbctl", &[&db, SYNC_TIMEOUT, "--wait=hv", "sync"]) {
                 Ok(_) => return Ok(()),
                 Err(e) if attempt == SYNC_ATTEMPTS => {
@@ -354,7 +511,7 @@ impl Sandbox {
     }
 
     fn start_ovn_controller(&self) -> Result<()> {
-        let p = |s: &str| self.path().join(s).to_string_lossy().into_owned();
+        let p = |s: &str| self.inner_path().join(s).to_string_lossy().into_owned();
         self.run(
             "ovn-controller",
             &[
@@ -389,8 +546,9 @@ impl Sandbox {
                 .next()
                 .is_some_and(|r| !r.trim_start().starts_with('Z'))
         });
-        live && std::fs::read(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*self.path().to_string_lossy()))
+        live && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            String::from_utf8_lossy(&c).contains(&*self.inner_path().to_string_lossy())
+        })
     }
 
     /// Stops the daemon of `name`'s pidfile (SIGTERM, then SIGKILL), if it is ours, and waits for it.
@@ -495,7 +653,63 @@ impl Sandbox {
             "udp",
         ])?;
         nb(&["ls-lb-add", "node1", "kube-dns"])?;
+        // An AdminNetworkPolicy denying every pod of the node some destinations: tier 1, evaluated
+        // before any EgressFirewall (on OVN without tiers, by priority).
+        nb(&["pg-add", "anp_deny"])?;
+        self.acl(
+            "anp_deny",
+            "to-lport",
+            ANP_PRIORITY,
+            &format!("inport == @anp_deny && ip4.dst == {ANP_DENIED}"),
+            "drop",
+            ANP_TIER,
+        )?;
         self.add_ovs_port("exthost")?;
+        self.sync()
+    }
+
+    /// Adds an ACL to a port group with `options` (`--tier=N` first, dropped where this OVN has no
+    /// tiers; then e.g. `--apply-after-lb`).
+    fn acl(
+        &self,
+        pg: &str,
+        dir: &str,
+        prio: &str,
+        m: &str,
+        verdict: &str,
+        options: &str,
+    ) -> Result<()> {
+        let mut args = vec!["--type=port-group"];
+        args.extend(
+            options
+                .split_whitespace()
+                .filter(|o| self.ovn.has_tiers() || !o.starts_with("--tier")),
+        );
+        args.extend(["acl-add", pg, dir, prio, m, verdict]);
+        self.nbctl(&args).map(drop)
+    }
+
+    /// A NetworkPolicy on `namespace`'s pods as OVN-K renders it: ingress denied (to-lport on `outport`,
+    /// OVN-K's default-deny priority 1000) except from `allowed` (1001, allow-related), in tier 2.
+    pub fn deny_ingress(&self, namespace: &str, allowed: IpAddr) -> Result<()> {
+        let np = Self::policy_group(namespace);
+        let ip = if allowed.is_ipv4() { "ip4" } else { "ip6" };
+        self.acl(
+            &np,
+            "to-lport",
+            "1000",
+            &format!("outport == @{np} && ip"),
+            "drop",
+            DEFAULT_TIER,
+        )?;
+        self.acl(
+            &np,
+            "to-lport",
+            "1001",
+            &format!("outport == @{np} && {ip}.src == {allowed}"),
+            "allow-related",
+            DEFAULT_TIER,
+        )?;
         self.sync()
     }
 
@@ -536,20 +750,41 @@ impl Sandbox {
         format!("pg_{safe}")
     }
 
-    fn ensure_port_group(&self, namespace: &str) -> Result<String> {
-        let pg = Self::port_group(namespace);
-        if self
+    /// The port group of a namespace's NetworkPolicies (OVN-K keeps them apart from the EF's).
+    fn policy_group(namespace: &str) -> String {
+        format!("np{}", &Self::port_group(namespace)[2..])
+    }
+
+    fn exists(&self, table: &str, name: &str) -> Result<bool> {
+        Ok(!self
             .nbctl(&[
                 "--bare",
                 "--columns=name",
                 "find",
-                "port_group",
-                &format!("name={pg}"),
+                table,
+                &format!("name={name}"),
             ])?
             .trim()
-            .is_empty()
-        {
+            .is_empty())
+    }
+
+    /// The namespace's port group, made with its NetworkPolicy group on first use: every namespace's
+    /// pods may egress (a from-lport allow after the load balancer, as a NetworkPolicy egress rule).
+    fn ensure_port_group(&self, namespace: &str) -> Result<String> {
+        let pg = Self::port_group(namespace);
+        if !self.exists("port_group", &pg)? {
             self.nbctl(&["pg-add", &pg])?;
+            let np = Self::policy_group(namespace);
+            self.nbctl(&["pg-add", &np])?;
+            let after_lb = format!("{DEFAULT_TIER} --apply-after-lb");
+            self.acl(
+                &np,
+                "from-lport",
+                "1001",
+                &format!("inport == @{np} && ip"),
+                "allow-related",
+                &after_lb,
+            )?;
         }
         Ok(pg)
     }
@@ -572,14 +807,10 @@ impl Sandbox {
             &format!("{mac} {ipv4} {ipv6}"),
         ])?;
         let pg = self.ensure_port_group(namespace)?;
-        self.nbctl(&[
-            "add",
-            "port_group",
-            &pg,
-            "ports",
-            self.nbctl(&["get", "logical_switch_port", &iface, "_uuid"])?
-                .trim(),
-        ])?;
+        let lsp = self.nbctl(&["get", "logical_switch_port", &iface, "_uuid"])?;
+        for group in [pg, Self::policy_group(namespace), "anp_deny".to_owned()] {
+            self.nbctl(&["add", "port_group", &group, "ports", lsp.trim()])?;
+        }
         let ofport = self.add_ovs_port(&iface)?;
         self.sync()?;
         Ok(Pod {
@@ -591,8 +822,28 @@ impl Sandbox {
         })
     }
 
-    /// Replaces the namespace's EgressFirewall ACLs with `rules`, as OVN-K renders them.
+    /// The IP OVN-K's own resolution gives rule `i`'s `dnsName` in these sandboxes: never one the
+    /// tests resolve for a pod (a pod often gets other IPs than the controller did).
+    pub fn controller_ip(i: usize) -> IpAddr {
+        IpAddr::from([192, 0, 2, u8::try_from(i % 250).unwrap_or(0) + 1])
+    }
+
+    /// Replaces the namespace's EgressFirewall ACLs with `rules`, as OVN-K renders them, its own
+    /// resolution of each `dnsName` rule `i` being [`Sandbox::controller_ip`].
     pub fn set_egress_firewall(&self, rules: &FirewallRules) -> Result<()> {
+        let resolved: HashMap<usize, Vec<IpAddr>> = (0..rules.rules.len())
+            .map(|i| (i, vec![Self::controller_ip(i)]))
+            .collect();
+        self.set_egress_firewall_resolved(rules, &resolved)
+    }
+
+    /// Replaces the namespace's EgressFirewall ACLs with `rules`, as OVN-K renders them had it resolved
+    /// each `dnsName` rule `i` to `resolved[i]` (empty when absent: a wildcard, say).
+    pub fn set_egress_firewall_resolved(
+        &self,
+        rules: &FirewallRules,
+        resolved: &HashMap<usize, Vec<IpAddr>>,
+    ) -> Result<()> {
         let pg = self.ensure_port_group(&rules.namespace)?;
         self.nbctl(&["--type=port-group", "acl-del", &pg])?;
         for (i, rule) in rules.rules.iter().enumerate() {
@@ -603,21 +854,19 @@ impl Sandbox {
                     // OVN-K's own resolution: an address set per family (empty here: names in the tests
                     // resolve to nothing OVN-K could know, and wildcards are never resolved by it).
                     let base = format!("{pg}_{i}");
-                    for fam in ["v4", "v6"] {
+                    let ips = resolved.get(&i).map(Vec::as_slice).unwrap_or_default();
+                    for (fam, v4) in [("v4", true), ("v6", false)] {
                         let name = format!("{base}_{fam}");
-                        if self
-                            .nbctl(&[
-                                "--bare",
-                                "--columns=name",
-                                "find",
-                                "address_set",
-                                &format!("name={name}"),
-                            ])?
-                            .trim()
-                            .is_empty()
-                        {
+                        if !self.exists("address_set", &name)? {
                             self.nbctl(&["create", "address_set", &format!("name={name}")])?;
                         }
+                        let addrs: Vec<String> = ips
+                            .iter()
+                            .filter(|ip| ip.is_ipv4() == v4)
+                            .map(|ip| format!("\"{ip}\""))
+                            .collect();
+                        let set = format!("addresses=[{}]", addrs.join(","));
+                        self.nbctl(&["set", "address_set", &name, &set])?;
                     }
                     format!("(ip4.dst == ${base}_v4 || ip6.dst == ${base}_v6)")
                 }
@@ -644,22 +893,30 @@ impl Sandbox {
                 Verdict::Deny => "drop",
             };
             let priority = (10000 - i).to_string();
-            self.nbctl(&[
-                "--type=port-group",
-                "acl-add",
-                &pg,
-                "to-lport",
-                &priority,
-                &m,
-                action,
-            ])?;
+            self.acl(&pg, "to-lport", &priority, &m, action, DEFAULT_TIER)?;
         }
         self.sync()
+    }
+
+    /// Whether a TCP/443 packet from `pod` to `to`, a pod on the same switch (so addressed to its MAC,
+    /// not the router's), reaches it.
+    pub fn trace_to_pod(&self, pod: &Pod, to: &Pod) -> Result<Trace> {
+        self.trace_via(pod, &to.mac, to.ipv4, Some((Protocol::Tcp, 443)))
     }
 
     /// Whether a packet from `pod` to `dst` (`proto`/`port`, or plain IP when `None`) is forwarded or
     /// dropped by br-int, read from the last conntrack pass of `ofproto/trace`.
     pub fn trace(&self, pod: &Pod, dst: IpAddr, l4: Option<(Protocol, u16)>) -> Result<Trace> {
+        self.trace_via(pod, ROUTER_MAC, dst, l4)
+    }
+
+    fn trace_via(
+        &self,
+        pod: &Pod,
+        dl_dst: &str,
+        dst: IpAddr,
+        l4: Option<(Protocol, u16)>,
+    ) -> Result<Trace> {
         let (src, v6) = match dst {
             IpAddr::V4(_) => (pod.ipv4, false),
             IpAddr::V6(_) => (pod.ipv6, true),
@@ -680,7 +937,7 @@ impl Sandbox {
             ("nw_src", "nw_dst")
         };
         let mut flow = format!(
-            "in_port={},dl_src={},dl_dst={ROUTER_MAC},{proto},{sf}={src},{df}={dst},nw_ttl=64",
+            "in_port={},dl_src={},dl_dst={dl_dst},{proto},{sf}={src},{df}={dst},nw_ttl=64",
             pod.ofport, pod.mac
         );
         if let Some((p, port)) = l4 {
