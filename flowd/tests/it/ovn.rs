@@ -102,7 +102,7 @@ async fn node_with(ovn: Ovn, rules: FirewallRules, settings: EngineSettings) -> 
     })
 }
 
-fn start_engine(
+pub fn start_engine(
     sb: &Sandbox,
     settings: EngineSettings,
     rules: &FirewallRules,
@@ -691,7 +691,7 @@ async fn with_nothing_to_learn_from_nothing_is_installed(ovn: Ovn) -> Result<()>
     let (sb, pod1) = block_in_place(|| -> Result<_> {
         let sb = Sandbox::start(ovn)?;
         let pod1 = sb.add_pod(NS, "pod1", 5)?;
-        sb.set_egress_firewall_resolved(&google(), &Default::default())?;
+        sb.set_egress_firewall_resolved(&google(), &[])?;
         Ok((sb, pod1))
     })?;
     let sb = Arc::new(sb);

@@ -834,44 +834,58 @@ impl Sandbox {
         let resolved: HashMap<usize, Vec<IpAddr>> = (0..rules.rules.len())
             .map(|i| (i, vec![Self::controller_ip(i)]))
             .collect();
-        self.set_egress_firewall_resolved(rules, &resolved)
+        self.set_egress_firewall_resolved(rules, &[(None, &resolved)])
     }
 
     /// Replaces the namespace's EgressFirewall ACLs with `rules`, as OVN-K renders them had it resolved
-    /// each `dnsName` rule `i` to `resolved[i]` (empty when absent: a wildcard, say).
+    /// each `dnsName` rule `i` to `resolved[i]`: for the whole namespace (`None`, as OVN-K does), or for
+    /// one pod only (the differential oracle's reference: what flowd grants, written as OVN's own ACLs
+    /// on address sets). No entry: OVN-K resolved nothing (a wildcard, say).
     pub fn set_egress_firewall_resolved(
         &self,
         rules: &FirewallRules,
-        resolved: &HashMap<usize, Vec<IpAddr>>,
+        resolved: &[(Option<&Pod>, &HashMap<usize, Vec<IpAddr>>)],
     ) -> Result<()> {
         let pg = self.ensure_port_group(&rules.namespace)?;
         self.nbctl(&["--type=port-group", "acl-del", &pg])?;
         for (i, rule) in rules.rules.iter().enumerate() {
-            let dst = match &rule.destination {
-                Destination::Cidr(net) if net.addr().is_ipv4() => format!("ip4.dst == {net}"),
-                Destination::Cidr(net) => format!("ip6.dst == {net}"),
+            let mut matches = Vec::new();
+            match &rule.destination {
+                Destination::Cidr(net) => {
+                    let ip = if net.addr().is_ipv4() { "ip4" } else { "ip6" };
+                    matches.push(format!("{ip}.dst == {net} && inport == @{pg}"));
+                }
                 Destination::DnsName(_) => {
-                    // OVN-K's own resolution: an address set per family (empty here: names in the tests
-                    // resolve to nothing OVN-K could know, and wildcards are never resolved by it).
-                    let base = format!("{pg}_{i}");
-                    let ips = resolved.get(&i).map(Vec::as_slice).unwrap_or_default();
-                    for (fam, v4) in [("v4", true), ("v6", false)] {
-                        let name = format!("{base}_{fam}");
-                        if !self.exists("address_set", &name)? {
-                            self.nbctl(&["create", "address_set", &format!("name={name}")])?;
+                    // OVN-K's own resolution: an address set per family.
+                    for (scope, resolved) in resolved {
+                        let (base, inport) = match scope {
+                            None => (format!("{pg}_{i}"), format!("@{pg}")),
+                            Some(pod) => (
+                                format!("{pg}_{i}_{}", pod.ofport),
+                                format!("\"{}\"", pod.key.iface_id()),
+                            ),
+                        };
+                        let ips = resolved.get(&i).map(Vec::as_slice).unwrap_or_default();
+                        for (fam, v4) in [("v4", true), ("v6", false)] {
+                            let name = format!("{base}_{fam}");
+                            if !self.exists("address_set", &name)? {
+                                self.nbctl(&["create", "address_set", &format!("name={name}")])?;
+                            }
+                            let addrs: Vec<String> = ips
+                                .iter()
+                                .filter(|ip| ip.is_ipv4() == v4)
+                                .map(|ip| format!("\"{ip}\""))
+                                .collect();
+                            let set = format!("addresses=[{}]", addrs.join(","));
+                            self.nbctl(&["set", "address_set", &name, &set])?;
                         }
-                        let addrs: Vec<String> = ips
-                            .iter()
-                            .filter(|ip| ip.is_ipv4() == v4)
-                            .map(|ip| format!("\"{ip}\""))
-                            .collect();
-                        let set = format!("addresses=[{}]", addrs.join(","));
-                        self.nbctl(&["set", "address_set", &name, &set])?;
+                        matches.push(format!(
+                            "(ip4.dst == ${base}_v4 || ip6.dst == ${base}_v6) && inport == {inport}"
+                        ));
                     }
-                    format!("(ip4.dst == ${base}_v4 || ip6.dst == ${base}_v6)")
                 }
                 Destination::NodeSelector(_) => continue,
-            };
+            }
             let ports: Vec<String> = rule
                 .ports
                 .iter()
@@ -884,16 +898,19 @@ impl Sandbox {
                     format!("({proto} && {proto}.dst == {})", p.port)
                 })
                 .collect();
-            let mut m = format!("({dst}) && inport == @{pg}");
-            if !ports.is_empty() {
-                m = format!("{m} && ({})", ports.join(" || "));
-            }
             let action = match rule.verdict {
                 Verdict::Allow => "allow",
                 Verdict::Deny => "drop",
             };
             let priority = (10000 - i).to_string();
-            self.acl(&pg, "to-lport", &priority, &m, action, DEFAULT_TIER)?;
+            for m in matches {
+                let m = if ports.is_empty() {
+                    m
+                } else {
+                    format!("{m} && ({})", ports.join(" || "))
+                };
+                self.acl(&pg, "to-lport", &priority, &m, action, DEFAULT_TIER)?;
+            }
         }
         self.sync()
     }
