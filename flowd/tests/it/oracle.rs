@@ -91,11 +91,14 @@ impl Rng {
     }
 }
 
-/// One generated case: the EgressFirewall's `spec.egress`, and per pod the answers it received, each
-/// with the rule whose name it answers (`None`: a name no rule covers).
+/// One answer a pod received: the name, the rule whose name it answers (`None`: no rule covers it),
+/// the addresses.
+type Received = (String, Option<usize>, Vec<IpAddr>);
+
+/// One generated case: the EgressFirewall's `spec.egress`, and per pod the answers it received.
 struct Case {
     egress: Vec<serde_json::Value>,
-    answers: [Vec<(String, Option<usize>, Vec<IpAddr>)>; 2],
+    answers: [Vec<Received>; 2],
 }
 
 fn generate(seed: u64, rules: usize, victim: IpAddr) -> Case {
@@ -137,7 +140,7 @@ fn generate(seed: u64, rules: usize, victim: IpAddr) -> Case {
         egress.push(serde_json::json!({"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}));
         egress.push(serde_json::json!({"type": "Deny", "to": {"cidrSelector": "::/0"}}));
     }
-    let mut answers: [Vec<_>; 2] = [Vec::new(), Vec::new()];
+    let mut answers: [Vec<Received>; 2] = [Vec::new(), Vec::new()];
     for (p, pod_answers) in answers.iter_mut().enumerate() {
         for (i, name, kind) in &names {
             if !rng.percent(60) {

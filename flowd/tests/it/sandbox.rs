@@ -89,6 +89,9 @@ const TOOLS: [&str; 8] = [
     "ovn-controller",
 ];
 
+/// What OVN-K's own resolution put in the address sets, by `dnsName` rule index.
+pub type Resolved = HashMap<usize, Vec<IpAddr>>;
+
 /// The OVN a sandbox runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Ovn {
@@ -831,7 +834,7 @@ impl Sandbox {
     /// Replaces the namespace's EgressFirewall ACLs with `rules`, as OVN-K renders them, its own
     /// resolution of each `dnsName` rule `i` being [`Sandbox::controller_ip`].
     pub fn set_egress_firewall(&self, rules: &FirewallRules) -> Result<()> {
-        let resolved: HashMap<usize, Vec<IpAddr>> = (0..rules.rules.len())
+        let resolved: Resolved = (0..rules.rules.len())
             .map(|i| (i, vec![Self::controller_ip(i)]))
             .collect();
         self.set_egress_firewall_resolved(rules, &[(None, &resolved)])
@@ -844,7 +847,7 @@ impl Sandbox {
     pub fn set_egress_firewall_resolved(
         &self,
         rules: &FirewallRules,
-        resolved: &[(Option<&Pod>, &HashMap<usize, Vec<IpAddr>>)],
+        resolved: &[(Option<&Pod>, &Resolved)],
     ) -> Result<()> {
         let pg = self.ensure_port_group(&rules.namespace)?;
         self.nbctl(&["--type=port-group", "acl-del", &pg])?;
