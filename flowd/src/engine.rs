@@ -62,6 +62,9 @@ pub const FIRST_RECONCILE: Duration = Duration::from_secs(15);
 /// After a foreign wipe, the reconcile that checks OVN's tables again waits this long: ovn-controller
 /// reinstalls its flows within a few hundred milliseconds of reconnecting.
 pub const WIPE_SETTLE: Duration = Duration::from_secs(2);
+/// After a wipe, OVN's flows are read again this often until they teach a template: ovn-controller
+/// writes its flows within a few hundred milliseconds of reconnecting, and grants wait until then.
+const WIPE_RETRY: Duration = Duration::from_millis(50);
 /// A pod whose OVS port was not found is looked for again after this long (each look runs two tools).
 const KEYS_RETRY: Duration = Duration::from_secs(1);
 /// Flows written per bundle at most: bounds the memory of one batch (~10 MiB of text and specs); the
@@ -158,8 +161,9 @@ struct State {
     relearn: bool,
     /// New pods arrived: look up their datapath keys before their first answer needs them.
     prefetch_keys: bool,
-    /// Someone deleted our flows (ovn-controller reconnecting, maybe upgraded): look at OVN's tables
-    /// again at the next reconcile, which comes [`WIPE_SETTLE`] later.
+    /// Someone deleted our flows (ovn-controller reconnecting, maybe upgraded): OVN's tables are read
+    /// again before anything is written (every [`WIPE_RETRY`] until they teach a template), and a
+    /// reconcile follows [`WIPE_SETTLE`] later.
     rediscover: bool,
 }
 
@@ -770,6 +774,8 @@ impl<P: FlowProgrammer> Engine<P> {
                 .learned_at
                 .is_some_and(|at| at.elapsed() < DISCOVERY_RETRY);
             match (&s.template, &s.learn_failed) {
+                // After a wipe nothing is written before OVN's flows have been read again.
+                _ if s.rediscover => {}
                 (Some(t), _) if !s.relearn || recent => return Ok(t.clone()),
                 (None, Some((_, e))) if recent => return Err(EngineError::NoTemplate(e.clone())),
                 _ => {}
@@ -780,33 +786,48 @@ impl<P: FlowProgrammer> Engine<P> {
 
     /// Learns the template from OVN's flows now. A template that differs from the one in use (an
     /// upgrade renumbered the tables, or changed the pipeline) moves every flow: each is written again
-    /// in the new shape, and the old shapes go in the same bundle or at the next reconcile.
+    /// in the new shape, and the old shapes go in the same bundle or at the next reconcile. After a
+    /// wipe the ports may be new too: every pod's keys are looked up again.
     async fn learn(&self) -> Result<Template, EngineError> {
         let st = &self.inner.settings;
+        let after_wipe = self.lock().rediscover;
         let learned = self
             .inner
             .programmer
             .learn_template(st.priority_base, st.acl_table)
             .await?;
-        let mut s = self.lock();
-        s.relearn = false;
-        s.learned_at = Some(Instant::now());
-        let found = match learned {
-            Ok(t) => t,
-            Err(e) => {
-                let changed = s.learn_failed.as_ref().is_none_or(|(_, old)| *old != e);
-                if changed {
-                    tracing::warn!(reason = %e, "cannot learn from OVN's flows what a grant must look like; installing nothing");
+        let found = {
+            let mut s = self.lock();
+            s.relearn = false;
+            s.learned_at = Some(Instant::now());
+            match learned {
+                Ok(t) => {
+                    if s.learn_failed.take().is_some() || s.template.is_none() {
+                        tracing::info!(template = %t, "learned from OVN's flows what a grant must look like");
+                    }
+                    t
                 }
-                Metrics::add(&self.inner.metrics.template_failures, 1);
-                s.learn_failed = Some((Instant::now(), e.clone()));
-                // A template learned before stays valid until OVN's flows show another one.
-                return s.template.clone().ok_or(EngineError::NoTemplate(e));
+                Err(e) => {
+                    let changed = s.learn_failed.as_ref().is_none_or(|(_, old)| *old != e);
+                    if changed {
+                        tracing::warn!(reason = %e, "cannot learn from OVN's flows what a grant must look like; installing nothing");
+                    }
+                    Metrics::add(&self.inner.metrics.template_failures, 1);
+                    s.learn_failed = Some((Instant::now(), e.clone()));
+                    // A template learned before stays valid until OVN's flows show another one; but
+                    // not after a wipe, while ovn-controller may still be writing another OVN's flows.
+                    return match &s.template {
+                        Some(t) if !after_wipe => Ok(t.clone()),
+                        _ => Err(EngineError::NoTemplate(e)),
+                    };
+                }
             }
         };
-        if s.learn_failed.take().is_some() || s.template.is_none() {
-            tracing::info!(template = %found, "learned from OVN's flows what a grant must look like");
+        if after_wipe {
+            self.fetch_keys(true).await?;
         }
+        let mut s = self.lock();
+        s.rediscover = false;
         if s.template.as_ref() == Some(&found) {
             return Ok(found);
         }
@@ -835,22 +856,22 @@ impl<P: FlowProgrammer> Engine<P> {
         Ok(found)
     }
 
-    /// After a foreign wipe, OVN may have been upgraded and its tables renumbered: learn again.
-    async fn rediscover_if_wiped(&self) -> Result<(), EngineError> {
-        if !std::mem::take(&mut self.lock().rediscover) {
-            return Ok(());
-        }
-        self.learn().await.map(drop)
-    }
-
     /// Fetches datapath keys for pods with dirty flows and no keys yet.
     async fn ensure_keys(&self) -> Result<(), EngineError> {
+        self.fetch_keys(false).await
+    }
+
+    /// Looks up datapath keys: of pods that need them (`all` false), or of every pod, when ports may
+    /// have been recreated under the same iface-id (a wipe, a reconcile). A pod whose keys changed gets
+    /// its flows written again with the new keys, and the old ones deleted.
+    async fn fetch_keys(&self, all: bool) -> Result<(), EngineError> {
         let due = |p: &PodEntry| {
-            p.keys.is_none() && p.keys_missed.is_none_or(|t| t.elapsed() >= KEYS_RETRY)
+            all || p.keys.is_none() && p.keys_missed.is_none_or(|t| t.elapsed() >= KEYS_RETRY)
         };
         let missing: HashSet<String> = {
             let mut s = self.lock();
-            let needed = s.prefetch_keys
+            let needed = all
+                || s.prefetch_keys
                 || s.dirty
                     .iter()
                     .filter_map(|f| s.by_id.get(&f.pod).and_then(|k| s.pods.get(k)))
@@ -874,12 +895,37 @@ impl<P: FlowProgrammer> Engine<P> {
         let found = self.inner.programmer.port_keys(&ids).await?;
         let mut s = self.lock();
         let now = Instant::now();
+        let mut moved = Vec::new();
         for pod in s.pods.values_mut() {
             let id = pod.info.key.iface_id();
             match found.get(&id) {
-                Some(k) => pod.keys = Some(*k),
+                Some(k) => {
+                    if pod.keys.is_some_and(|old| old != *k) {
+                        moved.push(pod.id);
+                    }
+                    pod.keys = Some(*k);
+                }
+                // Keep the keys of a port that went for now (a pod being torn down); its flows go with
+                // the pod.
                 None if missing.contains(&id) => pod.keys_missed = Some(now),
                 None => {}
+            }
+        }
+        if !moved.is_empty() {
+            tracing::info!(
+                pods = moved.len(),
+                "pods' OVS ports were recreated; moving their flows"
+            );
+            // The old ports' flows: by cookie, in one delete per pod, before the new ones.
+            s.delete_pods.extend(&moved);
+            let ids: Vec<FlowId> = s
+                .flows
+                .keys()
+                .filter(|f| moved.contains(&f.pod))
+                .copied()
+                .collect();
+            for id in ids {
+                s.mark_dirty(id);
             }
         }
         Ok(())
@@ -1016,10 +1062,10 @@ impl<P: FlowProgrammer> Engine<P> {
     /// flows that are missing, and forgets those that are missing because they expired.
     pub async fn reconcile(&self) -> Result<(), EngineError> {
         let _guard = self.inner.apply_lock.lock().await;
-        self.rediscover_if_wiped().await?;
         let template = self.ensure_template().await?;
-        // Pods with flows but no keys yet get theirs first, so their flows are comparable.
-        self.ensure_keys().await?;
+        // Every pod's keys, fresh (a port recreated under the same iface-id has new ones), so that
+        // flows are compared with the ports as they are now.
+        self.fetch_keys(true).await?;
         self.flush_locked().await?;
         let prefix = self.inner.settings.cookie_prefix;
         let dumped = self.inner.programmer.dump(prefix).await?;
@@ -1146,8 +1192,13 @@ impl<P: FlowProgrammer> Engine<P> {
             let retry = self.has_pending_changes();
             if retry {
                 // Something could not be written (no keys, no table, or an error): try again soon,
-                // or at once when something new arrives.
-                let _ = tokio::time::timeout(RETRY, self.inner.wake.notified()).await;
+                // or at once when something new arrives; very soon while a wipe has just happened.
+                let period = if self.lock().rediscover {
+                    WIPE_RETRY
+                } else {
+                    RETRY
+                };
+                let _ = tokio::time::timeout(period, self.inner.wake.notified()).await;
             } else {
                 self.inner.wake.notified().await;
             }
@@ -1704,11 +1755,26 @@ mod tests {
         };
         e.programmer().set_template(Some(moved.clone()));
         e.programmer().remove_where(RemovedReason::Delete, |_| true);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let flows = e.programmer().flows();
+        assert_eq!(flows.len(), 1, "{flows:?}");
         assert_eq!(
-            e.programmer().flows()[0].matches.table,
-            46,
-            "reinstalled at once"
+            flows[0].matches.table, 48,
+            "reinstalled at once, never into the old table: OVN's flows are read first"
+        );
+        assert!(
+            e.programmer()
+                .batches()
+                .iter()
+                .flatten()
+                .filter_map(|op| match op {
+                    FlowOp::Add(f) => Some(f.matches.table),
+                    _ => None,
+                })
+                .filter(|t| *t == 46)
+                .count()
+                == 1,
+            "one add into table 46: the first, before the wipe"
         );
         tokio::time::sleep(WIPE_SETTLE + Duration::from_millis(300)).await;
         let flows = e.programmer().flows();
@@ -1720,6 +1786,62 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         run.abort();
         assert_eq!(e.programmer().flows().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn after_a_wipe_nothing_is_written_until_ovns_flows_teach_a_template_again() {
+        let e = engine();
+        e.upsert_pod(pod("pod1", "10.244.1.5"));
+        let run = tokio::spawn(e.clone().run());
+        e.on_dns(
+            answer("10.244.1.5", "google.com", &[("142.250.0.1", 300)]),
+            SystemTime::now(),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // ovn-controller reconnects: it wipes br-int and has not written its own flows yet.
+        e.programmer().set_template(None);
+        e.programmer().remove_where(RemovedReason::Delete, |_| true);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            e.programmer().flows().is_empty(),
+            "the old template is not trusted"
+        );
+        // Its flows are back, with the pod's port renumbered: the grant follows at once.
+        e.programmer().set_port(
+            "ns1_pod1",
+            PortKeys {
+                metadata: 1,
+                reg14: 9,
+            },
+        );
+        e.programmer().set_template(Some(target()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let flows = e.programmer().flows();
+        run.abort();
+        assert_eq!(flows.len(), 1, "{flows:?}");
+        assert_eq!(flows[0].matches.reg14, 9, "the pod's new port");
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_moves_the_flows_of_a_recreated_port() {
+        let e = engine();
+        e.upsert_pod(pod("pod1", "10.244.1.5"));
+        e.on_dns(
+            answer("10.244.1.5", "google.com", &[("142.250.0.1", 300)]),
+            SystemTime::now(),
+        );
+        e.flush().await.unwrap();
+        e.programmer().set_port(
+            "ns1_pod1",
+            PortKeys {
+                metadata: 1,
+                reg14: 9,
+            },
+        );
+        e.reconcile().await.unwrap();
+        let flows = e.programmer().flows();
+        assert_eq!(flows.len(), 1, "{flows:?}");
+        assert_eq!(flows[0].matches.reg14, 9);
     }
 
     #[tokio::test]
