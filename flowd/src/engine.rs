@@ -1381,6 +1381,15 @@ mod tests {
         e
     }
 
+    /// Idle timeouts of exactly the answers' TTLs: no floor, no grace.
+    fn quick() -> EngineSettings {
+        EngineSettings {
+            idle_floor: Duration::ZERO,
+            idle_grace: Duration::ZERO,
+            ..EngineSettings::default()
+        }
+    }
+
     fn adds(batch: &[FlowOp]) -> Vec<&FlowSpec> {
         batch
             .iter()
@@ -1621,12 +1630,7 @@ mod tests {
 
     #[tokio::test]
     async fn monitor_events_forget_expired_and_reinstall_deleted_flows() {
-        let settings = EngineSettings {
-            idle_floor: Duration::ZERO,
-            idle_grace: Duration::ZERO,
-            ..EngineSettings::default()
-        };
-        let e = engine_on(Recording::new(Some(target())), settings);
+        let e = engine_on(Recording::new(Some(target())), quick());
         e.upsert_pod(pod("pod1", "10.244.1.5"));
         let run = tokio::spawn(e.clone().run());
         let now = SystemTime::now();
@@ -1666,12 +1670,7 @@ mod tests {
 
     #[tokio::test]
     async fn each_variant_expires_on_its_own_and_the_grant_lives_while_one_does() {
-        let settings = EngineSettings {
-            idle_floor: Duration::ZERO,
-            idle_grace: Duration::ZERO,
-            ..EngineSettings::default()
-        };
-        let e = engine_on(Recording::new(Some(tiered())), settings);
+        let e = engine_on(Recording::new(Some(tiered())), quick());
         e.upsert_pod(pod("pod1", "10.244.1.5"));
         let run = tokio::spawn(e.clone().run());
         e.on_dns(
