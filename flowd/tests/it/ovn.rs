@@ -796,6 +796,36 @@ async fn a_grant_never_overrides_network_policy_on_the_same_switch(ovn: Ovn) -> 
     Ok(())
 }
 
+/// A pod recreated under the same name gets a new port (and port key): the next reconcile moves its
+/// grant there and removes the flows of the old port.
+async fn a_recreated_pods_grant_follows_its_new_port(ovn: Ovn) -> Result<()> {
+    let n = node(ovn, google()).await?;
+    n.dns(&n.pod1, "google.com", &[], &["142.250.1.1"]);
+    n.settle(1).await?;
+    let iface = n.pod1.key.iface_id();
+    let old_key = block_in_place(|| n.sb.port_key(&iface))?;
+    let new = block_in_place(|| n.sb.recreate_pod(&n.pod1))?;
+    let new_key = block_in_place(|| n.sb.port_key(&iface))?;
+    assert_ne!((new.ofport, new_key), (n.pod1.ofport, old_key));
+    n.engine.reconcile().await?;
+    n.settle(1).await?;
+    let flows = n.flows();
+    assert!(
+        flows
+            .iter()
+            .all(|f| f.contains(&format!(",reg14={new_key:#x},"))),
+        "only flows of the new port (key {new_key}, was {old_key}): {flows:#?}"
+    );
+    n.expect(&[(
+        &new,
+        "142.250.1.1",
+        TCP443,
+        Forwarded,
+        "granted on the new port",
+    )]);
+    Ok(())
+}
+
 /// Every test above, once per OVN version.
 macro_rules! on_every_ovn {
     ($($name:ident),* $(,)?) => {
@@ -835,4 +865,5 @@ on_every_ovn!(
     with_nothing_to_learn_from_nothing_is_installed,
     an_admin_network_policy_deny_wins_over_a_grant,
     a_grant_never_overrides_network_policy_on_the_same_switch,
+    a_recreated_pods_grant_follows_its_new_port,
 );

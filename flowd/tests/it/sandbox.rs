@@ -825,6 +825,23 @@ impl Sandbox {
         })
     }
 
+    /// Deletes a pod's logical and OVS ports and makes them again, as a pod recreated under the same
+    /// name: same iface-id and addresses, a new OVS port and a new logical port key (a filler port
+    /// takes the old key first).
+    pub fn recreate_pod(&self, pod: &Pod) -> Result<Pod> {
+        let iface = pod.key.iface_id();
+        let selector = format!("external_ids:iface-id={iface}");
+        let port = self.vsctl(&["--bare", "--columns=name", "find", "interface", &selector])?;
+        self.vsctl(&["del-port", "br-int", port.trim()])?;
+        self.nbctl(&["lsp-del", &iface])?;
+        self.nbctl(&["lsp-add", "node1", &format!("filler-{}", pod.ofport)])?;
+        let host = match pod.ipv4 {
+            IpAddr::V4(v4) => v4.octets()[3],
+            IpAddr::V6(_) => bail!("pods have an IPv4 address first"),
+        };
+        self.add_pod(&pod.key.namespace, &pod.key.name, host)
+    }
+
     /// The IP OVN-K's own resolution gives rule `i`'s `dnsName` in these sandboxes: never one the
     /// tests resolve for a pod (a pod often gets other IPs than the controller did).
     pub fn controller_ip(i: usize) -> IpAddr {
