@@ -153,8 +153,8 @@ struct State {
     template: Option<Template>,
     local_subnets: Vec<IpNet>,
     node: Option<String>,
-    /// When learning the template last failed, and why (shown by readiness and the API).
-    learn_failed: Option<(Instant, LearnError)>,
+    /// Why learning the template last failed (shown by readiness); `None` once it succeeds.
+    learn_failed: Option<LearnError>,
     /// When the template was last learned (or tried): every try dumps the whole bridge.
     learned_at: Option<Instant>,
     /// A pod's switch has no router port in the template: learn it again (rate-limited).
@@ -407,7 +407,7 @@ impl<P: FlowProgrammer> Engine<P> {
         if s.template.is_some() || s.flows.is_empty() {
             return None;
         }
-        s.learn_failed.as_ref().map(|(_, e)| e.to_string())
+        s.learn_failed.as_ref().map(ToString::to_string)
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -777,7 +777,7 @@ impl<P: FlowProgrammer> Engine<P> {
                 // After a wipe nothing is written before OVN's flows have been read again.
                 _ if s.rediscover => {}
                 (Some(t), _) if !s.relearn || recent => return Ok(t.clone()),
-                (None, Some((_, e))) if recent => return Err(EngineError::NoTemplate(e.clone())),
+                (None, Some(e)) if recent => return Err(EngineError::NoTemplate(e.clone())),
                 _ => {}
             }
         }
@@ -808,12 +808,12 @@ impl<P: FlowProgrammer> Engine<P> {
                     t
                 }
                 Err(e) => {
-                    let changed = s.learn_failed.as_ref().is_none_or(|(_, old)| *old != e);
+                    let changed = s.learn_failed.as_ref() != Some(&e);
                     if changed {
                         tracing::warn!(reason = %e, "cannot learn from OVN's flows what a grant must look like; installing nothing");
                     }
                     Metrics::add(&self.inner.metrics.template_failures, 1);
-                    s.learn_failed = Some((Instant::now(), e.clone()));
+                    s.learn_failed = Some(e.clone());
                     // A template learned before stays valid until OVN's flows show another one; but
                     // not after a wipe, while ovn-controller may still be writing another OVN's flows.
                     return match &s.template {
