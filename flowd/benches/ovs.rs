@@ -31,7 +31,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
     process::{Command, Stdio},
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 use tapd::{Answer, DnsName, DnsResponse};
 
@@ -55,6 +55,7 @@ fn rules() -> FirewallRules {
 
 fn pod_info(i: u8) -> PodInfo {
     PodInfo {
+        uid: None,
         key: flowd::model::PodKey::new(NS, format!("pod{i}")),
         ips: vec![format!("10.244.1.{}", 10 + i).parse().unwrap()],
         node: Sandbox::NODE.into(),
@@ -92,7 +93,7 @@ fn engine(ofctl: Ofctl) -> Engine<Ofctl> {
 
 /// Feeds `flows` flows (answers of IPS_PER_ANSWER addresses, round robin over the pods) from `first`.
 fn feed(e: &Engine<Ofctl>, first: u32, flows: u32) {
-    let now = SystemTime::now();
+    let now = Instant::now();
     let mut k = first;
     let mut name = first / IPS_PER_ANSWER;
     while k < first + flows {
@@ -172,7 +173,7 @@ async fn latency(
         sent.lock().unwrap().insert(ip.into(), Instant::now());
         e.on_dns(
             answer((i % u32::from(PODS)) as u8, first + i, std::iter::once(ip)),
-            SystemTime::now(),
+            Instant::now(),
         );
     }
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -72,6 +72,7 @@ fn report(what: &str, per_call: Duration) {
 
 fn main() {
     let pod = PodInfo {
+        uid: None,
         key: PodKey::new("abc", "client"),
         ips: vec![IpAddr::from([10, 244, 1, 5])],
         node: "ovn-worker".into(),

@@ -45,10 +45,21 @@ fn grant_message(g: &GrantView, table: Option<u8>) -> pb::Grant {
         namespace: g.key.pod.namespace.clone(),
         pod: g.key.pod.name.clone(),
         pod_ip: g.key.src.to_string(),
-        query_name: g.reason.qname.to_string(),
-        rule_index: u32::try_from(g.reason.rule_index).unwrap_or(u32::MAX),
+        // A flow adopted from an earlier run knows its rule (by priority) but not its answer.
+        query_name: g
+            .reason
+            .as_ref()
+            .map(|r| r.qname.to_string())
+            .unwrap_or_default(),
+        rule_index: g
+            .rule_index
+            .map_or(u32::MAX, |i| u32::try_from(i).unwrap_or(u32::MAX)),
         action: verdict_name(g.verdict).to_string(),
-        dns_name: g.reason.dns_name.clone(),
+        dns_name: g
+            .reason
+            .as_ref()
+            .map(|r| r.dns_name.clone())
+            .unwrap_or_default(),
         ip: g.key.dst.to_string(),
         port: policy::l4_name(&g.key.l4),
         ttl: g.ttl,

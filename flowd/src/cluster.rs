@@ -86,7 +86,12 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo, PodSkip> {
     if ips.is_empty() {
         return Err(PodSkip::NoIp(key));
     }
-    Ok(PodInfo { key, ips, node })
+    Ok(PodInfo {
+        key,
+        uid: pod.metadata.uid.clone(),
+        ips,
+        node,
+    })
 }
 
 /// The node's name and pod subnets: OVN-K's annotation when present, else `spec.podCIDRs`.

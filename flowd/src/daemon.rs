@@ -28,7 +28,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::SystemTime,
+    time::Instant,
 };
 use tapd::config::LogFormat;
 use tokio::sync::{mpsc, watch as signal};
@@ -178,12 +178,17 @@ fn apply_cluster_event<P: FlowProgrammer>(
             let namespace = ef.namespace().unwrap_or_default();
             match FirewallRules::from_egress_firewall(&ef) {
                 Ok(rules) => {
-                    tracing::info!(%namespace, rules = rules.rules.len(), "EgressFirewall applied");
+                    let count = rules.rules.len();
                     status
                         .known()
                         .rules
                         .insert(namespace.clone(), Arc::new(rules.clone()));
-                    engine.set_rules(rules);
+                    // OVN-K writes the status once per zone: only a change of the rules counts.
+                    if engine.set_rules(rules) {
+                        tracing::info!(%namespace, rules = count, "EgressFirewall applied");
+                    } else {
+                        tracing::debug!(%namespace, "EgressFirewall updated; rules unchanged");
+                    }
                 }
                 Err(error) => {
                     // OVN-K rejects such an object too; granting nothing is the safe reading.
@@ -256,16 +261,19 @@ pub async fn run_node<P: FlowProgrammer>(
         tokio::select! {
             () = &mut shutdown => break,
             Some(event) = cluster.next() => {
-                if !sync.complete() && sync.note(&event) {
-                    tracing::info!(node = %config.node, "pods, EgressFirewalls and node listed; ready");
-                    status.ready.send_replace(true);
-                }
+                let synced = !sync.complete() && sync.note(&event);
                 if let Some(subnets) = apply_cluster_event(&engine, &status, &config.node, event) {
                     if config.pod_subnets.is_empty() && *subnets_tx.borrow() != subnets {
                         tracing::info!(?subnets, "this node's pod subnets");
                         engine.set_local_subnets(subnets.clone());
                         subnets_tx.send_replace(subnets);
                     }
+                }
+                if synced {
+                    tracing::info!(node = %config.node, "pods, EgressFirewalls and node listed; ready");
+                    // Now the flows an earlier run left can be judged against the cluster.
+                    engine.synced();
+                    status.ready.send_replace(true);
                 }
             }
             Some(change) = discovery.next() => {
@@ -275,7 +283,7 @@ pub async fn run_node<P: FlowProgrammer>(
             }
             Some(response) = events_rx.recv() => {
                 status.dns_events.fetch_add(1, Ordering::Relaxed);
-                engine.on_dns(response, SystemTime::now());
+                engine.on_dns(response, Instant::now());
             }
         }
     }

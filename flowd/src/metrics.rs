@@ -43,6 +43,14 @@ pub fn counters(m: &MetricsSnapshot, status: &Status) -> Vec<(&'static str, u64)
         ("dnsflow_flows_removed", m.flows_removed),
         ("dnsflow_flows_reinstalled", m.flows_reinstalled),
         ("dnsflow_flows_expired", m.flows_expired),
+        ("dnsflow_flows_rejected", m.flows_rejected),
+        ("dnsflow_grants_dropped", m.grants_dropped),
+        ("dnsflow_grants_dropped_pod_cap", m.grants_dropped_pod),
+        (
+            "dnsflow_grants_dropped_namespace_cap",
+            m.grants_dropped_namespace,
+        ),
+        ("dnsflow_grants_dropped_node_cap", m.grants_dropped_node),
         ("dnsflow_template_failures", m.template_failures),
         ("dnsflow_ovs_batches", m.batches),
         ("dnsflow_ovs_batch_errors", m.batch_errors),
@@ -95,6 +103,26 @@ const HELP: &[(&str, &str)] = &[
     (
         "dnsflow_flows_expired",
         "Flows OVS removed on their idle or hard timeout.",
+    ),
+    (
+        "dnsflow_flows_rejected",
+        "Flows OVS refused; dropped so that the rest of their bundle went through.",
+    ),
+    (
+        "dnsflow_grants_dropped",
+        "Grants not kept because a cap was reached (any of the three below).",
+    ),
+    (
+        "dnsflow_grants_dropped_pod_cap",
+        "Grants not kept because the pod holds --max-grants-per-pod flows.",
+    ),
+    (
+        "dnsflow_grants_dropped_namespace_cap",
+        "Grants not kept because the namespace holds --max-grants-per-namespace flows.",
+    ),
+    (
+        "dnsflow_grants_dropped_node_cap",
+        "Grants not kept because the node holds the node-wide maximum of flows.",
     ),
     (
         "dnsflow_template_failures",
@@ -166,6 +194,11 @@ pub fn render<P: FlowProgrammer>(sources: &Sources<P>) -> String {
             "Flows flowd wants in OVS now (one per grant).",
             m.flows_desired,
         ),
+        (
+            "dnsflow_grants_adopted",
+            "Of those, flows found in OVS at start and not justified by an answer since.",
+            m.flows_adopted,
+        ),
         ("dnsflow_pods", "Pods of this node flowd knows.", m.pods),
         (
             "dnsflow_pending_answers",
@@ -214,6 +247,10 @@ impl<P: FlowProgrammer> tapd::metrics::Exposition for Sources<P> {
             Some(why) => Err(format!("grants wait, installing nothing: {why}")),
             None => Ok(()),
         }
+    }
+
+    fn liveness(&self) -> Result<(), String> {
+        self.engine.stalled().map_or(Ok(()), Err)
     }
 }
 

@@ -36,6 +36,9 @@ impl fmt::Display for PodKey {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
     pub key: PodKey,
+    /// `metadata.uid`, when known: a pod recreated under the same name is another pod, and inherits
+    /// nothing of the old one (not its answers, not its flows).
+    pub uid: Option<String>,
     /// The pod's IPs (`status.podIPs`), at most one per family in practice.
     pub ips: Vec<IpAddr>,
     /// `spec.nodeName`; flows are only ever installed for pods of flowd's own node.

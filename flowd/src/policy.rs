@@ -421,6 +421,7 @@ mod tests {
 
     fn pod(ips: &[&str]) -> PodInfo {
         PodInfo {
+            uid: None,
             key: PodKey::new("abc", "client"),
             ips: ips.iter().map(|s| ip(s)).collect(),
             node: "ovn-worker".into(),

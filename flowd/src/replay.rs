@@ -28,7 +28,7 @@ use std::{
     path::{Path, PathBuf},
     process::ExitCode,
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Instant, SystemTime},
 };
 use tapd::DnsResponse;
 
@@ -509,8 +509,13 @@ fn run_engine<P: FlowProgrammer>(
     for pod in &snapshot.pods {
         engine.upsert_pod(pod.clone());
     }
+    // The engine's clock is monotonic: the answers keep their spacing, from now on.
+    let (start, first) = (Instant::now(), answers.first().map(|(_, at)| *at));
     for (resp, at) in answers {
-        engine.on_dns(resp, at);
+        let offset = first
+            .and_then(|first| at.duration_since(first).ok())
+            .unwrap_or_default();
+        engine.on_dns(resp, start + offset);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

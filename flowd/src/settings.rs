@@ -13,6 +13,8 @@
 //! | `--reconcile-interval` | `FLOWD_RECONCILE_INTERVAL` | 60s |
 //! | `--strict-dns-names` | `FLOWD_STRICT_DNS_NAMES` | false (plain names also cover subdomains) |
 //! | `--cluster-subnet` | `FLOWD_CLUSTER_SUBNETS` | OVN-K/kind pod, service and join subnets |
+//! | `--max-grants-per-pod` | `FLOWD_MAX_GRANTS_PER_POD` | 5000 |
+//! | `--max-grants-per-namespace` | `FLOWD_MAX_GRANTS_PER_NAMESPACE` | 50000 |
 
 use crate::policy::PolicySettings;
 use ipnet::IpNet;
@@ -24,6 +26,10 @@ pub use tapd::config::parse_duration;
 /// fd00:10:96::/112, join switch 100.64.0.0/16 and fd98::/64.
 pub const DEFAULT_CLUSTER_SUBNETS: &str =
     "10.244.0.0/16,fd00:10:244::/48,10.96.0.0/16,fd00:10:96::/112,100.64.0.0/16,fd98::/64";
+/// A pod talking to 5,000 distinct addresses within one idle timeout is a crawler, not a client.
+pub const DEFAULT_MAX_GRANTS_PER_POD: usize = 5_000;
+/// A tenth of the node-wide cap: ten busy namespaces still fit.
+pub const DEFAULT_MAX_GRANTS_PER_NAMESPACE: usize = 50_000;
 /// "dnsf" in ASCII: easy to spot in `ovs-ofctl dump-flows`, and never an OVN cookie (those are 32-bit).
 pub const DEFAULT_COOKIE_PREFIX: u32 = 0x646e_7366;
 
@@ -66,6 +72,13 @@ pub struct EngineSettings {
         default_value = DEFAULT_CLUSTER_SUBNETS
     )]
     pub cluster_subnets: Vec<IpNet>,
+    /// Flows one pod's answers may hold at once (and answers remembered per pod): one pod resolving
+    /// many names under a wildcard cannot starve the others. A grant beyond it is counted and logged.
+    #[arg(long, env = "FLOWD_MAX_GRANTS_PER_POD", default_value_t = DEFAULT_MAX_GRANTS_PER_POD)]
+    pub max_grants_per_pod: usize,
+    /// Flows the pods of one namespace may hold at once.
+    #[arg(long, env = "FLOWD_MAX_GRANTS_PER_NAMESPACE", default_value_t = DEFAULT_MAX_GRANTS_PER_NAMESPACE)]
+    pub max_grants_per_namespace: usize,
 }
 
 /// Why a setting is refused.
@@ -79,6 +92,8 @@ pub enum SettingsError {
     ReconcileInterval,
     #[error("--acl-table {0} leaves no table after it to continue to (at most 253)")]
     AclTable(u8),
+    #[error("--max-grants-per-pod and --max-grants-per-namespace must be at least 1")]
+    ZeroCap,
 }
 
 impl EngineSettings {
@@ -98,6 +113,9 @@ impl EngineSettings {
         if let Some(t) = self.acl_table.filter(|t| *t > 253) {
             return Err(SettingsError::AclTable(t));
         }
+        if self.max_grants_per_pod == 0 || self.max_grants_per_namespace == 0 {
+            return Err(SettingsError::ZeroCap);
+        }
         Ok(())
     }
 
@@ -111,7 +129,9 @@ impl EngineSettings {
     }
 
     /// `idle_timeout` for an answer with this TTL: max(TTL, floor) + grace, in OpenFlow's u16 seconds.
+    /// A TTL with the top bit set counts as 0 (RFC 2181 §8).
     pub fn idle_timeout(&self, ttl: u32) -> u16 {
+        let ttl = if ttl > i32::MAX as u32 { 0 } else { ttl };
         let secs = u64::from(ttl).max(self.idle_floor.as_secs()) + self.idle_grace.as_secs();
         u16::try_from(secs.max(1)).unwrap_or(u16::MAX)
     }
@@ -139,6 +159,8 @@ impl Default for EngineSettings {
                 .split(',')
                 .filter_map(|s| s.parse().ok())
                 .collect(),
+            max_grants_per_pod: DEFAULT_MAX_GRANTS_PER_POD,
+            max_grants_per_namespace: DEFAULT_MAX_GRANTS_PER_NAMESPACE,
         }
     }
 }
@@ -177,6 +199,10 @@ mod tests {
             ("br-int", None, None)
         );
         assert!(!s.strict_names);
+        assert_eq!(
+            (s.max_grants_per_pod, s.max_grants_per_namespace),
+            (5_000, 50_000)
+        );
         s.validate().unwrap();
     }
 
@@ -230,6 +256,8 @@ mod tests {
         let s = EngineSettings::default();
         assert_eq!(s.idle_timeout(5), 330);
         assert_eq!(s.idle_timeout(3600), 3630);
-        assert_eq!(s.idle_timeout(u32::MAX), u16::MAX);
+        assert_eq!(s.idle_timeout(65_535), u16::MAX);
+        assert_eq!(s.idle_timeout(1 << 31), 330, "top bit set: TTL 0");
+        assert_eq!(s.idle_timeout(u32::MAX), 330);
     }
 }

@@ -221,6 +221,10 @@ pub trait Exposition: Send + Sync + 'static {
     fn readiness(&self) -> Result<(), String> {
         Ok(())
     }
+    /// `Err(why)` while the daemon is wedged and a restart may help; `/healthz` then answers 503.
+    fn liveness(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl<F: Fn() -> String + Send + Sync + 'static + ?Sized> Exposition for F {
@@ -243,7 +247,10 @@ fn route<B, E: Exposition + ?Sized>(req: &Request<B>, exposition: &E) -> Respons
             "text/plain; version=0.0.4",
             exposition.render(),
         ),
-        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/healthz" => match exposition.liveness() {
+            Ok(()) => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+            Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why + "\n"),
+        },
         "/readyz" => match exposition.readiness() {
             Ok(()) => respond(StatusCode::OK, "text/plain", "ok\n".into()),
             Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why + "\n"),

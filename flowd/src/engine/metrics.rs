@@ -62,8 +62,13 @@ pub struct Metrics {
     pub flows_reinstalled: AtomicU64,
     /// Flows OVS removed on their idle or hard timeout, and that flowd forgot.
     pub flows_expired: AtomicU64,
-    /// Grants not kept because the engine already holds `MAX_FLOWS` flows.
+    /// Grants not kept because a cap was reached, in all and per cap (pod, namespace, node).
     pub grants_dropped: AtomicU64,
+    pub grants_dropped_pod: AtomicU64,
+    pub grants_dropped_namespace: AtomicU64,
+    pub grants_dropped_node: AtomicU64,
+    /// Flows OVS refused (found by splitting the rejected bundle), dropped so the rest goes through.
+    pub flows_rejected: AtomicU64,
     /// Tries to learn the flow template that found nothing usable in OVN's flows.
     pub template_failures: AtomicU64,
     pub batches: AtomicU64,
@@ -84,6 +89,10 @@ pub struct MetricsSnapshot {
     pub flows_reinstalled: u64,
     pub flows_expired: u64,
     pub grants_dropped: u64,
+    pub grants_dropped_pod: u64,
+    pub grants_dropped_namespace: u64,
+    pub grants_dropped_node: u64,
+    pub flows_rejected: u64,
     pub template_failures: u64,
     pub batches: u64,
     pub batch_errors: u64,
@@ -95,9 +104,11 @@ pub struct MetricsSnapshot {
     pub reconciles: u64,
     pub pending_held: u64,
     pub pending_dropped: u64,
-    /// Gauges: a template learned (1) or not, flows flowd wants now, pods it knows, answers waiting.
+    /// Gauges: a template learned (1) or not, flows flowd wants now (of which adopted from an earlier
+    /// run and not justified since), pods it knows, answers waiting.
     pub template_learned: u64,
     pub flows_desired: u64,
+    pub flows_adopted: u64,
     pub pods: u64,
     pub pending: u64,
 }
@@ -115,6 +126,10 @@ impl Metrics {
             flows_reinstalled: self.flows_reinstalled.load(Relaxed),
             flows_expired: self.flows_expired.load(Relaxed),
             grants_dropped: self.grants_dropped.load(Relaxed),
+            grants_dropped_pod: self.grants_dropped_pod.load(Relaxed),
+            grants_dropped_namespace: self.grants_dropped_namespace.load(Relaxed),
+            grants_dropped_node: self.grants_dropped_node.load(Relaxed),
+            flows_rejected: self.flows_rejected.load(Relaxed),
             template_failures: self.template_failures.load(Relaxed),
             batches: self.batches.load(Relaxed),
             batch_errors: self.batch_errors.load(Relaxed),
@@ -127,6 +142,7 @@ impl Metrics {
             pending_dropped: self.pending_dropped.load(Relaxed),
             template_learned: 0,
             flows_desired: 0,
+            flows_adopted: 0,
             pods: 0,
             pending: 0,
         }

@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 use flowd::{
     egressfirewall::EgressFirewall, model::Protocol, rules::FirewallRules, settings::EngineSettings,
 };
-use std::{collections::HashMap, net::IpAddr, sync::Arc, time::SystemTime};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Instant};
 use tapd::{Answer, DnsName, DnsResponse};
 use tokio::task::block_in_place;
 
@@ -284,7 +284,7 @@ async fn oracle(ovn: Ovn) -> Result<()> {
                     let answers = ips.into_iter().map(|ip| Answer { ip, ttl: 300 }).collect();
                     let name = DnsName::new(qname)?;
                     let resp = DnsResponse::noerror(client, name, Vec::new(), answers);
-                    engine.on_dns(resp, SystemTime::now());
+                    engine.on_dns(resp, Instant::now());
                 }
             }
         }

@@ -12,7 +12,7 @@ use serde_json::json;
 use std::{
     net::IpAddr,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 use tapd::{Answer, DnsName, DnsResponse};
 use tokio::task::{block_in_place, JoinHandle};
@@ -135,7 +135,7 @@ impl Node {
             pod.ipv4
         };
         self.engine
-            .on_dns(answer(client, qname, chain, answers), SystemTime::now());
+            .on_dns(answer(client, qname, chain, answers), Instant::now());
     }
 
     fn flows(&self) -> Vec<String> {
@@ -523,46 +523,87 @@ async fn grants_are_back_within_a_second_after_ovn_controller_restarts(ovn: Ovn)
     Ok(())
 }
 
-async fn a_restarted_engine_keeps_valid_flows_removes_stale_ones_without_duplicates(
+async fn a_restarted_engine_adopts_its_flows_and_removes_only_what_the_cluster_disallows(
     ovn: Ovn,
 ) -> Result<()> {
     let n = node(ovn, google()).await?;
     n.dns(&n.pod1, "google.com", &[], &["142.250.1.1", "142.250.1.2"]);
     n.dns(&n.pod2, "google.com", &[], &["142.250.1.3"]);
     n.settle(3).await?;
+    let per_grant = flows_for_grants(&n.engine).expect("a template") / 3;
     n.task.abort();
     let sb = Arc::clone(&n.sb);
     let (pod1, pod2) = (n.pod1.clone(), n.pod2.clone());
     drop(n);
+    let prefix = settings().cookie_prefix;
+    let ours = || block_in_place(|| sb.dnsflow_flows(prefix));
 
-    // The new run hears again only part of the answers (tapd's replay of still-valid ones).
-    let (engine, task) = start_engine(&sb, settings(), &google(), &[&pod1, &pod2]);
+    // The new run hears again only part of the answers (tapd's replay of still-valid ones), and pod2
+    // was deleted while flowd was away. Until the cluster is listed, nothing is removed.
+    let (engine, task) = start_engine(&sb, settings(), &google(), &[&pod1]);
     engine.on_dns(
         answer(pod1.ipv4, "google.com", &[], &["142.250.1.1"]),
-        SystemTime::now(),
+        Instant::now(),
     );
-    engine.flush().await?;
     engine.reconcile().await?;
-    let flows = block_in_place(|| sb.dnsflow_flows(engine.settings().cookie_prefix))?;
-    task.abort();
-    let per_grant = flows_for_grants(&engine).expect("a template");
     assert_eq!(
-        flows.len(),
-        per_grant,
-        "the flows of the one valid grant: {flows:#?}"
+        ours()?.len(),
+        3 * per_grant,
+        "every flow adopted: {:#?}",
+        ours()?
     );
-    assert!(flows[0].contains("nw_dst=142.250.1.1"));
+    assert_eq!(engine.metrics_snapshot().flows_adopted, 2);
+    expect_traces(
+        &sb,
+        &[
+            (&pod1, "142.250.1.1", TCP443, Forwarded, "heard again"),
+            (&pod1, "142.250.1.2", TCP443, Forwarded, "adopted"),
+            (
+                &pod2,
+                "142.250.1.3",
+                TCP443,
+                Forwarded,
+                "adopted, cluster not listed yet",
+            ),
+        ],
+    );
+
+    // Listed: the flow of the deleted pod goes; the one its rule still allows stays until OVS idles it.
+    engine.synced();
+    engine.flush().await?;
+    assert_eq!(ours()?.len(), 2 * per_grant, "{:#?}", ours()?);
     expect_traces(
         &sb,
         &[
             (&pod1, "142.250.1.1", TCP443, Forwarded, "kept"),
-            (&pod1, "142.250.1.2", TCP443, Dropped, "stale, removed"),
-            (&pod2, "142.250.1.3", TCP443, Dropped, "stale, removed"),
+            (
+                &pod1,
+                "142.250.1.2",
+                TCP443,
+                Forwarded,
+                "its rule is unchanged",
+            ),
+            (&pod2, "142.250.1.3", TCP443, Dropped, "its pod is gone"),
         ],
     );
+    engine.reconcile().await?;
     assert_eq!(
-        engine.metrics_snapshot().flows_removed as usize,
-        2 * per_grant
+        ours()?.len(),
+        2 * per_grant,
+        "no duplicate, nothing re-adopted"
+    );
+
+    // The rule at its priority changes: the adopted flow goes with the one no answer allows any more.
+    engine.set_rules(rules(json!([
+        {"type": "Allow", "to": {"dnsName": "example.com"}},
+        {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}
+    ])));
+    engine.flush().await?;
+    task.abort();
+    assert_eq!(ours()?.len(), 0, "{:#?}", ours()?);
+    expect_traces(
+        &sb,
+        &[(&pod1, "142.250.1.2", TCP443, Dropped, "rule changed")],
     );
     Ok(())
 }
@@ -576,7 +617,7 @@ async fn an_idle_flow_leaves_ovs_and_the_engine(ovn: Ovn) -> Result<()> {
     let n = node_with(ovn, google(), quick).await?;
     let mut short = answer(n.pod1.ipv4, "google.com", &[], &["142.250.1.1"]);
     short.answers[0].ttl = 1;
-    n.engine.on_dns(short, SystemTime::now());
+    n.engine.on_dns(short, Instant::now());
     n.dns(&n.pod1, "google.com", &[], &["142.250.1.2"]);
     n.settle(2).await?;
     n.expect(&[(&n.pod1, "142.250.1.1", TCP443, Forwarded, "before expiry")]);
@@ -698,7 +739,7 @@ async fn with_nothing_to_learn_from_nothing_is_installed(ovn: Ovn) -> Result<()>
     let (engine, task) = start_engine(&sb, settings(), &google(), &[&pod1]);
     engine.on_dns(
         answer(pod1.ipv4, "google.com", &[], &["142.250.1.1"]),
-        SystemTime::now(),
+        Instant::now(),
     );
     let blocked = poll(APPLY_TIMEOUT, || engine.blocked().is_some()).await;
     task.abort();
@@ -773,7 +814,7 @@ async fn a_grant_never_overrides_network_policy_on_the_same_switch(ovn: Ovn) -> 
             &[],
             &[&victim.ipv4.to_string(), "142.250.1.1"],
         ),
-        SystemTime::now(),
+        Instant::now(),
     );
     let settled = settle(&sb, &engine, 2).await;
     task.abort();
@@ -858,7 +899,7 @@ on_every_ovn!(
     a_cname_chain_is_followed_and_upper_case_is_normalized,
     an_answer_inside_the_cluster_subnets_gets_nothing,
     grants_are_back_within_a_second_after_ovn_controller_restarts,
-    a_restarted_engine_keeps_valid_flows_removes_stale_ones_without_duplicates,
+    a_restarted_engine_adopts_its_flows_and_removes_only_what_the_cluster_disallows,
     an_idle_flow_leaves_ovs_and_the_engine,
     a_removed_pods_flows_are_gone,
     the_template_and_pod_keys_are_learned_from_ovn,

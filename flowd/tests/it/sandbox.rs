@@ -206,6 +206,7 @@ impl Pod {
     /// The pod as flowd's engine knows it (on node `node1`).
     pub fn info(&self) -> flowd::model::PodInfo {
         flowd::model::PodInfo {
+            uid: None,
             key: self.key.clone(),
             ips: vec![self.ipv4, self.ipv6],
             node: Sandbox::NODE.into(),
