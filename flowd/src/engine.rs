@@ -1147,6 +1147,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_flow_ovs_refuses_is_dropped_and_the_rest_of_its_batch_and_every_delete_go_through() {
+        let e = engine();
+        e.upsert_pod(pod("pod1", "10.244.1.5"));
+        e.upsert_pod(pod("pod2", "10.244.1.6"));
+        e.on_dns(
+            answer("10.244.1.6", "google.com", &[("142.250.9.9", 60)]),
+            Instant::now(),
+        );
+        e.flush().await.unwrap();
+        // One bad flow among four, and a revocation in the same batch.
+        e.programmer().refuse(ip("142.250.1.3"));
+        e.remove_pod(&PodKey::new(NS, "pod2"));
+        let four = [1, 2, 3, 4].map(|i| (format!("142.250.1.{i}"), 60));
+        let four: Vec<(&str, u32)> = four.iter().map(|(a, t)| (a.as_str(), *t)).collect();
+        e.on_dns(answer("10.244.1.5", "google.com", &four), Instant::now());
+        e.flush().await.unwrap();
+        let mut dsts: Vec<IpAddr> = e
+            .programmer()
+            .flows()
+            .iter()
+            .map(|f| f.matches.dst)
+            .collect();
+        dsts.sort();
+        assert_eq!(
+            dsts,
+            [ip("142.250.1.1"), ip("142.250.1.2"), ip("142.250.1.4")],
+            "pod2's flow revoked, the refused one dropped, the rest written"
+        );
+        let m = e.metrics_snapshot();
+        assert_eq!((m.flows_rejected, m.flows_desired), (1, 3));
+        assert!(e.grants(None, None).iter().all(|g| g.installed));
+        assert!(e.stalled().is_none(), "OVS answered: alive");
+        assert!(!e.has_pending_changes());
+    }
+
+    #[tokio::test]
     async fn a_hard_timeout_ends_the_grant_even_before_its_ttl() {
         let capped = EngineSettings {
             hard_cap: Some(Duration::from_secs(60)),

@@ -118,8 +118,10 @@ struct PodEntry {
     /// When its keys were last looked for in vain (a pod without an OVN port, e.g. host-network).
     keys_missed: Option<Instant>,
     memory: AnswerMemory,
-    /// Flows justified by its answers (adopted ones not counted): what the per-pod cap bounds.
+    /// Flows justified by its answers (adopted ones not counted): what the per-pod cap bounds...
     grants: usize,
+    /// ...and their destinations, with how many flows each (what keeps a remembered answer).
+    dsts: HashMap<IpAddr, u32>,
     cap_logged: Option<Instant>,
 }
 
@@ -373,12 +375,17 @@ impl Core {
     }
 
     /// Counts a justified flow in (`+1`) or out (`-1`) of its pod's and namespace's totals.
-    fn count(&mut self, pod: u16, delta: isize) {
-        let Some(key) = self.by_id.get(&pod).cloned() else {
+    fn count(&mut self, id: FlowId, delta: isize) {
+        let Some(key) = self.by_id.get(&id.pod).cloned() else {
             return;
         };
         if let Some(p) = self.pods.get_mut(&key) {
             p.grants = p.grants.saturating_add_signed(delta);
+            let n = p.dsts.entry(id.dst).or_default();
+            *n = n.saturating_add_signed(delta as i32);
+            if *n == 0 {
+                p.dsts.remove(&id.dst);
+            }
         }
         let n = self.per_namespace.entry(key.namespace).or_default();
         *n = n.saturating_add_signed(delta);
@@ -389,7 +396,7 @@ impl Core {
         self.dirty.remove(&id);
         if let Some(f) = self.flows.remove(&id) {
             if f.adopted.is_none() {
-                self.count(id.pod, -1);
+                self.count(id, -1);
             }
             let deletes = self.deletes(id, &f, f.verdict);
             if !deletes.is_empty() {
@@ -403,7 +410,7 @@ impl Core {
     fn expire_flow(&mut self, id: FlowId) {
         if let Some(f) = self.flows.remove(&id) {
             if f.adopted.is_none() {
-                self.count(id.pod, -1);
+                self.count(id, -1);
             }
             Metrics::add(&self.metrics.flows_expired, 1);
         }
@@ -478,6 +485,7 @@ impl Core {
                 keys_missed: None,
                 memory: AnswerMemory::default(),
                 grants: 0,
+                dsts: HashMap::new(),
                 cap_logged: None,
             },
         );
@@ -588,25 +596,19 @@ impl Core {
             let Some(id) = self.pods.get(&key).map(|p| p.id) else {
                 continue;
             };
-            let in_use: HashSet<IpAddr> = self
-                .flows
-                .keys()
-                .filter(|f| f.pod == id)
-                .map(|f| f.dst)
-                .collect();
             let mut grants = Vec::new();
             if let Some(pod) = self.pods.get_mut(&key) {
-                pod.memory.prune(now, |ip| in_use.contains(&ip));
-                if let Some(rules) = &rules {
-                    for remembered in pod.memory.responses(pod.info.ips[0]) {
-                        for client in &pod.info.ips {
-                            let mut resp = remembered.response.clone();
-                            resp.client = *client;
-                            let decided = policy::decide(&resp, &pod.info, rules, &self.policy);
-                            for (g, reason) in share_reasons(decided.grants) {
-                                let at = remembered.at.get(&g.key.dst).copied().unwrap_or(now);
-                                grants.push((g, reason, at));
-                            }
+                let dsts = &pod.dsts;
+                pod.memory.prune(now, |ip| dsts.contains_key(&ip));
+                // The flow's source is the pod's address of the answer's family, whichever of the
+                // pod's addresses asked.
+                if let (Some(rules), Some(client)) = (&rules, pod.info.ips.first()) {
+                    for remembered in pod.memory.responses(*client) {
+                        let decided =
+                            policy::decide(&remembered.response, &pod.info, rules, &self.policy);
+                        for (g, reason) in share_reasons(decided.grants) {
+                            let at = remembered.at.get(&g.key.dst).copied().unwrap_or(now);
+                            grants.push((g, reason, at));
                         }
                     }
                 }
@@ -665,25 +667,16 @@ impl Core {
             None => Vec::new(),
         };
         if resp.is_noerror() && !resp.answers.is_empty() {
-            let id = pod.id;
-            let in_use: HashSet<IpAddr> = if pod.memory.len() >= self.settings.max_grants_per_pod {
-                self.flows
-                    .keys()
-                    .filter(|f| f.pod == id)
-                    .map(|f| f.dst)
-                    .collect()
-            } else {
-                HashSet::new()
-            };
             let settings = &self.settings;
             let cap = settings.max_grants_per_pod;
             if let Some(pod) = self.pods.get_mut(&key) {
+                let dsts = &pod.dsts;
                 pod.memory.remember(
                     &resp,
                     at,
                     |ttl| at + Duration::from_secs(settings.idle_timeout(ttl).into()),
                     cap,
-                    |ip| in_use.contains(&ip),
+                    |ip| dsts.contains_key(&ip),
                 );
             }
         }
@@ -758,7 +751,7 @@ impl Core {
                     adopted: None,
                 },
             );
-            self.count(id.pod, 1);
+            self.count(id, 1);
             self.mark_dirty(id);
             return;
         };
@@ -775,7 +768,7 @@ impl Core {
         f.idle = idle;
         f.expires = f.expires.max(expires);
         if was_adopted {
-            self.count(id.pod, 1);
+            self.count(id, 1);
         }
         if let Some(old) = old {
             let deletes = self.deletes(id, &old, old.verdict);
@@ -1043,7 +1036,7 @@ impl Core {
             if let Some(f) = self.flows.get_mut(&id) {
                 // Written again on the pod's new port, not the one it was found on.
                 if f.adopted.take().is_some() {
-                    self.count(id.pod, 1);
+                    self.count(id, 1);
                 }
             }
             self.mark_dirty(id);
@@ -1152,7 +1145,7 @@ impl Core {
     pub fn rejected(&mut self, id: FlowId, error: &str) {
         if let Some(f) = self.flows.remove(&id) {
             if f.adopted.is_none() {
-                self.count(id.pod, -1);
+                self.count(id, -1);
             }
             Metrics::add(&self.metrics.flows_rejected, 1);
             let pod = self.by_id.get(&id.pod).map(ToString::to_string);
@@ -1294,14 +1287,9 @@ impl Core {
         }
         self.judge_adopted();
         // What pods were told and no flow uses any more goes once it has expired.
-        let mut in_use: HashMap<u16, HashSet<IpAddr>> = HashMap::new();
-        for id in self.flows.keys() {
-            in_use.entry(id.pod).or_default().insert(id.dst);
-        }
         for pod in self.pods.values_mut() {
-            let used = in_use.get(&pod.id);
-            pod.memory
-                .prune(now, |ip| used.is_some_and(|u| u.contains(&ip)));
+            let dsts = &pod.dsts;
+            pod.memory.prune(now, |ip| dsts.contains_key(&ip));
         }
     }
 
@@ -1357,5 +1345,364 @@ impl Core {
     #[cfg(test)]
     pub(super) fn every_pod_has_keys(&self) -> bool {
         self.pods.values().all(|p| p.keys.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The core on an injected clock: no test here sleeps.
+    use super::*;
+    use crate::{
+        egressfirewall::EgressFirewall,
+        ovs::{template::Pipeline, template::Variant, Actions},
+        settings::DEFAULT_MAX_GRANTS_PER_POD,
+    };
+    use serde_json::json;
+    use tapd::{Answer, DnsName};
+
+    const NS: &str = "ns1";
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn template() -> Template {
+        Template {
+            table: 46,
+            pipeline: Pipeline::Continue,
+            tier: None,
+            allow: vec![Variant {
+                hint: None,
+                actions: Actions::new("resubmit(,47)").unwrap(),
+            }],
+            uplinks: [(1, 1)].into(),
+        }
+    }
+
+    fn rules(egress: serde_json::Value) -> FirewallRules {
+        FirewallRules::from_egress_firewall(&EgressFirewall::inline(NS, egress).unwrap()).unwrap()
+    }
+
+    fn google() -> FirewallRules {
+        rules(json!([
+            {"type": "Allow", "to": {"dnsName": "*.google.com"}},
+            {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}
+        ]))
+    }
+
+    fn pod(name: &str, ips: &[&str], uid: &str) -> PodInfo {
+        PodInfo {
+            key: PodKey::new(NS, name),
+            uid: Some(uid.into()),
+            ips: ips.iter().map(|a| ip(a)).collect(),
+            node: "node1".into(),
+        }
+    }
+
+    fn answer(client: &str, qname: &str, ips: &[&str], ttl: u32) -> DnsResponse {
+        DnsResponse::noerror(
+            ip(client),
+            DnsName::new(qname).unwrap(),
+            Vec::new(),
+            ips.iter().map(|a| Answer { ip: ip(a), ttl }).collect(),
+        )
+    }
+
+    /// A core on a bridge where pods pod1 (10.244.1.5, fd00:10:244:1::5) and pod2 (10.244.1.6) have
+    /// ports, idle timeouts of exactly the TTL, and the template written.
+    fn core(settings: EngineSettings, t0: Instant) -> Core {
+        let mut c = Core::new(
+            EngineSettings {
+                idle_floor: Duration::ZERO,
+                idle_grace: Duration::ZERO,
+                ..settings
+            },
+            Arc::default(),
+        );
+        c.set_template(template());
+        c.set_rules(google(), t0);
+        c.upsert_pod(pod("pod1", &["10.244.1.5", "fd00:10:244:1::5"], "u1"), t0);
+        c.upsert_pod(pod("pod2", &["10.244.1.6"], "u2"), t0);
+        let asked = c.keys_wanted(false, t0).unwrap();
+        let found = [("ns1_pod1", 2), ("ns1_pod2", 3)]
+            .map(|(i, reg14)| (i.to_owned(), PortKeys { metadata: 1, reg14 }))
+            .into();
+        c.set_keys(&asked, &found, t0);
+        c
+    }
+
+    /// Writes the pending batch as OVS would take it; returns the deletes and the added destinations.
+    fn write(c: &mut Core) -> (Vec<FlowOp>, Vec<IpAddr>) {
+        let t = template();
+        let batch = c.take_batch(&t);
+        let ids: Vec<FlowId> = batch.adds.iter().map(|(id, _)| *id).collect();
+        c.written(&ids, &t);
+        let mut dsts: Vec<IpAddr> = ids.iter().map(|id| id.dst).collect();
+        dsts.sort();
+        (batch.deletes, dsts)
+    }
+
+    fn dsts(c: &Core) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = c.flows.keys().map(|f| f.dst).collect();
+        v.sort();
+        v
+    }
+
+    /// A flow as `dump-flows` (with `priority`) or the monitor (without) reads it back.
+    fn parsed(cookie: Cookie, m: &FlowMatch, idle: u16, priority: Option<u16>) -> ParsedFlow {
+        ParsedFlow {
+            cookie,
+            table: m.table,
+            priority,
+            idle_timeout: Some(idle),
+            hard_timeout: None,
+            fields: Some(crate::ovs::flow::MatchFields {
+                metadata: Some(m.metadata),
+                reg14: Some(m.reg14),
+                reg15: m.outport.map(crate::ovs::RegMatch::exact),
+                reg0: m.hint,
+                reg8: m.tier,
+                foreign: false,
+                src: Some(m.src),
+                dst: Some(m.dst),
+                l4: m.l4,
+                v6: m.dst.is_ipv6(),
+            }),
+            actions: Some("resubmit(,47)".into()),
+        }
+    }
+
+    /// OVS's idle removal of the flow to `dst`, as the monitor reports it.
+    fn idled(c: &mut Core, dst: &str, now: Instant) -> Monitored {
+        let t = template();
+        let (id, f) = c.flows.iter().find(|(id, _)| id.dst == ip(dst)).unwrap();
+        let keys = c.flow_keys(id, f).unwrap();
+        let (m, _) = physical(&t, keys, id, f.verdict).unwrap().remove(0);
+        let cookie = Cookie::new(c.settings.cookie_prefix, id.pod, id.priority);
+        let flow = parsed(cookie, &m, f.idle, None);
+        c.on_flow_event(FlowEvent::Deleted(RemovedReason::Idle, flow), now)
+    }
+
+    #[test]
+    fn a_then_aaaa_and_round_robin_answers_keep_every_flow_through_rule_updates() {
+        let t0 = Instant::now();
+        let mut c = core(EngineSettings::default(), t0);
+        c.on_dns(
+            answer("10.244.1.5", "www.google.com", &["142.250.1.1"], 300),
+            t0,
+            t0,
+        );
+        let aaaa = answer("fd00:10:244:1::5", "www.google.com", &["2a00:1450::1"], 300);
+        c.on_dns(aaaa, t0, t0);
+        // The next round-robin answer names another address.
+        let t1 = t0 + MINUTE;
+        c.on_dns(
+            answer("10.244.1.5", "www.google.com", &["142.250.1.2"], 300),
+            t1,
+            t1,
+        );
+        let (deletes, added) = write(&mut c);
+        assert!(deletes.is_empty());
+        assert_eq!(added.len(), 3);
+
+        // A status-only update (the same rules) changes nothing at all.
+        assert!(!c.set_rules(google(), t1));
+        assert!(!c.has_pending_changes());
+        // A spec change that still allows them keeps every flow, deleting nothing.
+        let t2 = t1 + MINUTE;
+        let wider = rules(json!([
+            {"type": "Allow", "to": {"dnsName": "*.google.com"}},
+            {"type": "Allow", "to": {"dnsName": "example.com"}},
+            {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}
+        ]));
+        assert!(c.set_rules(wider, t2));
+        let (deletes, _) = write(&mut c);
+        assert!(deletes.is_empty(), "{deletes:?}");
+        assert_eq!(dsts(&c).len(), 3);
+
+        // Each address expires on its own TTL: the first answer's goes, the newer one stays.
+        let t3 = t0 + Duration::from_secs(300);
+        assert_eq!(idled(&mut c, "142.250.1.1", t3), Monitored::Nothing);
+        assert_eq!(dsts(&c), [ip("142.250.1.2"), ip("2a00:1450::1")]);
+        // An idle report for a flow whose answer is still young is a flow to write again.
+        assert_eq!(idled(&mut c, "142.250.1.2", t3), Monitored::Write);
+        assert_eq!(dsts(&c).len(), 2);
+    }
+
+    #[test]
+    fn a_recompute_removes_exactly_what_the_new_rules_no_longer_allow() {
+        let t0 = Instant::now();
+        let mut c = core(EngineSettings::default(), t0);
+        c.on_dns(
+            answer("10.244.1.5", "mail.google.com", &["142.250.1.1"], 300),
+            t0,
+            t0,
+        );
+        c.on_dns(
+            answer("10.244.1.5", "example.com", &["93.184.216.34"], 300),
+            t0,
+            t0,
+        );
+        write(&mut c);
+        assert_eq!(
+            dsts(&c),
+            [ip("142.250.1.1")],
+            "example.com is not allowed yet"
+        );
+        // Long past every TTL, a rule change still decides from what the pod was told while its flow
+        // carries traffic; what no flow uses is forgotten.
+        let late = t0 + Duration::from_secs(3600);
+        let both = rules(json!([
+            {"type": "Allow", "to": {"dnsName": "*.google.com"}},
+            {"type": "Allow", "to": {"dnsName": "example.com"}}
+        ]));
+        c.set_rules(both, late);
+        let (deletes, added) = write(&mut c);
+        assert!(
+            deletes.is_empty() && added.is_empty(),
+            "{deletes:?} {added:?}"
+        );
+        assert_eq!(dsts(&c), [ip("142.250.1.1")]);
+        // The rule goes: its flows go at once.
+        c.set_rules(
+            rules(json!([{"type": "Allow", "to": {"dnsName": "example.com"}}])),
+            late,
+        );
+        let (deletes, _) = write(&mut c);
+        assert_eq!(deletes.len(), 1);
+        assert!(dsts(&c).is_empty());
+        // And a pod that leaves takes its flows with it.
+        c.on_dns(
+            answer("10.244.1.6", "example.com", &["93.184.216.34"], 300),
+            late,
+            late,
+        );
+        write(&mut c);
+        c.remove_pod(&PodKey::new(NS, "pod2"));
+        let (deletes, _) = write(&mut c);
+        assert!(matches!(deletes[..], [FlowOp::DeleteCookie { .. }]));
+        assert!(dsts(&c).is_empty());
+    }
+
+    #[test]
+    fn a_pod_recreated_under_its_name_inherits_nothing() {
+        let t0 = Instant::now();
+        let mut c = core(EngineSettings::default(), t0);
+        c.on_dns(
+            answer("10.244.1.5", "www.google.com", &["142.250.1.1"], 300),
+            t0,
+            t0,
+        );
+        write(&mut c);
+        c.upsert_pod(pod("pod1", &["10.244.1.5"], "new-uid"), t0);
+        assert!(dsts(&c).is_empty());
+        c.set_rules(
+            rules(json!([{"type": "Allow", "to": {"dnsName": "google.com"}}])),
+            t0,
+        );
+        assert!(
+            dsts(&c).is_empty(),
+            "the old pod's answers are not the new pod's"
+        );
+    }
+
+    #[test]
+    fn one_pod_with_ten_thousand_answers_does_not_starve_another() {
+        let t0 = Instant::now();
+        let settings = EngineSettings {
+            max_grants_per_namespace: 6_000,
+            ..EngineSettings::default()
+        };
+        let mut c = core(settings, t0);
+        for i in 0..10_000u32 {
+            let [_, _, a, b] = i.to_be_bytes();
+            let name = format!("h{i}.google.com");
+            let addr = format!("142.251.{a}.{b}");
+            c.on_dns(answer("10.244.1.5", &name, &[&addr], 300), t0, t0);
+        }
+        assert_eq!(c.flows.len(), DEFAULT_MAX_GRANTS_PER_POD);
+        assert_eq!(
+            c.pods[&PodKey::new(NS, "pod1")].memory.len(),
+            DEFAULT_MAX_GRANTS_PER_POD
+        );
+        c.on_dns(
+            answer("10.244.1.6", "www.google.com", &["142.250.1.1"], 300),
+            t0,
+            t0,
+        );
+        assert!(
+            c.flows.keys().any(|f| f.dst == ip("142.250.1.1")),
+            "the other pod is granted"
+        );
+        let m = c.metrics.snapshot();
+        assert_eq!(m.grants_dropped_pod, 5_000);
+        // The namespace cap holds too: pod2 may take 999 more, not 1,000.
+        for i in 0..1_000u32 {
+            let addr = format!("142.252.{}.{}", i / 250, i % 250);
+            c.on_dns(answer("10.244.1.6", "x.google.com", &[&addr], 300), t0, t0);
+        }
+        assert_eq!(c.flows.len(), 6_000);
+        assert_eq!(c.metrics.snapshot().grants_dropped_namespace, 1);
+    }
+
+    #[test]
+    fn adopted_flows_are_judged_once_the_cluster_is_listed() {
+        let t0 = Instant::now();
+        let mut c = core(EngineSettings::default(), t0);
+        let t = template();
+        // Flows an earlier run left: pod1's allowed one, one for a pod that is gone, and one with
+        // ports its rule does not have.
+        let pod1 = c.pods[&PodKey::new(NS, "pod1")].id;
+        let keys = PortKeys {
+            metadata: 1,
+            reg14: 2,
+        };
+        let dump: Vec<ParsedFlow> = [
+            (pod1, "10.244.1.5", "142.250.1.1", None),
+            (pod1.wrapping_add(7), "10.244.1.9", "142.250.1.2", None),
+            (
+                pod1,
+                "10.244.1.5",
+                "142.250.1.3",
+                Some(PortMatch {
+                    protocol: crate::model::Protocol::Tcp,
+                    port: 22,
+                }),
+            ),
+        ]
+        .into_iter()
+        .map(|(pod, src, dst, l4)| {
+            let id = FlowId {
+                pod,
+                priority: 11000,
+                src: ip(src),
+                dst: ip(dst),
+                l4,
+            };
+            let (m, _) = physical(&t, keys, &id, Verdict::Allow).unwrap().remove(0);
+            let cookie = Cookie::new(c.settings.cookie_prefix, pod, 11000);
+            parsed(cookie, &m, 100, Some(11000))
+        })
+        .collect();
+        c.reconcile(&dump, &t, t0);
+        assert_eq!(
+            c.flows.len(),
+            3,
+            "all adopted, nothing judged before the cluster is listed"
+        );
+        assert!(!c.has_pending_changes());
+        assert!(c.set_synced());
+        let (deletes, _) = write(&mut c);
+        assert_eq!(deletes.len(), 2, "{deletes:?}");
+        assert_eq!(dsts(&c), [ip("142.250.1.1")]);
+        // A replayed answer justifies it: it counts as the pod's from now on.
+        c.on_dns(
+            answer("10.244.1.5", "www.google.com", &["142.250.1.1"], 300),
+            t0,
+            t0,
+        );
+        assert!(c.flows.values().all(|f| f.adopted.is_none()));
+        assert_eq!(c.pods[&PodKey::new(NS, "pod1")].grants, 1);
     }
 }

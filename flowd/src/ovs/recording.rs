@@ -24,6 +24,7 @@ struct State {
     template: Option<Template>,
     keys: HashMap<String, PortKeys>,
     monitors: Vec<mpsc::Sender<FlowEvent>>,
+    refused: std::collections::HashSet<std::net::IpAddr>,
 }
 
 /// A fake bridge; see the module doc.
@@ -81,6 +82,12 @@ impl Recording {
     }
 
     /// Makes the next `n` batches fail.
+    /// Every later bundle that adds a flow to `dst` is refused whole, as OVS refuses a bundle with one
+    /// bad flow.
+    pub fn refuse(&self, dst: std::net::IpAddr) {
+        self.lock().refused.insert(dst);
+    }
+
     pub fn fail_next(&self, n: usize) {
         self.failures.store(n, std::sync::atomic::Ordering::SeqCst);
     }
@@ -156,6 +163,19 @@ impl FlowProgrammer for Recording {
             });
         }
         let mut s = self.lock();
+        let refused = ops.iter().any(|op| match op {
+            FlowOp::Add(f) => s.refused.contains(&f.matches.dst),
+            _ => false,
+        });
+        if refused {
+            use std::os::unix::process::ExitStatusExt as _;
+            return Err(super::OvsError::Failed {
+                program: "recording",
+                args: "--bundle add-flows".into(),
+                status: std::process::ExitStatus::from_raw(1 << 8),
+                stderr: "OFPT_ERROR: OFPBAC_BAD_ARGUMENT".into(),
+            });
+        }
         let mut events = Vec::new();
         for op in ops {
             match op {
