@@ -2,7 +2,8 @@
 //! keywords and formatted integers; flows go through stdin of one `--bundle` process per batch.
 //!
 //! No call can wedge flowd: each one runs under [`Ofctl::with_timeout`], past which the child is
-//! killed and reaped.
+//! killed and reaped. The long-lived `ovs-ofctl monitor` runs under `setpriv --pdeathsig KILL`, so
+//! the kernel kills it when flowd dies, even by SIGKILL.
 
 use super::{
     discovery::{self, PortKeys},
@@ -10,15 +11,24 @@ use super::{
     template::{self, LearnError, Template},
     FlowProgrammer, OvsError, Result, MONITOR_QUEUE,
 };
-use std::{collections::HashMap, ffi::OsString, process::Stdio, time::Duration};
+use std::{
+    collections::HashMap,
+    ffi::{OsStr, OsString},
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{mpsc as std_mpsc, Mutex, OnceLock},
+    time::Duration,
+};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     process::{Child, Command},
-    sync::mpsc,
+    runtime::Handle,
+    sync::{mpsc, oneshot},
 };
 
 const OFCTL: &str = "ovs-ofctl";
 const VSCTL: &str = "ovs-vsctl";
+const SETPRIV: &str = "setpriv";
 /// Cap on what one `ovs-ofctl`/`ovs-vsctl` call may print: a dump of 200,000 flows is ~60 MiB.
 pub const MAX_OUTPUT: usize = 256 << 20;
 /// Cap on the flows one dump returns: far above what one node's pods resolve, bounded all the same.
@@ -63,7 +73,7 @@ impl Ofctl {
         self
     }
 
-    fn command(&self, program: &'static str) -> Command {
+    fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut c = Command::new(program);
         c.envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -168,6 +178,90 @@ async fn converse(
 async fn reap(child: &mut Child) {
     // An error means it had already exited and been reaped.
     let _ = tokio::time::timeout(REAP_WAIT, child.kill()).await;
+}
+
+/// util-linux `setpriv`, looked up on flowd's PATH once; its absence is warned about once.
+fn setpriv() -> Option<&'static Path> {
+    static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            let found = std::env::var_os("PATH").and_then(|path| find_program(&path, SETPRIV));
+            if found.is_none() {
+                tracing::warn!(
+                    "setpriv (util-linux) is not on PATH: if flowd is killed, its ovs-ofctl monitor \
+                     lives on"
+                );
+            }
+            found
+        })
+        .as_deref()
+}
+
+/// The first executable `name` in the absolute directories of `path` (a `PATH` value).
+fn find_program(path: &OsStr, name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(path)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// The program and arguments that run `ovs-ofctl args` for as long as flowd lives: behind
+/// `setpriv --pdeathsig KILL`, which asks the kernel to kill it when its parent dies (one that dies in
+/// the instant between the fork and setpriv's prctl escapes it; that window is microseconds).
+fn lifelong_argv(setpriv: Option<&Path>, args: &[&str]) -> (OsString, Vec<OsString>) {
+    let args = args.iter().map(OsString::from);
+    match setpriv {
+        Some(setpriv) => (
+            setpriv.into(),
+            ["--pdeathsig", "KILL", "--", OFCTL]
+                .into_iter()
+                .map(OsString::from)
+                .chain(args)
+                .collect(),
+        ),
+        None => (OFCTL.into(), args.collect()),
+    }
+}
+
+/// A command for the spawner thread, the runtime its child belongs to, and where the child goes.
+type SpawnJob = (Command, Handle, oneshot::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` from a thread that lives as long as flowd. The parent-death signal is bound to the
+/// *thread* that forked the child, not to the process: a tokio worker normally lives as long as its
+/// runtime, but one that enters `block_in_place` hands its work to a new thread and may then idle
+/// out, which would kill a monitor while flowd is well.
+async fn spawn_lifelong(cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: Mutex<Option<std_mpsc::Sender<SpawnJob>>> = Mutex::new(None);
+    let (reply, child) = oneshot::channel();
+    let job = (cmd, Handle::current(), reply);
+    {
+        let mut spawner = SPAWNER.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = match &*spawner {
+            Some(tx) => tx.clone(),
+            None => {
+                let (tx, rx) = std_mpsc::channel::<SpawnJob>();
+                std::thread::Builder::new()
+                    .name("flowd-ovs-spawn".into())
+                    .spawn(move || {
+                        for (mut cmd, runtime, reply) in rx {
+                            let _entered = runtime.enter();
+                            let _ = reply.send(cmd.spawn());
+                        }
+                    })?;
+                spawner.insert(tx).clone()
+            }
+        };
+        if tx.send(job).is_err() {
+            *spawner = None;
+            return Err(std::io::Error::other("the spawner thread is gone"));
+        }
+    }
+    child
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("the spawner thread is gone")))
 }
 
 /// Reads a `dump-flows` as it streams, keeping the flows whose cookie carries `prefix`, then waits
@@ -341,14 +435,15 @@ impl FlowProgrammer for Ofctl {
     async fn monitor(&self, table: u8) -> Result<mpsc::Receiver<FlowEvent>> {
         let watch = format!("watch:!initial,table={table}");
         let args = ["monitor", &self.bridge, &watch, "--no-names"];
-        let mut child =
-            self.command(OFCTL)
-                .args(args)
-                .spawn()
-                .map_err(|source| OvsError::Spawn {
-                    program: OFCTL,
-                    source,
-                })?;
+        let (program, argv) = lifelong_argv(setpriv(), &args);
+        let mut cmd = self.command(program);
+        cmd.args(argv);
+        let mut child = spawn_lifelong(cmd)
+            .await
+            .map_err(|source| OvsError::Spawn {
+                program: OFCTL,
+                source,
+            })?;
         let (Some(stdout), Some(events)) = (child.stdout.take(), child.stderr.take()) else {
             reap(&mut child).await;
             return Err(OvsError::Io {
@@ -435,14 +530,14 @@ impl FlowProgrammer for Ofctl {
 mod tests {
     use super::*;
     use crate::ovs::{flow::Cookie, RemovedReason};
-    use std::{
-        fmt::Debug, future::Future, os::unix::fs::PermissionsExt, path::Path, time::Instant,
-    };
+    use std::{fmt::Debug, future::Future, os::unix::fs::PermissionsExt, time::Instant};
 
     /// What a stand-in tool may take at most in these tests.
     const AFTER: Duration = Duration::from_millis(500);
     /// The switch's reply to a monitor request, as ovs-ofctl prints it on stdout.
     const REPLY: &str = "NXST_FLOW_MONITOR reply (xid=0x2):";
+    /// Set in the process that `the_monitor_dies_with_flowd_even_by_sigkill` kills: its stand-in dir.
+    const PARENT_DIR_ENV: &str = "FLOWD_TEST_MONITOR_PARENT_DIR";
 
     /// A directory with stand-ins for `ovs-ofctl` and `ovs-vsctl`: shell scripts that write their pid
     /// to `pid` there, then run `body`.
@@ -612,5 +707,133 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Kills the process it holds on drop: a failing test leaves nothing behind.
+    struct Killing(std::process::Child);
+
+    impl Drop for Killing {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Stands for flowd in `the_monitor_dies_with_flowd_even_by_sigkill`: starts a monitor, says so,
+    /// and waits to be killed.
+    #[tokio::test]
+    #[ignore = "the process the_monitor_dies_with_flowd_even_by_sigkill starts and kills"]
+    async fn monitor_parent() {
+        let Some(dir) = std::env::var_os(PARENT_DIR_ENV) else {
+            return;
+        };
+        let dir = PathBuf::from(dir);
+        let _events = ofctl(&dir).monitor(44).await.unwrap();
+        std::fs::write(dir.join("started"), "").unwrap();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    }
+
+    #[test]
+    fn the_monitor_dies_with_flowd_even_by_sigkill() {
+        assert!(
+            setpriv().is_some(),
+            "this test needs util-linux setpriv on PATH"
+        );
+        let dir = stand_in(&format!("echo '{REPLY}'\nexec sleep 1000"));
+        let test = module_path!()
+            .split_once("::")
+            .map_or(module_path!(), |(_crate, path)| path);
+        let mut parent = Killing(
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args([&format!("{test}::monitor_parent"), "--exact", "--ignored"])
+                .env(PARENT_DIR_ENV, dir.path())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !dir.path().join("started").exists() {
+            let ended = parent.0.try_wait().unwrap();
+            assert!(ended.is_none(), "the parent process ended: {ended:?}");
+            assert!(Instant::now() < deadline, "the monitor did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = stand_in_pid(dir.path());
+        assert!(running(pid));
+        // SIGKILL: no destructor, no kill_on_drop; only the kernel can end the monitor now.
+        parent.0.kill().unwrap();
+        parent.0.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while running(pid) {
+            if Instant::now() > deadline {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                panic!("the monitor (pid {pid}) outlived flowd");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_monitor_outlives_the_thread_that_started_it() {
+        assert!(
+            setpriv().is_some(),
+            "this test needs util-linux setpriv on PATH"
+        );
+        let dir = stand_in(&format!("echo '{REPLY}'\nexec sleep 1000"));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = runtime.handle().clone();
+        let o = ofctl(dir.path());
+        let mut events = std::thread::spawn(move || handle.block_on(o.monitor(44)))
+            .join()
+            .unwrap()
+            .unwrap();
+        let pid = stand_in_pid(dir.path());
+        // Had that thread forked the monitor, the kernel would kill it now that the thread is gone.
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(running(pid), "the monitor (pid {pid}) died with the thread");
+        assert!(matches!(
+            events.try_recv(),
+            Err(mpsc::error::TryRecvError::Empty)
+        ));
+    }
+
+    #[test]
+    fn the_monitor_runs_under_setpriv_when_there_is_one() {
+        let args = ["monitor", "br-int", "watch:!initial,table=44"];
+        let (program, argv) = lifelong_argv(Some(Path::new("/usr/bin/setpriv")), &args);
+        assert_eq!(program, "/usr/bin/setpriv");
+        assert_eq!(
+            argv,
+            [
+                "--pdeathsig",
+                "KILL",
+                "--",
+                "ovs-ofctl",
+                "monitor",
+                "br-int",
+                "watch:!initial,table=44"
+            ]
+        );
+        let (program, argv) = lifelong_argv(None, &args);
+        assert_eq!(program, "ovs-ofctl");
+        assert_eq!(argv, args);
+    }
+
+    #[test]
+    fn programs_are_found_only_where_executable_in_absolute_dirs() {
+        let plain = tempfile::tempdir().unwrap();
+        std::fs::write(plain.path().join("tool"), "").unwrap();
+        let exec = stand_in("true");
+        let path =
+            std::env::join_paths([plain.path(), Path::new("relative"), exec.path()]).unwrap();
+        assert_eq!(find_program(&path, OFCTL), Some(exec.path().join(OFCTL)));
+        assert_eq!(find_program(&path, "tool"), None);
+        assert_eq!(find_program(OsStr::new(""), OFCTL), None);
     }
 }
