@@ -46,6 +46,15 @@ pub enum OvsError {
         program: &'static str,
         source: std::io::Error,
     },
+    #[error(
+        "{program} {args} got no complete answer within {after:?} and was killed: is ovs-vswitchd \
+         (ovsdb-server, for ovs-vsctl) hung or overloaded?"
+    )]
+    Timeout {
+        program: &'static str,
+        args: String,
+        after: std::time::Duration,
+    },
 }
 
 pub type Result<T, E = OvsError> = std::result::Result<T, E>;

@@ -23,6 +23,8 @@ use std::{
 const DNS_HEADER_LEN: usize = 12;
 const MIN_QUESTION_LEN: usize = 5;
 const MIN_RECORD_LEN: usize = 11;
+/// The largest TTL there is: RFC 2181 §8 reads a TTL with the top bit set as 0.
+const MAX_TTL: u32 = (1 << 31) - 1;
 
 /// Why one dnstap frame produced no event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -177,6 +179,16 @@ fn dns_name(name: &Name) -> Result<DnsName, DecodeError> {
     })
 }
 
+/// A record's TTL as RFC 2181 §8 has it: one with the top bit set counts as 0 rather than as up to
+/// 136 years, which only a broken or hostile server sends.
+fn ttl(r: &Record) -> u32 {
+    if r.ttl > MAX_TTL {
+        0
+    } else {
+        r.ttl
+    }
+}
+
 fn parse_dns(wire: &[u8]) -> Result<DnsAnswer, DecodeError> {
     check_counts(wire)?;
     let msg = Message::from_vec(wire).map_err(|e| DecodeError::Dns(e.to_string()))?;
@@ -206,11 +218,11 @@ fn parse_dns(wire: &[u8]) -> Result<DnsAnswer, DecodeError> {
     let address = |r: &Record| match &r.data {
         RData::A(a) if chain_names.contains(&&r.name) => Some(Answer {
             ip: IpAddr::V4(a.0),
-            ttl: r.ttl,
+            ttl: ttl(r),
         }),
         RData::AAAA(a) if chain_names.contains(&&r.name) => Some(Answer {
             ip: IpAddr::V6(a.0),
-            ttl: r.ttl,
+            ttl: ttl(r),
         }),
         _ => None,
     };
@@ -376,6 +388,32 @@ mod tests {
         assert_eq!(chain, ["b.test"]);
         assert_eq!(r.answers.len(), 1);
         assert_eq!(r.server_identity, "tapd");
+    }
+
+    #[test]
+    fn ttls_with_the_top_bit_set_count_as_zero() {
+        let wire = response(
+            "t.test.",
+            RecordType::A,
+            vec![
+                a("t.test.", [192, 0, 2, 1], MAX_TTL),
+                a("t.test.", [192, 0, 2, 2], MAX_TTL + 1),
+                a("t.test.", [192, 0, 2, 3], u32::MAX),
+                Record::from_rdata(
+                    name("t.test."),
+                    0x9000_0000,
+                    RData::AAAA(AAAA::from(Ipv6Addr::LOCALHOST)),
+                ),
+            ],
+        );
+        let r = decoded(&client_response_frame(
+            None,
+            &[10, 0, 0, 1],
+            &wire,
+            UNIX_EPOCH,
+        ));
+        let ttls: Vec<u32> = r.answers.iter().map(|a| a.ttl).collect();
+        assert_eq!(ttls, [2_147_483_647, 0, 0, 0]);
     }
 
     #[test]
