@@ -313,7 +313,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let grpc = tokio::net::TcpListener::bind(args.grpc_listen).await?;
     let http = tokio::net::TcpListener::bind(args.metrics_listen).await?;
     let client = kube::Client::try_default().await?;
-    let engine = Engine::new(args.engine.clone(), Ofctl::new(args.engine.bridge.clone()));
+    let engine = Engine::new(
+        args.engine.clone(),
+        Ofctl::new(args.engine.bridge.clone()).with_timeout(args.engine.ovs_timeout),
+    );
     let status = Arc::new(Status::default());
     tracing::info!(node = %args.node_name, grpc = %args.grpc_listen, metrics = %args.metrics_listen, "flowd starting");
     let (stop_tx, stop_rx) = signal::channel(false);

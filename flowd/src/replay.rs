@@ -421,7 +421,7 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         return Err(e).context("writing the replay output");
     }
     let engine = if let Some(bridge) = &args.apply {
-        let ofctl = Ofctl::new(bridge.clone());
+        let ofctl = Ofctl::new(bridge.clone()).with_timeout(settings.ovs_timeout);
         let run = run_engine(
             Engine::new(settings.clone(), ofctl),
             &snapshot,

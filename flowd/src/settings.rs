@@ -13,6 +13,7 @@
 //! | `--reconcile-interval` | `FLOWD_RECONCILE_INTERVAL` | 60s |
 //! | `--strict-dns-names` | `FLOWD_STRICT_DNS_NAMES` | false (plain names also cover subdomains) |
 //! | `--cluster-subnet` | `FLOWD_CLUSTER_SUBNETS` | OVN-K/kind pod, service and join subnets |
+//! | `--ovs-timeout` | `FLOWD_OVS_TIMEOUT` | 30s |
 //! | `--max-grants-per-pod` | `FLOWD_MAX_GRANTS_PER_POD` | 5000 |
 //! | `--max-grants-per-namespace` | `FLOWD_MAX_GRANTS_PER_NAMESPACE` | 50000 |
 
@@ -72,6 +73,9 @@ pub struct EngineSettings {
         default_value = DEFAULT_CLUSTER_SUBNETS
     )]
     pub cluster_subnets: Vec<IpNet>,
+    /// How long one `ovs-ofctl`/`ovs-vsctl` call may take before it is killed and the batch retried.
+    #[arg(long, env = "FLOWD_OVS_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub ovs_timeout: Duration,
     /// Flows one pod's answers may hold at once (and answers remembered per pod): one pod resolving
     /// many names under a wildcard cannot starve the others. A grant beyond it is counted and logged.
     #[arg(long, env = "FLOWD_MAX_GRANTS_PER_POD", default_value_t = DEFAULT_MAX_GRANTS_PER_POD)]
@@ -92,6 +96,8 @@ pub enum SettingsError {
     ReconcileInterval,
     #[error("--acl-table {0} leaves no table after it to continue to (at most 253)")]
     AclTable(u8),
+    #[error("--ovs-timeout must be at least 1s")]
+    OvsTimeout,
     #[error("--max-grants-per-pod and --max-grants-per-namespace must be at least 1")]
     ZeroCap,
 }
@@ -112,6 +118,9 @@ impl EngineSettings {
         // OpenFlow tables end at 254; an allow continues to the next one.
         if let Some(t) = self.acl_table.filter(|t| *t > 253) {
             return Err(SettingsError::AclTable(t));
+        }
+        if self.ovs_timeout < Duration::from_secs(1) {
+            return Err(SettingsError::OvsTimeout);
         }
         if self.max_grants_per_pod == 0 || self.max_grants_per_namespace == 0 {
             return Err(SettingsError::ZeroCap);
@@ -159,6 +168,7 @@ impl Default for EngineSettings {
                 .split(',')
                 .filter_map(|s| s.parse().ok())
                 .collect(),
+            ovs_timeout: Duration::from_secs(30),
             max_grants_per_pod: DEFAULT_MAX_GRANTS_PER_POD,
             max_grants_per_namespace: DEFAULT_MAX_GRANTS_PER_NAMESPACE,
         }

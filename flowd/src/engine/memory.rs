@@ -31,6 +31,7 @@ pub struct Remembered {
 }
 
 impl AnswerMemory {
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.records.len()
     }

@@ -651,6 +651,94 @@ async fn pods_and_firewalls_added_changed_and_deleted_drive_the_flows() {
     node.stop().await;
 }
 
+/// Every flow of the recording bridge, by source and destination.
+fn all_flows(engine: &Engine<Recording>) -> BTreeSet<(IpAddr, IpAddr)> {
+    let flows = engine.programmer().flows();
+    flows
+        .iter()
+        .map(|f| (f.matches.src, f.matches.dst))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_then_aaaa_and_round_robin_answers_keep_their_flows_through_status_only_updates() {
+    let tapd = Tapd::start();
+    // Two servers answer the same name with different addresses, as a round robin does.
+    let first = unbound_for(
+        &tapd,
+        &[
+            "www.example.com. 300 IN A 192.0.2.10",
+            "www.example.com. 300 IN AAAA 2001:db8::10",
+        ],
+    );
+    let second = unbound_for(&tapd, &["www.example.com. 300 IN A 192.0.2.11"]);
+    let api = cluster_with_two_pods().await;
+    // A dual-stack pod: asked over IPv4, its AAAA answer earns a flow from its IPv6 address.
+    let mut client = pod("demo", "client", NODE, "127.0.0.11");
+    client["status"]["podIPs"] = json!([{"ip": "127.0.0.11"}, {"ip": "fd00:10:244:1::11"}]);
+    api.apply(client);
+    let node = Node::start(
+        &api,
+        recording_engine(&["client"]),
+        static_upstream(&[&tapd]),
+    );
+    node.ready().await;
+    eventually("the tapd subscription", || node.tapd_connected() == 1).await;
+
+    let from = Ipv4Addr::new(127, 0, 0, 11);
+    let v4: IpAddr = "127.0.0.11".parse().unwrap();
+    let v6: IpAddr = "fd00:10:244:1::11".parse().unwrap();
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let query = |port: u16, qtype: &'static str| async move {
+        tokio::task::spawn_blocking(move || dig(from, port, "www.example.com", qtype).unwrap())
+            .await
+            .unwrap()
+    };
+    assert_eq!(query(first.port(), "A").await, ["192.0.2.10"]);
+    assert_eq!(query(first.port(), "AAAA").await, ["2001:db8::10"]);
+    assert_eq!(query(second.port(), "A").await, ["192.0.2.11"]);
+    let want: BTreeSet<(IpAddr, IpAddr)> = [
+        (v4, ip("192.0.2.10")),
+        (v6, ip("2001:db8::10")),
+        (v4, ip("192.0.2.11")),
+    ]
+    .into();
+    eventually(
+        "A, AAAA and the second round-robin address, side by side",
+        || all_flows(&node.engine) == want,
+    )
+    .await;
+
+    // OVN-K writes the EgressFirewall's status once per zone: the same rules change nothing. A change
+    // in another namespace, seen after it on the same watch, shows it was applied.
+    let mut status_only = egress_firewall("demo", allow_example_then_deny_all());
+    status_only["status"] = json!({"status": "EgressFirewall Rules applied"});
+    api.apply(status_only);
+    api.apply(egress_firewall("marker", allow_example_then_deny_all()));
+    eventually("the watch to pass the status-only update", || {
+        node.status
+            .known
+            .lock()
+            .unwrap()
+            .rules
+            .contains_key("marker")
+    })
+    .await;
+    assert_eq!(all_flows(&node.engine), want);
+    assert_eq!(node.engine.metrics_snapshot().flows_removed, 0);
+
+    // A spec change that removes the rule: every flow goes promptly.
+    api.apply(egress_firewall(
+        "demo",
+        json!([{"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}]),
+    ));
+    eventually("the flows to go with their rule", || {
+        all_flows(&node.engine).is_empty()
+    })
+    .await;
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_that_queried_dns_before_flowd_saw_it_gets_its_grant_when_it_shows_up() {
     let OneTapd {
