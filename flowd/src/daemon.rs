@@ -10,7 +10,7 @@ use crate::{
     metrics,
     model::PodKey,
     ovs::{FlowProgrammer, Ofctl},
-    rules::FirewallRules,
+    rules::{FirewallRules, EGRESS_FIREWALL_NAME},
     settings::EngineSettings,
     upstream::{DnsPods, UpstreamArgs, UpstreamStats, Upstreams},
     watch::{self, Change, ClusterEvent, SyncState, WatchStats},
@@ -186,14 +186,25 @@ fn apply_cluster_event<P: FlowProgrammer>(
                     engine.set_rules(rules);
                 }
                 Err(error) => {
-                    // OVN-K rejects such an object too; granting nothing is the safe reading.
                     status.invalid_firewalls.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%namespace, name = %ef.name_any(), %error,
-                        "invalid EgressFirewall skipped; the namespace gets no grants");
-                    status.known().rules.remove(&namespace);
-                    engine.remove_rules(&namespace);
+                    match error.invalid_namespace() {
+                        Some(namespace) => {
+                            // OVN-K rejects such an object too; granting nothing is the safe reading.
+                            tracing::warn!(%namespace, name = %ef.name_any(), %error,
+                                "invalid EgressFirewall skipped; the namespace gets no grants");
+                            status.known().rules.remove(namespace);
+                            engine.remove_rules(namespace);
+                        }
+                        // OVN-K ignores it: the namespace's `default` still applies.
+                        None => tracing::warn!(%namespace, name = %ef.name_any(), %error,
+                            "EgressFirewall ignored"),
+                    }
                 }
             }
+        }
+        ClusterEvent::Firewall(Change::Deleted(ef)) if ef.name_any() != EGRESS_FIREWALL_NAME => {
+            tracing::debug!(namespace = ef.namespace(), name = %ef.name_any(),
+                "EgressFirewall OVN-K ignores deleted");
         }
         ClusterEvent::Firewall(Change::Deleted(ef)) => {
             let namespace = ef.namespace().unwrap_or_default();
@@ -347,7 +358,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{egressfirewall::EgressFirewall, ovs::Recording};
     use clap::Parser;
+    use serde_json::json;
+    use tapd::{Answer, DnsName, DnsResponse};
 
     #[derive(Debug, Parser)]
     struct Cli {
@@ -392,5 +406,79 @@ mod tests {
         assert!(matches!(cli.run.validate(), Err(ConfigError::Engine(_))));
         let cli = Cli::try_parse_from(["flowd", "--node-name", "n", "--tapd-port", "0"]).unwrap();
         assert!(matches!(cli.run.validate(), Err(ConfigError::TapdPort)));
+    }
+
+    fn firewall(name: &str, egress: serde_json::Value) -> ClusterEvent {
+        let mut ef = EgressFirewall::inline("abc", egress).expect("deserializes");
+        ef.metadata.name = Some(name.into());
+        ClusterEvent::Firewall(Change::Applied(Box::new(ef)))
+    }
+
+    fn deleted(name: &str) -> ClusterEvent {
+        let mut ef = EgressFirewall::inline("abc", json!([])).expect("deserializes");
+        ef.metadata.name = Some(name.into());
+        ClusterEvent::Firewall(Change::Deleted(Box::new(ef)))
+    }
+
+    /// Pod `abc/client` (10.244.1.5) has resolved `www.google.com`; then each step is applied in turn and
+    /// the namespace must (or must not) have rules, and the pod grants, afterwards.
+    #[test]
+    fn egressfirewalls_ovn_k_ignores_change_nothing_for_their_namespace() {
+        let allow = || json!([{"type": "Allow", "to": {"dnsName": "google.com"}}]);
+        let bad = || json!([{"type": "Allow", "to": {"dnsName": "bad name"}}]);
+        let steps = [
+            ("the default applies", firewall("default", allow()), true),
+            ("another name, valid", firewall("extra", allow()), true),
+            ("another name, invalid", firewall("extra", bad()), true),
+            ("another name deleted", deleted("extra"), true),
+            (
+                "the default turns invalid",
+                firewall("default", bad()),
+                false,
+            ),
+            (
+                "the default is valid again",
+                firewall("default", allow()),
+                true,
+            ),
+            ("the default deleted", deleted("default"), false),
+        ];
+        let engine = Engine::new(EngineSettings::default(), Recording::new(None));
+        let status = Status::default();
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "client", "namespace": "abc"},
+            "spec": {"nodeName": "n1", "containers": []},
+            "status": {"phase": "Running", "podIPs": [{"ip": "10.244.1.5"}]},
+        }))
+        .expect("pod");
+        apply_cluster_event(
+            &engine,
+            &status,
+            "n1",
+            ClusterEvent::Pod(Change::Applied(Box::new(pod))),
+        );
+        engine.on_dns(
+            DnsResponse::noerror(
+                "10.244.1.5".parse().expect("ip"),
+                DnsName::new("www.google.com").expect("name"),
+                Vec::new(),
+                vec![Answer {
+                    ip: "142.250.74.36".parse().expect("ip"),
+                    ttl: 300,
+                }],
+            ),
+            SystemTime::now(),
+        );
+        for (what, event, rules) in steps {
+            apply_cluster_event(&engine, &status, "n1", event);
+            assert_eq!(status.known().rules.contains_key("abc"), rules, "{what}");
+            assert_eq!(
+                engine.grants(None, None).len(),
+                usize::from(rules),
+                "{what}"
+            );
+        }
+        // Every object flowd could not use is counted, the ignored ones too.
+        assert_eq!(status.invalid_firewalls.load(Ordering::Relaxed), 3);
     }
 }
