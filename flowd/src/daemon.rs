@@ -8,7 +8,7 @@ use crate::{
     cluster::{node_subnets, pod_info},
     engine::Engine,
     metrics,
-    model::PodKey,
+    model::{PodInfo, PodKey},
     ovs::{FlowProgrammer, Ofctl},
     rules::{FirewallRules, EGRESS_FIREWALL_NAME},
     settings::EngineSettings,
@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     future::Future,
     net::SocketAddr,
     process::ExitCode,
@@ -92,7 +92,11 @@ impl RunArgs {
 #[derive(Debug, Default)]
 pub struct Known {
     pub rules: HashMap<String, Arc<FirewallRules>>,
-    pub pods: BTreeSet<PodKey>,
+    /// Namespaces whose EgressFirewall `default` is invalid, with what is wrong with it: they get no
+    /// grants.
+    pub invalid: HashMap<String, String>,
+    /// This node's pods that can hold grants.
+    pub pods: BTreeMap<PodKey, PodInfo>,
 }
 
 /// Readiness, counters, and what the API needs to explain decisions; shared by every part.
@@ -157,7 +161,7 @@ fn apply_cluster_event<P: FlowProgrammer>(
     match event {
         ClusterEvent::Pod(Change::Applied(pod)) => match pod_info(&pod) {
             Ok(info) => {
-                status.known().pods.insert(info.key.clone());
+                status.known().pods.insert(info.key.clone(), info.clone());
                 engine.upsert_pod(info);
             }
             Err(skip) => {
@@ -179,10 +183,12 @@ fn apply_cluster_event<P: FlowProgrammer>(
             match FirewallRules::from_egress_firewall(&ef) {
                 Ok(rules) => {
                     tracing::info!(%namespace, rules = rules.rules.len(), "EgressFirewall applied");
-                    status
-                        .known()
+                    let mut known = status.known();
+                    known.invalid.remove(&namespace);
+                    known
                         .rules
                         .insert(namespace.clone(), Arc::new(rules.clone()));
+                    drop(known);
                     engine.set_rules(rules);
                 }
                 Err(error) => {
@@ -192,7 +198,10 @@ fn apply_cluster_event<P: FlowProgrammer>(
                             // OVN-K rejects such an object too; granting nothing is the safe reading.
                             tracing::warn!(%namespace, name = %ef.name_any(), %error,
                                 "invalid EgressFirewall skipped; the namespace gets no grants");
-                            status.known().rules.remove(namespace);
+                            let mut known = status.known();
+                            known.rules.remove(namespace);
+                            known.invalid.insert(namespace.to_string(), error.problem());
+                            drop(known);
                             engine.remove_rules(namespace);
                         }
                         // OVN-K ignores it: the namespace's `default` still applies.
@@ -209,7 +218,10 @@ fn apply_cluster_event<P: FlowProgrammer>(
         ClusterEvent::Firewall(Change::Deleted(ef)) => {
             let namespace = ef.namespace().unwrap_or_default();
             tracing::info!(%namespace, "EgressFirewall deleted");
-            status.known().rules.remove(&namespace);
+            let mut known = status.known();
+            known.rules.remove(&namespace);
+            known.invalid.remove(&namespace);
+            drop(known);
             engine.remove_rules(&namespace);
         }
         ClusterEvent::Node(Change::Applied(n)) => match node_subnets(&n) {
@@ -421,27 +433,59 @@ mod tests {
     }
 
     /// Pod `abc/client` (10.244.1.5) has resolved `www.google.com`; then each step is applied in turn and
-    /// the namespace must (or must not) have rules, and the pod grants, afterwards.
+    /// the namespace must (or must not) have rules, and the pod grants, afterwards; and what is known
+    /// about an invalid EgressFirewall must say why.
     #[test]
-    fn egressfirewalls_ovn_k_ignores_change_nothing_for_their_namespace() {
+    fn egressfirewalls_ovn_k_ignores_change_nothing_and_invalid_ones_say_why() {
         let allow = || json!([{"type": "Allow", "to": {"dnsName": "google.com"}}]);
         let bad = || json!([{"type": "Allow", "to": {"dnsName": "bad name"}}]);
+        let why = "egress[0].to.dnsName: \"bad name\" does not match";
+        // (step, event, rules afterwards, invalid afterwards)
         let steps = [
-            ("the default applies", firewall("default", allow()), true),
-            ("another name, valid", firewall("extra", allow()), true),
-            ("another name, invalid", firewall("extra", bad()), true),
-            ("another name deleted", deleted("extra"), true),
+            (
+                "the default applies",
+                firewall("default", allow()),
+                true,
+                false,
+            ),
+            (
+                "another name, valid",
+                firewall("extra", allow()),
+                true,
+                false,
+            ),
+            (
+                "another name, invalid",
+                firewall("extra", bad()),
+                true,
+                false,
+            ),
+            ("another name deleted", deleted("extra"), true, false),
             (
                 "the default turns invalid",
                 firewall("default", bad()),
                 false,
+                true,
+            ),
+            (
+                "another name beside it",
+                firewall("extra", allow()),
+                false,
+                true,
             ),
             (
                 "the default is valid again",
                 firewall("default", allow()),
                 true,
+                false,
             ),
-            ("the default deleted", deleted("default"), false),
+            (
+                "the default invalid again",
+                firewall("default", bad()),
+                false,
+                true,
+            ),
+            ("the default deleted", deleted("default"), false, false),
         ];
         let engine = Engine::new(EngineSettings::default(), Recording::new(None));
         let status = Status::default();
@@ -457,6 +501,10 @@ mod tests {
             "n1",
             ClusterEvent::Pod(Change::Applied(Box::new(pod))),
         );
+        assert_eq!(
+            status.known().pods[&PodKey::new("abc", "client")].ips,
+            vec!["10.244.1.5".parse::<std::net::IpAddr>().expect("ip")]
+        );
         engine.on_dns(
             DnsResponse::noerror(
                 "10.244.1.5".parse().expect("ip"),
@@ -469,9 +517,17 @@ mod tests {
             ),
             SystemTime::now(),
         );
-        for (what, event, rules) in steps {
+        for (what, event, rules, invalid) in steps {
             apply_cluster_event(&engine, &status, "n1", event);
-            assert_eq!(status.known().rules.contains_key("abc"), rules, "{what}");
+            let known = status.known();
+            assert_eq!(known.rules.contains_key("abc"), rules, "{what}");
+            let reason = known.invalid.get("abc");
+            assert_eq!(reason.is_some(), invalid, "{what}: {reason:?}");
+            assert!(
+                reason.is_none_or(|r| r.starts_with(why)),
+                "{what}: {reason:?}"
+            );
+            drop(known);
             assert_eq!(
                 engine.grants(None, None).len(),
                 usize::from(rules),
@@ -479,6 +535,6 @@ mod tests {
             );
         }
         // Every object flowd could not use is counted, the ignored ones too.
-        assert_eq!(status.invalid_firewalls.load(Ordering::Relaxed), 3);
+        assert_eq!(status.invalid_firewalls.load(Ordering::Relaxed), 5);
     }
 }
