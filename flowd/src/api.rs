@@ -3,12 +3,12 @@
 //! SERVING only after the first full sync of the cluster state.
 
 use crate::{
-    daemon::Status,
     engine::{Engine, GrantView},
     metrics,
     model::PodKey,
     ovs::FlowProgrammer,
     policy,
+    status::Status,
 };
 use dnsflow_proto::v1::{
     self as pb,
@@ -138,7 +138,7 @@ impl<P: FlowProgrammer> Flowd for FlowdApi<P> {
         let answers = request_answers(&req)?;
         let key = PodKey::new(namespace, pod);
         let (pod, rules, invalid) = {
-            let known = self.status.known.lock().unwrap_or_else(|e| e.into_inner());
+            let known = self.status.known();
             (
                 known.pods.get(&key).cloned(),
                 known.rules.get(namespace).cloned(),
@@ -331,7 +331,7 @@ mod tests {
     fn api() -> FlowdApi<Recording> {
         let status = Status::default();
         {
-            let mut known = status.known.lock().expect("lock");
+            let mut known = status.known();
             let ef = EgressFirewall::inline(
                 "abc",
                 json!([

@@ -8,26 +8,23 @@ use crate::{
     cluster::{node_subnets, pod_info},
     engine::Engine,
     metrics,
-    model::{PodInfo, PodKey},
+    model::PodKey,
     ovs::{FlowProgrammer, Ofctl},
     rules::{FirewallRules, EGRESS_FIREWALL_NAME},
     settings::EngineSettings,
-    upstream::{DnsPods, UpstreamArgs, UpstreamStats, Upstreams},
-    watch::{self, Change, ClusterEvent, SyncState, WatchStats},
+    status::Status,
+    upstream::{DnsPods, UpstreamArgs, Upstreams},
+    watch::{self, Change, ClusterEvent, SyncState},
 };
 use futures::StreamExt as _;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
 use std::{
-    collections::{BTreeMap, HashMap},
     future::Future,
     net::SocketAddr,
     process::ExitCode,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{atomic::Ordering, Arc},
     time::SystemTime,
 };
 use tapd::config::LogFormat;
@@ -84,60 +81,6 @@ impl RunArgs {
         }
         self.engine.validate()?;
         Ok(())
-    }
-}
-
-/// What the cluster looks like to flowd beyond the engine: the rules per namespace and the pods, for
-/// `Explain`.
-#[derive(Debug, Default)]
-pub struct Known {
-    pub rules: HashMap<String, Arc<FirewallRules>>,
-    /// Namespaces whose EgressFirewall `default` is invalid, with what is wrong with it: they get no
-    /// grants.
-    pub invalid: HashMap<String, String>,
-    /// This node's pods that can hold grants.
-    pub pods: BTreeMap<PodKey, PodInfo>,
-}
-
-/// Readiness, counters, and what the API needs to explain decisions; shared by every part.
-#[derive(Debug)]
-pub struct Status {
-    ready: signal::Sender<bool>,
-    pub watch: Arc<WatchStats>,
-    pub upstream: Arc<UpstreamStats>,
-    /// EgressFirewalls flowd could not use (each logged; the namespace then gets no grants).
-    pub invalid_firewalls: AtomicU64,
-    /// DNS answers handed to the engine.
-    pub dns_events: AtomicU64,
-    pub known: Mutex<Known>,
-}
-
-impl Default for Status {
-    fn default() -> Self {
-        Self {
-            ready: signal::channel(false).0,
-            watch: Arc::default(),
-            upstream: Arc::default(),
-            invalid_firewalls: AtomicU64::new(0),
-            dns_events: AtomicU64::new(0),
-            known: Mutex::default(),
-        }
-    }
-}
-
-impl Status {
-    /// True once pods, EgressFirewalls and this node have each been listed in full.
-    pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
-    }
-
-    /// Follows readiness.
-    pub fn ready_changes(&self) -> signal::Receiver<bool> {
-        self.ready.subscribe()
-    }
-
-    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
-        self.known.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -263,10 +263,11 @@ async fn every_call_the_watchers_make_is_in_required_access() {
 // sandbox tests and by `pipeline.rs`).
 
 use flowd::{
-    daemon::{run_node, NodeConfig, Status},
+    daemon::{run_node, NodeConfig},
     engine::Engine,
     ovs::{FlowProgrammer, PortKeys, Recording, Template},
     settings::EngineSettings,
+    status::Status,
     upstream::UpstreamArgs,
 };
 use std::{
