@@ -3,19 +3,22 @@
 //! SERVING only after the first full sync of the cluster state.
 
 use crate::{
-    daemon::Status,
     engine::{Engine, GrantView},
     metrics,
-    model::{PodKey, Verdict},
+    model::PodKey,
     ovs::FlowProgrammer,
     policy,
+    status::Status,
 };
 use dnsflow_proto::v1::{
     self as pb,
     flowd_server::{Flowd, FlowdServer},
 };
-use std::{future::Future, sync::Arc, time::UNIX_EPOCH};
-use tapd::DnsName;
+use std::{future::Future, net::IpAddr, sync::Arc, time::UNIX_EPOCH};
+use tapd::{
+    event::{MAX_ANSWERS, MAX_CNAME_CHAIN},
+    Answer, DnsName, DnsResponse,
+};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status as GrpcStatus};
 
@@ -29,13 +32,6 @@ pub struct FlowdApi<P> {
 impl<P> FlowdApi<P> {
     pub fn new(engine: Engine<P>, status: Arc<Status>) -> Self {
         Self { engine, status }
-    }
-}
-
-fn verdict_name(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Allow => "Allow",
-        Verdict::Deny => "Deny",
     }
 }
 
@@ -54,7 +50,7 @@ fn grant_message(g: &GrantView, table: Option<u8>) -> pb::Grant {
         rule_index: g
             .rule_index
             .map_or(u32::MAX, |i| u32::try_from(i).unwrap_or(u32::MAX)),
-        action: verdict_name(g.verdict).to_string(),
+        action: policy::verdict_name(g.verdict).to_string(),
         dns_name: g
             .reason
             .as_ref()
@@ -75,6 +71,45 @@ fn grant_message(g: &GrantView, table: Option<u8>) -> pb::Grant {
 /// An empty string means "not given".
 fn given(s: &str) -> Option<&str> {
     Some(s.trim()).filter(|s| !s.is_empty())
+}
+
+fn excluded_message(e: &policy::Excluded) -> pb::ExcludedAnswer {
+    pb::ExcludedAnswer {
+        ip: e.ip().to_string(),
+        port: e.l4().map(|l4| policy::l4_name(&l4)).unwrap_or_default(),
+        reason: e.reason(),
+    }
+}
+
+/// The question name and the CNAME chain of an `Explain` request, validated.
+fn request_names(req: &pb::ExplainRequest) -> Result<Vec<DnsName>, GrpcStatus> {
+    if req.cname_chain.len() > MAX_CNAME_CHAIN {
+        return Err(GrpcStatus::invalid_argument(format!(
+            "cname_chain: more than {MAX_CNAME_CHAIN} names"
+        )));
+    }
+    std::iter::once(("query_name", &req.query_name))
+        .chain(req.cname_chain.iter().map(|n| ("cname_chain", n)))
+        .map(|(field, n)| {
+            DnsName::new(n).map_err(|e| GrpcStatus::invalid_argument(format!("{field} {n:?}: {e}")))
+        })
+        .collect()
+}
+
+fn request_answers(req: &pb::ExplainRequest) -> Result<Vec<IpAddr>, GrpcStatus> {
+    if req.answers.len() > MAX_ANSWERS {
+        return Err(GrpcStatus::invalid_argument(format!(
+            "answers: more than {MAX_ANSWERS}"
+        )));
+    }
+    req.answers
+        .iter()
+        .map(|a| {
+            a.trim().parse().map_err(|_| {
+                GrpcStatus::invalid_argument(format!("answers: {a:?} is not an IP address"))
+            })
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -110,35 +145,89 @@ impl<P: FlowProgrammer> Flowd for FlowdApi<P> {
                 "namespace and pod are required",
             ));
         };
-        let name = DnsName::new(&req.query_name).map_err(|e| {
-            GrpcStatus::invalid_argument(format!("query_name {:?}: {e}", req.query_name))
-        })?;
+        let names = request_names(&req)?;
+        let answers = request_answers(&req)?;
         let key = PodKey::new(namespace, pod);
-        let (known_pod, rules) = {
-            let known = self.status.known.lock().unwrap_or_else(|e| e.into_inner());
+        let (pod, rules, invalid) = {
+            let known = self.status.known();
             (
-                known.pods.contains(&key),
+                known.pods.get(&key).cloned(),
                 known.rules.get(namespace).cloned(),
+                known.invalid.get(namespace).cloned(),
             )
         };
         let Some(rules) = rules else {
-            return Ok(Response::new(pb::ExplainResponse {
-                summary: format!(
-                    "namespace {namespace} has no (valid) EgressFirewall: flowd grants nothing there"
+            let summary = match invalid {
+                Some(why) => format!(
+                    "namespace {namespace}: EgressFirewall invalid: {why}; flowd grants nothing there"
                 ),
-                rules: Vec::new(),
+                None => format!(
+                    "namespace {namespace} has no EgressFirewall: flowd grants nothing there"
+                ),
+            };
+            return Ok(Response::new(pb::ExplainResponse {
+                summary,
+                ..pb::ExplainResponse::default()
             }));
         };
-        let traces = policy::explain(&[&name], &rules, &self.engine.settings().policy());
-        let first = traces.iter().find(|t| t.matches());
+        let settings = self.engine.settings().policy();
+        let name_refs: Vec<&DnsName> = names.iter().collect();
+        let traces = policy::explain(&name_refs, &rules, &settings);
+        let qname = &names[0];
+        let first = traces.iter().find_map(|t| t.matched_name().map(|m| (t, m)));
         let mut summary = match first {
-            Some(t) => format!("rule {} ({}) matches {name}", t.index, t.rule),
-            None => format!("no dnsName rule of namespace {namespace} matches {name}"),
+            Some((t, matched)) => format!(
+                "rule {} ({}) matches {}",
+                t.index,
+                t.rule,
+                policy::matched_text(qname, matched)
+            ),
+            None => format!(
+                "no dnsName rule of namespace {namespace} matches {}",
+                names
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" -> ")
+            ),
         };
-        if !known_pod {
+        // The answers are decided exactly as the daemon decides a DNS event of this pod.
+        let excluded = match &pod {
+            Some(pod) if !answers.is_empty() => {
+                let client = pod.ips.first().copied().ok_or_else(|| {
+                    GrpcStatus::internal(format!("pod {key} is known without an IP"))
+                })?;
+                let resp = DnsResponse::noerror(
+                    client,
+                    qname.clone(),
+                    names[1..].to_vec(),
+                    answers
+                        .iter()
+                        .map(|ip| Answer { ip: *ip, ttl: 0 })
+                        .collect(),
+                );
+                let decision = policy::decide(&resp, pod, &rules, &settings);
+                policy::exclusions(&decision, &rules)
+            }
+            _ => Vec::new(),
+        };
+        if !excluded.is_empty() {
+            let list: Vec<String> = excluded
+                .iter()
+                .map(|e| match e.l4() {
+                    None => e.ip().to_string(),
+                    Some(l4) => format!("{} {}", e.ip(), policy::l4_name(&l4)),
+                })
+                .collect();
+            summary.push_str(&format!("; no usable flow for {}", list.join(", ")));
+        }
+        if pod.is_none() {
             summary.push_str(&format!(
                 "; but pod {key} is not a pod of this node flowd knows"
             ));
+            if !answers.is_empty() {
+                summary.push_str(", so its answers are not checked");
+            }
         }
         let rules = traces
             .iter()
@@ -147,9 +236,17 @@ impl<P: FlowProgrammer> Flowd for FlowdApi<P> {
                 rule: t.rule.clone(),
                 matches: t.matches(),
                 reason: t.reason(),
+                matched_name: t
+                    .matched_name()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
             })
             .collect();
-        Ok(Response::new(pb::ExplainResponse { summary, rules }))
+        Ok(Response::new(pb::ExplainResponse {
+            summary,
+            rules,
+            excluded: excluded.iter().map(excluded_message).collect(),
+        }))
     }
 
     async fn stats(
@@ -229,4 +326,195 @@ pub async fn serve<P: FlowProgrammer>(
         .await;
     health_task.abort();
     Ok(result?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        egressfirewall::EgressFirewall, model::PodInfo, ovs::Recording, rules::FirewallRules,
+        settings::EngineSettings,
+    };
+    use serde_json::json;
+
+    /// Namespace `abc` allows Google's CDN names after denying tcp/25 to one of its networks; `bad`'s
+    /// EgressFirewall is invalid; `none` has none. Pod `abc/client` is 10.244.1.5, IPv4 only.
+    fn api() -> FlowdApi<Recording> {
+        let status = Status::default();
+        {
+            let mut known = status.known();
+            let ef = EgressFirewall::inline(
+                "abc",
+                json!([
+                    {"type": "Deny", "to": {"cidrSelector": "142.250.0.0/16"},
+                     "ports": [{"protocol": "TCP", "port": 25}]},
+                    {"type": "Allow", "to": {"dnsName": "*.l.google.com"}},
+                    {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}
+                ]),
+            )
+            .expect("deserializes");
+            let rules = FirewallRules::from_egress_firewall(&ef).expect("valid");
+            known.rules.insert("abc".into(), Arc::new(rules));
+            known.invalid.insert(
+                "bad".into(),
+                "egress[0].ports[0].port: 0 is out of range".into(),
+            );
+            let key = PodKey::new("abc", "client");
+            known.pods.insert(
+                key.clone(),
+                PodInfo {
+                    uid: None,
+                    key,
+                    ips: vec!["10.244.1.5".parse().expect("ip")],
+                    node: "n1".into(),
+                },
+            );
+        }
+        let engine = Engine::new(EngineSettings::default(), Recording::new(None));
+        FlowdApi::new(engine, Arc::new(status))
+    }
+
+    fn request(
+        namespace: &str,
+        pod: &str,
+        query_name: &str,
+        cname_chain: &[&str],
+        answers: &[&str],
+    ) -> pb::ExplainRequest {
+        pb::ExplainRequest {
+            namespace: namespace.into(),
+            pod: pod.into(),
+            query_name: query_name.into(),
+            cname_chain: cname_chain.iter().map(|s| (*s).to_string()).collect(),
+            answers: answers.iter().map(|s| (*s).to_string()).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn explain_names_the_matching_name_the_excluded_answers_and_invalid_firewalls() {
+        struct Case {
+            what: &'static str,
+            req: pb::ExplainRequest,
+            summary: &'static str,
+            /// (rule index, matched name) of the matching rules.
+            matched: &'static [(u32, &'static str)],
+            /// (ip, port, start of the reason)
+            excluded: &'static [(&'static str, &'static str, &'static str)],
+        }
+        let cases = [
+            Case {
+                what: "the CNAME target matches",
+                req: request("abc", "client", "www.google.com", &["www3.l.google.com"], &[]),
+                summary: "rule 1 (Allow dnsName=*.l.google.com) matches www3.l.google.com (CNAME target of www.google.com)",
+                matched: &[(1, "www3.l.google.com")],
+                excluded: &[],
+            },
+            Case {
+                what: "without the chain nothing matches",
+                req: request("abc", "client", "www.google.com", &[], &[]),
+                summary: "no dnsName rule of namespace abc matches www.google.com",
+                matched: &[],
+                excluded: &[],
+            },
+            Case {
+                what: "answers: a service IP and an IPv6 one beside a granted one, and a port an earlier rule takes",
+                req: request(
+                    "abc",
+                    "client",
+                    "www.google.com",
+                    &["www3.l.google.com"],
+                    &["142.250.74.36", "10.96.0.10", "2a00:1450::4"],
+                ),
+                summary: "rule 1 (Allow dnsName=*.l.google.com) matches www3.l.google.com (CNAME target of www.google.com); no usable flow for 10.96.0.10, 2a00:1450::4, 142.250.74.36 tcp/25",
+                matched: &[(1, "www3.l.google.com")],
+                excluded: &[
+                    ("10.96.0.10", "", "inside cluster subnet 10.96.0.0/16"),
+                    ("2a00:1450::4", "", "the pod has no IP of this family"),
+                    ("142.250.74.36", "tcp/25", "rule 0 (Deny cidrSelector=142.250.0.0/16 tcp/25) decides it first: rule 1's Allow flow never applies"),
+                ],
+            },
+            Case {
+                what: "answers of a pod flowd does not know are not checked",
+                req: request("abc", "ghost", "a.l.google.com", &[], &["10.96.0.10"]),
+                summary: "rule 1 (Allow dnsName=*.l.google.com) matches a.l.google.com; but pod abc/ghost is not a pod of this node flowd knows, so its answers are not checked",
+                matched: &[(1, "a.l.google.com")],
+                excluded: &[],
+            },
+            Case {
+                what: "an invalid EgressFirewall says why",
+                req: request("bad", "p", "www.google.com", &[], &["8.8.8.8"]),
+                summary: "namespace bad: EgressFirewall invalid: egress[0].ports[0].port: 0 is out of range; flowd grants nothing there",
+                matched: &[],
+                excluded: &[],
+            },
+            Case {
+                what: "no EgressFirewall at all",
+                req: request("none", "p", "www.google.com", &[], &[]),
+                summary: "namespace none has no EgressFirewall: flowd grants nothing there",
+                matched: &[],
+                excluded: &[],
+            },
+        ];
+        let api = api();
+        for c in cases {
+            let got = api
+                .explain(Request::new(c.req))
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", c.what))
+                .into_inner();
+            assert_eq!(got.summary, c.summary, "{}", c.what);
+            let matched: Vec<(u32, &str)> = got
+                .rules
+                .iter()
+                .filter(|r| r.matches)
+                .map(|r| (r.index, r.matched_name.as_str()))
+                .collect();
+            assert_eq!(matched, c.matched, "{}", c.what);
+            assert!(
+                got.rules
+                    .iter()
+                    .all(|r| r.matches != r.matched_name.is_empty()),
+                "{}",
+                c.what
+            );
+            let excluded: Vec<(&str, &str, &str)> = got
+                .excluded
+                .iter()
+                .map(|e| (e.ip.as_str(), e.port.as_str(), e.reason.as_str()))
+                .collect();
+            assert_eq!(excluded, c.excluded, "{}", c.what);
+        }
+    }
+
+    #[tokio::test]
+    async fn explain_refuses_malformed_names_and_answers() {
+        let long_chain = vec!["a.example"; MAX_CNAME_CHAIN + 1];
+        let many = vec!["192.0.2.1"; MAX_ANSWERS + 1];
+        let cases = [
+            (request("abc", "client", "a..b", &[], &[]), "query_name"),
+            (
+                request("abc", "client", "www.google.com", &["bad..name"], &[]),
+                "cname_chain",
+            ),
+            (
+                request("abc", "client", "www.google.com", &long_chain, &[]),
+                "cname_chain: more than",
+            ),
+            (
+                request("abc", "client", "www.google.com", &[], &["nope"]),
+                "answers: \"nope\" is not an IP address",
+            ),
+            (
+                request("abc", "client", "www.google.com", &[], &many),
+                "answers: more than",
+            ),
+            (request("abc", "", "www.google.com", &[], &[]), "required"),
+        ];
+        let api = api();
+        for (req, want) in cases {
+            let err = api.explain(Request::new(req)).await.expect_err(want);
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{want}");
+            assert!(err.message().contains(want), "{want}: {}", err.message());
+        }
+    }
 }

@@ -10,24 +10,21 @@ use crate::{
     metrics,
     model::PodKey,
     ovs::{FlowProgrammer, Ofctl},
-    rules::FirewallRules,
+    rules::{FirewallRules, EGRESS_FIREWALL_NAME},
     settings::EngineSettings,
-    upstream::{DnsPods, UpstreamArgs, UpstreamStats, Upstreams},
-    watch::{self, Change, ClusterEvent, SyncState, WatchStats},
+    status::Status,
+    upstream::{DnsPods, UpstreamArgs, Upstreams},
+    watch::{self, Change, ClusterEvent, SyncState},
 };
 use futures::StreamExt as _;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
 use std::{
-    collections::{BTreeSet, HashMap},
     future::Future,
     net::SocketAddr,
     process::ExitCode,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{atomic::Ordering, Arc},
     time::Instant,
 };
 use tapd::config::LogFormat;
@@ -87,56 +84,6 @@ impl RunArgs {
     }
 }
 
-/// What the cluster looks like to flowd beyond the engine: the rules per namespace and the pods, for
-/// `Explain`.
-#[derive(Debug, Default)]
-pub struct Known {
-    pub rules: HashMap<String, Arc<FirewallRules>>,
-    pub pods: BTreeSet<PodKey>,
-}
-
-/// Readiness, counters, and what the API needs to explain decisions; shared by every part.
-#[derive(Debug)]
-pub struct Status {
-    ready: signal::Sender<bool>,
-    pub watch: Arc<WatchStats>,
-    pub upstream: Arc<UpstreamStats>,
-    /// EgressFirewalls flowd could not use (each logged; the namespace then gets no grants).
-    pub invalid_firewalls: AtomicU64,
-    /// DNS answers handed to the engine.
-    pub dns_events: AtomicU64,
-    pub known: Mutex<Known>,
-}
-
-impl Default for Status {
-    fn default() -> Self {
-        Self {
-            ready: signal::channel(false).0,
-            watch: Arc::default(),
-            upstream: Arc::default(),
-            invalid_firewalls: AtomicU64::new(0),
-            dns_events: AtomicU64::new(0),
-            known: Mutex::default(),
-        }
-    }
-}
-
-impl Status {
-    /// True once pods, EgressFirewalls and this node have each been listed in full.
-    pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
-    }
-
-    /// Follows readiness.
-    pub fn ready_changes(&self) -> signal::Receiver<bool> {
-        self.ready.subscribe()
-    }
-
-    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
-        self.known.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 /// What the node loop needs of the configuration.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -157,7 +104,7 @@ fn apply_cluster_event<P: FlowProgrammer>(
     match event {
         ClusterEvent::Pod(Change::Applied(pod)) => match pod_info(&pod) {
             Ok(info) => {
-                status.known().pods.insert(info.key.clone());
+                status.known().pods.insert(info.key.clone(), info.clone());
                 engine.upsert_pod(info);
             }
             Err(skip) => {
@@ -179,10 +126,12 @@ fn apply_cluster_event<P: FlowProgrammer>(
             match FirewallRules::from_egress_firewall(&ef) {
                 Ok(rules) => {
                     let count = rules.rules.len();
-                    status
-                        .known()
+                    let mut known = status.known();
+                    known.invalid.remove(&namespace);
+                    known
                         .rules
                         .insert(namespace.clone(), Arc::new(rules.clone()));
+                    drop(known);
                     // OVN-K writes the status once per zone: only a change of the rules counts.
                     if engine.set_rules(rules) {
                         tracing::info!(%namespace, rules = count, "EgressFirewall applied");
@@ -191,19 +140,36 @@ fn apply_cluster_event<P: FlowProgrammer>(
                     }
                 }
                 Err(error) => {
-                    // OVN-K rejects such an object too; granting nothing is the safe reading.
                     status.invalid_firewalls.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%namespace, name = %ef.name_any(), %error,
-                        "invalid EgressFirewall skipped; the namespace gets no grants");
-                    status.known().rules.remove(&namespace);
-                    engine.remove_rules(&namespace);
+                    match error.invalid_namespace() {
+                        Some(namespace) => {
+                            // OVN-K rejects such an object too; granting nothing is the safe reading.
+                            tracing::warn!(%namespace, name = %ef.name_any(), %error,
+                                "invalid EgressFirewall skipped; the namespace gets no grants");
+                            let mut known = status.known();
+                            known.rules.remove(namespace);
+                            known.invalid.insert(namespace.to_string(), error.problem());
+                            drop(known);
+                            engine.remove_rules(namespace);
+                        }
+                        // OVN-K ignores it: the namespace's `default` still applies.
+                        None => tracing::warn!(%namespace, name = %ef.name_any(), %error,
+                            "EgressFirewall ignored"),
+                    }
                 }
             }
+        }
+        ClusterEvent::Firewall(Change::Deleted(ef)) if ef.name_any() != EGRESS_FIREWALL_NAME => {
+            tracing::debug!(namespace = ef.namespace(), name = %ef.name_any(),
+                "EgressFirewall OVN-K ignores deleted");
         }
         ClusterEvent::Firewall(Change::Deleted(ef)) => {
             let namespace = ef.namespace().unwrap_or_default();
             tracing::info!(%namespace, "EgressFirewall deleted");
-            status.known().rules.remove(&namespace);
+            let mut known = status.known();
+            known.rules.remove(&namespace);
+            known.invalid.remove(&namespace);
+            drop(known);
             engine.remove_rules(&namespace);
         }
         ClusterEvent::Node(Change::Applied(n)) => match node_subnets(&n) {
@@ -358,7 +324,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{egressfirewall::EgressFirewall, ovs::Recording};
     use clap::Parser;
+    use serde_json::json;
+    use tapd::{Answer, DnsName, DnsResponse};
 
     #[derive(Debug, Parser)]
     struct Cli {
@@ -403,5 +372,123 @@ mod tests {
         assert!(matches!(cli.run.validate(), Err(ConfigError::Engine(_))));
         let cli = Cli::try_parse_from(["flowd", "--node-name", "n", "--tapd-port", "0"]).unwrap();
         assert!(matches!(cli.run.validate(), Err(ConfigError::TapdPort)));
+    }
+
+    fn firewall(name: &str, egress: serde_json::Value) -> ClusterEvent {
+        let mut ef = EgressFirewall::inline("abc", egress).expect("deserializes");
+        ef.metadata.name = Some(name.into());
+        ClusterEvent::Firewall(Change::Applied(Box::new(ef)))
+    }
+
+    fn deleted(name: &str) -> ClusterEvent {
+        let mut ef = EgressFirewall::inline("abc", json!([])).expect("deserializes");
+        ef.metadata.name = Some(name.into());
+        ClusterEvent::Firewall(Change::Deleted(Box::new(ef)))
+    }
+
+    /// Pod `abc/client` (10.244.1.5) has resolved `www.google.com`; then each step is applied in turn and
+    /// the namespace must (or must not) have rules, and the pod grants, afterwards; and what is known
+    /// about an invalid EgressFirewall must say why.
+    #[test]
+    fn egressfirewalls_ovn_k_ignores_change_nothing_and_invalid_ones_say_why() {
+        let allow = || json!([{"type": "Allow", "to": {"dnsName": "google.com"}}]);
+        let bad = || json!([{"type": "Allow", "to": {"dnsName": "bad name"}}]);
+        let why = "egress[0].to.dnsName: \"bad name\" does not match";
+        // (step, event, rules afterwards, invalid afterwards)
+        let steps = [
+            (
+                "the default applies",
+                firewall("default", allow()),
+                true,
+                false,
+            ),
+            (
+                "another name, valid",
+                firewall("extra", allow()),
+                true,
+                false,
+            ),
+            (
+                "another name, invalid",
+                firewall("extra", bad()),
+                true,
+                false,
+            ),
+            ("another name deleted", deleted("extra"), true, false),
+            (
+                "the default turns invalid",
+                firewall("default", bad()),
+                false,
+                true,
+            ),
+            (
+                "another name beside it",
+                firewall("extra", allow()),
+                false,
+                true,
+            ),
+            (
+                "the default is valid again",
+                firewall("default", allow()),
+                true,
+                false,
+            ),
+            (
+                "the default invalid again",
+                firewall("default", bad()),
+                false,
+                true,
+            ),
+            ("the default deleted", deleted("default"), false, false),
+        ];
+        let engine = Engine::new(EngineSettings::default(), Recording::new(None));
+        let status = Status::default();
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "client", "namespace": "abc"},
+            "spec": {"nodeName": "n1", "containers": []},
+            "status": {"phase": "Running", "podIPs": [{"ip": "10.244.1.5"}]},
+        }))
+        .expect("pod");
+        apply_cluster_event(
+            &engine,
+            &status,
+            "n1",
+            ClusterEvent::Pod(Change::Applied(Box::new(pod))),
+        );
+        assert_eq!(
+            status.known().pods[&PodKey::new("abc", "client")].ips,
+            vec!["10.244.1.5".parse::<std::net::IpAddr>().expect("ip")]
+        );
+        engine.on_dns(
+            DnsResponse::noerror(
+                "10.244.1.5".parse().expect("ip"),
+                DnsName::new("www.google.com").expect("name"),
+                Vec::new(),
+                vec![Answer {
+                    ip: "142.250.74.36".parse().expect("ip"),
+                    ttl: 300,
+                }],
+            ),
+            Instant::now(),
+        );
+        for (what, event, rules, invalid) in steps {
+            apply_cluster_event(&engine, &status, "n1", event);
+            let known = status.known();
+            assert_eq!(known.rules.contains_key("abc"), rules, "{what}");
+            let reason = known.invalid.get("abc");
+            assert_eq!(reason.is_some(), invalid, "{what}: {reason:?}");
+            assert!(
+                reason.is_none_or(|r| r.starts_with(why)),
+                "{what}: {reason:?}"
+            );
+            drop(known);
+            assert_eq!(
+                engine.grants(None, None).len(),
+                usize::from(rules),
+                "{what}"
+            );
+        }
+        // Every object flowd could not use is counted, the ignored ones too.
+        assert_eq!(status.invalid_firewalls.load(Ordering::Relaxed), 5);
     }
 }

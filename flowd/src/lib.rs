@@ -14,5 +14,6 @@ pub mod replay;
 pub mod rules;
 pub mod settings;
 pub mod snapshot;
+pub mod status;
 pub mod upstream;
 pub mod watch;

@@ -3,9 +3,9 @@
 //! DaemonSet's readiness probe fails and a rolling update waits).
 
 use crate::{
-    daemon::Status,
     engine::{Engine, MetricsSnapshot, BATCH_LATENCY_BUCKETS_US},
     ovs::FlowProgrammer,
+    status::Status,
 };
 use std::{
     fmt::Write as _,

@@ -18,11 +18,18 @@
 //! - **Unusable answers.** Answers inside the cluster's pod/service/join subnets never get a flow (that
 //!   traffic is not egress and a DNS answer must not open it); neither do unspecified, loopback, multicast,
 //!   broadcast or IPv4-mapped IPv6 addresses, which are not egress destinations either. An answer of a family
-//!   the pod has no IP of is skipped.
+//!   the pod has no IP of is skipped. Such answers are listed in [`Decision::excluded`] with the reason,
+//!   also when other answers of the same response get flows.
+//! - **Earlier `cidrSelector` rules are OVN's.** A dnsName rule's flow sits below OVN's own flows for the
+//!   rules before it, so where an earlier `cidrSelector` rule covers an answer IP (and port) with the
+//!   opposite verdict, OVS never picks flowd's flow for those packets. [`decide`] still emits it (it is
+//!   harmless, and looking at every earlier rule for every answer would cost the daemon on each DNS
+//!   event); [`exclusions`] names such flows for `flowd replay` and `Explain`. `nodeSelector` rules are
+//!   not considered: flowd does not know the nodes' IPs.
 
 use crate::{
-    model::{FlowKey, Grant, GrantReason, PodInfo, PortMatch},
-    rules::{FirewallRules, NameMatching},
+    model::{FlowKey, Grant, GrantReason, PodInfo, PortMatch, Verdict},
+    rules::{Destination, FirewallRules, NameMatching},
 };
 use ipnet::IpNet;
 use std::{fmt, net::IpAddr};
@@ -119,10 +126,25 @@ pub struct RuleTrace {
 
 impl RuleTrace {
     pub fn matches(&self) -> bool {
-        matches!(
-            self.outcome,
-            RuleOutcome::Matched { .. } | RuleOutcome::NoPriority { .. }
-        )
+        self.matched_name().is_some()
+    }
+
+    /// The name that matched the rule: the question name, or the CNAME target that did.
+    pub fn matched_name(&self) -> Option<&DnsName> {
+        match &self.outcome {
+            RuleOutcome::Matched { name, .. } | RuleOutcome::NoPriority { name } => Some(name),
+            RuleOutcome::NotDnsName | RuleOutcome::NoMatch => None,
+        }
+    }
+
+    /// True when some of the rule's L4 matches get no flow of their own although the rule matches:
+    /// an earlier rule's flow covers them, or no priority is left for the rule.
+    pub fn has_unused_entries(&self) -> bool {
+        match &self.outcome {
+            RuleOutcome::Matched { shadowed, .. } => !shadowed.is_empty(),
+            RuleOutcome::NoPriority { .. } => true,
+            RuleOutcome::NotDnsName | RuleOutcome::NoMatch => false,
+        }
     }
 
     /// A sentence for an operator.
@@ -158,6 +180,24 @@ pub fn l4_name(l4: &L4) -> String {
     l4.map_or_else(|| "any".into(), |p| format!("{}/{}", p.protocol, p.port))
 }
 
+/// The name that matched, for an operator: `www.google.com`, or `www3.l.google.com (CNAME target of
+/// www.google.com)` when the match came from the chain rather than from the question.
+pub fn matched_text(question: &DnsName, matched: &DnsName) -> String {
+    if matched == question {
+        matched.to_string()
+    } else {
+        format!("{matched} (CNAME target of {question})")
+    }
+}
+
+/// "Allow" or "Deny", as EgressFirewalls spell them.
+pub fn verdict_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Allow => "Allow",
+        Verdict::Deny => "Deny",
+    }
+}
+
 /// Why one answer IP got no flow.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Exclusion {
@@ -187,8 +227,161 @@ pub struct Decision {
     pub ignored: Option<Ignored>,
     /// The rules that match, in order (empty when `ignored`); [`explain`] lists every rule.
     pub rules: Vec<RuleTrace>,
-    /// Answer IPs that got no flow and why (only computed when some rule matched).
+    /// Answer IPs that got no flow and why, also when other answers did. Only computed when some rule
+    /// matched: otherwise no answer gets anything, and `rules` says why.
     pub excluded: Vec<(IpAddr, Exclusion)>,
+}
+
+impl Decision {
+    /// The name that matched rule `index` (the question name or a CNAME target), if it matched.
+    pub fn matched_name(&self, index: usize) -> Option<&DnsName> {
+        self.rules
+            .iter()
+            .find(|r| r.index == index)
+            .and_then(RuleTrace::matched_name)
+    }
+}
+
+/// A grant's flow that OVS never picks for some or all of its packets: OVN's own flow for an earlier
+/// `cidrSelector` rule covers the answer IP with the opposite verdict, at a higher priority.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outranked {
+    /// The answer IP.
+    pub ip: IpAddr,
+    /// The grant's rule and verdict.
+    pub rule: usize,
+    pub verdict: Verdict,
+    /// The part of the grant's L4 match the earlier rule takes: one port, or `None` for all of it (or
+    /// all that rules before that one did not already take).
+    pub l4: L4,
+    /// The earlier rule, and that rule as written.
+    pub by: usize,
+    pub by_rule: String,
+}
+
+impl fmt::Display for Outranked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rule {} ({}) decides it first: rule {}'s {} flow never applies",
+            self.by,
+            self.by_rule,
+            self.rule,
+            verdict_name(self.verdict)
+        )
+    }
+}
+
+/// An answer IP, or one L4 match of it, that gets no flow OVS would use, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Excluded {
+    /// No flow at all for the IP.
+    Answer { ip: IpAddr, why: Exclusion },
+    /// A flow that an earlier rule's flow outranks.
+    Outranked(Outranked),
+}
+
+impl Excluded {
+    pub fn ip(&self) -> IpAddr {
+        match self {
+            Self::Answer { ip, .. } => *ip,
+            Self::Outranked(o) => o.ip,
+        }
+    }
+
+    /// The L4 match concerned, or `None` for the whole IP.
+    pub fn l4(&self) -> Option<L4> {
+        match self {
+            Self::Answer { .. } => None,
+            Self::Outranked(o) => Some(o.l4),
+        }
+    }
+
+    /// Why, for an operator.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Answer { why, .. } => why.to_string(),
+            Self::Outranked(o) => o.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Excluded {
+    /// "10.96.0.10: inside cluster subnet 10.96.0.0/16", "1.2.3.4 tcp/443: rule 0 (...) decides it first: ...".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.l4() {
+            None => write!(f, "{}: {}", self.ip(), self.reason()),
+            Some(l4) => write!(f, "{} {}: {}", self.ip(), l4_name(&l4), self.reason()),
+        }
+    }
+}
+
+/// Everything of `decision`'s answers that gets no usable flow: [`Decision::excluded`], then the grants
+/// whose flows OVN's flows for earlier `cidrSelector` rules of `rules` outrank (see [`outranked`]).
+pub fn exclusions(decision: &Decision, rules: &FirewallRules) -> Vec<Excluded> {
+    decision
+        .excluded
+        .iter()
+        .map(|(ip, why)| Excluded::Answer {
+            ip: *ip,
+            why: why.clone(),
+        })
+        .chain(
+            outranked(&decision.grants, rules)
+                .into_iter()
+                .map(Excluded::Outranked),
+        )
+        .collect()
+}
+
+/// The parts of `grants` that OVS never picks because OVN's flow for an earlier `cidrSelector` rule of
+/// `rules` covers the answer IP (and port) with the opposite verdict at a higher priority. Each rule is
+/// looked at in order, as OVS does by priority: the first rule covering a port decides it, so a later
+/// one never outranks what an earlier one took (whatever that one's verdict). Not part of [`decide`]:
+/// this walks every earlier rule for every grant, which only explanations need.
+pub fn outranked(grants: &[Grant], rules: &FirewallRules) -> Vec<Outranked> {
+    let mut out = Vec::new();
+    for g in grants {
+        // Ports of a grant without L4 match that earlier rules with ports have taken already.
+        let mut taken: Vec<PortMatch> = Vec::new();
+        for (by, earlier) in rules.rules.iter().enumerate().take(g.reason.rule_index) {
+            let Destination::Cidr(net) = &earlier.destination else {
+                continue;
+            };
+            if !net.contains(&g.key.dst) {
+                continue;
+            }
+            let whole =
+                earlier.ports.is_empty() || g.key.l4.is_some_and(|p| earlier.ports.contains(&p));
+            let parts: Vec<L4> = if whole {
+                vec![g.key.l4]
+            } else if g.key.l4.is_none() {
+                earlier
+                    .ports
+                    .iter()
+                    .filter(|p| !taken.contains(p))
+                    .map(|p| Some(*p))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            if earlier.verdict != g.verdict {
+                out.extend(parts.iter().map(|l4| Outranked {
+                    ip: g.key.dst,
+                    rule: g.reason.rule_index,
+                    verdict: g.verdict,
+                    l4: *l4,
+                    by,
+                    by_rule: earlier.to_string(),
+                }));
+            }
+            if whole {
+                break;
+            }
+            taken.extend(parts.into_iter().flatten());
+        }
+    }
+    out
 }
 
 /// Rule by rule, what `names` (question name first, then the CNAME chain) make of `rules`.
@@ -458,6 +651,10 @@ mod tests {
             .collect()
     }
 
+    fn allow(n: &str) -> serde_json::Value {
+        json!({"type": "Allow", "to": {"dnsName": n}})
+    }
+
     fn seed_rules() -> FirewallRules {
         rules(json!([
             {"type": "Allow", "to": {"dnsName": "google.com"}},
@@ -536,7 +733,6 @@ mod tests {
             strict_names: true,
             ..PolicySettings::default()
         };
-        let allow = |n: &str| json!({"type": "Allow", "to": {"dnsName": n}});
         let cases = vec![
             Case {
                 what: "wildcard: one extra label",
@@ -887,6 +1083,284 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_name_that_matched_each_rule_is_reported() {
+        struct Case {
+            what: &'static str,
+            egress: serde_json::Value,
+            qname: &'static str,
+            chain: &'static [&'static str],
+            /// (rule index, the name that matched it) for every matching rule.
+            want: &'static [(usize, &'static str)],
+            /// `matched_text` of the first match.
+            text: &'static str,
+        }
+        let cases = [
+            Case {
+                what: "the question name matches",
+                egress: json!([allow("google.com")]),
+                qname: "www.google.com",
+                chain: &["www3.l.google.com"],
+                want: &[(0, "www.google.com")],
+                text: "www.google.com",
+            },
+            Case {
+                what: "only the CNAME target matches",
+                egress: json!([allow("*.l.google.com")]),
+                qname: "www.google.com",
+                chain: &["www3.l.google.com"],
+                want: &[(0, "www3.l.google.com")],
+                text: "www3.l.google.com (CNAME target of www.google.com)",
+            },
+            Case {
+                what: "the last link of a longer chain matches",
+                egress: json!([allow("cdn.example.net")]),
+                qname: "shop.example.com",
+                chain: &["shop.example.com.edgekey.net", "e1.cdn.example.net"],
+                want: &[(0, "e1.cdn.example.net")],
+                text: "e1.cdn.example.net (CNAME target of shop.example.com)",
+            },
+            Case {
+                what: "each rule reports its own first matching name",
+                egress: json!([
+                    {"type": "Deny", "to": {"dnsName": "*.l.google.com"}, "ports": [{"protocol": "TCP", "port": 80}]},
+                    {"type": "Deny", "to": {"cidrSelector": "10.0.0.0/8"}},
+                    allow("google.com")
+                ]),
+                qname: "www.google.com",
+                chain: &["www3.l.google.com"],
+                want: &[(0, "www3.l.google.com"), (2, "www.google.com")],
+                text: "www3.l.google.com (CNAME target of www.google.com)",
+            },
+            Case {
+                what: "nothing matches",
+                egress: json!([allow("example.org")]),
+                qname: "www.google.com",
+                chain: &["www3.l.google.com"],
+                want: &[],
+                text: "",
+            },
+        ];
+        for c in cases {
+            let r = rules(c.egress);
+            let resp = response("10.244.1.5", c.qname, c.chain, &[("1.2.3.4", 60)]);
+            let d = decide(&resp, &pod(&["10.244.1.5"]), &r, &PolicySettings::default());
+            let got: Vec<(usize, String)> = d
+                .rules
+                .iter()
+                .filter_map(|t| t.matched_name().map(|n| (t.index, n.to_string())))
+                .collect();
+            let want: Vec<(usize, String)> =
+                c.want.iter().map(|(i, n)| (*i, (*n).to_string())).collect();
+            assert_eq!(got, want, "{}", c.what);
+            for (i, n) in c.want {
+                assert_eq!(d.matched_name(*i), Some(&name(n)), "{}", c.what);
+            }
+            // Every grant's rule has the name that matched it.
+            for g in &d.grants {
+                assert!(d.matched_name(g.reason.rule_index).is_some(), "{}", c.what);
+            }
+            // explain() agrees with decide() on the names.
+            let names: Vec<&DnsName> = resp.names().collect();
+            let all = explain(&names, &r, &PolicySettings::default());
+            let explained: Vec<(usize, String)> = all
+                .iter()
+                .filter_map(|t| t.matched_name().map(|n| (t.index, n.to_string())))
+                .collect();
+            assert_eq!(explained, want, "{}", c.what);
+            let text = c
+                .want
+                .first()
+                .map(|(_, n)| matched_text(&resp.qname, &name(n)))
+                .unwrap_or_default();
+            assert_eq!(text, c.text, "{}", c.what);
+        }
+    }
+
+    #[test]
+    fn excluded_answers_are_reported_beside_the_granted_ones() {
+        struct Case {
+            what: &'static str,
+            pod_ips: &'static [&'static str],
+            answers: &'static [&'static str],
+            granted: &'static [&'static str],
+            excluded: &'static [&'static str],
+        }
+        let settings = PolicySettings {
+            cluster_subnets: vec![
+                "10.96.0.0/16".parse().expect("net"),
+                "fd00:10:96::/112".parse().expect("net"),
+            ],
+            ..PolicySettings::default()
+        };
+        let cases = [
+            Case {
+                what: "a service IP among public ones",
+                pod_ips: &["10.244.1.5"],
+                answers: &["10.96.0.10", "5.5.5.5"],
+                granted: &["5.5.5.5"],
+                excluded: &["10.96.0.10: inside cluster subnet 10.96.0.0/16"],
+            },
+            Case {
+                what: "IPv6 answers for a single-stack pod",
+                pod_ips: &["10.244.1.5"],
+                answers: &["5.5.5.5", "2a00:1450::4"],
+                granted: &["5.5.5.5"],
+                excluded: &["2a00:1450::4: the pod has no IP of this family"],
+            },
+            Case {
+                what: "loopback and multicast among public ones, each reported once",
+                pod_ips: &["10.244.1.5", "fd00:10:244:2::5"],
+                answers: &[
+                    "127.0.0.1",
+                    "6.6.6.6",
+                    "ff02::1",
+                    "127.0.0.1",
+                    "fd00:10:96::a",
+                ],
+                granted: &["6.6.6.6"],
+                excluded: &[
+                    "127.0.0.1: not an egress destination",
+                    "ff02::1: not an egress destination",
+                    "fd00:10:96::a: inside cluster subnet fd00:10:96::/112",
+                ],
+            },
+            Case {
+                what: "everything usable",
+                pod_ips: &["10.244.1.5"],
+                answers: &["5.5.5.5", "6.6.6.6"],
+                granted: &["5.5.5.5", "6.6.6.6"],
+                excluded: &[],
+            },
+        ];
+        for c in cases {
+            let answers: Vec<(&str, u32)> = c.answers.iter().map(|a| (*a, 60)).collect();
+            let d = decide(
+                &response("10.244.1.5", "www.google.com", &[], &answers),
+                &pod(c.pod_ips),
+                &seed_rules(),
+                &settings,
+            );
+            let granted: Vec<IpAddr> = d.grants.iter().map(|g| g.key.dst).collect();
+            let want: Vec<IpAddr> = c.granted.iter().map(|a| ip(a)).collect();
+            assert_eq!(granted, want, "{}", c.what);
+            let excluded: Vec<String> = exclusions(&d, &seed_rules())
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(excluded, c.excluded, "{}", c.what);
+        }
+    }
+
+    #[test]
+    fn flows_an_earlier_cidr_rule_of_the_other_verdict_decides_first_are_named() {
+        struct Case {
+            what: &'static str,
+            egress: serde_json::Value,
+            answers: &'static [&'static str],
+            /// How many grants: outranked flows are still emitted.
+            grants: usize,
+            excluded: &'static [&'static str],
+        }
+        let tcp = |port| json!({"protocol": "TCP", "port": port});
+        let cases = [
+            Case {
+                what: "an earlier Deny of the IP's network",
+                egress: json!([{"type": "Deny", "to": {"cidrSelector": "7.0.0.0/8"}}, allow("google.com")]),
+                answers: &["7.7.7.7", "8.8.8.8"],
+                grants: 2,
+                excluded: &["7.7.7.7 any: rule 0 (Deny cidrSelector=7.0.0.0/8) decides it first: rule 1's Allow flow never applies"],
+            },
+            Case {
+                what: "an earlier Allow of the same verdict changes nothing",
+                egress: json!([{"type": "Allow", "to": {"cidrSelector": "7.0.0.0/8"}}, allow("google.com")]),
+                answers: &["7.7.7.7"],
+                grants: 1,
+                excluded: &[],
+            },
+            Case {
+                what: "the seed's trailing Deny 0.0.0.0/0 comes after: nothing is outranked",
+                egress: json!([allow("google.com"), {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}]),
+                answers: &["7.7.7.7"],
+                grants: 1,
+                excluded: &[],
+            },
+            Case {
+                what: "an earlier Allow outranks a Deny flow",
+                egress: json!([{"type": "Allow", "to": {"cidrSelector": "7.7.7.0/24"}},
+                               {"type": "Deny", "to": {"dnsName": "google.com"}}]),
+                answers: &["7.7.7.7"],
+                grants: 1,
+                excluded: &["7.7.7.7 any: rule 0 (Allow cidrSelector=7.7.7.0/24) decides it first: rule 1's Deny flow never applies"],
+            },
+            Case {
+                what: "an earlier Deny on one port takes that port of a portless flow",
+                egress: json!([{"type": "Deny", "to": {"cidrSelector": "7.0.0.0/8"}, "ports": [tcp(25)]}, allow("google.com")]),
+                answers: &["7.7.7.7"],
+                grants: 1,
+                excluded: &["7.7.7.7 tcp/25: rule 0 (Deny cidrSelector=7.0.0.0/8 tcp/25) decides it first: rule 1's Allow flow never applies"],
+            },
+            Case {
+                what: "port coverage: only the flow for the covered port is outranked",
+                egress: json!([{"type": "Deny", "to": {"cidrSelector": "7.0.0.0/8"}, "ports": [tcp(443)]},
+                               {"type": "Allow", "to": {"dnsName": "google.com"}, "ports": [tcp(443), tcp(80)]}]),
+                answers: &["7.7.7.7"],
+                grants: 2,
+                excluded: &["7.7.7.7 tcp/443: rule 0 (Deny cidrSelector=7.0.0.0/8 tcp/443) decides it first: rule 1's Allow flow never applies"],
+            },
+            Case {
+                what: "the first covering rule decides: an earlier Allow shields a later Deny",
+                egress: json!([{"type": "Allow", "to": {"cidrSelector": "7.7.0.0/16"}},
+                               {"type": "Deny", "to": {"cidrSelector": "7.0.0.0/8"}},
+                               allow("google.com")]),
+                answers: &["7.7.7.7", "7.8.8.8"],
+                grants: 2,
+                excluded: &["7.8.8.8 any: rule 1 (Deny cidrSelector=7.0.0.0/8) decides it first: rule 2's Allow flow never applies"],
+            },
+            Case {
+                what: "ports taken by an earlier rule are not reported again by a later one",
+                egress: json!([{"type": "Allow", "to": {"cidrSelector": "7.0.0.0/8"}, "ports": [tcp(80)]},
+                               {"type": "Deny", "to": {"cidrSelector": "7.0.0.0/8"}, "ports": [tcp(80), tcp(22)]},
+                               {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}},
+                               allow("google.com")]),
+                answers: &["7.7.7.7"],
+                grants: 1,
+                excluded: &[
+                    "7.7.7.7 tcp/22: rule 1 (Deny cidrSelector=7.0.0.0/8 tcp/80 tcp/22) decides it first: rule 3's Allow flow never applies",
+                    "7.7.7.7 any: rule 2 (Deny cidrSelector=0.0.0.0/0) decides it first: rule 3's Allow flow never applies",
+                ],
+            },
+            Case {
+                what: "families do not mix",
+                egress: json!([{"type": "Deny", "to": {"cidrSelector": "::/0"}}, allow("google.com")]),
+                answers: &["7.7.7.7", "2a00::1"],
+                grants: 2,
+                excluded: &["2a00::1 any: rule 0 (Deny cidrSelector=::/0) decides it first: rule 1's Allow flow never applies"],
+            },
+        ];
+        for c in cases {
+            let r = rules(c.egress);
+            let answers: Vec<(&str, u32)> = c.answers.iter().map(|a| (*a, 60)).collect();
+            let d = decide(
+                &response("10.244.1.5", "google.com", &[], &answers),
+                &pod(&["10.244.1.5", "fd00:10:244:2::5"]),
+                &r,
+                &PolicySettings::default(),
+            );
+            assert_eq!(d.grants.len(), c.grants, "{}", c.what);
+            assert!(d.excluded.is_empty(), "{}", c.what);
+            let got: Vec<String> = exclusions(&d, &r).iter().map(ToString::to_string).collect();
+            assert_eq!(got, c.excluded, "{}", c.what);
+            for e in exclusions(&d, &r) {
+                assert!(
+                    d.grants.iter().any(|g| g.key.dst == e.ip()),
+                    "{}: only granted IPs can be outranked",
+                    c.what
+                );
+            }
+        }
+    }
+
     fn label() -> impl Strategy<Value = String> {
         "[a-z0-9][a-z0-9-]{0,8}"
     }
@@ -958,6 +1432,12 @@ mod tests {
                 prop_assert_eq!(g.reason.rule_index, 1);
                 let longest = resp.answers.iter().filter(|a| a.ip == g.key.dst).map(|a| a.ttl).max();
                 prop_assert_eq!(longest, Some(g.ttl));
+            }
+            // Rule 0 denies all of IPv4 first: every IPv4 flow, and no IPv6 one, is outranked by it.
+            let outranked = outranked(&d.grants, &rules);
+            prop_assert_eq!(outranked.len(), d.grants.iter().filter(|g| g.key.dst.is_ipv4()).count());
+            for (o, g) in outranked.iter().zip(d.grants.iter().filter(|g| g.key.dst.is_ipv4())) {
+                prop_assert_eq!((o.ip, o.l4, o.by, o.rule), (g.key.dst, g.key.l4, 0, 1));
             }
             // Every answer is either granted (once per L4 entry) or excluded with a reason.
             let per_ip = if ports { 2 } else { 1 };

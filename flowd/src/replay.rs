@@ -12,9 +12,12 @@ pub mod events;
 
 use crate::{
     engine::{Engine, EngineError},
-    model::{FlowKey, Grant, PodInfo, PodKey, Verdict},
+    model::{FlowKey, Grant, PodInfo, PodKey},
     ovs::{DryRun, FlowProgrammer, Ofctl},
-    policy::{decide, l4_name, Ignored, PolicySettings, RuleOutcome},
+    policy::{
+        decide, exclusions, l4_name, matched_text, verdict_name, Excluded, Ignored, PolicySettings,
+        RuleOutcome, RuleTrace,
+    },
     settings::EngineSettings,
     snapshot::Snapshot,
 };
@@ -30,7 +33,7 @@ use std::{
     sync::{Arc, Mutex},
     time::{Instant, SystemTime},
 };
-use tapd::DnsResponse;
+use tapd::{DnsName, DnsResponse};
 
 /// The shipped example snapshot: namespace `abc` with the seed's EgressFirewall, its pods, a node.
 pub const EXAMPLE_SNAPSHOT: &str = include_str!("../../examples/snapshot.yaml");
@@ -39,7 +42,8 @@ pub const EXAMPLE_CAPTURE: &[u8] = include_bytes!("../../examples/google.fstrm")
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
-    /// One line per flow and per skipped event, then a summary.
+    /// One line per flow, per answer left without a usable flow, per rule entry that got no flow of its
+    /// own, and per skipped event; then a summary.
     Text,
     /// One JSON document: events, flows, summary, warnings.
     Json,
@@ -102,6 +106,21 @@ impl Skip {
     }
 }
 
+/// A grant with the name that earned it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Planned {
+    pub grant: Grant,
+    /// The name that matched the grant's rule: the question name, or the CNAME target that did.
+    pub matched: DnsName,
+}
+
+impl Planned {
+    /// "www.google.com", or "www3.l.google.com (CNAME target of www.google.com)".
+    pub fn matched_text(&self) -> String {
+        matched_text(&self.grant.reason.qname, &self.matched)
+    }
+}
+
 /// What replay made of one recorded event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventOutcome {
@@ -112,7 +131,12 @@ pub struct EventOutcome {
     pub client: Option<IpAddr>,
     pub qname: Option<String>,
     pub pod: Option<PodKey>,
-    pub result: Result<Vec<Grant>, Skip>,
+    pub result: Result<Vec<Planned>, Skip>,
+    /// The rules that matched, with the name that matched each (empty when no rule was looked at).
+    pub rules: Vec<RuleTrace>,
+    /// Answer IPs, or ports of them, left without a flow OVS would use, and why: also when other
+    /// answers of the event got flows.
+    pub excluded: Vec<Excluded>,
 }
 
 /// The decision over a snapshot: finds the pod behind each answer and asks [`decide`].
@@ -164,6 +188,8 @@ impl<'a> Planner<'a> {
                     qname: None,
                     pod: None,
                     result: Err(Skip::new("invalid event", e)),
+                    rules: Vec::new(),
+                    excluded: Vec::new(),
                 }
             }
         };
@@ -174,6 +200,8 @@ impl<'a> Planner<'a> {
             qname: Some(resp.qname.to_string()),
             pod: None,
             result: Ok(Vec::new()),
+            rules: Vec::new(),
+            excluded: Vec::new(),
         };
         let Some(pod) = self.pods_by_ip.get(&resp.client) else {
             out.result = Err(Skip::new(
@@ -191,13 +219,14 @@ impl<'a> Planner<'a> {
             return out;
         }
         let Some(rules) = self.snapshot.rules.get(&pod.key.namespace) else {
-            out.result = Err(Skip::new(
-                "namespace has no EgressFirewall",
-                pod.key.namespace.clone(),
-            ));
+            out.result = Err(match self.snapshot.invalid.get(&pod.key.namespace) {
+                Some(why) => Skip::new("EgressFirewall invalid", why.clone()),
+                None => Skip::new("namespace has no EgressFirewall", pod.key.namespace.clone()),
+            });
             return out;
         };
         let decision = decide(&resp, pod, rules, &self.settings);
+        out.excluded = exclusions(&decision, rules);
         out.result = if let Some(ignored) = &decision.ignored {
             Err(Skip::new(
                 match ignored {
@@ -208,12 +237,22 @@ impl<'a> Planner<'a> {
                 ignored.to_string(),
             ))
         } else if !decision.grants.is_empty() {
-            Ok(decision.grants)
+            Ok(decision
+                .grants
+                .iter()
+                .map(|g| Planned {
+                    grant: g.clone(),
+                    matched: decision
+                        .matched_name(g.reason.rule_index)
+                        .unwrap_or(&g.reason.qname)
+                        .clone(),
+                })
+                .collect())
         } else if decision.rules.iter().any(|r| r.matches()) {
-            let why: Vec<String> = decision
+            let why: Vec<String> = out
                 .excluded
                 .iter()
-                .map(|(ip, why)| format!("{ip} {why}"))
+                .map(ToString::to_string)
                 .chain(decision.rules.iter().filter_map(|r| match &r.outcome {
                     RuleOutcome::NoPriority { .. } => {
                         Some(format!("rule {}: {}", r.index, r.reason()))
@@ -231,6 +270,7 @@ impl<'a> Planner<'a> {
                     .join(" -> "),
             ))
         };
+        out.rules = decision.rules;
         out
     }
 }
@@ -244,20 +284,24 @@ pub struct Summary {
     pub not_client_responses: u64,
     pub skipped: BTreeMap<&'static str, u64>,
     pub grants: u64,
+    /// Answer IPs (or ports of them) left without a usable flow, over all events.
+    pub excluded: u64,
     /// Distinct flows with the replay time of their latest grant: a later grant for the same flow
     /// refreshes it.
-    pub flows: BTreeMap<FlowKey, (Grant, Option<SystemTime>)>,
+    pub flows: BTreeMap<FlowKey, (Planned, Option<SystemTime>)>,
 }
 
 impl Summary {
     pub fn add(&mut self, outcome: &EventOutcome) {
         self.events += 1;
+        self.excluded += outcome.excluded.len() as u64;
         match &outcome.result {
             Err(skip) => *self.skipped.entry(skip.category).or_default() += 1,
-            Ok(grants) => {
-                self.grants += grants.len() as u64;
-                for g in grants {
-                    self.flows.insert(g.key.clone(), (g.clone(), outcome.time));
+            Ok(planned) => {
+                self.grants += planned.len() as u64;
+                for p in planned {
+                    self.flows
+                        .insert(p.grant.key.clone(), (p.clone(), outcome.time));
                 }
             }
         }
@@ -268,22 +312,17 @@ impl Summary {
     }
 }
 
-fn verdict_name(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Allow => "Allow",
-        Verdict::Deny => "Deny",
-    }
-}
-
 fn time_text(t: Option<SystemTime>) -> String {
     t.map_or_else(|| "-".into(), events::format_rfc3339)
 }
 
-/// One planned flow as a line: who, where, priority, verdict, lifetime, and why.
-pub fn flow_line(g: &Grant, engine: &EngineSettings, time: Option<SystemTime>) -> String {
+/// One planned flow as a line: who, where, priority, verdict, lifetime, and why (the name that matched
+/// the rule, which is a CNAME target when the question name did not).
+pub fn flow_line(p: &Planned, engine: &EngineSettings, time: Option<SystemTime>) -> String {
+    let g = &p.grant;
     format!(
         "flow  {pod} {src} -> {dst} {l4} priority={prio} {verdict} ttl={ttl} idle_timeout={idle}  \
-         reason: {qname} matched rule {rule} dnsName={dns}  at {time}",
+         reason: {matched} matched rule {rule} dnsName={dns}  at {time}",
         pod = g.key.pod,
         src = g.key.src,
         dst = g.key.dst,
@@ -292,20 +331,23 @@ pub fn flow_line(g: &Grant, engine: &EngineSettings, time: Option<SystemTime>) -
         verdict = verdict_name(g.verdict),
         ttl = g.ttl,
         idle = engine.idle_timeout(g.ttl),
-        qname = g.reason.qname,
+        matched = p.matched_text(),
         rule = g.reason.rule_index,
         dns = g.reason.dns_name,
         time = time_text(time),
     )
 }
 
-/// A grant as JSON, with the field names of `dnsflow.v1.Grant`.
-pub fn grant_json(g: &Grant, engine: &EngineSettings, time: Option<SystemTime>) -> Value {
+/// A grant as JSON, with the field names of `dnsflow.v1.Grant`, and `matchedName`: the name that
+/// matched the rule (the question name, or a CNAME target of it).
+pub fn grant_json(p: &Planned, engine: &EngineSettings, time: Option<SystemTime>) -> Value {
+    let g = &p.grant;
     json!({
         "namespace": g.key.pod.namespace,
         "pod": g.key.pod.name,
         "podIp": g.key.src.to_string(),
         "queryName": g.reason.qname.to_string(),
+        "matchedName": p.matched.to_string(),
         "ruleIndex": g.reason.rule_index,
         "action": verdict_name(g.verdict),
         "dnsName": g.reason.dns_name,
@@ -318,6 +360,25 @@ pub fn grant_json(g: &Grant, engine: &EngineSettings, time: Option<SystemTime>) 
     })
 }
 
+/// An excluded answer as JSON, with the field names of `dnsflow.v1.ExcludedAnswer` (`port` only when
+/// one L4 match of the IP is concerned rather than the whole IP).
+pub fn excluded_json(e: &Excluded) -> Value {
+    let mut v = json!({"ip": e.ip().to_string(), "reason": e.reason()});
+    if let Some(l4) = e.l4() {
+        v["port"] = json!(l4_name(&l4));
+    }
+    v
+}
+
+fn rule_json(t: &RuleTrace) -> Value {
+    json!({
+        "index": t.index,
+        "rule": t.rule,
+        "matchedName": t.matched_name().map(ToString::to_string),
+        "reason": t.reason(),
+    })
+}
+
 fn outcome_json(o: &EventOutcome, engine: &EngineSettings) -> Value {
     let mut v = json!({
         "event": o.index,
@@ -326,11 +387,17 @@ fn outcome_json(o: &EventOutcome, engine: &EngineSettings) -> Value {
         "queryName": o.qname,
         "pod": o.pod.as_ref().map(ToString::to_string),
     });
+    if !o.rules.is_empty() {
+        v["rules"] = o.rules.iter().map(rule_json).collect();
+    }
+    if !o.excluded.is_empty() {
+        v["excluded"] = o.excluded.iter().map(excluded_json).collect();
+    }
     match &o.result {
-        Ok(grants) => {
-            v["grants"] = grants
+        Ok(planned) => {
+            v["grants"] = planned
                 .iter()
-                .map(|g| grant_json(g, engine, o.time))
+                .map(|p| grant_json(p, engine, o.time))
                 .collect();
         }
         Err(skip) => {
@@ -461,6 +528,7 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                     "notClientResponses": summary.not_client_responses,
                     "skipped": summary.skipped,
                     "grants": summary.grants,
+                    "excluded": summary.excluded,
                     "flows": summary.flows.len(),
                 },
                 "warnings": snapshot.warnings,
@@ -584,20 +652,24 @@ fn write_text(
     o: &EventOutcome,
     engine: &EngineSettings,
 ) -> std::io::Result<()> {
+    let client = o.client.map_or_else(|| "-".into(), |c| c.to_string());
+    let qname = o.qname.as_deref().unwrap_or("-");
+    let event = format!("event {} {client} {qname}", o.index);
     match &o.result {
-        Ok(grants) => {
-            for g in grants {
-                writeln!(out, "{}", flow_line(g, engine, o.time))?;
+        Ok(planned) => {
+            for p in planned {
+                writeln!(out, "{}", flow_line(p, engine, o.time))?;
+            }
+            // A skipped event's line already says why each answer was excluded.
+            for e in &o.excluded {
+                writeln!(out, "excl  {event}: {e}")?;
+            }
+            for t in o.rules.iter().filter(|t| t.has_unused_entries()) {
+                writeln!(out, "note  {event}: rule {}: {}", t.index, t.reason())?;
             }
         }
         Err(skip) => {
-            let client = o.client.map_or_else(|| "-".into(), |c| c.to_string());
-            let qname = o.qname.as_deref().unwrap_or("-");
-            writeln!(
-                out,
-                "skip  event {} {client} {qname}: {}: {}",
-                o.index, skip.category, skip.detail
-            )?;
+            writeln!(out, "skip  {event}: {}: {}", skip.category, skip.detail)?;
         }
     }
     Ok(())
@@ -719,6 +791,161 @@ mod tests {
 
         let invalid = planner.plan(9, Err("bad frame".into()));
         assert_eq!(invalid.result, Err(Skip::new("invalid event", "bad frame")));
+    }
+
+    /// Namespace `abc` allows `*.l.google.com` (and `google.com` on tcp/443) after denying tcp/25 to
+    /// 142.250.74.0/24; namespace `bad`'s EgressFirewall is invalid; namespace `none` has none.
+    const REPORT_SNAPSHOT: &str = r#"
+kind: List
+items:
+- kind: Pod
+  metadata: {name: client, namespace: abc}
+  spec: {nodeName: n1, containers: []}
+  status: {phase: Running, podIPs: [{ip: 10.244.1.5}]}
+- kind: Pod
+  metadata: {name: p, namespace: bad}
+  spec: {nodeName: n1, containers: []}
+  status: {phase: Running, podIPs: [{ip: 10.244.1.6}]}
+- kind: Pod
+  metadata: {name: p, namespace: none}
+  spec: {nodeName: n1, containers: []}
+  status: {phase: Running, podIPs: [{ip: 10.244.1.7}]}
+- kind: EgressFirewall
+  metadata: {name: default, namespace: abc}
+  spec:
+    egress:
+    - {type: Deny, to: {cidrSelector: 142.250.74.0/24}, ports: [{protocol: TCP, port: 25}]}
+    - {type: Allow, to: {dnsName: "*.l.google.com"}}
+    - {type: Allow, to: {dnsName: google.com}, ports: [{protocol: TCP, port: 443}]}
+    - {type: Deny, to: {cidrSelector: 0.0.0.0/0}}
+- kind: EgressFirewall
+  metadata: {name: default, namespace: bad}
+  spec: {egress: [{type: Allow, to: {dnsName: "bad name"}}]}
+- kind: Node
+  metadata:
+    name: n1
+    annotations: {k8s.ovn.org/node-subnets: '{"default":["10.244.1.0/24"]}'}
+"#;
+
+    #[test]
+    fn each_event_reports_the_matched_name_the_excluded_answers_and_why_it_was_skipped() {
+        struct Case {
+            what: &'static str,
+            client: &'static str,
+            qname: &'static str,
+            chain: &'static [&'static str],
+            answers: &'static [&'static str],
+            /// The text output for the event, line by line (flow lines cut before "ttl=").
+            lines: &'static [&'static str],
+        }
+        let cases = [
+            Case {
+                what: "the CNAME target matched; a pod-subnet answer is excluded beside the granted one",
+                client: "10.244.1.5",
+                qname: "www.google.com",
+                chain: &["www3.l.google.com"],
+                answers: &["142.250.74.36", "10.244.1.9"],
+                lines: &[
+                    "flow  abc/client 10.244.1.5 -> 142.250.74.36 any priority=10999 Allow",
+                    "excl  event 1 10.244.1.5 www.google.com: 10.244.1.9: inside cluster subnet 10.244.1.0/24",
+                    "excl  event 1 10.244.1.5 www.google.com: 142.250.74.36 tcp/25: rule 0 (Deny cidrSelector=142.250.74.0/24 tcp/25) decides it first: rule 1's Allow flow never applies",
+                    "note  event 1 10.244.1.5 www.google.com: rule 2: matches www.google.com at priority 10998; tcp/443 already covered by rule 1",
+                ],
+            },
+            Case {
+                what: "the question name matched: the flow says so, without a CNAME",
+                client: "10.244.1.5",
+                qname: "google.com",
+                chain: &[],
+                answers: &["8.8.8.8"],
+                lines: &["flow  abc/client 10.244.1.5 -> 8.8.8.8 tcp/443 priority=10998 Allow"],
+            },
+            Case {
+                what: "every answer excluded: one skip line that names them",
+                client: "10.244.1.5",
+                qname: "google.com",
+                chain: &[],
+                answers: &["10.244.1.9", "2a00::1"],
+                lines: &["skip  event 1 10.244.1.5 google.com: no usable answer: 10.244.1.9: inside cluster subnet 10.244.1.0/24; 2a00::1: the pod has no IP of this family"],
+            },
+            Case {
+                what: "an invalid EgressFirewall says why",
+                client: "10.244.1.6",
+                qname: "google.com",
+                chain: &[],
+                answers: &["8.8.8.8"],
+                lines: &["skip  event 1 10.244.1.6 google.com: EgressFirewall invalid: egress[0].to.dnsName: \"bad name\" does not match the dnsName pattern ^(\\*\\.)?([A-Za-z0-9-]+\\.)*[A-Za-z0-9-]+\\.?$"],
+            },
+            Case {
+                what: "no EgressFirewall at all",
+                client: "10.244.1.7",
+                qname: "google.com",
+                chain: &[],
+                answers: &["8.8.8.8"],
+                lines: &["skip  event 1 10.244.1.7 google.com: namespace has no EgressFirewall: none"],
+            },
+        ];
+        let snap = Snapshot::parse(REPORT_SNAPSHOT, Path::new("report.yaml")).expect("valid");
+        let planner = Planner::new(&snap, PolicySettings::default(), None);
+        let engine = EngineSettings::default();
+        for c in cases {
+            let resp = DnsResponse::noerror(
+                c.client.parse().expect("ip"),
+                DnsName::new(c.qname).expect("name"),
+                c.chain
+                    .iter()
+                    .map(|n| DnsName::new(n).expect("name"))
+                    .collect(),
+                c.answers
+                    .iter()
+                    .map(|a| tapd::Answer {
+                        ip: a.parse().expect("ip"),
+                        ttl: 60,
+                    })
+                    .collect(),
+            );
+            let outcome = planner.plan(1, Ok(resp));
+            let mut text = Vec::new();
+            write_text(&mut text, &outcome, &engine).expect("writes");
+            let text = String::from_utf8(text).expect("utf-8");
+            let lines: Vec<&str> = text
+                .lines()
+                .map(|l| l.split(" ttl=").next().unwrap_or(l))
+                .collect();
+            assert_eq!(lines, c.lines, "{}", c.what);
+            // JSON carries the same: the matched name of each grant, and every exclusion.
+            let v = outcome_json(&outcome, &engine);
+            let excluded = v["excluded"].as_array().map_or(0, Vec::len);
+            assert_eq!(excluded, outcome.excluded.len(), "{}", c.what);
+            if let Ok(planned) = &outcome.result {
+                for (p, g) in planned.iter().zip(v["grants"].as_array().expect("grants")) {
+                    assert_eq!(g["matchedName"], p.matched.as_str(), "{}", c.what);
+                    assert_eq!(g["queryName"], c.qname, "{}", c.what);
+                    assert!(
+                        text.contains(&format!("reason: {} matched rule", p.matched_text())),
+                        "{}: {text}",
+                        c.what
+                    );
+                }
+            }
+        }
+        let first = planner.plan(
+            1,
+            Ok(DnsResponse::noerror(
+                "10.244.1.5".parse().expect("ip"),
+                DnsName::new("www.google.com").expect("name"),
+                vec![DnsName::new("www3.l.google.com").expect("name")],
+                vec![tapd::Answer {
+                    ip: "142.250.74.36".parse().expect("ip"),
+                    ttl: 60,
+                }],
+            )),
+        );
+        let v = outcome_json(&first, &engine);
+        assert_eq!(v["grants"][0]["matchedName"], "www3.l.google.com");
+        assert_eq!(v["excluded"][0]["port"], "tcp/25");
+        assert_eq!(v["rules"][0]["matchedName"], "www3.l.google.com");
+        assert_eq!(v["rules"][1]["matchedName"], "www.google.com");
     }
 
     #[test]

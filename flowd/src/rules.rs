@@ -196,6 +196,33 @@ pub enum RulesError {
 
 pub type Result<T, E = RulesError> = std::result::Result<T, E>;
 
+impl RulesError {
+    /// The namespace this error leaves without usable rules: the one whose `default` EgressFirewall it
+    /// is about. `None` for objects OVN-K ignores anyway (no namespace, another name), which change
+    /// nothing for their namespace.
+    pub fn invalid_namespace(&self) -> Option<&str> {
+        match self {
+            Self::NoNamespace | Self::NotNamedDefault { .. } => None,
+            Self::TooManyRules { namespace, .. }
+            | Self::Annotation { namespace, .. }
+            | Self::Rule { namespace, .. } => Some(namespace),
+        }
+    }
+
+    /// What is wrong, without naming the object, e.g. `egress[0].to.dnsName: "bad name" does not match
+    /// ...`: for "EgressFirewall invalid: <why>" where the namespace is already said.
+    pub fn problem(&self) -> String {
+        match self {
+            Self::NoNamespace | Self::NotNamedDefault { .. } => self.to_string(),
+            Self::TooManyRules { count, .. } => format!("{count} rules, more than {MAX_RULES}"),
+            Self::Annotation { problem, .. } => {
+                format!("annotation {NAME_MATCHING_ANNOTATION}: {problem}")
+            }
+            Self::Rule { error, .. } => error.to_string(),
+        }
+    }
+}
+
 impl FirewallRules {
     /// Validates `ef` as OVN-K does; the first problem found is returned.
     pub fn from_egress_firewall(ef: &EgressFirewall) -> Result<Self> {
@@ -596,6 +623,45 @@ mod tests {
             err.to_string(),
             "EgressFirewall abc/default: egress[0].to.dnsName: \"bad name\" does not match the dnsName pattern ^(\\*\\.)?([A-Za-z0-9-]+\\.)*[A-Za-z0-9-]+\\.?$"
         );
+    }
+
+    #[test]
+    fn which_errors_leave_their_namespace_without_rules_and_why() {
+        let mut too_many = with_egress(json!([]));
+        too_many.spec.egress = vec![Default::default(); MAX_RULES + 1];
+        let mut annotated = with_egress(json!([]));
+        annotated.metadata.annotations = Some(
+            [(
+                NAME_MATCHING_ANNOTATION.to_string(),
+                "sometimes".to_string(),
+            )]
+            .into_iter()
+            .collect(),
+        );
+        let mut other_name = with_egress(json!([]));
+        other_name.metadata.name = Some("extra".into());
+        let mut no_namespace = with_egress(json!([]));
+        no_namespace.metadata.namespace = None;
+        let cases = [
+            (
+                with_egress(json!([{"type": "Allow", "to": {"dnsName": "bad name"}}])),
+                Some("abc"),
+                "egress[0].to.dnsName: \"bad name\" does not match",
+            ),
+            (too_many, Some("abc"), "8001 rules, more than 8000"),
+            (
+                annotated,
+                Some("abc"),
+                "annotation dnsflow.io/dns-name-matching: \"sometimes\" is neither",
+            ),
+            (other_name, None, "EgressFirewall abc/extra is ignored"),
+            (no_namespace, None, "EgressFirewall has no namespace"),
+        ];
+        for (ef, namespace, problem) in cases {
+            let err = FirewallRules::from_egress_firewall(&ef).expect_err("invalid");
+            assert_eq!(err.invalid_namespace(), namespace, "{err}");
+            assert!(err.problem().starts_with(problem), "{}", err.problem());
+        }
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Accepts what `kubectl get -A pods,egressfirewalls,nodes -o yaml` (or `-o json`) prints, a
 //! `kind: List`, and multi-document YAML of the same objects (lists may appear inside too). Objects of
 //! other kinds, pods that get no grants (host network, finished, no IP) and invalid EgressFirewalls are
-//! skipped with a warning that says why; only unreadable or syntactically broken files are errors.
+//! skipped with a warning that says why; only unreadable or syntactically broken files are errors. A
+//! namespace whose EgressFirewall is invalid keeps the reason, so that replay says why its pods get
+//! nothing.
 
 use crate::{
     cluster::{node_subnets, pod_info},
@@ -33,6 +35,9 @@ pub struct Snapshot {
     pub pods: Vec<PodInfo>,
     /// Validated EgressFirewall rules by namespace (only the object named `default` counts).
     pub rules: BTreeMap<String, FirewallRules>,
+    /// Namespaces whose EgressFirewall `default` is invalid, with what is wrong with it: they get no
+    /// grants, as OVN-K refuses such an object too.
+    pub invalid: BTreeMap<String, String>,
     /// Pod subnets by node name.
     pub nodes: BTreeMap<String, Vec<IpNet>>,
     /// Everything skipped, and why, one line each.
@@ -125,14 +130,17 @@ impl Snapshot {
                 Err(e) => self.warn(format!("{at}: not a valid EgressFirewall: {e}")),
                 Ok(ef) => match FirewallRules::from_egress_firewall(&ef) {
                     Ok(rules) => {
-                        if self.rules.contains_key(&rules.namespace) {
-                            self.warn(format!(
-                                "{at}: replaces an earlier EgressFirewall of the namespace"
-                            ));
-                        }
+                        self.replace_firewall(&at, &rules.namespace);
                         self.rules.insert(rules.namespace.clone(), rules);
                     }
-                    Err(e) => self.warn(format!("{at}: skipped: {e}")),
+                    Err(e) => {
+                        self.warn(format!("{at}: skipped: {e}"));
+                        // The namespace's `default` is invalid: like the daemon, the last one read wins.
+                        if let Some(namespace) = e.invalid_namespace() {
+                            self.replace_firewall(&at, namespace);
+                            self.invalid.insert(namespace.to_string(), e.problem());
+                        }
+                    }
                 },
             },
             "Node" => match serde_yaml::from_value::<Node>(obj) {
@@ -146,6 +154,17 @@ impl Snapshot {
             },
             "" => self.warn(format!("{at}: skipped: no kind")),
             _ => self.warn(format!("{at}: skipped: kind {kind} is not used by flowd")),
+        }
+    }
+
+    /// Forgets what an earlier EgressFirewall of `namespace` said, warning when there was one.
+    fn replace_firewall(&mut self, at: &str, namespace: &str) {
+        let valid = self.rules.remove(namespace).is_some();
+        let invalid = self.invalid.remove(namespace).is_some();
+        if valid || invalid {
+            self.warn(format!(
+                "{at}: replaces an earlier EgressFirewall of the namespace"
+            ));
         }
     }
 
@@ -251,6 +270,12 @@ items:
         assert_eq!(s.pods[0].key.to_string(), "abc/client");
         assert_eq!(s.rules.keys().collect::<Vec<_>>(), vec!["abc"]);
         assert_eq!(s.rules["abc"].rules.len(), 2);
+        assert_eq!(s.invalid.keys().collect::<Vec<_>>(), vec!["bad"]);
+        assert!(
+            s.invalid["bad"].starts_with("egress[0].to.dnsName: \"bad name\" does not match"),
+            "{}",
+            s.invalid["bad"]
+        );
         assert_eq!(
             s.nodes["ovn-worker"],
             vec!["10.244.1.0/24".parse::<IpNet>().expect("net")]
@@ -270,6 +295,37 @@ items:
             .warnings
             .iter()
             .all(|w| w.starts_with("snap.yaml: object ")));
+    }
+
+    #[test]
+    fn the_last_egressfirewall_of_a_namespace_decides_whether_it_is_invalid() {
+        let ef = |name: &str, dns: &str| {
+            format!(
+                "---\napiVersion: k8s.ovn.org/v1\nkind: EgressFirewall\n\
+                 metadata: {{name: {name}, namespace: ns}}\n\
+                 spec: {{egress: [{{type: Allow, to: {{dnsName: \"{dns}\"}}}}]}}\n"
+            )
+        };
+        let (good, bad) = (ef("default", "google.com"), ef("default", "bad name"));
+        let other = ef("extra", "bad name");
+        // (documents, valid afterwards, invalid afterwards, warnings)
+        let cases = [
+            (vec![&good], true, false, 0),
+            (vec![&bad], false, true, 1),
+            (vec![&good, &bad], false, true, 2),
+            (vec![&bad, &good], true, false, 2),
+            (vec![&bad, &bad], false, true, 3),
+            // OVN-K ignores objects not named `default`: they change nothing for the namespace.
+            (vec![&good, &other], true, false, 1),
+            (vec![&other], false, false, 1),
+        ];
+        for (docs, valid, invalid, warnings) in cases {
+            let text: String = docs.iter().map(|d| d.as_str()).collect();
+            let s = parse(&text).expect("valid YAML");
+            assert_eq!(s.rules.contains_key("ns"), valid, "{text}");
+            assert_eq!(s.invalid.contains_key("ns"), invalid, "{text}");
+            assert_eq!(s.warnings.len(), warnings, "{text}\n{:#?}", s.warnings);
+        }
     }
 
     #[test]

@@ -263,10 +263,11 @@ async fn every_call_the_watchers_make_is_in_required_access() {
 // sandbox tests and by `pipeline.rs`).
 
 use flowd::{
-    daemon::{run_node, NodeConfig, Status},
+    daemon::{run_node, NodeConfig},
     engine::Engine,
     ovs::{FlowProgrammer, PortKeys, Recording, Template},
     settings::EngineSettings,
+    status::Status,
     upstream::UpstreamArgs,
 };
 use std::{
@@ -1029,7 +1030,7 @@ async fn two_tapds_one_killed_and_restarted_mid_stream_lose_no_grant_and_duplica
 async fn the_api_lists_grants_explains_and_counts_over_grpcurl_and_metrics() {
     let OneTapd {
         node,
-        api: _api,
+        api,
         dns,
         _tapd,
     } = one_tapd(
@@ -1132,12 +1133,51 @@ async fn the_api_lists_grants_explains_and_counts_over_grpcurl_and_metrics() {
             "dnsflow.v1.Flowd/Explain",
         )
     });
-    assert!(
-        no_rules["summary"]
-            .as_str()
-            .unwrap()
-            .contains("has no (valid) EgressFirewall"),
+    assert_eq!(
+        no_rules["summary"],
+        "namespace elsewhere has no EgressFirewall: flowd grants nothing there",
         "{no_rules}"
+    );
+    // The name that matched is the CNAME target; the service IP among the answers gets no flow.
+    let chained = block(|| {
+        grpcurl(
+            r#"{"namespace":"demo","pod":"client","query_name":"www.example.org",
+                "cname_chain":["edge.example.com"],"answers":["192.0.2.10","10.96.0.1"]}"#,
+            "dnsflow.v1.Flowd/Explain",
+        )
+    });
+    assert_eq!(
+        chained["summary"],
+        "rule 0 (Allow dnsName=example.com) matches edge.example.com (CNAME target of \
+         www.example.org); no usable flow for 10.96.0.1",
+        "{chained}"
+    );
+    assert_eq!(chained["rules"][0]["matchedName"], "edge.example.com");
+    assert_eq!(
+        chained["excluded"],
+        json!([{"ip": "10.96.0.1", "reason": "inside cluster subnet 10.96.0.0/16"}]),
+        "{chained}"
+    );
+    // An invalid EgressFirewall is named as such, with why.
+    api.apply(egress_firewall(
+        "broken",
+        json!([{"type": "Allow", "to": {"dnsName": "bad name"}}]),
+    ));
+    eventually("the invalid EgressFirewall", || {
+        node.status.invalid_firewalls.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let broken = block(|| {
+        grpcurl(
+            r#"{"namespace":"broken","pod":"x","query_name":"www.example.com"}"#,
+            "dnsflow.v1.Flowd/Explain",
+        )
+    });
+    assert!(
+        broken["summary"].as_str().unwrap().starts_with(
+            "namespace broken: EgressFirewall invalid: egress[0].to.dnsName: \"bad name\" does not match"
+        ),
+        "{broken}"
     );
     // A name that is no DNS name is the caller's mistake, said as such.
     let bad = block(|| {

@@ -204,6 +204,114 @@ fn a_snake_case_event_stream_is_accepted() {
         .contains("answer ip \"bogus\""));
 }
 
+/// A snapshot where `abc` allows Google's CDN names (`*.l.google.com`) and denies tcp/25 to one of its
+/// networks first, and `bad`'s EgressFirewall is invalid; with events that hit each case.
+fn report_inputs(dir: &Path) -> (String, String) {
+    let snapshot = dir.join("snapshot.yaml");
+    std::fs::write(
+        &snapshot,
+        r#"
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Pod, metadata: {name: client, namespace: abc},
+   spec: {nodeName: ovn-worker, containers: []}, status: {phase: Running, podIPs: [{ip: 10.244.1.5}]}}
+- {apiVersion: v1, kind: Pod, metadata: {name: web, namespace: bad},
+   spec: {nodeName: ovn-worker, containers: []}, status: {phase: Running, podIPs: [{ip: 10.244.1.8}]}}
+- apiVersion: k8s.ovn.org/v1
+  kind: EgressFirewall
+  metadata: {name: default, namespace: abc}
+  spec:
+    egress:
+    - {type: Deny, to: {cidrSelector: 142.250.74.0/24}, ports: [{protocol: TCP, port: 25}]}
+    - {type: Allow, to: {dnsName: "*.l.google.com"}}
+    - {type: Deny, to: {cidrSelector: 0.0.0.0/0}}
+- apiVersion: k8s.ovn.org/v1
+  kind: EgressFirewall
+  metadata: {name: default, namespace: bad}
+  spec:
+    egress:
+    - {type: Allow, to: {dnsName: google.com}, ports: [{protocol: TCP, port: 70000}]}
+- apiVersion: v1
+  kind: Node
+  metadata:
+    name: ovn-worker
+    annotations: {k8s.ovn.org/node-subnets: '{"default":["10.244.1.0/24"]}'}
+"#,
+    )
+    .unwrap();
+    let events = dir.join("events.json");
+    std::fs::write(
+        &events,
+        r#"{"clientIp": "10.244.1.5", "queryName": "www.google.com", "rcode": "NOERROR",
+            "cnameChain": ["www3.l.google.com"],
+            "answers": [{"ip": "142.250.74.36", "ttl": 60}, {"ip": "10.244.1.9", "ttl": 60}],
+            "responseTime": "2026-11-26T05:00:00Z"}
+           {"clientIp": "10.244.1.8", "queryName": "www.google.com", "rcode": "NOERROR",
+            "answers": [{"ip": "142.250.74.36", "ttl": 60}]}"#,
+    )
+    .unwrap();
+    (
+        snapshot.to_str().unwrap().to_string(),
+        events.to_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn replay_reports_the_matched_cname_the_excluded_answers_and_invalid_firewalls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (snapshot, events) = report_inputs(dir.path());
+    let args = ["--snapshot", &snapshot, "--events", &events];
+
+    let text = ok_stdout(&args);
+    let flow_lines: Vec<&str> = text.lines().filter(|l| l.starts_with("flow ")).collect();
+    assert_eq!(flow_lines.len(), 1, "{text}");
+    assert!(
+        flow_lines[0].contains(
+            "reason: www3.l.google.com (CNAME target of www.google.com) matched rule 1 dnsName=*.l.google.com"
+        ),
+        "{text}"
+    );
+    // 10.244.1.9 is inside the node's pod subnet, and first inside the default --cluster-subnet.
+    for line in [
+        "excl  event 1 10.244.1.5 www.google.com: 10.244.1.9: inside cluster subnet 10.244.0.0/16",
+        "excl  event 1 10.244.1.5 www.google.com: 142.250.74.36 tcp/25: rule 0 (Deny cidrSelector=142.250.74.0/24 tcp/25) decides it first: rule 1's Allow flow never applies",
+        "skip  event 2 10.244.1.8 www.google.com: EgressFirewall invalid: egress[0].ports[0].port:",
+    ] {
+        assert!(text.lines().any(|l| l.starts_with(line)), "no {line:?}:\n{text}");
+    }
+    assert!(!text.contains("has no EgressFirewall"), "{text}");
+    assert!(text.contains("skipped: 1 EgressFirewall invalid"), "{text}");
+
+    let doc = json(&args);
+    let first = &doc["events"][0];
+    assert_eq!(first["grants"][0]["queryName"], "www.google.com");
+    assert_eq!(first["grants"][0]["matchedName"], "www3.l.google.com");
+    assert_eq!(doc["flows"][0]["matchedName"], "www3.l.google.com");
+    assert_eq!(first["rules"][0]["matchedName"], "www3.l.google.com");
+    assert_eq!(
+        first["excluded"],
+        serde_json::json!([
+            {"ip": "10.244.1.9", "reason": "inside cluster subnet 10.244.0.0/16"},
+            {"ip": "142.250.74.36", "port": "tcp/25",
+             "reason": "rule 0 (Deny cidrSelector=142.250.74.0/24 tcp/25) decides it first: rule 1's Allow flow never applies"}
+        ])
+    );
+    assert_eq!(doc["summary"]["excluded"], 2);
+    let invalid = &doc["events"][1]["skipped"];
+    assert_eq!(invalid["reason"], "EgressFirewall invalid");
+    assert!(
+        invalid["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("egress[0].ports[0].port:"),
+        "{invalid}"
+    );
+    // The snapshot still warns about the invalid object, and the replay carries on.
+    assert_eq!(doc["warnings"].as_array().unwrap().len(), 1, "{doc:#}");
+    assert_eq!(doc["summary"]["events"], 2);
+}
+
 #[test]
 fn engine_flags_change_the_decision() {
     let strict = json(&["--strict-dns-names"]);

@@ -1,0 +1,72 @@
+//! What the parts of `flowd run` share about its state: readiness, counters, and what is known of the
+//! cluster beyond the engine. The node loop ([`crate::daemon`]) writes it; the gRPC API ([`crate::api`])
+//! and the metrics endpoint ([`crate::metrics`]) read it.
+
+use crate::{
+    model::{PodInfo, PodKey},
+    rules::FirewallRules,
+    upstream::UpstreamStats,
+    watch::WatchStats,
+};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{atomic::AtomicU64, Arc, Mutex, MutexGuard},
+};
+use tokio::sync::watch as signal;
+
+/// What the cluster looks like to flowd beyond the engine: the rules per namespace and the pods, for
+/// `Explain`.
+#[derive(Debug, Default)]
+pub struct Known {
+    pub rules: HashMap<String, Arc<FirewallRules>>,
+    /// Namespaces whose EgressFirewall `default` is invalid, with what is wrong with it: they get no
+    /// grants.
+    pub invalid: HashMap<String, String>,
+    /// This node's pods that can hold grants.
+    pub pods: BTreeMap<PodKey, PodInfo>,
+}
+
+/// Readiness, counters, and what the API needs to explain decisions; shared by every part.
+#[derive(Debug)]
+pub struct Status {
+    /// Set by the node loop once the first full sync is done.
+    pub(crate) ready: signal::Sender<bool>,
+    pub watch: Arc<WatchStats>,
+    pub upstream: Arc<UpstreamStats>,
+    /// EgressFirewalls flowd could not use (each logged; an invalid `default` leaves its namespace
+    /// without grants).
+    pub invalid_firewalls: AtomicU64,
+    /// DNS answers handed to the engine.
+    pub dns_events: AtomicU64,
+    pub known: Mutex<Known>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self {
+            ready: signal::channel(false).0,
+            watch: Arc::default(),
+            upstream: Arc::default(),
+            invalid_firewalls: AtomicU64::new(0),
+            dns_events: AtomicU64::new(0),
+            known: Mutex::default(),
+        }
+    }
+}
+
+impl Status {
+    /// True once pods, EgressFirewalls and this node have each been listed in full.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Follows readiness.
+    pub fn ready_changes(&self) -> signal::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// What is known of the cluster, locked (a panic while it was held leaves it as it was).
+    pub fn known(&self) -> MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
