@@ -1234,7 +1234,7 @@ fn block<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// A kubeconfig for the fake API server, for the real `flowd run`.
-fn kubeconfig(api: &FakeApiServer, dir: &Path) -> PathBuf {
+pub fn kubeconfig(api: &FakeApiServer, dir: &Path) -> PathBuf {
     let path = dir.join("kubeconfig");
     let text = format!(
         "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\

@@ -8,4 +8,5 @@ mod oracle;
 mod ovn;
 mod pipeline;
 mod replay;
+mod restart;
 mod sandbox;
