@@ -1,4 +1,8 @@
 //! `flowd run` (the node daemon) and `flowd replay` (the same engine, alone, on recorded input).
+//!
+//! Errors print once, with their causes: flowd's error types put the cause in their message and do not
+//! return it again from `source()`, so walking the chain (`{:#}`) only adds what a foreign error (or an
+//! `anyhow` context) leaves to its sources.
 
 use clap::Parser as _;
 use flowd::cli::{Cli, EXIT_CONFIG};

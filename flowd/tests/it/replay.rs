@@ -414,9 +414,15 @@ fn hostile_input_fails_cleanly_naming_the_file() {
     );
 
     let missing = dir.path().join("missing.yaml");
-    assert_clean_failure(
-        &flowd(&["--snapshot", missing.to_str().unwrap()]),
-        &["missing.yaml"],
+    let out = flowd(&["--snapshot", missing.to_str().unwrap()]);
+    assert_clean_failure(&out, &["missing.yaml"]);
+    // An unreadable input is no configuration error, and its cause is printed once.
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
     );
 }
 
