@@ -272,12 +272,13 @@ impl<P: FlowProgrammer> Flowd for FlowdApi<P> {
     }
 }
 
-/// Why the API server stopped.
+/// Why the API server stopped. tonic's errors keep their causes in `source()` (a transport error says
+/// only "transport error"), so these are transparent and the printer walks the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("reflection: {0}")]
+    #[error(transparent)]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("gRPC server: {0}")]
+    #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
 }
 

@@ -6,6 +6,10 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+/// Exit code for bad configuration (EX_USAGE), in every subcommand: a flag clap refuses, or a value
+/// [`Cli::validate`] refuses. Nothing has been bound, read or started then.
+pub use crate::daemon::EXIT_CONFIG;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "flowd",
@@ -25,9 +29,22 @@ pub enum Command {
     Run(crate::daemon::RunArgs),
 }
 
+/// Why a subcommand refuses its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Run(#[from] crate::daemon::ConfigError),
+    #[error(transparent)]
+    Replay(#[from] crate::replay::ConfigError),
+}
+
 impl Cli {
     /// Checks what clap cannot, before anything is started.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match &self.command {
+            Command::Replay(args) => args.validate()?,
+            Command::Run(args) => args.validate()?,
+        }
         Ok(())
     }
 }
@@ -36,5 +53,38 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Replay(args) => crate::replay::main(args),
         Command::Run(args) => crate::daemon::main(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_subcommand_validates_its_configuration() {
+        for (args, refused) in [
+            (&["flowd", "replay"][..], false),
+            (&["flowd", "replay", "--cookie-prefix", "0"], true),
+            (&["flowd", "replay", "--node", " "], true),
+            (&["flowd", "replay", "--apply", ""], true),
+            (&["flowd", "run", "--node-name", "n1"], false),
+            (&["flowd", "run", "--node-name", " "], true),
+            (
+                &[
+                    "flowd",
+                    "run",
+                    "--node-name",
+                    "n1",
+                    "--idle-floor",
+                    "0s",
+                    "--idle-grace",
+                    "0s",
+                ],
+                true,
+            ),
+        ] {
+            let cli = Cli::try_parse_from(args).expect("clap accepts it");
+            assert_eq!(cli.validate().is_err(), refused, "{args:?}");
+        }
     }
 }

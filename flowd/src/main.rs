@@ -1,15 +1,28 @@
 //! `flowd run` (the node daemon) and `flowd replay` (the same engine, alone, on recorded input).
+//!
+//! Errors print once, with their causes: flowd's error types put the cause in their message and do not
+//! return it again from `source()`, so walking the chain (`{:#}`) only adds what a foreign error (or an
+//! `anyhow` context) leaves to its sources.
 
-use clap::Parser;
+use clap::Parser as _;
+use flowd::cli::{Cli, EXIT_CONFIG};
 use std::process::ExitCode;
 
-/// Exit code for bad configuration (EX_USAGE), checked before any socket is bound.
-const EXIT_CONFIG: u8 = 64;
-
 fn main() -> ExitCode {
-    let cli = flowd::cli::Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; anything else is a usage error.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     if let Err(e) = cli.validate() {
-        eprintln!("flowd: {e:#}");
+        eprintln!("flowd: {:#}", anyhow::Error::new(e));
         return ExitCode::from(EXIT_CONFIG);
     }
     match flowd::cli::run(cli) {

@@ -86,6 +86,31 @@ pub struct ReplayArgs {
     pub engine: EngineSettings,
 }
 
+/// Why `flowd replay` refuses its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--node is empty")]
+    EmptyNode,
+    #[error("--apply needs a bridge name")]
+    EmptyBridge,
+    #[error(transparent)]
+    Engine(#[from] crate::settings::SettingsError),
+}
+
+impl ReplayArgs {
+    /// Checks what clap cannot, before any input is read.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.as_deref().is_some_and(|n| n.trim().is_empty()) {
+            return Err(ConfigError::EmptyNode);
+        }
+        if self.apply.as_deref().is_some_and(|b| b.trim().is_empty()) {
+            return Err(ConfigError::EmptyBridge);
+        }
+        self.engine.validate()?;
+        Ok(())
+    }
+}
+
 /// Stand-in EgressFirewall ACL table for `--dry-run-ofctl` without `--acl-table`: OVN 23.03.1's (a
 /// real bridge is always discovered instead).
 pub const DRY_RUN_ACL_TABLE: u8 = 46;
@@ -439,8 +464,9 @@ fn read_input(input: &Input<'_>, each: impl FnMut(Item)) -> anyhow::Result<Input
     })
 }
 
+/// `flowd replay`; `args` should have passed [`ReplayArgs::validate`] (it is checked again here).
 pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    args.engine.validate()?;
+    args.validate()?;
     let snapshot = match &args.snapshot {
         Some(path) => Snapshot::load(path)?,
         None => Snapshot::parse(EXAMPLE_SNAPSHOT, Path::new("examples/snapshot.yaml"))?,

@@ -44,13 +44,14 @@ pub struct Snapshot {
     pub warnings: Vec<String>,
 }
 
-/// Why a snapshot file cannot be used at all.
+/// Why a snapshot file cannot be used at all. Each message carries its cause, which `source()` does
+/// not return again (a printer walking the chain would print it twice).
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: larger than {MAX_SNAPSHOT_BYTES} bytes")]
     TooLarge { path: PathBuf },
@@ -65,9 +66,9 @@ pub enum SnapshotError {
 impl Snapshot {
     /// Reads and parses the snapshot at `path`.
     pub fn load(path: &Path) -> Result<Self, SnapshotError> {
-        let io = |source| SnapshotError::Io {
+        let io = |error| SnapshotError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         };
         let file = std::fs::File::open(path).map_err(io)?;
         let mut bytes = Vec::new();
@@ -387,6 +388,9 @@ items:
         let missing = dir.path().join("missing.yaml");
         let err = Snapshot::load(&missing).expect_err("missing");
         assert!(err.to_string().contains("missing.yaml"), "{err}");
+        // The cause is in the message once, and not again for a printer that walks the chain.
+        let printed = format!("{:#}", anyhow::Error::new(err));
+        assert_eq!(printed.matches("No such file").count(), 1, "{printed}");
         let binary = dir.path().join("bin.yaml");
         std::fs::write(&binary, [0xff, 0xfe, 0]).expect("write");
         assert!(matches!(

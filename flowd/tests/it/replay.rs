@@ -414,16 +414,59 @@ fn hostile_input_fails_cleanly_naming_the_file() {
     );
 
     let missing = dir.path().join("missing.yaml");
-    assert_clean_failure(
-        &flowd(&["--snapshot", missing.to_str().unwrap()]),
-        &["missing.yaml"],
+    let out = flowd(&["--snapshot", missing.to_str().unwrap()]);
+    assert_clean_failure(&out, &["missing.yaml"]);
+    // An unreadable input is no configuration error, and its cause is printed once.
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
     );
+}
 
-    // Both inputs at once, or a bad flag value, are usage errors from clap.
-    let both = flowd(&["--capture", "a", "--events", "b"]);
-    assert_eq!(both.status.code(), Some(2));
-    let bad_subnet = flowd(&["--cluster-subnet", "10.0.0.1"]);
-    assert_eq!(bad_subnet.status.code(), Some(2));
+#[test]
+fn bad_configuration_exits_64_before_any_input_is_read() {
+    // The snapshot does not exist: reading it first would fail differently.
+    let missing = "/nonexistent/snapshot.yaml";
+    for (bad, says) in [
+        (&["--cookie-prefix", "0"][..], "--cookie-prefix"),
+        (
+            &["--idle-floor", "0s", "--idle-grace", "0s"],
+            "--idle-floor",
+        ),
+        (&["--reconcile-interval", "0s"], "--reconcile-interval"),
+        (&["--acl-table", "254"], "--acl-table"),
+        (&["--node", ""], "--node"),
+        (&["--apply", " "], "--apply"),
+        // What clap refuses is a usage error too.
+        (&["--capture", "a", "--events", "b"], "cannot be used with"),
+        (&["--cluster-subnet", "10.0.0.1"], "--cluster-subnet"),
+        (&["--output", "yaml"], "--output"),
+        (&["--no-such-flag"], "--no-such-flag"),
+    ] {
+        let out = flowd(&[&["--snapshot", missing][..], bad].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{bad:?}: {stderr}");
+        assert!(stderr.contains(says), "{bad:?}: {stderr}");
+        assert!(
+            !stderr.contains("nonexistent"),
+            "{bad:?} read input: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{bad:?}");
+    }
+    for good in ["--help", "--version"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_flowd"))
+            .arg(good)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{good}: {out:?}");
+        assert!(!out.stdout.is_empty(), "{good}");
+    }
+    // No subcommand at all is a usage error.
+    let none = Command::new(env!("CARGO_BIN_EXE_flowd")).output().unwrap();
+    assert_eq!(none.status.code(), Some(64), "{none:?}");
 }
 
 #[test]
