@@ -11,6 +11,8 @@ use flowd::{
 use serde_json::json;
 use std::{
     net::IpAddr,
+    path::Path,
+    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -867,6 +869,107 @@ async fn a_recreated_pods_grant_follows_its_new_port(ovn: Ovn) -> Result<()> {
     Ok(())
 }
 
+/// A bundle `ovs-ofctl` never finishes (a wedged OVS, as seen by flowd) is killed at the timeout, and
+/// the revocation it carried goes through with the next batch.
+async fn a_wedged_ovs_ofctl_is_killed_at_its_timeout_and_the_revocation_goes_through(
+    ovn: Ovn,
+) -> Result<()> {
+    let rules = google();
+    let (sb, pod1, pod2) = block_in_place(|| -> Result<_> {
+        let sb = Sandbox::start(ovn)?;
+        let pod1 = sb.add_pod(NS, "pod1", 5)?;
+        let pod2 = sb.add_pod(NS, "pod2", 6)?;
+        sb.set_egress_firewall(&rules)?;
+        Ok((sb, pod1, pod2))
+    })?;
+    // A stand-in first on PATH: the next bundle after `wedge` appears hangs; everything else is the
+    // real ovs-ofctl.
+    let dir = tempfile::tempdir()?;
+    let (wedge, pidfile) = (dir.path().join("wedge"), dir.path().join("pid"));
+    let real = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v ovs-ofctl"])
+            .output()?
+            .stdout,
+    )?;
+    let script = format!(
+        "#!/bin/sh\ncase \" $* \" in *\" --bundle \"*)\n  if [ -e {w} ]; then rm -f {w}; echo $$ > {p}; exec sleep 1000; fi;;\nesac\nexec {real} \"$@\"\n",
+        w = wedge.display(),
+        p = pidfile.display(),
+        real = real.trim(),
+    );
+    let stand_in = dir.path().join("ovs-ofctl");
+    std::fs::write(&stand_in, script)?;
+    std::fs::set_permissions(
+        &stand_in,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let ofctl = sb
+        .ofctl()
+        .with_env("PATH", path)
+        .with_timeout(Duration::from_secs(2));
+    let engine = Engine::new(settings(), ofctl);
+    engine.set_node(Sandbox::NODE);
+    engine.set_rules(rules);
+    engine.upsert_pod(pod1.info());
+    engine.upsert_pod(pod2.info());
+    engine.on_dns(
+        answer(pod1.ipv4, "google.com", &[], &["142.250.1.1"]),
+        Instant::now(),
+    );
+    engine.on_dns(
+        answer(pod2.ipv4, "google.com", &[], &["142.250.1.3"]),
+        Instant::now(),
+    );
+    engine.flush().await?;
+    expect_traces(&sb, &[(&pod2, "142.250.1.3", TCP443, Forwarded, "granted")]);
+
+    std::fs::write(&wedge, "")?;
+    engine.remove_pod(&pod2.key);
+    let started = Instant::now();
+    let wedged = engine.flush().await;
+    assert!(
+        matches!(
+            wedged,
+            Err(flowd::engine::EngineError::Ovs(
+                flowd::ovs::OvsError::Timeout { .. }
+            ))
+        ),
+        "{wedged:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let pid = std::fs::read_to_string(&pidfile)?;
+    assert!(
+        !Path::new(&format!("/proc/{}", pid.trim())).exists(),
+        "the wedged ovs-ofctl (pid {pid}) is gone"
+    );
+    // The next batch carries the revocation again, and OVS takes it.
+    engine.flush().await?;
+    expect_traces(
+        &sb,
+        &[
+            (
+                &pod2,
+                "142.250.1.3",
+                TCP443,
+                Dropped,
+                "revoked after the wedge",
+            ),
+            (&pod1, "142.250.1.1", TCP443, Forwarded, "untouched"),
+        ],
+    );
+    Ok(())
+}
+
 /// Every test above, once per OVN version.
 macro_rules! on_every_ovn {
     ($($name:ident),* $(,)?) => {
@@ -890,6 +993,7 @@ macro_rules! on_every_ovn {
 }
 
 on_every_ovn!(
+    a_wedged_ovs_ofctl_is_killed_at_its_timeout_and_the_revocation_goes_through,
     a_resolved_ip_is_dropped_before_the_answer_and_forwarded_after,
     an_earlier_cidr_deny_still_wins_a_later_one_does_not,
     only_the_rules_protocol_and_port_pass,
