@@ -16,12 +16,12 @@ mod sandbox;
 
 use anyhow::{Context, Result};
 use flowd::{
+    config::EngineSettings,
     egressfirewall::EgressFirewall,
     engine::Engine,
     model::PodInfo,
     ovs::{flow, FlowEvent, Ofctl},
     rules::FirewallRules,
-    settings::EngineSettings,
 };
 use sandbox::Sandbox;
 use serde_json::json;

@@ -78,7 +78,7 @@ fn main() {
         node: "ovn-worker".into(),
     };
     let settings = PolicySettings {
-        cluster_subnets: flowd::settings::EngineSettings::default().cluster_subnets,
+        cluster_subnets: flowd::config::EngineSettings::default().cluster_subnets,
         ..PolicySettings::default()
     };
     let resp = response();

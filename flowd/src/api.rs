@@ -333,8 +333,8 @@ pub async fn serve<P: FlowProgrammer>(
 mod tests {
     use super::*;
     use crate::{
-        egressfirewall::EgressFirewall, model::PodInfo, ovs::Recording, rules::FirewallRules,
-        settings::EngineSettings,
+        config::EngineSettings, egressfirewall::EgressFirewall, model::PodInfo, ovs::Recording,
+        rules::FirewallRules,
     };
     use serde_json::json;
 

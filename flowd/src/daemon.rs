@@ -6,14 +6,14 @@
 use crate::{
     api,
     cluster::{node_subnets, pod_info},
+    config::{RunArgs, UpstreamArgs},
     engine::Engine,
     metrics,
     model::PodKey,
     ovs::{FlowProgrammer, Ofctl},
     rules::{FirewallRules, EGRESS_FIREWALL_NAME},
-    settings::EngineSettings,
     status::Status,
-    upstream::{DnsPods, UpstreamArgs, Upstreams},
+    upstream::{DnsPods, Upstreams},
     watch::{self, Change, ClusterEvent, SyncState},
 };
 use futures::StreamExt as _;
@@ -22,7 +22,6 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
 use std::{
     future::Future,
-    net::SocketAddr,
     process::ExitCode,
     sync::{atomic::Ordering, Arc},
     time::Instant,
@@ -30,59 +29,8 @@ use std::{
 use tapd::config::LogFormat;
 use tokio::sync::{mpsc, watch as signal};
 
-/// Exit code for bad configuration (EX_USAGE), returned before any socket is bound.
-pub const EXIT_CONFIG: u8 = 64;
 /// DNS answers queued from the tapd subscriptions to the engine; beyond this the gRPC streams wait.
 const EVENT_QUEUE: usize = 8192;
-
-#[derive(Debug, clap::Args)]
-pub struct RunArgs {
-    /// This node's name (the DaemonSet passes `spec.nodeName` through the downward API).
-    #[arg(long, env = "FLOWD_NODE_NAME")]
-    pub node_name: String,
-    /// flowd's gRPC API (`dnsflow.v1.Flowd`, reflection, health).
-    #[arg(long, env = "FLOWD_GRPC_LISTEN", default_value = "127.0.0.1:9540")]
-    pub grpc_listen: SocketAddr,
-    /// Prometheus `/metrics`, `/healthz` (alive) and `/readyz` (first sync done).
-    #[arg(long, env = "FLOWD_METRICS_LISTEN", default_value = "0.0.0.0:9541")]
-    pub metrics_listen: SocketAddr,
-    /// Log format (RUST_LOG sets the filter).
-    #[arg(long, env = "FLOWD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-    /// This node's pod subnets (repeat or comma-separate), instead of the node's
-    /// `k8s.ovn.org/node-subnets` annotation or `spec.podCIDRs`.
-    #[arg(long = "pod-subnet", env = "FLOWD_POD_SUBNETS", value_delimiter = ',')]
-    pub pod_subnets: Vec<IpNet>,
-    #[command(flatten)]
-    pub upstream: UpstreamArgs,
-    #[command(flatten)]
-    pub engine: EngineSettings,
-}
-
-/// Why `flowd run` refuses its configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("--node-name is empty")]
-    NoNodeName,
-    #[error("--tapd-port must not be 0")]
-    TapdPort,
-    #[error(transparent)]
-    Engine(#[from] crate::settings::SettingsError),
-}
-
-impl RunArgs {
-    /// Checks what clap cannot, before anything is bound or started.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.node_name.trim().is_empty() {
-            return Err(ConfigError::NoNodeName);
-        }
-        if self.upstream.endpoints.is_empty() && self.upstream.tapd_port == 0 {
-            return Err(ConfigError::TapdPort);
-        }
-        self.engine.validate()?;
-        Ok(())
-    }
-}
 
 /// What the node loop needs of the configuration.
 #[derive(Clone, Debug)]
@@ -265,7 +213,7 @@ pub async fn run_node<P: FlowProgrammer>(
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Err(error) = args.validate() {
         eprintln!("flowd: {error}");
-        return Ok(ExitCode::from(EXIT_CONFIG));
+        return Ok(ExitCode::from(crate::config::EXIT_CONFIG));
     }
     tapd::telemetry::init(args.log_format == LogFormat::Json);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -324,55 +272,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{egressfirewall::EgressFirewall, ovs::Recording};
-    use clap::Parser;
+    use crate::{config::EngineSettings, egressfirewall::EgressFirewall, ovs::Recording};
     use serde_json::json;
     use tapd::{Answer, DnsName, DnsResponse};
-
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        run: RunArgs,
-    }
-
-    #[test]
-    fn run_args_parse_with_defaults_and_validate() {
-        let cli = Cli::try_parse_from(["flowd", "--node-name", "n1"]).unwrap();
-        assert_eq!(cli.run.grpc_listen, "127.0.0.1:9540".parse().unwrap());
-        assert_eq!(cli.run.metrics_listen, "0.0.0.0:9541".parse().unwrap());
-        assert_eq!(cli.run.log_format, LogFormat::Text);
-        assert!(cli.run.pod_subnets.is_empty());
-        cli.run.validate().unwrap();
-
-        let cli = Cli::try_parse_from([
-            "flowd",
-            "--node-name",
-            "n1",
-            "--pod-subnet",
-            "10.244.1.0/24,fd00:10:244:2::/64",
-            "--log-format",
-            "json",
-        ])
-        .unwrap();
-        assert_eq!(cli.run.pod_subnets.len(), 2);
-        assert_eq!(cli.run.log_format, LogFormat::Json);
-    }
-
-    #[test]
-    fn bad_config_is_refused_before_anything_starts() {
-        assert!(
-            Cli::try_parse_from(["flowd"]).is_err(),
-            "node name required"
-        );
-        assert!(Cli::try_parse_from(["flowd", "--node-name", "n", "--pod-subnet", "x"]).is_err());
-        let cli = Cli::try_parse_from(["flowd", "--node-name", " "]).unwrap();
-        assert!(matches!(cli.run.validate(), Err(ConfigError::NoNodeName)));
-        let cli =
-            Cli::try_parse_from(["flowd", "--node-name", "n", "--cookie-prefix", "0"]).unwrap();
-        assert!(matches!(cli.run.validate(), Err(ConfigError::Engine(_))));
-        let cli = Cli::try_parse_from(["flowd", "--node-name", "n", "--tapd-port", "0"]).unwrap();
-        assert!(matches!(cli.run.validate(), Err(ConfigError::TapdPort)));
-    }
 
     fn firewall(name: &str, egress: serde_json::Value) -> ClusterEvent {
         let mut ef = EgressFirewall::inline("abc", egress).expect("deserializes");

@@ -18,10 +18,10 @@ pub use metrics::{LatencyHistogram, Metrics, MetricsSnapshot, BATCH_LATENCY_BUCK
 pub use state::{GrantView, MAX_BATCH_FLOWS, MAX_FLOWS, PENDING_MAX, PENDING_MAX_AGE};
 
 use crate::{
+    config::EngineSettings,
     model::{PodInfo, PodKey},
     ovs::{FlowOp, FlowProgrammer, LearnError, OvsError, Template},
     rules::FirewallRules,
-    settings::EngineSettings,
 };
 use ipnet::IpNet;
 use state::{Core, FlowId, Monitored};
@@ -709,7 +709,7 @@ mod tests {
             f.action,
             FlowAction::Continue(target().allow[0].actions.clone())
         );
-        assert_eq!(f.cookie.prefix(), crate::settings::DEFAULT_COOKIE_PREFIX);
+        assert_eq!(f.cookie.prefix(), crate::config::DEFAULT_COOKIE_PREFIX);
         assert_eq!(f.cookie.priority(), 11000);
         let grants = e.grants(Some(&PodKey::new(NS, "pod1")), None);
         assert_eq!(grants.len(), 2);
@@ -1226,7 +1226,7 @@ mod tests {
                 ..stale_id
             };
             FlowOp::Add(FlowSpec {
-                cookie: Cookie::new(crate::settings::DEFAULT_COOKIE_PREFIX, pod, 11000),
+                cookie: Cookie::new(crate::config::DEFAULT_COOKIE_PREFIX, pod, 11000),
                 matches: physical(&target(), keys, &id, Verdict::Deny).unwrap()[0].0,
                 idle_timeout: 100,
                 hard_timeout: None,

@@ -5,7 +5,7 @@
 //! `anyhow` context) leaves to its sources.
 
 use clap::Parser as _;
-use flowd::cli::{Cli, EXIT_CONFIG};
+use flowd::config::{Cli, EXIT_CONFIG};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -25,7 +25,7 @@ fn main() -> ExitCode {
         eprintln!("flowd: {:#}", anyhow::Error::new(e));
         return ExitCode::from(EXIT_CONFIG);
     }
-    match flowd::cli::run(cli) {
+    match flowd::run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("flowd: {e:#}");

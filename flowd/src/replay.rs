@@ -11,6 +11,7 @@
 pub mod events;
 
 use crate::{
+    config::{EngineSettings, OutputFormat, ReplayArgs},
     engine::{Engine, EngineError},
     model::{FlowKey, Grant, PodInfo, PodKey},
     ovs::{DryRun, FlowProgrammer, Ofctl},
@@ -18,7 +19,6 @@ use crate::{
         decide, exclusions, l4_name, matched_text, verdict_name, Excluded, Ignored, PolicySettings,
         RuleOutcome, RuleTrace,
     },
-    settings::EngineSettings,
     snapshot::Snapshot,
 };
 use anyhow::Context as _;
@@ -28,7 +28,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     io::Write,
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::ExitCode,
     sync::{Arc, Mutex},
     time::{Instant, SystemTime},
@@ -39,77 +39,6 @@ use tapd::{DnsName, DnsResponse};
 pub const EXAMPLE_SNAPSHOT: &str = include_str!("../../examples/snapshot.yaml");
 /// The shipped example capture: 10.244.1.5 resolving `www.google.com`, plus noise.
 pub const EXAMPLE_CAPTURE: &[u8] = include_bytes!("../../examples/google.fstrm");
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum OutputFormat {
-    /// One line per flow, per answer left without a usable flow, per rule entry that got no flow of its
-    /// own, and per skipped event; then a summary.
-    Text,
-    /// One JSON document: events, flows, summary, warnings.
-    Json,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct ReplayArgs {
-    /// Cluster snapshot: what `kubectl get -A pods,egressfirewalls,nodes -o yaml` prints, or
-    /// multi-document YAML of those objects. Default: the shipped example.
-    #[arg(long, env = "FLOWD_REPLAY_SNAPSHOT", value_name = "FILE")]
-    pub snapshot: Option<PathBuf>,
-    /// dnstap capture (Frame Streams file, as fstrm_capture or tapd --capture write it); `-` reads
-    /// standard input. Default, when --events is not given either: the shipped example.
-    #[arg(
-        long,
-        env = "FLOWD_REPLAY_CAPTURE",
-        value_name = "FILE.fstrm",
-        conflicts_with = "events"
-    )]
-    pub capture: Option<PathBuf>,
-    /// The JSON that grpcurl prints for dnsflow.v1.DnsTap/Subscribe; `-` reads standard input.
-    #[arg(long, env = "FLOWD_REPLAY_EVENTS", value_name = "FILE.json")]
-    pub events: Option<PathBuf>,
-    /// Only pods of this node get flows, as the daemon on that node would decide. Default: every pod.
-    #[arg(long, env = "FLOWD_REPLAY_NODE", value_name = "NAME")]
-    pub node: Option<String>,
-    /// Output format.
-    #[arg(long, env = "FLOWD_REPLAY_OUTPUT", value_enum, default_value_t = OutputFormat::Text)]
-    pub output: OutputFormat,
-    /// Run the engine against this OVS bridge (as `flowd run` would) and install the flows, then exit.
-    /// What the flows look like is learned from OVN's flows there, and the pods' ports are found there.
-    #[arg(long, env = "FLOWD_REPLAY_APPLY", value_name = "BRIDGE")]
-    pub apply: Option<String>,
-    /// Run the engine without a bridge and print the exact `ovs-ofctl --bundle add-flows` input it
-    /// would send, in the shape OVN 23.03.1 gives them (pods get stand-in port keys; the ACL table is
-    /// --acl-table or a stand-in).
-    #[arg(long, env = "FLOWD_REPLAY_DRY_RUN_OFCTL", conflicts_with = "apply")]
-    pub dry_run_ofctl: bool,
-    #[command(flatten)]
-    pub engine: EngineSettings,
-}
-
-/// Why `flowd replay` refuses its configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("--node is empty")]
-    EmptyNode,
-    #[error("--apply needs a bridge name")]
-    EmptyBridge,
-    #[error(transparent)]
-    Engine(#[from] crate::settings::SettingsError),
-}
-
-impl ReplayArgs {
-    /// Checks what clap cannot, before any input is read.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.node.as_deref().is_some_and(|n| n.trim().is_empty()) {
-            return Err(ConfigError::EmptyNode);
-        }
-        if self.apply.as_deref().is_some_and(|b| b.trim().is_empty()) {
-            return Err(ConfigError::EmptyBridge);
-        }
-        self.engine.validate()?;
-        Ok(())
-    }
-}
 
 /// Stand-in EgressFirewall ACL table for `--dry-run-ofctl` without `--acl-table`: OVN 23.03.1's (a
 /// real bridge is always discovered instead).

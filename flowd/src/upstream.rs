@@ -37,27 +37,6 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// Connecting to a tapd in the same cluster takes milliseconds; longer means it is not there.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the tapd instances are.
-#[derive(Clone, Debug, clap::Args)]
-pub struct UpstreamArgs {
-    /// Fixed tapd endpoints (`IP:port`, comma-separated); when given, no DNS pods are watched.
-    #[arg(
-        long = "tapd-endpoints",
-        env = "FLOWD_TAPD_ENDPOINTS",
-        value_delimiter = ','
-    )]
-    pub endpoints: Vec<SocketAddr>,
-    /// Namespace of the DNS pods that carry tapd.
-    #[arg(long, env = "FLOWD_TAPD_NAMESPACE", default_value = "kube-system")]
-    pub tapd_namespace: String,
-    /// Label selector of the DNS pods that carry tapd.
-    #[arg(long, env = "FLOWD_TAPD_SELECTOR", default_value = "k8s-app=kube-dns")]
-    pub tapd_selector: String,
-    /// tapd's gRPC port in those pods.
-    #[arg(long, env = "FLOWD_TAPD_PORT", default_value_t = 9530)]
-    pub tapd_port: u16,
-}
-
 /// Counters of the subscriptions; shared with the metrics and the API.
 #[derive(Debug, Default)]
 pub struct UpstreamStats {
@@ -354,6 +333,7 @@ impl DnsPods {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::UpstreamArgs;
     use clap::Parser;
     use futures::StreamExt as _;
 

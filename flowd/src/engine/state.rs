@@ -12,6 +12,7 @@ use super::{
     metrics::{Metrics, MetricsSnapshot},
 };
 use crate::{
+    config::EngineSettings,
     model::{FlowKey, Grant, GrantReason, PodInfo, PodKey, PortMatch, Verdict},
     ovs::{
         flow::POD_MASK, Cookie, FlowAction, FlowEvent, FlowMatch, FlowOp, FlowSpec, LearnError,
@@ -19,7 +20,6 @@ use crate::{
     },
     policy::{self, PolicySettings},
     rules::{Destination, FirewallRule, FirewallRules},
-    settings::EngineSettings,
 };
 use ipnet::IpNet;
 use std::{
@@ -1353,9 +1353,9 @@ mod tests {
     //! The core on an injected clock: no test here sleeps.
     use super::*;
     use crate::{
+        config::DEFAULT_MAX_GRANTS_PER_POD,
         egressfirewall::EgressFirewall,
         ovs::{template::Pipeline, template::Variant, Actions},
-        settings::DEFAULT_MAX_GRANTS_PER_POD,
     };
     use serde_json::json;
     use tapd::{Answer, DnsName};

@@ -263,12 +263,12 @@ async fn every_call_the_watchers_make_is_in_required_access() {
 // sandbox tests and by `pipeline.rs`).
 
 use flowd::{
+    config::EngineSettings,
+    config::UpstreamArgs,
     daemon::{run_node, NodeConfig},
     engine::Engine,
     ovs::{FlowProgrammer, PortKeys, Recording, Template},
-    settings::EngineSettings,
     status::Status,
-    upstream::UpstreamArgs,
 };
 use std::{
     collections::BTreeSet,

@@ -134,7 +134,7 @@ fn clap_env_names(cmd: &clap::Command) -> BTreeSet<String> {
 
 fn flowd_env_names() -> BTreeSet<String> {
     use clap::CommandFactory as _;
-    clap_env_names(&flowd::cli::Cli::command())
+    clap_env_names(&flowd::config::Cli::command())
 }
 
 fn tapd_env_names() -> BTreeSet<String> {
@@ -198,7 +198,7 @@ fn assert_reads_its_env(c: &Value, known: &BTreeSet<String>) {
 /// The manifest's flowd settings, given to flowd's own parser as flags: they parse and validate.
 fn check_flowd_settings_parse(flowd: &Value) {
     use clap::{CommandFactory as _, Parser as _};
-    let cmd = flowd::cli::Cli::command();
+    let cmd = flowd::config::Cli::command();
     let run = cmd.find_subcommand("run").unwrap();
     let mut argv = vec!["flowd".to_string(), "run".to_string()];
     for e in flowd["env"].as_sequence().unwrap() {
@@ -218,10 +218,10 @@ fn check_flowd_settings_parse(flowd: &Value) {
         argv.push(format!("--{}", arg.get_long().unwrap()));
         argv.push(value);
     }
-    let cli = flowd::cli::Cli::try_parse_from(&argv)
+    let cli = flowd::config::Cli::try_parse_from(&argv)
         .unwrap_or_else(|e| panic!("flowd rejects the manifest's settings {argv:?}: {e}"));
     match cli.command {
-        flowd::cli::Command::Run(args) => args.validate().unwrap(),
+        flowd::config::Command::Run(args) => args.validate().unwrap(),
         other => panic!("{other:?}"),
     }
 }

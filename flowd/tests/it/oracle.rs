@@ -21,7 +21,7 @@ use crate::{
 };
 use anyhow::{Context, Result};
 use flowd::{
-    egressfirewall::EgressFirewall, model::Protocol, rules::FirewallRules, settings::EngineSettings,
+    config::EngineSettings, egressfirewall::EgressFirewall, model::Protocol, rules::FirewallRules,
 };
 use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Instant};
 use tapd::{Answer, DnsName, DnsResponse};

@@ -5,8 +5,8 @@
 use crate::sandbox::{Ovn, Pod, Sandbox, Trace};
 use anyhow::Result;
 use flowd::{
-    egressfirewall::EgressFirewall, engine::Engine, model::Protocol, ovs::Ofctl,
-    rules::FirewallRules, settings::EngineSettings,
+    config::EngineSettings, egressfirewall::EgressFirewall, engine::Engine, model::Protocol,
+    ovs::Ofctl, rules::FirewallRules,
 };
 use serde_json::json;
 use std::{

@@ -15,7 +15,7 @@ use crate::{
     sandbox::{Sandbox, Trace},
 };
 use dnsflow_proto::v1::{dns_tap_client::DnsTapClient, SubscribeRequest};
-use flowd::{engine::Engine, rules::FirewallRules, settings::EngineSettings};
+use flowd::{config::EngineSettings, engine::Engine, rules::FirewallRules};
 use serde_json::json;
 use std::{
     collections::HashMap,

@@ -690,7 +690,7 @@ metadata:
     }
     let unresolved: IpAddr = "142.250.74.99".parse()?;
     assert_eq!(sb.trace(&client, unresolved, None)?, Trace::Dropped);
-    let flows = sb.dnsflow_flows(flowd::settings::DEFAULT_COOKIE_PREFIX)?;
+    let flows = sb.dnsflow_flows(flowd::config::DEFAULT_COOKIE_PREFIX)?;
     assert_eq!(
         flows.len(),
         6,

@@ -9,7 +9,7 @@ use crate::{
     cluster::{dig_from, eventually, kubeconfig, Tapd, NODE},
     sandbox::{Ovn, Sandbox},
 };
-use flowd::{rules::FirewallRules, settings::EngineSettings};
+use flowd::{config::EngineSettings, rules::FirewallRules};
 use serde_json::json;
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},

@@ -1,5 +1,9 @@
-//! The engine's settings, shared by `flowd run` and `flowd replay` (flattened into both), each with
-//! a `FLOWD_*` environment fallback.
+//! Every flag of flowd, its environment variable, default and validation: the command line
+//! ([`Cli`]), `flowd run` ([`RunArgs`], with where the tapds are, [`UpstreamArgs`]), `flowd replay`
+//! ([`ReplayArgs`]) and the engine's settings both share ([`EngineSettings`]). A value clap or
+//! [`Cli::validate`] refuses exits with [`EXIT_CONFIG`] before anything is bound, read or started.
+//!
+//! The engine's settings:
 //!
 //! | flag | env | default |
 //! | --- | --- | --- |
@@ -18,8 +22,179 @@
 //! | `--max-grants-per-namespace` | `FLOWD_MAX_GRANTS_PER_NAMESPACE` | 50000 |
 
 use crate::policy::PolicySettings;
+use clap::{Parser, Subcommand};
 use ipnet::IpNet;
-use std::time::Duration;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use tapd::config::LogFormat;
+
+/// Exit code for bad configuration (EX_USAGE), in every subcommand: nothing has been bound, read or
+/// started then.
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flowd",
+    version,
+    about = "DNS-aware per-pod egress flows for OVN-Kubernetes"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Replay a dnstap capture or a recorded event stream against a cluster snapshot, without a cluster.
+    Replay(ReplayArgs),
+    /// Run the node daemon.
+    Run(RunArgs),
+}
+
+impl Cli {
+    /// Checks what clap cannot, before anything is started.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match &self.command {
+            Command::Replay(args) => args.validate()?,
+            Command::Run(args) => args.validate()?,
+        }
+        Ok(())
+    }
+}
+
+/// Why flowd refuses its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--node-name is empty")]
+    NoNodeName,
+    #[error("--tapd-port must not be 0")]
+    TapdPort,
+    #[error("--node is empty")]
+    EmptyNode,
+    #[error("--apply needs a bridge name")]
+    EmptyBridge,
+    #[error(transparent)]
+    Engine(#[from] SettingsError),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// This node's name (the DaemonSet passes `spec.nodeName` through the downward API).
+    #[arg(long, env = "FLOWD_NODE_NAME")]
+    pub node_name: String,
+    /// flowd's gRPC API (`dnsflow.v1.Flowd`, reflection, health).
+    #[arg(long, env = "FLOWD_GRPC_LISTEN", default_value = "127.0.0.1:9540")]
+    pub grpc_listen: SocketAddr,
+    /// Prometheus `/metrics`, `/healthz` (alive) and `/readyz` (first sync done).
+    #[arg(long, env = "FLOWD_METRICS_LISTEN", default_value = "0.0.0.0:9541")]
+    pub metrics_listen: SocketAddr,
+    /// Log format (RUST_LOG sets the filter).
+    #[arg(long, env = "FLOWD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// This node's pod subnets (repeat or comma-separate), instead of the node's
+    /// `k8s.ovn.org/node-subnets` annotation or `spec.podCIDRs`.
+    #[arg(long = "pod-subnet", env = "FLOWD_POD_SUBNETS", value_delimiter = ',')]
+    pub pod_subnets: Vec<IpNet>,
+    #[command(flatten)]
+    pub upstream: UpstreamArgs,
+    #[command(flatten)]
+    pub engine: EngineSettings,
+}
+
+impl RunArgs {
+    /// Checks what clap cannot, before anything is bound or started.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_name.trim().is_empty() {
+            return Err(ConfigError::NoNodeName);
+        }
+        if self.upstream.endpoints.is_empty() && self.upstream.tapd_port == 0 {
+            return Err(ConfigError::TapdPort);
+        }
+        self.engine.validate()?;
+        Ok(())
+    }
+}
+
+/// Where the tapd instances are.
+#[derive(Clone, Debug, clap::Args)]
+pub struct UpstreamArgs {
+    /// Fixed tapd endpoints (`IP:port`, comma-separated); when given, no DNS pods are watched.
+    #[arg(
+        long = "tapd-endpoints",
+        env = "FLOWD_TAPD_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    pub endpoints: Vec<SocketAddr>,
+    /// Namespace of the DNS pods that carry tapd.
+    #[arg(long, env = "FLOWD_TAPD_NAMESPACE", default_value = "kube-system")]
+    pub tapd_namespace: String,
+    /// Label selector of the DNS pods that carry tapd.
+    #[arg(long, env = "FLOWD_TAPD_SELECTOR", default_value = "k8s-app=kube-dns")]
+    pub tapd_selector: String,
+    /// tapd's gRPC port in those pods.
+    #[arg(long, env = "FLOWD_TAPD_PORT", default_value_t = 9530)]
+    pub tapd_port: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// One line per flow, per answer left without a usable flow, per rule entry that got no flow of its
+    /// own, and per skipped event; then a summary.
+    Text,
+    /// One JSON document: events, flows, summary, warnings.
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// Cluster snapshot: what `kubectl get -A pods,egressfirewalls,nodes -o yaml` prints, or
+    /// multi-document YAML of those objects. Default: the shipped example.
+    #[arg(long, env = "FLOWD_REPLAY_SNAPSHOT", value_name = "FILE")]
+    pub snapshot: Option<PathBuf>,
+    /// dnstap capture (Frame Streams file, as fstrm_capture or tapd --capture write it); `-` reads
+    /// standard input. Default, when --events is not given either: the shipped example.
+    #[arg(
+        long,
+        env = "FLOWD_REPLAY_CAPTURE",
+        value_name = "FILE.fstrm",
+        conflicts_with = "events"
+    )]
+    pub capture: Option<PathBuf>,
+    /// The JSON that grpcurl prints for dnsflow.v1.DnsTap/Subscribe; `-` reads standard input.
+    #[arg(long, env = "FLOWD_REPLAY_EVENTS", value_name = "FILE.json")]
+    pub events: Option<PathBuf>,
+    /// Only pods of this node get flows, as the daemon on that node would decide. Default: every pod.
+    #[arg(long, env = "FLOWD_REPLAY_NODE", value_name = "NAME")]
+    pub node: Option<String>,
+    /// Output format.
+    #[arg(long, env = "FLOWD_REPLAY_OUTPUT", value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// Run the engine against this OVS bridge (as `flowd run` would) and install the flows, then exit.
+    /// What the flows look like is learned from OVN's flows there, and the pods' ports are found there.
+    #[arg(long, env = "FLOWD_REPLAY_APPLY", value_name = "BRIDGE")]
+    pub apply: Option<String>,
+    /// Run the engine without a bridge and print the exact `ovs-ofctl --bundle add-flows` input it
+    /// would send, in the shape OVN 23.03.1 gives them (pods get stand-in port keys; the ACL table is
+    /// --acl-table or a stand-in).
+    #[arg(long, env = "FLOWD_REPLAY_DRY_RUN_OFCTL", conflicts_with = "apply")]
+    pub dry_run_ofctl: bool,
+    #[command(flatten)]
+    pub engine: EngineSettings,
+}
+
+impl ReplayArgs {
+    /// Checks what clap cannot, before any input is read.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.as_deref().is_some_and(|n| n.trim().is_empty()) {
+            return Err(ConfigError::EmptyNode);
+        }
+        if self.apply.as_deref().is_some_and(|b| b.trim().is_empty()) {
+            return Err(ConfigError::EmptyBridge);
+        }
+        self.engine.validate()?;
+        Ok(())
+    }
+}
+
 /// Durations read like tapd's (`500ms`, `30s`, `5m`, `1h`, bare seconds).
 pub use tapd::config::parse_duration;
 
@@ -269,5 +444,91 @@ mod tests {
         assert_eq!(s.idle_timeout(65_535), u16::MAX);
         assert_eq!(s.idle_timeout(1 << 31), 330, "top bit set: TTL 0");
         assert_eq!(s.idle_timeout(u32::MAX), 330);
+    }
+}
+
+#[cfg(test)]
+mod run_tests {
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct RunCli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn run_args_parse_with_defaults_and_validate() {
+        let cli = RunCli::try_parse_from(["flowd", "--node-name", "n1"]).unwrap();
+        assert_eq!(cli.run.grpc_listen, "127.0.0.1:9540".parse().unwrap());
+        assert_eq!(cli.run.metrics_listen, "0.0.0.0:9541".parse().unwrap());
+        assert_eq!(cli.run.log_format, LogFormat::Text);
+        assert!(cli.run.pod_subnets.is_empty());
+        cli.run.validate().unwrap();
+
+        let cli = RunCli::try_parse_from([
+            "flowd",
+            "--node-name",
+            "n1",
+            "--pod-subnet",
+            "10.244.1.0/24,fd00:10:244:2::/64",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.pod_subnets.len(), 2);
+        assert_eq!(cli.run.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn bad_config_is_refused_before_anything_starts() {
+        assert!(
+            RunCli::try_parse_from(["flowd"]).is_err(),
+            "node name required"
+        );
+        assert!(
+            RunCli::try_parse_from(["flowd", "--node-name", "n", "--pod-subnet", "x"]).is_err()
+        );
+        let cli = RunCli::try_parse_from(["flowd", "--node-name", " "]).unwrap();
+        assert!(matches!(cli.run.validate(), Err(ConfigError::NoNodeName)));
+        let cli =
+            RunCli::try_parse_from(["flowd", "--node-name", "n", "--cookie-prefix", "0"]).unwrap();
+        assert!(matches!(cli.run.validate(), Err(ConfigError::Engine(_))));
+        let cli =
+            RunCli::try_parse_from(["flowd", "--node-name", "n", "--tapd-port", "0"]).unwrap();
+        assert!(matches!(cli.run.validate(), Err(ConfigError::TapdPort)));
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use super::*;
+
+    #[test]
+    fn every_subcommand_validates_its_configuration() {
+        for (args, refused) in [
+            (&["flowd", "replay"][..], false),
+            (&["flowd", "replay", "--cookie-prefix", "0"], true),
+            (&["flowd", "replay", "--node", " "], true),
+            (&["flowd", "replay", "--apply", ""], true),
+            (&["flowd", "run", "--node-name", "n1"], false),
+            (&["flowd", "run", "--node-name", " "], true),
+            (
+                &[
+                    "flowd",
+                    "run",
+                    "--node-name",
+                    "n1",
+                    "--idle-floor",
+                    "0s",
+                    "--idle-grace",
+                    "0s",
+                ],
+                true,
+            ),
+        ] {
+            let cli = Cli::try_parse_from(args).expect("clap accepts it");
+            assert_eq!(cli.validate().is_err(), refused, "{args:?}");
+        }
     }
 }
