@@ -27,10 +27,11 @@ use tokio::sync::mpsc;
 /// Errors talking to OVS.
 #[derive(Debug, thiserror::Error)]
 pub enum OvsError {
-    #[error("cannot run {program}: {source}")]
+    // The cause is part of the message (and so not a `source`): printed once, also by `{:#}`.
+    #[error("cannot run {program}: {error}")]
     Spawn {
         program: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{program} {args} failed ({status}): {stderr}")]
     Failed {
@@ -41,10 +42,10 @@ pub enum OvsError {
     },
     #[error("{program} printed more than {limit} bytes")]
     TooMuchOutput { program: &'static str, limit: usize },
-    #[error("i/o with {program}: {source}")]
+    #[error("i/o with {program}: {error}")]
     Io {
         program: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "{program} {args} got no complete answer within {after:?} and was killed: is ovs-vswitchd \
@@ -83,4 +84,26 @@ pub trait FlowProgrammer: Send + Sync + 'static {
         &self,
         iface_ids: &[String],
     ) -> impl Future<Output = Result<HashMap<String, PortKeys>>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_cause_is_printed_once_even_walking_the_chain() {
+        for e in [
+            OvsError::Spawn {
+                program: "ovs-ofctl",
+                error: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            },
+            OvsError::Io {
+                program: "ovs-vsctl",
+                error: std::io::Error::other("no such file"),
+            },
+        ] {
+            let text = format!("{:#}", anyhow::Error::new(e));
+            assert_eq!(text.matches("no such file").count(), 1, "{text}");
+        }
+    }
 }

@@ -546,7 +546,7 @@ fn run_engine<P: FlowProgrammer>(
         .map_err(|source| {
             EngineError::Ovs(crate::ovs::OvsError::Io {
                 program: "tokio runtime",
-                source,
+                error: source,
             })
         })?;
     runtime.block_on(engine.flush())?;

@@ -69,7 +69,7 @@ impl FlowProgrammer for DryRun {
             .and_then(|()| s.out.flush())
             .map_err(|source| OvsError::Io {
                 program: "dry-run output",
-                source,
+                error: source,
             })
     }
 

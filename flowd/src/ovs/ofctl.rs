@@ -105,9 +105,10 @@ impl Ofctl {
         if stdin.is_some() {
             cmd.stdin(Stdio::piped());
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| OvsError::Spawn { program, source })?;
+        let mut child = cmd.spawn().map_err(|source| OvsError::Spawn {
+            program,
+            error: source,
+        })?;
         match tokio::time::timeout(self.timeout, converse(&mut child, program, args, stdin)).await {
             Ok(result) => result,
             Err(_) => Err(self.expired(&mut child, program, args).await),
@@ -123,7 +124,10 @@ async fn converse(
     args: &[&str],
     stdin: Option<String>,
 ) -> Result<String> {
-    let io = |source| OvsError::Io { program, source };
+    let io = |source| OvsError::Io {
+        program,
+        error: source,
+    };
     let writer = {
         let input = child.stdin.take();
         async move {
@@ -269,7 +273,7 @@ async fn spawn_lifelong(cmd: Command) -> std::io::Result<Child> {
 async fn read_dump(child: &mut Child, args: &[&str], prefix: u32) -> Result<Vec<ParsedFlow>> {
     let io = |source| OvsError::Io {
         program: OFCTL,
-        source,
+        error: source,
     };
     let mut flows = Vec::new();
     let mut err = Vec::new();
@@ -335,7 +339,7 @@ where
 {
     let io = |source| OvsError::Io {
         program: OFCTL,
-        source,
+        error: source,
     };
     let mut first = Vec::new();
     let n = replies
@@ -424,7 +428,7 @@ impl FlowProgrammer for Ofctl {
                 .spawn()
                 .map_err(|source| OvsError::Spawn {
                     program: OFCTL,
-                    source,
+                    error: source,
                 })?;
         match tokio::time::timeout(self.timeout, read_dump(&mut child, &args, prefix)).await {
             Ok(result) => result,
@@ -442,13 +446,13 @@ impl FlowProgrammer for Ofctl {
             .await
             .map_err(|source| OvsError::Spawn {
                 program: OFCTL,
-                source,
+                error: source,
             })?;
         let (Some(stdout), Some(events)) = (child.stdout.take(), child.stderr.take()) else {
             reap(&mut child).await;
             return Err(OvsError::Io {
                 program: OFCTL,
-                source: std::io::Error::other("no stdout or stderr"),
+                error: std::io::Error::other("no stdout or stderr"),
             });
         };
         // The flow updates arrive as asynchronous messages, which ovs-ofctl prints (unbuffered) on

@@ -159,7 +159,7 @@ impl FlowProgrammer for Recording {
         if failing {
             return Err(super::OvsError::Io {
                 program: "recording",
-                source: std::io::Error::other("injected failure"),
+                error: std::io::Error::other("injected failure"),
             });
         }
         let mut s = self.lock();
