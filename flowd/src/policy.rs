@@ -16,8 +16,9 @@
 //!   entries are reported as shadowed in the explanation and produce no grant, which keeps the flow table
 //!   as small as the semantics allow. Rules further down with other ports still get their flows.
 //! - **Unusable answers.** Answers inside the cluster's pod/service/join subnets never get a flow (that
-//!   traffic is not egress and a DNS answer must not open it); neither do unspecified, loopback, multicast,
-//!   broadcast or IPv4-mapped IPv6 addresses, which are not egress destinations either. An answer of a family
+//!   traffic is not egress and a DNS answer must not open it); neither do link-local addresses
+//!   (`169.254.0.0/16`, where cloud metadata services live, and `fe80::/10`) nor unspecified, loopback,
+//!   multicast, broadcast or IPv4-mapped IPv6 addresses, which are not egress destinations either. An answer of a family
 //!   the pod has no IP of is skipped. Such answers are listed in [`Decision::excluded`] with the reason,
 //!   also when other answers of the same response get flows.
 //! - **Earlier `cidrSelector` rules are OVN's.** A dnsName rule's flow sits below OVN's own flows for the
@@ -204,6 +205,9 @@ pub enum Exclusion {
     ClusterSubnet(IpNet),
     /// Unspecified, loopback, multicast, broadcast or IPv4-mapped: not an egress destination.
     NotEgress,
+    /// `169.254.0.0/16` or `fe80::/10`: the node's own link (cloud metadata services live there), never
+    /// a destination a DNS answer may open.
+    LinkLocal,
     /// The pod has no IP of this family to pair it with.
     NoPodIpOfFamily,
 }
@@ -213,6 +217,7 @@ impl fmt::Display for Exclusion {
         match self {
             Self::ClusterSubnet(net) => write!(f, "inside cluster subnet {net}"),
             Self::NotEgress => f.write_str("not an egress destination"),
+            Self::LinkLocal => f.write_str("link-local (the node's own link, e.g. cloud metadata)"),
             Self::NoPodIpOfFamily => f.write_str("the pod has no IP of this family"),
         }
     }
@@ -486,6 +491,13 @@ fn trace(
 fn exclusion(ip: IpAddr, settings: &PolicySettings) -> Option<Exclusion> {
     if let Some(net) = settings.cluster_subnets.iter().find(|n| n.contains(&ip)) {
         return Some(Exclusion::ClusterSubnet(*net));
+    }
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    if link_local {
+        return Some(Exclusion::LinkLocal);
     }
     let not_egress = ip.is_unspecified()
         || ip.is_loopback()
@@ -858,6 +870,18 @@ mod tests {
                 expect: &[(11000, "6.6.6.6", "any")],
             },
             Case {
+                what: "link-local answers (cloud metadata) get nothing, whatever the cluster subnets",
+                egress: json!([allow("google.com")]),
+                settings: PolicySettings {
+                    cluster_subnets: Vec::new(),
+                    ..PolicySettings::default()
+                },
+                qname: "metadata.google.com",
+                chain: &[],
+                answers: &["169.254.169.254", "fe80::a9fe:a9fe", "fd00:ec2::254", "6.6.6.6"],
+                expect: &[(11000, "fd00:ec2::254", "any"), (11000, "6.6.6.6", "any")],
+            },
+            Case {
                 what: "ports: one flow per port entry",
                 egress: json!([{"type": "Allow", "to": {"dnsName": "google.com"},
                     "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "UDP", "port": 443}]}]),
@@ -1213,6 +1237,7 @@ mod tests {
                 pod_ips: &["10.244.1.5", "fd00:10:244:2::5"],
                 answers: &[
                     "127.0.0.1",
+                    "169.254.169.254",
                     "6.6.6.6",
                     "ff02::1",
                     "127.0.0.1",
@@ -1221,6 +1246,7 @@ mod tests {
                 granted: &["6.6.6.6"],
                 excluded: &[
                     "127.0.0.1: not an egress destination",
+                    "169.254.169.254: link-local (the node's own link, e.g. cloud metadata)",
                     "ff02::1: not an egress destination",
                     "fd00:10:96::a: inside cluster subnet fd00:10:96::/112",
                 ],
