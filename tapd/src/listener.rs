@@ -208,6 +208,20 @@ impl DnstapListener {
     pub fn bind_unix(path: &Path, mode: u32) -> Result<Self> {
         let ctx = |what: &str| format!("{what} {}", path.display());
         match fs::symlink_metadata(path) {
+            // A socket someone still accepts on is another tapd's (or a resolver's): replacing it
+            // would leave that one serving nothing while it looks alive.
+            Ok(meta)
+                if meta.file_type().is_socket()
+                    && std::os::unix::net::UnixStream::connect(path).is_ok() =>
+            {
+                return Err(Error::Io {
+                    context: ctx("refusing to replace the live socket"),
+                    source: io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        "another process accepts connections on it",
+                    ),
+                });
+            }
             Ok(meta) if meta.file_type().is_socket() => {
                 fs::remove_file(path).map_err(Error::io(ctx("removing stale socket")))?;
                 tracing::info!(path = %path.display(), "removed stale socket");
@@ -370,6 +384,10 @@ mod tests {
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         let listener = DnstapListener::bind_unix(&path, 0o666).unwrap();
+        // A live one is not: a second tapd on the same path refuses to start, the first keeps it.
+        let second = DnstapListener::bind_unix(&path, 0o666).unwrap_err();
+        assert!(second.to_string().contains("live socket"), "{second}");
+        assert!(fs::symlink_metadata(&path).unwrap().file_type().is_socket());
         assert_eq!(
             fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o666
