@@ -177,6 +177,7 @@ fn check_tapd_sidecar(dns: &Value, dns_container: &str) {
     assert_eq!(tapd["restartPolicy"], "Always", "tapd is a native sidecar");
     let sc = &tapd["securityContext"];
     assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
     assert_eq!(
         sc["runAsUser"], 65532,
         "CoreDNS's uid, so the socket is writable by it"
@@ -258,6 +259,10 @@ fn check_flowd(objects: &[Value]) {
         .any(|t| t["operator"] == "Exists" && t.get("key").is_none()));
     let flowd = container(ds, "flowd");
     assert_eq!(flowd["image"], FLOWD_IMAGE);
+    assert_eq!(
+        flowd["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
     let node = flowd["env"]
         .as_sequence()
         .unwrap()
@@ -437,6 +442,7 @@ fn openshift_overlay_and_dns_default_patch_render_validate_and_tie_together() {
     assert_eq!(scc["allowHostNetwork"], true);
     assert_eq!(scc["allowHostDirVolumePlugin"], true);
     assert_eq!(scc["allowPrivilegedContainer"], false);
+    assert_eq!(scc["seccompProfiles"][0], "runtime/default");
     assert_eq!(scc["seLinuxContext"]["seLinuxOptions"]["type"], selinux);
     for cap in flowd["securityContext"]["capabilities"]["add"]
         .as_sequence()
