@@ -234,7 +234,7 @@ pub fn render<P: FlowProgrammer>(sources: &Sources<P>) -> String {
     out
 }
 
-impl<P: FlowProgrammer> tapd::metrics::Exposition for Sources<P> {
+impl<P: FlowProgrammer> tapd::http::Exposition for Sources<P> {
     fn render(&self) -> String {
         render(self)
     }
@@ -260,5 +260,5 @@ pub async fn serve<P: FlowProgrammer>(
     sources: Sources<P>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    tapd::metrics::serve_http(listener, Arc::new(sources), shutdown).await
+    tapd::http::serve_http(listener, Arc::new(sources), shutdown).await
 }

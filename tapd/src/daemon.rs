@@ -8,7 +8,8 @@ use crate::{
     grpc,
     hub::{Hub, HubConfig},
     listener::{DnstapListener, Ingest},
-    metrics::{serve_http, Metrics},
+    http::serve_http,
+    metrics::Metrics,
 };
 use std::{future::Future, net::SocketAddr, sync::Arc};
 use tokio::{net::TcpListener, sync::watch};
