@@ -6,11 +6,16 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
+use prometheus_client::{encoding::text::encode, registry::Registry};
 use std::{convert::Infallible, future::Future, io, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, task::JoinSet};
 
 /// A scrape or probe that takes longer than this is a stuck client; its connection is closed.
 const HTTP_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What `/metrics` answers: the OpenMetrics text format, which prometheus-client encodes.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
@@ -22,11 +27,11 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
     resp
 }
 
-/// What the HTTP endpoints expose: Prometheus text on `/metrics`, and whether `/readyz` says ready.
-/// A plain `Fn() -> String` is an exposition that is ready as soon as it is served.
+/// What the HTTP endpoints expose: the daemon's one metrics registry on `/metrics`, and whether
+/// `/healthz` and `/readyz` say ok. A bare [`Registry`] is alive and ready as soon as it is served.
 pub trait Exposition: Send + Sync + 'static {
-    /// The Prometheus text format (0.0.4) body of `/metrics`.
-    fn render(&self) -> String;
+    /// The registry `/metrics` encodes.
+    fn registry(&self) -> &Registry;
     /// `Err(why)` while the daemon is not ready; `/readyz` then answers 503 with `why`.
     fn readiness(&self) -> Result<(), String> {
         Ok(())
@@ -37,10 +42,17 @@ pub trait Exposition: Send + Sync + 'static {
     }
 }
 
-impl<F: Fn() -> String + Send + Sync + 'static + ?Sized> Exposition for F {
-    fn render(&self) -> String {
-        self()
+impl Exposition for Registry {
+    fn registry(&self) -> &Registry {
+        self
     }
+}
+
+/// The OpenMetrics text of `registry`, `# EOF` included.
+pub fn openmetrics_text(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut text = String::with_capacity(8192);
+    encode(&mut text, registry)?;
+    Ok(text)
 }
 
 fn route<B, E: Exposition + ?Sized>(req: &Request<B>, exposition: &E) -> Response<Full<Bytes>> {
@@ -52,11 +64,14 @@ fn route<B, E: Exposition + ?Sized>(req: &Request<B>, exposition: &E) -> Respons
         );
     }
     match req.uri().path() {
-        "/metrics" => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            exposition.render(),
-        ),
+        "/metrics" => match openmetrics_text(exposition.registry()) {
+            Ok(text) => respond(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, text),
+            Err(std::fmt::Error) => respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                "the metrics did not encode\n".into(),
+            ),
+        },
         "/healthz" => match exposition.liveness() {
             Ok(()) => respond(StatusCode::OK, "text/plain", "ok\n".into()),
             Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why + "\n"),
@@ -114,13 +129,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_http(
-            listener,
-            Arc::new(|| "x_total 3\n".to_string()),
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let mut registry = Registry::default();
+        let counter = prometheus_client::metrics::counter::Counter::<u64>::default();
+        registry.register("x", "An example", counter.clone());
+        counter.inc_by(3);
+        let server = tokio::spawn(serve_http(listener, Arc::new(registry), async {
+            let _ = stopped.await;
+        }));
         let get = |path: &'static str| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -135,30 +150,62 @@ mod tests {
         };
         let metrics = get("/metrics").await;
         assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
-        assert!(metrics.ends_with("x_total 3\n"), "{metrics}");
+        assert!(
+            metrics.contains(&format!("content-type: {OPENMETRICS_CONTENT_TYPE}\r\n")),
+            "{metrics}"
+        );
+        assert!(metrics.ends_with("\nx_total 3\n# EOF\n"), "{metrics}");
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
     }
 
-    struct NotYet;
+    /// Not ready, and alive or not.
+    struct NotYet {
+        registry: Registry,
+        wedged: bool,
+    }
 
     impl Exposition for NotYet {
-        fn render(&self) -> String {
-            String::new()
+        fn registry(&self) -> &Registry {
+            &self.registry
         }
         fn readiness(&self) -> Result<(), String> {
             Err("still listing".into())
         }
+        fn liveness(&self) -> Result<(), String> {
+            if self.wedged {
+                Err("stuck".into())
+            } else {
+                Ok(())
+            }
+        }
     }
 
-    #[test]
-    fn readyz_says_why_it_is_not_ready() {
-        let req = Request::get("/readyz").body(()).unwrap();
-        let resp = route(&req, &NotYet);
-        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let healthz = route(&Request::get("/healthz").body(()).unwrap(), &NotYet);
-        assert_eq!(healthz.status(), StatusCode::OK);
+    async fn body(resp: Response<Full<Bytes>>) -> Bytes {
+        use http_body_util::BodyExt as _;
+        resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn readyz_and_healthz_say_why_they_fail() {
+        let mut daemon = NotYet {
+            registry: Registry::default(),
+            wedged: false,
+        };
+        let get =
+            |path: &str, daemon: &NotYet| route(&Request::get(path).body(()).unwrap(), daemon);
+        let readyz = get("/readyz", &daemon);
+        assert_eq!(readyz.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body(readyz).await, "still listing\n");
+        assert_eq!(get("/healthz", &daemon).status(), StatusCode::OK);
+        daemon.wedged = true;
+        assert_eq!(
+            get("/healthz", &daemon).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(get("/metrics", &daemon).status(), StatusCode::OK);
     }
 }
