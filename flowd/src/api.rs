@@ -385,12 +385,14 @@ mod tests {
     async fn stats_reports_every_counter_of_the_metrics_by_name() {
         let api = api();
         api.status.dns_events.inc();
+        api.status.upstream.events.inc_by(2);
         let stats = api
             .stats(Request::new(pb::StatsRequest {}))
             .await
             .expect("stats")
             .into_inner();
         assert_eq!(stats.counters.get("dnsflow_dns_events"), Some(&1));
+        assert_eq!(stats.counters.get("dnsflow_tapd_events"), Some(&2));
         assert_eq!(stats.counters.get("dnsflow_flows_installed"), Some(&0));
         // The same counters as /metrics: one per counter family there, named without `_total`.
         let text = tapd::http::openmetrics_text(api.metrics.registry()).expect("encodes");

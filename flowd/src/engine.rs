@@ -193,10 +193,11 @@ impl<P: FlowProgrammer> Engine<P> {
         m
     }
 
-    /// Registers the engine's counters and the gauges of its state.
+    /// Registers the engine's counters, the gauges of its state and its flow programmer's metrics.
     pub fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
         self.inner.metrics.register(registry);
         registry.collector(metrics::Gauges(self.clone()));
+        self.inner.programmer.register_metrics(registry);
     }
 
     /// This node's pod subnets: answers to a client inside them with no known pod are held until the pod

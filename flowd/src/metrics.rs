@@ -3,8 +3,8 @@
 //! readiness probe fails and a rolling update waits).
 //!
 //! Each part defines its metrics where it moves them, as a struct of typed handles with a `register`
-//! method: the engine's ([`crate::engine::Metrics`], and the gauges it reads from its state), the
-//! cluster watches' ([`crate::watch::WatchStats`]), the tapd subscriptions'
+//! method: the engine's ([`crate::engine::Metrics`], and the gauges it reads from its state), its flow
+//! programmer's, the cluster watches' ([`crate::watch::WatchStats`]), the tapd subscriptions'
 //! ([`crate::upstream::UpstreamStats`]) and the node loop's ([`Status`]). [`registry`] gathers them
 //! once per daemon, under the `dnsflow_` prefix; `/metrics` and the `Stats` RPC both read it. A metric
 //! is added in its part's struct and `register`, and in `deploy/README.md`.

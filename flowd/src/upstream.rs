@@ -70,6 +70,11 @@ impl UpstreamStats {
             &self.failures,
         );
         registry.counter(
+            "tapd_events",
+            "Valid answers received from the tapds and passed on to the engine",
+            &self.events,
+        );
+        registry.counter(
             "tapd_events_replayed",
             "Answers received from a tapd's replay of recent answers",
             &self.replayed,

@@ -1220,6 +1220,7 @@ async fn the_api_lists_grants_explains_and_counts_over_grpcurl_and_metrics() {
 
     let text = block(|| http_get(http_addr, "/metrics").unwrap());
     assert_eq!(metric(&text, "dnsflow_dns_events_total"), Some(1));
+    assert_eq!(metric(&text, "dnsflow_tapd_events_total"), Some(1));
     assert_eq!(metric(&text, "dnsflow_grants"), Some(1));
     assert_eq!(metric(&text, "dnsflow_tapd_connections"), Some(1));
     assert!(metric(&text, "dnsflow_flows_installed_total").unwrap() >= 1);
