@@ -263,7 +263,7 @@ fn main() -> Result<()> {
             let v = latency(&sb, &e, rate, secs, first).await?;
             first += rate * secs;
             let m = e.metrics_snapshot();
-            let batches = m.batch_latency_count - before.batch_latency_count;
+            let batches = m.batches - before.batches;
             let bundle_us = (m.batch_latency_sum_us - before.batch_latency_sum_us) / batches.max(1);
             println!(
                 "event -> flow in OVS at {rate:>4} ev/s: p50 {}  p99 {}  max {}  ({} events in {batches} bundles of {:.2} ms on average)",

@@ -27,11 +27,17 @@ use tonic::{Request, Response, Status as GrpcStatus};
 pub struct FlowdApi<P> {
     engine: Engine<P>,
     status: Arc<Status>,
+    /// flowd's metrics, whose counters `Stats` reports.
+    metrics: Arc<metrics::Registry>,
 }
 
 impl<P> FlowdApi<P> {
-    pub fn new(engine: Engine<P>, status: Arc<Status>) -> Self {
-        Self { engine, status }
+    pub fn new(engine: Engine<P>, status: Arc<Status>, metrics: Arc<metrics::Registry>) -> Self {
+        Self {
+            engine,
+            status,
+            metrics,
+        }
     }
 }
 
@@ -254,20 +260,17 @@ impl<P: FlowProgrammer> Flowd for FlowdApi<P> {
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, GrpcStatus> {
         let m = self.engine.metrics_snapshot();
-        let counters = metrics::counters(&m, &self.status)
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
+        let counters = self
+            .metrics
+            .counters()
+            .map(|(name, value)| (name.to_owned(), value))
             .collect();
         Ok(Response::new(pb::StatsResponse {
             counters,
             pods: m.pods,
             grants: self.engine.grants(None, None).len() as u64,
             flows: m.flows_desired,
-            tapd_connected: self
-                .status
-                .upstream
-                .connected
-                .load(std::sync::atomic::Ordering::Relaxed),
+            tapd_connected: self.status.upstream.connected.get(),
         }))
     }
 }
@@ -283,11 +286,12 @@ pub enum ApiError {
 }
 
 /// Serves the API, reflection (v1 and v1alpha, which grpcurl 1.8 speaks) and health on `listener`
-/// until `shutdown`.
+/// until `shutdown`; `Stats` reports the counters of `metrics`.
 pub async fn serve<P: FlowProgrammer>(
     listener: tokio::net::TcpListener,
     engine: Engine<P>,
     status: Arc<Status>,
+    metrics: Arc<metrics::Registry>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -319,7 +323,7 @@ pub async fn serve<P: FlowProgrammer>(
     let reflection_v1alpha =
         reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
     let result = tonic::transport::Server::builder()
-        .add_service(FlowdServer::new(FlowdApi::new(engine, status)))
+        .add_service(FlowdServer::new(FlowdApi::new(engine, status, metrics)))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -372,7 +376,35 @@ mod tests {
             );
         }
         let engine = Engine::new(EngineSettings::default(), Recording::new(None));
-        FlowdApi::new(engine, Arc::new(status))
+        let status = Arc::new(status);
+        let registry = Arc::new(metrics::registry(&engine, &status));
+        FlowdApi::new(engine, status, registry)
+    }
+
+    #[tokio::test]
+    async fn stats_reports_every_counter_of_the_metrics_by_name() {
+        let api = api();
+        api.status.dns_events.inc();
+        api.status.upstream.events.inc_by(2);
+        let stats = api
+            .stats(Request::new(pb::StatsRequest {}))
+            .await
+            .expect("stats")
+            .into_inner();
+        assert_eq!(stats.counters.get("dnsflow_dns_events"), Some(&1));
+        assert_eq!(stats.counters.get("dnsflow_tapd_events"), Some(&2));
+        assert_eq!(stats.counters.get("dnsflow_flows_installed"), Some(&0));
+        // The same counters as /metrics: one per counter family there, named without `_total`.
+        let text = tapd::http::openmetrics_text(api.metrics.registry()).expect("encodes");
+        let mut families: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+            .map(str::to_owned)
+            .collect();
+        families.sort();
+        let mut names: Vec<String> = stats.counters.into_keys().collect();
+        names.sort();
+        assert_eq!(names, families);
     }
 
     fn request(

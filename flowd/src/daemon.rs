@@ -20,12 +20,7 @@ use futures::StreamExt as _;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
-use std::{
-    future::Future,
-    process::ExitCode,
-    sync::{atomic::Ordering, Arc},
-    time::Instant,
-};
+use std::{future::Future, process::ExitCode, sync::Arc, time::Instant};
 use tapd::config::LogFormat;
 use tokio::sync::{mpsc, watch as signal};
 
@@ -88,7 +83,7 @@ fn apply_cluster_event<P: FlowProgrammer>(
                     }
                 }
                 Err(error) => {
-                    status.invalid_firewalls.fetch_add(1, Ordering::Relaxed);
+                    status.invalid_firewalls.inc();
                     match error.invalid_namespace() {
                         Some(namespace) => {
                             // OVN-K rejects such an object too; granting nothing is the safe reading.
@@ -187,7 +182,7 @@ pub async fn run_node<P: FlowProgrammer>(
                     tracing::info!(node = %config.node, "pods, EgressFirewalls and node listed; ready");
                     // Now the flows an earlier run left can be judged against the cluster.
                     engine.synced();
-                    status.ready.send_replace(true);
+                    status.set_ready();
                 }
             }
             Some(change) = discovery.next() => {
@@ -196,7 +191,7 @@ pub async fn run_node<P: FlowProgrammer>(
                 }
             }
             Some(response) = events_rx.recv() => {
-                status.dns_events.fetch_add(1, Ordering::Relaxed);
+                status.dns_events.inc();
                 engine.on_dns(response, Instant::now());
             }
         }
@@ -240,12 +235,20 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let api = tokio::spawn(api::serve(grpc, engine.clone(), status.clone(), stopped()));
+    let registry = Arc::new(metrics::registry(&engine, &status));
+    let api = tokio::spawn(api::serve(
+        grpc,
+        engine.clone(),
+        status.clone(),
+        registry.clone(),
+        stopped(),
+    ));
     let http = tokio::spawn(metrics::serve(
         http,
         metrics::Sources {
             engine: engine.clone(),
             status: status.clone(),
+            registry,
         },
         stopped(),
     ));
@@ -391,6 +394,6 @@ mod tests {
             );
         }
         // Every object flowd could not use is counted, the ignored ones too.
-        assert_eq!(status.invalid_firewalls.load(Ordering::Relaxed), 5);
+        assert_eq!(status.invalid_firewalls.get(), 5);
     }
 }

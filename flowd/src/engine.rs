@@ -14,7 +14,7 @@ mod memory;
 mod metrics;
 mod state;
 
-pub use metrics::{LatencyHistogram, Metrics, MetricsSnapshot, BATCH_LATENCY_BUCKETS_US};
+pub use metrics::{Metrics, MetricsSnapshot, BATCH_SECONDS_BUCKETS};
 pub use state::{GrantView, MAX_BATCH_FLOWS, MAX_FLOWS, PENDING_MAX, PENDING_MAX_AGE};
 
 use crate::{
@@ -191,6 +191,13 @@ impl<P: FlowProgrammer> Engine<P> {
         let mut m = self.inner.metrics.snapshot();
         self.lock().gauges(&mut m);
         m
+    }
+
+    /// Registers the engine's counters, the gauges of its state and its flow programmer's metrics.
+    pub fn register_metrics(&self, registry: &mut crate::metrics::Registry) {
+        self.inner.metrics.register(registry);
+        registry.collector(metrics::Gauges(self.clone()));
+        self.inner.programmer.register_metrics(registry);
     }
 
     /// This node's pod subnets: answers to a client inside them with no known pod are held until the pod
@@ -401,14 +408,9 @@ impl<P: FlowProgrammer> Engine<P> {
 
     /// One bundle, timed and counted; liveness follows whether OVS takes it.
     async fn apply(&self, ops: &[FlowOp]) -> Result<(), OvsError> {
-        let m = &self.inner.metrics;
         let started = Instant::now();
         let result = self.inner.programmer.apply(ops).await;
-        m.batch_latency.observe(started.elapsed());
-        Metrics::add(&m.batches, 1);
-        if result.is_err() {
-            Metrics::add(&m.batch_errors, 1);
-        }
+        self.inner.metrics.batch(started.elapsed(), result.is_ok());
         // A refused flow is OVS answering: only an OVS that does not answer makes flowd not alive.
         let reached = match &result {
             Ok(()) | Err(OvsError::Failed { .. }) => Ok(()),

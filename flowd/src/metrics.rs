@@ -1,24 +1,94 @@
-//! flowd's Prometheus metrics and probes: `/metrics` (text format 0.0.4), `/healthz` (the process
-//! serves) and `/readyz` (pods, EgressFirewalls and this node have been listed in full; until then the
-//! DaemonSet's readiness probe fails and a rolling update waits).
+//! flowd's metrics and probes: `/metrics` (OpenMetrics text), `/healthz` (batches reach OVS) and
+//! `/readyz` (pods, EgressFirewalls and this node have been listed in full; until then the DaemonSet's
+//! readiness probe fails and a rolling update waits).
+//!
+//! Each part defines its metrics where it moves them, as a struct of typed handles with a `register`
+//! method: the engine's ([`crate::engine::Metrics`], and the gauges it reads from its state), its flow
+//! programmer's, the cluster watches' ([`crate::watch::WatchStats`]), the tapd subscriptions'
+//! ([`crate::upstream::UpstreamStats`]) and the node loop's ([`Status`]). [`registry`] gathers them
+//! once per daemon, under the `dnsflow_` prefix; `/metrics` and the `Stats` RPC both read it. A metric
+//! is added in its part's struct and `register`, and in `deploy/README.md`.
 
-use crate::{
-    engine::{Engine, MetricsSnapshot, BATCH_LATENCY_BUCKETS_US},
-    ovs::FlowProgrammer,
-    status::Status,
+use crate::{engine::Engine, ovs::FlowProgrammer, status::Status};
+use prometheus_client::{
+    collector::Collector,
+    metrics::counter::Counter,
+    registry::{Metric, Unit},
 };
-use std::{
-    fmt::Write as _,
-    future::Future,
-    sync::{atomic::Ordering::Relaxed, Arc},
-};
+use std::{future::Future, sync::Arc};
 use tokio::net::TcpListener;
 
-/// What the metrics are read from.
+/// The prefix of every flowd metric: `dnsflow_ready`, `dnsflow_flows_installed_total`...
+pub const PREFIX: &str = "dnsflow";
+
+/// flowd's one registry. It also keeps each counter by name, for the `Stats` RPC.
+#[derive(Debug)]
+pub struct Registry {
+    registry: prometheus_client::registry::Registry,
+    counters: Vec<(String, Counter)>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            registry: prometheus_client::registry::Registry::with_prefix(PREFIX),
+            counters: Vec::new(),
+        }
+    }
+}
+
+impl Registry {
+    /// Registers a counter: `name` without the prefix and without `_total`, which the encoding adds.
+    pub fn counter(&mut self, name: &str, help: &str, counter: &Counter) {
+        self.registry.register(name, help, counter.clone());
+        self.counters
+            .push((format!("{PREFIX}_{name}"), counter.clone()));
+    }
+
+    /// Registers any other metric (a gauge, a histogram) under `name`, without the prefix.
+    pub fn register(&mut self, name: &str, help: &str, metric: impl Metric) {
+        self.registry.register(name, help, metric);
+    }
+
+    /// Registers a metric whose name ends in its unit (`_seconds`), which the encoding appends to `name`.
+    pub fn register_with_unit(&mut self, name: &str, help: &str, unit: Unit, metric: impl Metric) {
+        self.registry.register_with_unit(name, help, unit, metric);
+    }
+
+    /// Registers metrics read from some state at each scrape; their names get the prefix too.
+    pub fn collector(&mut self, collector: impl Collector) {
+        self.registry.register_collector(Box::new(collector));
+    }
+
+    /// Every counter's value, by its name without `_total` (`dnsflow_dns_events`), as `Stats` shows them.
+    pub fn counters(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.counters
+            .iter()
+            .map(|(name, c)| (name.as_str(), c.get()))
+    }
+
+    /// What `/metrics` encodes.
+    pub fn registry(&self) -> &prometheus_client::registry::Registry {
+        &self.registry
+    }
+}
+
+/// flowd's registry: every metric of every part, registered once.
+pub fn registry<P: FlowProgrammer>(engine: &Engine<P>, status: &Status) -> Registry {
+    let mut registry = Registry::default();
+    status.register(&mut registry);
+    status.upstream.register(&mut registry);
+    engine.register_metrics(&mut registry);
+    status.watch.register(&mut registry);
+    registry
+}
+
+/// What `/metrics`, `/healthz` and `/readyz` read.
 #[derive(Debug)]
 pub struct Sources<P> {
     pub engine: Engine<P>,
     pub status: Arc<Status>,
+    pub registry: Arc<Registry>,
 }
 
 impl<P> Clone for Sources<P> {
@@ -26,217 +96,14 @@ impl<P> Clone for Sources<P> {
         Self {
             engine: self.engine.clone(),
             status: self.status.clone(),
+            registry: self.registry.clone(),
         }
     }
 }
 
-/// Every counter, by its Prometheus name without the `_total` suffix (the `Stats` RPC shows the same).
-pub fn counters(m: &MetricsSnapshot, status: &Status) -> Vec<(&'static str, u64)> {
-    let up = &status.upstream;
-    vec![
-        ("dnsflow_dns_events", status.dns_events.load(Relaxed)),
-        ("dnsflow_tapd_events_replayed", up.replayed.load(Relaxed)),
-        ("dnsflow_tapd_events_invalid", up.invalid.load(Relaxed)),
-        ("dnsflow_tapd_connects", up.connects.load(Relaxed)),
-        ("dnsflow_tapd_failures", up.failures.load(Relaxed)),
-        ("dnsflow_flows_installed", m.flows_installed),
-        ("dnsflow_flows_removed", m.flows_removed),
-        ("dnsflow_flows_reinstalled", m.flows_reinstalled),
-        ("dnsflow_flows_expired", m.flows_expired),
-        ("dnsflow_flows_rejected", m.flows_rejected),
-        ("dnsflow_grants_dropped", m.grants_dropped),
-        ("dnsflow_grants_dropped_pod_cap", m.grants_dropped_pod),
-        (
-            "dnsflow_grants_dropped_namespace_cap",
-            m.grants_dropped_namespace,
-        ),
-        ("dnsflow_grants_dropped_node_cap", m.grants_dropped_node),
-        ("dnsflow_template_failures", m.template_failures),
-        ("dnsflow_ovs_batches", m.batches),
-        ("dnsflow_ovs_batch_errors", m.batch_errors),
-        ("dnsflow_monitor_restarts", m.monitor_restarts),
-        ("dnsflow_reconciles", m.reconciles),
-        ("dnsflow_pending_answers_held", m.pending_held),
-        ("dnsflow_pending_answers_dropped", m.pending_dropped),
-        ("dnsflow_watch_errors", status.watch.errors.load(Relaxed)),
-        ("dnsflow_watch_lists", status.watch.lists.load(Relaxed)),
-        (
-            "dnsflow_invalid_egressfirewalls",
-            status.invalid_firewalls.load(Relaxed),
-        ),
-    ]
-}
-
-const HELP: &[(&str, &str)] = &[
-    (
-        "dnsflow_dns_events",
-        "DNS answers from tapd handed to the engine.",
-    ),
-    (
-        "dnsflow_tapd_events_replayed",
-        "Answers received from a tapd's replay of recent answers.",
-    ),
-    (
-        "dnsflow_tapd_events_invalid",
-        "Events from tapd that were not valid answers (dropped).",
-    ),
-    (
-        "dnsflow_tapd_connects",
-        "Subscriptions to a tapd established (connects and reconnects).",
-    ),
-    (
-        "dnsflow_tapd_failures",
-        "Subscriptions to a tapd that failed to connect or broke.",
-    ),
-    (
-        "dnsflow_flows_installed",
-        "Flows written to OVS (new, refreshed or reinstalled).",
-    ),
-    (
-        "dnsflow_flows_removed",
-        "Flows deleted by flowd (pod gone, rules changed, stale).",
-    ),
-    (
-        "dnsflow_flows_reinstalled",
-        "Wanted flows found deleted by someone else and written again.",
-    ),
-    (
-        "dnsflow_flows_expired",
-        "Flows OVS removed on their idle or hard timeout.",
-    ),
-    (
-        "dnsflow_flows_rejected",
-        "Flows OVS refused; dropped so that the rest of their bundle went through.",
-    ),
-    (
-        "dnsflow_grants_dropped",
-        "Grants not kept because a cap was reached (any of the three below).",
-    ),
-    (
-        "dnsflow_grants_dropped_pod_cap",
-        "Grants not kept because the pod holds --max-grants-per-pod flows.",
-    ),
-    (
-        "dnsflow_grants_dropped_namespace_cap",
-        "Grants not kept because the namespace holds --max-grants-per-namespace flows.",
-    ),
-    (
-        "dnsflow_grants_dropped_node_cap",
-        "Grants not kept because the node holds the node-wide maximum of flows.",
-    ),
-    (
-        "dnsflow_template_failures",
-        "Tries to learn from OVN's flows what a grant must look like that found nothing usable.",
-    ),
-    ("dnsflow_ovs_batches", "ovs-ofctl bundles applied."),
-    ("dnsflow_ovs_batch_errors", "ovs-ofctl bundles that failed."),
-    (
-        "dnsflow_monitor_restarts",
-        "Restarts of the OVS flow monitor.",
-    ),
-    ("dnsflow_reconciles", "Full reconciles against dump-flows."),
-    (
-        "dnsflow_pending_answers_held",
-        "Answers held for a pod flowd did not know yet.",
-    ),
-    (
-        "dnsflow_pending_answers_dropped",
-        "Held answers dropped (too old, or the buffer was full).",
-    ),
-    (
-        "dnsflow_watch_errors",
-        "Kubernetes watch or list errors (each followed by a backoff).",
-    ),
-    (
-        "dnsflow_watch_lists",
-        "Full Kubernetes lists (first sync and relists).",
-    ),
-    (
-        "dnsflow_invalid_egressfirewalls",
-        "EgressFirewalls skipped as invalid.",
-    ),
-];
-
-fn help(name: &str) -> &'static str {
-    HELP.iter().find(|(n, _)| *n == name).map_or("", |(_, h)| h)
-}
-
-/// The whole `/metrics` page.
-pub fn render<P: FlowProgrammer>(sources: &Sources<P>) -> String {
-    let m = sources.engine.metrics_snapshot();
-    let status = &sources.status;
-    let mut out = String::with_capacity(4096);
-    for (name, value) in counters(&m, status) {
-        let _ = writeln!(
-            out,
-            "# HELP {name}_total {}\n# TYPE {name}_total counter\n{name}_total {value}",
-            help(name)
-        );
-    }
-    let gauges = [
-        (
-            "dnsflow_ready",
-            "1 once pods, EgressFirewalls and this node are listed.",
-            u64::from(status.is_ready()),
-        ),
-        (
-            "dnsflow_template_learned",
-            "1 once flowd has learned from OVN's flows what a grant must look like.",
-            m.template_learned,
-        ),
-        (
-            "dnsflow_tapd_connections",
-            "tapd subscriptions streaming now.",
-            status.upstream.connected.load(Relaxed),
-        ),
-        (
-            "dnsflow_grants",
-            "Flows flowd wants in OVS now (one per grant).",
-            m.flows_desired,
-        ),
-        (
-            "dnsflow_grants_adopted",
-            "Of those, flows found in OVS at start and not justified by an answer since.",
-            m.flows_adopted,
-        ),
-        ("dnsflow_pods", "Pods of this node flowd knows.", m.pods),
-        (
-            "dnsflow_pending_answers",
-            "Answers waiting for their pod to be known.",
-            m.pending,
-        ),
-    ];
-    for (name, help, value) in gauges {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-        );
-    }
-    let name = "dnsflow_ovs_batch_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Time to apply one ovs-ofctl bundle.\n# TYPE {name} histogram"
-    );
-    for (le, count) in BATCH_LATENCY_BUCKETS_US
-        .iter()
-        .map(|us| format!("{}", *us as f64 / 1e6))
-        .chain(std::iter::once("+Inf".to_string()))
-        .zip(&m.batch_latency_buckets)
-    {
-        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {count}");
-    }
-    let _ = writeln!(
-        out,
-        "{name}_sum {}\n{name}_count {}",
-        m.batch_latency_sum_us as f64 / 1e6,
-        m.batch_latency_count
-    );
-    out
-}
-
-impl<P: FlowProgrammer> tapd::metrics::Exposition for Sources<P> {
-    fn render(&self) -> String {
-        render(self)
+impl<P: FlowProgrammer> tapd::http::Exposition for Sources<P> {
+    fn registry(&self) -> &prometheus_client::registry::Registry {
+        self.registry.registry()
     }
 
     fn readiness(&self) -> Result<(), String> {
@@ -260,5 +127,5 @@ pub async fn serve<P: FlowProgrammer>(
     sources: Sources<P>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    tapd::metrics::serve_http(listener, Arc::new(sources), shutdown).await
+    tapd::http::serve_http(listener, Arc::new(sources), shutdown).await
 }

@@ -84,6 +84,8 @@ pub trait FlowProgrammer: Send + Sync + 'static {
         &self,
         iface_ids: &[String],
     ) -> impl Future<Output = Result<HashMap<String, PortKeys>>> + Send;
+    /// Registers what this programmer counts (the engine registers it with its own metrics).
+    fn register_metrics(&self, _registry: &mut crate::metrics::Registry) {}
 }
 
 #[cfg(test)]

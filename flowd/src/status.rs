@@ -3,14 +3,16 @@
 //! and the metrics endpoint ([`crate::metrics`]) read it.
 
 use crate::{
+    metrics::Registry,
     model::{PodInfo, PodKey},
     rules::FirewallRules,
     upstream::UpstreamStats,
     watch::WatchStats,
 };
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{atomic::AtomicU64, Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
 };
 use tokio::sync::watch as signal;
 
@@ -29,15 +31,17 @@ pub struct Known {
 /// Readiness, counters, and what the API needs to explain decisions; shared by every part.
 #[derive(Debug)]
 pub struct Status {
-    /// Set by the node loop once the first full sync is done.
-    pub(crate) ready: signal::Sender<bool>,
+    /// Set by the node loop once the first full sync is done ([`Status::set_ready`]).
+    ready: signal::Sender<bool>,
+    /// The same, for `/metrics`.
+    ready_gauge: Gauge,
     pub watch: Arc<WatchStats>,
     pub upstream: Arc<UpstreamStats>,
     /// EgressFirewalls flowd could not use (each logged; an invalid `default` leaves its namespace
     /// without grants).
-    pub invalid_firewalls: AtomicU64,
+    pub invalid_firewalls: Counter,
     /// DNS answers handed to the engine.
-    pub dns_events: AtomicU64,
+    pub dns_events: Counter,
     pub known: Mutex<Known>,
 }
 
@@ -45,16 +49,23 @@ impl Default for Status {
     fn default() -> Self {
         Self {
             ready: signal::channel(false).0,
+            ready_gauge: Gauge::default(),
             watch: Arc::default(),
             upstream: Arc::default(),
-            invalid_firewalls: AtomicU64::new(0),
-            dns_events: AtomicU64::new(0),
+            invalid_firewalls: Counter::default(),
+            dns_events: Counter::default(),
             known: Mutex::default(),
         }
     }
 }
 
 impl Status {
+    /// Pods, EgressFirewalls and this node have each been listed in full.
+    pub(crate) fn set_ready(&self) {
+        self.ready_gauge.set(1);
+        self.ready.send_replace(true);
+    }
+
     /// True once pods, EgressFirewalls and this node have each been listed in full.
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
@@ -63,6 +74,25 @@ impl Status {
     /// Follows readiness.
     pub fn ready_changes(&self) -> signal::Receiver<bool> {
         self.ready.subscribe()
+    }
+
+    /// Registers the node loop's metrics (the watches' and the subscriptions' have their own).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "ready",
+            "1 once pods, EgressFirewalls and this node are listed",
+            self.ready_gauge.clone(),
+        );
+        registry.counter(
+            "dns_events",
+            "DNS answers from tapd handed to the engine",
+            &self.dns_events,
+        );
+        registry.counter(
+            "invalid_egressfirewalls",
+            "EgressFirewalls skipped as invalid",
+            &self.invalid_firewalls,
+        );
     }
 
     /// What is known of the cluster, locked (a panic while it was held leaves it as it was).

@@ -7,18 +7,16 @@
 //! the engine through one bounded channel: when the engine falls behind, the gRPC streams wait (tapd, not
 //! flowd, decides what to drop for a slow subscriber, and counts it).
 
-use crate::watch::Change;
+use crate::{metrics::Registry, watch::Change};
 use dnsflow_proto::v1::{dns_tap_client::DnsTapClient, SubscribeRequest};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::{atomic::AtomicU64, Arc},
     time::Duration,
 };
 use tapd::DnsResponse;
@@ -41,17 +39,52 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 pub struct UpstreamStats {
     /// Subscriptions currently streaming.
-    pub connected: AtomicU64,
+    pub connected: Gauge<u64, AtomicU64>,
     /// Subscriptions established (first connects and reconnects).
-    pub connects: AtomicU64,
+    pub connects: Counter,
     /// Connection attempts or streams that failed.
-    pub failures: AtomicU64,
+    pub failures: Counter,
     /// Events received and handed to the engine.
-    pub events: AtomicU64,
+    pub events: Counter,
     /// Of those, sent from a tapd's recent-answer replay.
-    pub replayed: AtomicU64,
+    pub replayed: Counter,
     /// Events that did not convert to a `DnsResponse` (logged and dropped).
-    pub invalid: AtomicU64,
+    pub invalid: Counter,
+}
+
+impl UpstreamStats {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "tapd_connections",
+            "tapd subscriptions streaming now",
+            self.connected.clone(),
+        );
+        registry.counter(
+            "tapd_connects",
+            "Subscriptions to a tapd established (connects and reconnects)",
+            &self.connects,
+        );
+        registry.counter(
+            "tapd_failures",
+            "Subscriptions to a tapd that failed to connect or broke",
+            &self.failures,
+        );
+        registry.counter(
+            "tapd_events",
+            "Valid answers received from the tapds and passed on to the engine",
+            &self.events,
+        );
+        registry.counter(
+            "tapd_events_replayed",
+            "Answers received from a tapd's replay of recent answers",
+            &self.replayed,
+        );
+        registry.counter(
+            "tapd_events_invalid",
+            "Events from tapd that were not valid answers (dropped)",
+            &self.invalid,
+        );
+    }
 }
 
 /// Counts a subscription as connected for as long as it lives.
@@ -59,15 +92,15 @@ struct Connected(Arc<UpstreamStats>);
 
 impl Connected {
     fn new(stats: &Arc<UpstreamStats>) -> Self {
-        stats.connected.fetch_add(1, Ordering::Relaxed);
-        stats.connects.fetch_add(1, Ordering::Relaxed);
+        stats.connected.inc();
+        stats.connects.inc();
         Connected(stats.clone())
     }
 }
 
 impl Drop for Connected {
     fn drop(&mut self) {
-        self.0.connected.fetch_sub(1, Ordering::Relaxed);
+        self.0.connected.dec();
     }
 }
 
@@ -203,7 +236,7 @@ async fn subscription(
                 backoff.next_delay()
             }
             Err(error) => {
-                stats.failures.fetch_add(1, Ordering::Relaxed);
+                stats.failures.inc();
                 let delay = backoff.next_delay();
                 tracing::warn!(%error, retry_in = ?delay, "tapd subscription failed");
                 delay
@@ -261,16 +294,16 @@ async fn session(
         };
         match DnsResponse::try_from(event) {
             Ok(response) => {
-                stats.events.fetch_add(1, Ordering::Relaxed);
+                stats.events.inc();
                 if response.replayed {
-                    stats.replayed.fetch_add(1, Ordering::Relaxed);
+                    stats.replayed.inc();
                 }
                 if events.send(response).await.is_err() {
                     return Ok(End::Closed);
                 }
             }
             Err(error) => {
-                stats.invalid.fetch_add(1, Ordering::Relaxed);
+                stats.invalid.inc();
                 tracing::warn!(%error, "invalid event from tapd; skipped");
             }
         }
@@ -473,9 +506,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(first.client, "10.244.1.1".parse::<IpAddr>().unwrap());
-        assert_eq!(stats.invalid.load(Ordering::Relaxed), 1);
-        assert_eq!(stats.replayed.load(Ordering::Relaxed), 1);
-        assert_eq!(stats.connected.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.invalid.get(), 1);
+        assert_eq!(stats.replayed.get(), 1);
+        assert_eq!(stats.connected.get(), 1);
         {
             let requests = fake.requests.lock().unwrap();
             assert_eq!(requests.len(), 1);
@@ -497,12 +530,12 @@ mod tests {
             fake.requests.lock().unwrap()[1].client_cidrs,
             ["10.244.2.0/24", "fd00:10:244:2::/64"]
         );
-        assert_eq!(stats.connects.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.connects.get(), 2);
 
         // The tapd vanishes from discovery: its subscription ends.
         upstreams.set_endpoints(&BTreeSet::new());
         let deadline = tokio::time::Instant::now() + WAIT;
-        while stats.connected.load(Ordering::Relaxed) != 0 {
+        while stats.connected.get() != 0 {
             assert!(tokio::time::Instant::now() < deadline, "still connected");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -522,7 +555,7 @@ mod tests {
         let mut upstreams = Upstreams::new(subnets_rx, tx, stats.clone());
         let started = tokio::time::Instant::now();
         upstreams.set_endpoints(&[addr].into_iter().collect());
-        while stats.failures.load(Ordering::Relaxed) < 3 {
+        while stats.failures.get() < 3 {
             assert!(started.elapsed() < WAIT, "no retries");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -533,6 +566,6 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        assert_eq!(stats.connected.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.connected.get(), 0);
     }
 }

@@ -6,23 +6,16 @@
 //! what it has reported and turns every object missing from a relist into a [`Change::Deleted`], so the
 //! consumer sees one consistent stream of applies and deletes whatever happened on the wire.
 
-use crate::egressfirewall::EgressFirewall;
+use crate::{egressfirewall::EgressFirewall, metrics::Registry};
 use futures::{stream, Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     runtime::{watcher, WatchStreamExt as _},
     Api, Client, Resource, ResourceExt as _,
 };
+use prometheus_client::metrics::counter::Counter;
 use serde::de::DeserializeOwned;
-use std::{
-    collections::HashMap,
-    fmt::Debug,
-    pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-};
+use std::{collections::HashMap, fmt::Debug, pin::Pin, sync::Arc};
 
 /// One kind of API call flowd makes. The ClusterRole in `deploy/base/clusterrole.yaml` grants exactly
 /// these (a test compares the two, and another checks every request flowd sends against this list).
@@ -71,9 +64,24 @@ pub enum Change<K> {
 #[derive(Debug, Default)]
 pub struct WatchStats {
     /// Watch or list errors (each followed by a backoff).
-    pub errors: AtomicU64,
+    pub errors: Counter,
     /// Full lists received (the first sync and every relist).
-    pub lists: AtomicU64,
+    pub lists: Counter,
+}
+
+impl WatchStats {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.counter(
+            "watch_errors",
+            "Kubernetes watch or list errors (each followed by a backoff)",
+            &self.errors,
+        );
+        registry.counter(
+            "watch_lists",
+            "Full Kubernetes lists (first sync and relists)",
+            &self.lists,
+        );
+    }
 }
 
 /// `namespace/name`: objects are identified by name, as the API server does.
@@ -120,7 +128,7 @@ where
                         }
                     }
                     known = fresh;
-                    stats.lists.fetch_add(1, Ordering::Relaxed);
+                    stats.lists.inc();
                     tracing::debug!(what, objects = known.len(), "listed");
                     out.push(Change::Synced);
                 }
@@ -133,7 +141,7 @@ where
                     out.push(Change::Deleted(Box::new(obj)));
                 }
                 Err(error) => {
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    stats.errors.inc();
                     tracing::warn!(what, %error, "watch failed; backing off, then watching or relisting again");
                 }
             }

@@ -6,10 +6,12 @@ use crate::{
     config::Config,
     error::{Error, Result},
     grpc,
+    http::serve_http,
     hub::{Hub, HubConfig},
     listener::{DnstapListener, Ingest},
-    metrics::{serve_http, Metrics},
+    metrics::{Metrics, PREFIX},
 };
+use prometheus_client::registry::Registry;
 use std::{future::Future, net::SocketAddr, sync::Arc};
 use tokio::{net::TcpListener, sync::watch};
 
@@ -112,17 +114,15 @@ impl Daemon {
         let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
         tracing::info!(addr = %grpc_addr, "serving gRPC");
         let grpc_task = tokio::spawn(grpc::serve(grpc, hub.clone(), wait_stop(stop.clone())));
-        let render = {
-            let (metrics, hub) = (Arc::clone(&metrics), hub.clone());
-            Arc::new(move || metrics.render(&|out: &mut String| hub.render_subscribers(out)))
-        };
+        let mut registry = Registry::with_prefix(PREFIX);
+        metrics.register(&mut registry);
         let metrics_addr = metrics_listener
             .local_addr()
             .unwrap_or(config.metrics_listen);
         tracing::info!(addr = %metrics_addr, "serving metrics");
         let http_task = tokio::spawn(serve_http(
             metrics_listener,
-            render,
+            Arc::new(registry),
             wait_stop(stop.clone()),
         ));
 

@@ -2,8 +2,10 @@
 //! subscribers.
 //!
 //! The producer (a dnstap connection) never waits: each subscriber has a bounded channel fed with
-//! `try_send`, and a full channel loses the event, counted for that subscriber. The recent-answer cache
-//! lets a subscriber that (re)connects first receive the answers whose TTL has not run out yet.
+//! `try_send`, and a full channel loses the event, counted for that subscriber (in its log line when
+//! it goes) and in tapd's metrics (in all, and how many connected subscribers have lost any). The
+//! recent-answer cache lets a subscriber that (re)connects first receive the answers whose TTL has not
+//! run out yet.
 
 use crate::{
     event::DnsResponse,
@@ -13,7 +15,6 @@ use futures::Stream;
 use ipnet::IpNet;
 use std::{
     collections::{HashMap, VecDeque},
-    fmt::Write as _,
     hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
     net::IpAddr,
     pin::Pin,
@@ -89,7 +90,6 @@ impl ClientFilter {
 #[derive(Debug)]
 struct Subscriber {
     id: u64,
-    peer: String,
     filter: ClientFilter,
     tx: mpsc::Sender<Arc<DnsResponse>>,
     dropped: Arc<AtomicU64>,
@@ -265,11 +265,11 @@ impl Hub {
         let sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;
         response.sequence = sequence;
         let response = Arc::new(response);
-        inner
-            .recent
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(&response, now);
+        {
+            let mut recent = inner.recent.lock().unwrap_or_else(PoisonError::into_inner);
+            recent.insert(&response, now);
+            inner.metrics.set_recent_answers(recent.entries.len());
+        }
         let subscribers = inner
             .subscribers
             .read()
@@ -279,7 +279,9 @@ impl Hub {
             .filter(|s| s.filter.matches(response.client))
         {
             if let Err(mpsc::error::TrySendError::Full(_)) = s.tx.try_send(Arc::clone(&response)) {
-                s.dropped.fetch_add(1, Ordering::Relaxed);
+                if s.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                    inner.metrics.subscriber_lagging();
+                }
                 inner.metrics.dropped(DropReason::SubscriberFull);
             }
         }
@@ -302,7 +304,6 @@ impl Hub {
         let dropped = Arc::new(AtomicU64::new(0));
         let subscriber = Arc::new(Subscriber {
             id,
-            peer: peer.clone(),
             filter: filter.clone(),
             tx,
             dropped: Arc::clone(&dropped),
@@ -322,11 +323,10 @@ impl Hub {
             inner.metrics.set_subscribers(subs.len());
         }
         let replay = if replay_recent {
-            inner
-                .recent
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .snapshot(&filter, now)
+            let mut recent = inner.recent.lock().unwrap_or_else(PoisonError::into_inner);
+            let replay = recent.snapshot(&filter, now);
+            inner.metrics.set_recent_answers(recent.entries.len());
+            replay
         } else {
             Vec::new()
         };
@@ -350,42 +350,6 @@ impl Hub {
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
         inner.metrics.set_subscribers(0);
-    }
-
-    /// Prometheus lines for each live subscriber's losses.
-    pub fn render_subscribers(&self, out: &mut String) {
-        let subs = self
-            .inner
-            .subscribers
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        let _ = writeln!(
-            out,
-            "# HELP tapd_subscriber_dropped_events Events a connected subscriber lost because it read too slowly.\n\
-             # TYPE tapd_subscriber_dropped_events gauge"
-        );
-        for s in subs.iter() {
-            let _ = writeln!(
-                out,
-                "tapd_subscriber_dropped_events{{subscriber=\"{}\",peer=\"{}\"}} {}",
-                s.id,
-                s.peer.escape_default(),
-                s.dropped.load(Ordering::Relaxed)
-            );
-        }
-        drop(subs);
-        let cached = self
-            .inner
-            .recent
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entries
-            .len();
-        let _ = writeln!(
-            out,
-            "# HELP tapd_recent_answers Answers held for replay to new subscribers.\n\
-             # TYPE tapd_recent_answers gauge\ntapd_recent_answers {cached}"
-        );
     }
 }
 
@@ -431,6 +395,10 @@ impl std::ops::Drop for Subscription {
             .unwrap_or_else(PoisonError::into_inner);
         subs.retain(|s| s.id != self.id);
         self.hub.metrics.set_subscribers(subs.len());
+        // Read under the lock: no publish can count a loss for this subscriber any more.
+        if self.dropped() > 0 {
+            self.hub.metrics.lagging_subscriber_gone();
+        }
         tracing::info!(
             subscriber = self.id,
             peer = %self.peer,
@@ -521,14 +489,20 @@ mod tests {
         assert_eq!(ready(&mut stuck).len(), 4);
         assert_eq!(stuck.dropped(), 11);
         assert_eq!(only_b.dropped(), 0);
-        assert!(metrics
-            .render(&|_: &mut String| {})
-            .contains("tapd_dropped_total{reason=\"subscriber_full\"} 11"));
+        let has = |line: &str| metrics.openmetrics().lines().any(|l| l == line);
+        assert!(has("tapd_dropped_total{reason=\"subscriber_full\"} 11"));
+        assert!(has("tapd_subscribers 2"));
+        assert!(has("tapd_subscribers_lagging 1"), "only the stuck one lags");
         drop(stuck);
-        let mut text = String::new();
-        hub.render_subscribers(&mut text);
-        assert!(text.contains("peer=\"b\"} 0"), "{text}");
-        assert!(!text.contains("peer=\"a\""), "{text}");
+        assert!(has("tapd_subscribers 1"));
+        assert!(
+            has("tapd_subscribers_lagging 0"),
+            "the one that lagged is gone"
+        );
+        assert!(
+            has("tapd_recent_answers 2"),
+            "one answer per client and name"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! gRPC (`dnsflow.v1.DnsTap/Subscribe`).
 //!
 //! The protocol layers are sans-IO ([`framestream`], [`dnstap`]); [`listener`] and [`grpc`] wire them
-//! to sockets through the [`hub`]; [`daemon`] puts it all together. [`metrics::serve_http`] and
+//! to sockets through the [`hub`]; [`daemon`] puts it all together. [`http::serve_http`] and
 //! [`telemetry::init`] are shared with flowd.
 
 pub mod capture;
@@ -13,6 +13,7 @@ mod error;
 pub mod event;
 pub mod framestream;
 pub mod grpc;
+pub mod http;
 pub mod hub;
 pub mod listener;
 pub mod metrics;

@@ -1,27 +1,17 @@
-//! Counters and the tiny HTTP server that exposes them (Prometheus text on `/metrics`, plus `/healthz`
-//! and `/readyz` for probes). [`serve_http`] knows nothing about tapd and is reused by flowd.
+//! tapd's metrics: one struct of typed handles, moved where things happen (the listener, the hub) and
+//! registered once in the daemon's registry, which `/metrics` encodes as OpenMetrics text
+//! ([`crate::http`]). A metric is added here, in [`Metrics::register`], and in `deploy/README.md`.
 
 use crate::dnstap::DecodeError;
-use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::{server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
-use std::{
-    convert::Infallible,
-    fmt::Write as _,
-    future::Future,
-    io,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::Duration,
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
 };
-use tokio::{net::TcpListener, task::JoinSet};
+use std::sync::atomic::AtomicU64;
 
-/// A scrape or probe that takes longer than this is a stuck client; its connection is closed.
-const HTTP_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// The prefix of every tapd metric: `tapd_frames_total`, `tapd_subscribers`...
+pub const PREFIX: &str = "tapd";
 
 /// Why a frame was received but yielded no event, or an event was not delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,249 +40,202 @@ impl DropReason {
     }
 }
 
-/// tapd's counters. Everything is a relaxed atomic: the hot path never takes a lock to count.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    frames: AtomicU64,
-    bytes: AtomicU64,
-    events: AtomicU64,
-    ignored: AtomicU64,
-    decode_errors: [AtomicU64; DecodeError::REASONS.len()],
-    frame_errors: AtomicU64,
-    drops: [AtomicU64; DropReason::ALL.len()],
-    connections_total: AtomicU64,
-    connections_open: AtomicU64,
-    subscribers: AtomicU64,
+/// The one label of tapd's per-reason counters; its values are fixed lists, never input.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
 }
 
-/// Extra lines a caller appends to the rendering (per-subscriber figures, cache size...).
-pub type Extra<'a> = &'a dyn Fn(&mut String);
+/// A count of things present now.
+type Level = Gauge<u64, AtomicU64>;
+
+/// A counter family by reason, every reason present from the start (at 0), and each reason's counter
+/// kept at hand so that counting takes no lock and hashes nothing.
+#[derive(Debug)]
+struct ByReason<const N: usize> {
+    family: Family<Reason, Counter>,
+    counters: [Counter; N],
+}
+
+impl<const N: usize> ByReason<N> {
+    fn new(reasons: [&'static str; N]) -> Self {
+        let family = Family::<Reason, Counter>::default();
+        let counters = reasons.map(|reason| family.get_or_create_owned(&Reason { reason }));
+        Self { family, counters }
+    }
+}
+
+/// tapd's metrics. Cheap to count: every handle is a relaxed atomic.
+#[derive(Debug)]
+pub struct Metrics {
+    frames: Counter,
+    frame_bytes: Counter,
+    events: Counter,
+    ignored: Counter,
+    decode_errors: ByReason<{ DecodeError::REASONS.len() }>,
+    frame_errors: Counter,
+    dropped: ByReason<{ DropReason::ALL.len() }>,
+    connections: Counter,
+    open_connections: Level,
+    subscribers: Level,
+    lagging_subscribers: Level,
+    recent_answers: Level,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            frames: Counter::default(),
+            frame_bytes: Counter::default(),
+            events: Counter::default(),
+            ignored: Counter::default(),
+            decode_errors: ByReason::new(DecodeError::REASONS),
+            frame_errors: Counter::default(),
+            dropped: ByReason::new(DropReason::ALL.map(DropReason::label)),
+            connections: Counter::default(),
+            open_connections: Level::default(),
+            subscribers: Level::default(),
+            lagging_subscribers: Level::default(),
+            recent_answers: Level::default(),
+        }
+    }
+}
 
 impl Metrics {
+    /// Registers every metric in `registry` (tapd's, prefixed with [`PREFIX`]). Names are given without
+    /// the prefix, and counters without `_total`, which the encoding adds.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "frames",
+            "Frame Streams data frames received",
+            self.frames.clone(),
+        );
+        registry.register_with_unit(
+            "frame",
+            "Data frames received, in bytes",
+            Unit::Bytes,
+            self.frame_bytes.clone(),
+        );
+        registry.register(
+            "events",
+            "Client responses decoded and published",
+            self.events.clone(),
+        );
+        registry.register(
+            "ignored_messages",
+            "dnstap messages that are not CLIENT_RESPONSE (queries, forwarder traffic)",
+            self.ignored.clone(),
+        );
+        registry.register(
+            "decode_errors",
+            "Data frames that did not decode into a client response, by reason",
+            self.decode_errors.family.clone(),
+        );
+        registry.register(
+            "frame_errors",
+            "Connections ended by a malformed or oversized Frame Streams frame",
+            self.frame_errors.clone(),
+        );
+        registry.register(
+            "dropped",
+            "Events, frames or connections dropped rather than waited for, by reason",
+            self.dropped.family.clone(),
+        );
+        registry.register(
+            "connections",
+            "dnstap connections accepted",
+            self.connections.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "dnstap connections open",
+            self.open_connections.clone(),
+        );
+        registry.register(
+            "subscribers",
+            "gRPC subscribers connected",
+            self.subscribers.clone(),
+        );
+        registry.register(
+            "subscribers_lagging",
+            "Connected subscribers that have lost events because they read too slowly",
+            self.lagging_subscribers.clone(),
+        );
+        registry.register(
+            "recent_answers",
+            "Answers held for replay to new subscribers",
+            self.recent_answers.clone(),
+        );
+    }
+
     pub fn frame(&self, len: usize) {
-        self.frames.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.frames.inc();
+        self.frame_bytes.inc_by(len as u64);
     }
 
     pub fn event(&self) {
-        self.events.fetch_add(1, Ordering::Relaxed);
+        self.events.inc();
     }
 
     pub fn ignored(&self) {
-        self.ignored.fetch_add(1, Ordering::Relaxed);
+        self.ignored.inc();
     }
 
     /// Counts a frame that did not decode, by its reason.
     pub fn decode_error(&self, error: &DecodeError) {
         let reason = error.reason();
         if let Some(i) = DecodeError::REASONS.iter().position(|r| *r == reason) {
-            self.decode_errors[i].fetch_add(1, Ordering::Relaxed);
+            self.decode_errors.counters[i].inc();
         }
     }
 
     /// Counts a connection ended by a Frame Streams error.
     pub fn frame_error(&self) {
-        self.frame_errors.fetch_add(1, Ordering::Relaxed);
+        self.frame_errors.inc();
     }
 
     pub fn dropped(&self, why: DropReason) {
-        self.drops[why as usize].fetch_add(1, Ordering::Relaxed);
+        self.dropped.counters[why as usize].inc();
     }
 
     pub fn connection_opened(&self) {
-        self.connections_total.fetch_add(1, Ordering::Relaxed);
-        self.connections_open.fetch_add(1, Ordering::Relaxed);
+        self.connections.inc();
+        self.open_connections.inc();
     }
 
     pub fn connection_closed(&self) {
-        self.connections_open.fetch_sub(1, Ordering::Relaxed);
+        self.open_connections.dec();
     }
 
     pub fn set_subscribers(&self, n: usize) {
-        self.subscribers.store(n as u64, Ordering::Relaxed);
+        self.subscribers.set(n as u64);
+    }
+
+    /// A connected subscriber lost its first event.
+    pub fn subscriber_lagging(&self) {
+        self.lagging_subscribers.inc();
+    }
+
+    /// A subscriber that had lost events is gone.
+    pub fn lagging_subscriber_gone(&self) {
+        self.lagging_subscribers.dec();
+    }
+
+    pub fn set_recent_answers(&self, n: usize) {
+        self.recent_answers.set(n as u64);
     }
 
     pub fn events(&self) -> u64 {
-        self.events.load(Ordering::Relaxed)
+        self.events.get()
     }
 
-    /// Prometheus text exposition format, version 0.0.4.
-    pub fn render(&self, extra: Extra<'_>) -> String {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut out = String::with_capacity(2048);
-        let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
-        };
-        let single: [(&str, &str, &str, &AtomicU64); 8] = [
-            (
-                "tapd_frames_total",
-                "counter",
-                "Frame Streams data frames received.",
-                &self.frames,
-            ),
-            (
-                "tapd_frame_bytes_total",
-                "counter",
-                "Bytes of data frames received.",
-                &self.bytes,
-            ),
-            (
-                "tapd_events_total",
-                "counter",
-                "Client responses decoded and published.",
-                &self.events,
-            ),
-            (
-                "tapd_ignored_messages_total",
-                "counter",
-                "dnstap messages that are not CLIENT_RESPONSE (queries, forwarder traffic).",
-                &self.ignored,
-            ),
-            (
-                "tapd_frame_errors_total",
-                "counter",
-                "Connections ended by a malformed or oversized Frame Streams frame.",
-                &self.frame_errors,
-            ),
-            (
-                "tapd_connections_total",
-                "counter",
-                "dnstap connections accepted.",
-                &self.connections_total,
-            ),
-            (
-                "tapd_connections",
-                "gauge",
-                "dnstap connections open.",
-                &self.connections_open,
-            ),
-            (
-                "tapd_subscribers",
-                "gauge",
-                "gRPC subscribers connected.",
-                &self.subscribers,
-            ),
-        ];
-        for (name, kind, help, c) in single {
-            family(name, kind, help, &[(String::new(), get(c))]);
-        }
-        let by_reason =
-            |reasons: &mut dyn Iterator<Item = (&str, &AtomicU64)>| -> Vec<(String, u64)> {
-                reasons
-                    .map(|(r, c)| (format!("{{reason=\"{r}\"}}"), get(c)))
-                    .collect()
-            };
-        family(
-            "tapd_decode_errors_total",
-            "counter",
-            "Data frames that did not decode into a client response, by reason.",
-            &by_reason(&mut DecodeError::REASONS.into_iter().zip(&self.decode_errors)),
-        );
-        family(
-            "tapd_dropped_total",
-            "counter",
-            "Events, frames or connections dropped rather than waited for, by reason.",
-            &by_reason(&mut DropReason::ALL.iter().map(|d| d.label()).zip(&self.drops)),
-        );
-        extra(&mut out);
-        out
+    /// These metrics alone, as `/metrics` would show them.
+    #[cfg(test)]
+    pub(crate) fn openmetrics(&self) -> String {
+        let mut registry = Registry::with_prefix(PREFIX);
+        self.register(&mut registry);
+        crate::http::openmetrics_text(&registry).unwrap_or_default()
     }
-}
-
-fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
-    resp
-}
-
-/// What the HTTP endpoints expose: Prometheus text on `/metrics`, and whether `/readyz` says ready.
-/// A plain `Fn() -> String` is an exposition that is ready as soon as it is served.
-pub trait Exposition: Send + Sync + 'static {
-    /// The Prometheus text format (0.0.4) body of `/metrics`.
-    fn render(&self) -> String;
-    /// `Err(why)` while the daemon is not ready; `/readyz` then answers 503 with `why`.
-    fn readiness(&self) -> Result<(), String> {
-        Ok(())
-    }
-    /// `Err(why)` while the daemon is wedged and a restart may help; `/healthz` then answers 503.
-    fn liveness(&self) -> Result<(), String> {
-        Ok(())
-    }
-}
-
-impl<F: Fn() -> String + Send + Sync + 'static + ?Sized> Exposition for F {
-    fn render(&self) -> String {
-        self()
-    }
-}
-
-fn route<B, E: Exposition + ?Sized>(req: &Request<B>, exposition: &E) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return respond(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET only\n".into(),
-        );
-    }
-    match req.uri().path() {
-        "/metrics" => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            exposition.render(),
-        ),
-        "/healthz" => match exposition.liveness() {
-            Ok(()) => respond(StatusCode::OK, "text/plain", "ok\n".into()),
-            Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why + "\n"),
-        },
-        "/readyz" => match exposition.readiness() {
-            Ok(()) => respond(StatusCode::OK, "text/plain", "ok\n".into()),
-            Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why + "\n"),
-        },
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-    }
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` from `exposition` on `listener` until `shutdown`
-/// completes. The caller binds the listener before calling, so an exposition without its own readiness
-/// is "ready" once every socket of the daemon is bound.
-pub async fn serve_http<E: Exposition + ?Sized>(
-    listener: TcpListener,
-    exposition: Arc<E>,
-    shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(error) => {
-                    tracing::warn!(%error, "metrics accept failed");
-                    continue;
-                }
-            },
-            Some(_) = connections.join_next() => continue,
-        };
-        let exposition = Arc::clone(&exposition);
-        connections.spawn(async move {
-            let service = service_fn(move |req| {
-                let resp = route(&req, &*exposition);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(HTTP_CONNECTION_TIMEOUT, conn).await;
-        });
-    }
-    connections.shutdown().await;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -300,7 +243,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rendering_names_every_family_and_reason() {
+    fn every_family_and_every_reason_is_exposed_under_its_name() {
         let m = Metrics::default();
         m.frame(10);
         m.event();
@@ -308,71 +251,39 @@ mod tests {
         m.decode_error(&DecodeError::LyingCounts(12));
         m.dropped(DropReason::SubscriberFull);
         m.connection_opened();
-        let text = m.render(&|out: &mut String| out.push_str("tapd_extra 1\n"));
+        m.subscriber_lagging();
+        let text = m.openmetrics();
         for line in [
+            "# TYPE tapd_frames counter",
             "tapd_frames_total 1",
+            "# UNIT tapd_frame_bytes bytes",
             "tapd_frame_bytes_total 10",
             "tapd_events_total 1",
             "tapd_decode_errors_total{reason=\"dns\"} 2",
             "tapd_decode_errors_total{reason=\"protobuf\"} 0",
             "tapd_dropped_total{reason=\"subscriber_full\"} 1",
-            "tapd_connections 1",
-            "tapd_extra 1",
+            "tapd_dropped_total{reason=\"connection_limit\"} 0",
+            "tapd_connections_total 1",
+            "# TYPE tapd_open_connections gauge",
+            "tapd_open_connections 1",
+            "tapd_subscribers_lagging 1",
+            "tapd_recent_answers 0",
+            "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
-    }
-
-    #[tokio::test]
-    async fn http_endpoints_answer() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_http(
-            listener,
-            Arc::new(|| "x_total 3\n".to_string()),
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        let get = |path: &'static str| async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await
-            .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        };
-        let metrics = get("/metrics").await;
-        assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
-        assert!(metrics.ends_with("x_total 3\n"), "{metrics}");
-        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
-        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
-        stop.send(()).unwrap();
-        server.await.unwrap().unwrap();
-    }
-
-    struct NotYet;
-
-    impl Exposition for NotYet {
-        fn render(&self) -> String {
-            String::new()
+        // One family per name: a counter and a gauge never share one.
+        let mut families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+            .collect();
+        let n = families.len();
+        families.sort_unstable();
+        families.dedup();
+        assert_eq!(families.len(), n, "{text}");
+        for reason in DecodeError::REASONS {
+            let sample = format!("tapd_decode_errors_total{{reason=\"{reason}\"}}");
+            assert!(text.contains(&sample), "{sample} missing in\n{text}");
         }
-        fn readiness(&self) -> Result<(), String> {
-            Err("still listing".into())
-        }
-    }
-
-    #[test]
-    fn readyz_says_why_it_is_not_ready() {
-        let req = Request::get("/readyz").body(()).unwrap();
-        let resp = route(&req, &NotYet);
-        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let healthz = route(&Request::get("/healthz").body(()).unwrap(), &NotYet);
-        assert_eq!(healthz.status(), StatusCode::OK);
     }
 }

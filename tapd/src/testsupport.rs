@@ -309,10 +309,14 @@ pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// Reads one sample (`name` with its exact label set, e.g. `tapd_decode_errors_total{reason="dns"}`)
-/// from Prometheus text.
+/// Reads one sample from an OpenMetrics exposition (a `/metrics` response, headers and all): `name` is
+/// the sample's name with its exact label set as written, so a counter's ends with `_total`
+/// (`tapd_events_total`, `tapd_decode_errors_total{reason="dns"}`, `dnsflow_ready`). `None` when the
+/// sample is absent, or when the text is cut short of the `# EOF` that ends every exposition.
 pub fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
+    let (samples, _) = text.rsplit_once("\n# EOF")?;
+    samples
+        .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 

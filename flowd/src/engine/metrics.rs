@@ -1,84 +1,81 @@
-//! The engine's counters: plain atomics the daemon renders as Prometheus metrics.
+//! The engine's metrics: counters and a histogram the core and the engine move, registered once in
+//! flowd's registry, and the gauges read from the engine's state at each scrape.
 
+use super::Engine;
+use crate::{metrics::Registry, ovs::FlowProgrammer};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{counter::Counter, gauge::ConstGauge, histogram::Histogram},
+    registry::Unit,
+};
 use std::{
     sync::atomic::{AtomicU64, Ordering::Relaxed},
     time::Duration,
 };
 
-/// Upper bounds (inclusive) of the batch latency buckets, in microseconds: one `ovs-ofctl` process
-/// takes ~4 ms, a 50,000-flow bundle well under a second.
-pub const BATCH_LATENCY_BUCKETS_US: [u64; 10] = [
-    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000,
-];
-
-/// A cumulative histogram of batch latencies, Prometheus-style.
-#[derive(Debug, Default)]
-pub struct LatencyHistogram {
-    /// `buckets[i]` counts observations ≤ `BATCH_LATENCY_BUCKETS_US[i]`; the last one is +Inf.
-    buckets: [AtomicU64; BATCH_LATENCY_BUCKETS_US.len() + 1],
-    sum_us: AtomicU64,
-    count: AtomicU64,
-}
-
-impl LatencyHistogram {
-    pub fn observe(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let i = BATCH_LATENCY_BUCKETS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(BATCH_LATENCY_BUCKETS_US.len());
-        self.buckets[i].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(us, Relaxed);
-        self.count.fetch_add(1, Relaxed);
-    }
-
-    /// Cumulative counts per bucket (the last is +Inf), sum in microseconds, count.
-    pub fn snapshot(&self) -> (Vec<u64>, u64, u64) {
-        let mut acc = 0;
-        let cumulative = self
-            .buckets
-            .iter()
-            .map(|b| {
-                acc += b.load(Relaxed);
-                acc
-            })
-            .collect();
-        (
-            cumulative,
-            self.sum_us.load(Relaxed),
-            self.count.load(Relaxed),
-        )
-    }
-}
+/// Upper bounds of the batch latency buckets, in seconds: one `ovs-ofctl` process takes ~4 ms, a
+/// 50,000-flow bundle well under a second.
+pub const BATCH_SECONDS_BUCKETS: [f64; 10] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
 
 /// Counters of one engine.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// Flows written (adds, including refreshes and reinstalls).
-    pub flows_installed: AtomicU64,
+    pub flows_installed: Counter,
     /// Flows deleted by flowd (pod gone, rules changed, stale at reconcile).
-    pub flows_removed: AtomicU64,
+    pub flows_removed: Counter,
     /// Desired flows found missing (foreign delete, e.g. an ovn-controller wipe) and written again.
-    pub flows_reinstalled: AtomicU64,
+    pub flows_reinstalled: Counter,
     /// Flows OVS removed on their idle or hard timeout, and that flowd forgot.
-    pub flows_expired: AtomicU64,
+    pub flows_expired: Counter,
     /// Grants not kept because a cap was reached, in all and per cap (pod, namespace, node).
-    pub grants_dropped: AtomicU64,
-    pub grants_dropped_pod: AtomicU64,
-    pub grants_dropped_namespace: AtomicU64,
-    pub grants_dropped_node: AtomicU64,
+    pub grants_dropped: Counter,
+    pub grants_dropped_pod: Counter,
+    pub grants_dropped_namespace: Counter,
+    pub grants_dropped_node: Counter,
     /// Flows OVS refused (found by splitting the rejected bundle), dropped so the rest goes through.
-    pub flows_rejected: AtomicU64,
+    pub flows_rejected: Counter,
     /// Tries to learn the flow template that found nothing usable in OVN's flows.
-    pub template_failures: AtomicU64,
-    pub batches: AtomicU64,
-    pub batch_errors: AtomicU64,
-    pub batch_latency: LatencyHistogram,
-    pub monitor_restarts: AtomicU64,
-    pub reconciles: AtomicU64,
+    pub template_failures: Counter,
+    pub batches: Counter,
+    pub batch_errors: Counter,
+    /// Seconds per bundle.
+    pub batch_latency: Histogram,
+    /// The time all bundles took, in microseconds, for [`MetricsSnapshot`] (a histogram does not
+    /// give its sum back; `/metrics` shows it as `dnsflow_ovs_batch_seconds_sum`).
+    batch_micros: AtomicU64,
+    pub monitor_restarts: Counter,
+    pub reconciles: Counter,
     /// Answers held for a pod not known yet, and those dropped (buffer full or too old).
-    pub pending_held: AtomicU64,
-    pub pending_dropped: AtomicU64,
+    pub pending_held: Counter,
+    pub pending_dropped: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            flows_installed: Counter::default(),
+            flows_removed: Counter::default(),
+            flows_reinstalled: Counter::default(),
+            flows_expired: Counter::default(),
+            grants_dropped: Counter::default(),
+            grants_dropped_pod: Counter::default(),
+            grants_dropped_namespace: Counter::default(),
+            grants_dropped_node: Counter::default(),
+            flows_rejected: Counter::default(),
+            template_failures: Counter::default(),
+            batches: Counter::default(),
+            batch_errors: Counter::default(),
+            batch_latency: Histogram::new(BATCH_SECONDS_BUCKETS),
+            batch_micros: AtomicU64::new(0),
+            monitor_restarts: Counter::default(),
+            reconciles: Counter::default(),
+            pending_held: Counter::default(),
+            pending_dropped: Counter::default(),
+        }
+    }
 }
 
 /// A plain copy of [`Metrics`] plus the engine's gauges.
@@ -96,10 +93,8 @@ pub struct MetricsSnapshot {
     pub template_failures: u64,
     pub batches: u64,
     pub batch_errors: u64,
-    /// Cumulative bucket counts matching [`BATCH_LATENCY_BUCKETS_US`], then +Inf.
-    pub batch_latency_buckets: Vec<u64>,
+    /// Time spent in the `batches`.
     pub batch_latency_sum_us: u64,
-    pub batch_latency_count: u64,
     pub monitor_restarts: u64,
     pub reconciles: u64,
     pub pending_held: u64,
@@ -114,32 +109,131 @@ pub struct MetricsSnapshot {
 }
 
 impl Metrics {
-    pub fn add(counter: &AtomicU64, n: usize) {
-        counter.fetch_add(n as u64, Relaxed);
+    pub fn add(counter: &Counter, n: usize) {
+        counter.inc_by(n as u64);
+    }
+
+    /// One bundle applied (or not), in `took`.
+    pub fn batch(&self, took: Duration, ok: bool) {
+        self.batch_latency.observe(took.as_secs_f64());
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.batch_micros.fetch_add(micros, Relaxed);
+        self.batches.inc();
+        if !ok {
+            self.batch_errors.inc();
+        }
+    }
+
+    /// Registers the counters and the histogram, under the names `/metrics` shows without `dnsflow_`.
+    pub fn register(&self, registry: &mut Registry) {
+        let counters = [
+            (
+                "flows_installed",
+                "Flows written to OVS (new, refreshed or reinstalled)",
+                &self.flows_installed,
+            ),
+            (
+                "flows_removed",
+                "Flows deleted by flowd (pod gone, rules changed, stale)",
+                &self.flows_removed,
+            ),
+            (
+                "flows_reinstalled",
+                "Wanted flows found deleted by someone else and written again",
+                &self.flows_reinstalled,
+            ),
+            (
+                "flows_expired",
+                "Flows OVS removed on their idle or hard timeout",
+                &self.flows_expired,
+            ),
+            (
+                "flows_rejected",
+                "Flows OVS refused; dropped so that the rest of their bundle went through",
+                &self.flows_rejected,
+            ),
+            (
+                "grants_dropped",
+                "Grants not kept because a cap was reached (any of the pod, namespace and node caps)",
+                &self.grants_dropped,
+            ),
+            (
+                "grants_dropped_pod_cap",
+                "Grants not kept because the pod holds --max-grants-per-pod flows",
+                &self.grants_dropped_pod,
+            ),
+            (
+                "grants_dropped_namespace_cap",
+                "Grants not kept because the namespace holds --max-grants-per-namespace flows",
+                &self.grants_dropped_namespace,
+            ),
+            (
+                "grants_dropped_node_cap",
+                "Grants not kept because the node holds the node-wide maximum of flows",
+                &self.grants_dropped_node,
+            ),
+            (
+                "template_failures",
+                "Tries to learn from OVN's flows what a grant must look like that found nothing usable",
+                &self.template_failures,
+            ),
+            ("ovs_batches", "ovs-ofctl bundles applied", &self.batches),
+            (
+                "ovs_batch_errors",
+                "ovs-ofctl bundles that failed",
+                &self.batch_errors,
+            ),
+            (
+                "monitor_restarts",
+                "Restarts of the OVS flow monitor",
+                &self.monitor_restarts,
+            ),
+            (
+                "reconciles",
+                "Full reconciles against dump-flows",
+                &self.reconciles,
+            ),
+            (
+                "pending_answers_held",
+                "Answers held for a pod flowd did not know yet",
+                &self.pending_held,
+            ),
+            (
+                "pending_answers_dropped",
+                "Held answers dropped (too old, or the buffer was full)",
+                &self.pending_dropped,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.counter(name, help, counter);
+        }
+        registry.register_with_unit(
+            "ovs_batch",
+            "Time to apply one ovs-ofctl bundle",
+            Unit::Seconds,
+            self.batch_latency.clone(),
+        );
     }
 
     pub(crate) fn snapshot(&self) -> MetricsSnapshot {
-        let (buckets, sum, count) = self.batch_latency.snapshot();
         MetricsSnapshot {
-            flows_installed: self.flows_installed.load(Relaxed),
-            flows_removed: self.flows_removed.load(Relaxed),
-            flows_reinstalled: self.flows_reinstalled.load(Relaxed),
-            flows_expired: self.flows_expired.load(Relaxed),
-            grants_dropped: self.grants_dropped.load(Relaxed),
-            grants_dropped_pod: self.grants_dropped_pod.load(Relaxed),
-            grants_dropped_namespace: self.grants_dropped_namespace.load(Relaxed),
-            grants_dropped_node: self.grants_dropped_node.load(Relaxed),
-            flows_rejected: self.flows_rejected.load(Relaxed),
-            template_failures: self.template_failures.load(Relaxed),
-            batches: self.batches.load(Relaxed),
-            batch_errors: self.batch_errors.load(Relaxed),
-            batch_latency_buckets: buckets,
-            batch_latency_sum_us: sum,
-            batch_latency_count: count,
-            monitor_restarts: self.monitor_restarts.load(Relaxed),
-            reconciles: self.reconciles.load(Relaxed),
-            pending_held: self.pending_held.load(Relaxed),
-            pending_dropped: self.pending_dropped.load(Relaxed),
+            flows_installed: self.flows_installed.get(),
+            flows_removed: self.flows_removed.get(),
+            flows_reinstalled: self.flows_reinstalled.get(),
+            flows_expired: self.flows_expired.get(),
+            grants_dropped: self.grants_dropped.get(),
+            grants_dropped_pod: self.grants_dropped_pod.get(),
+            grants_dropped_namespace: self.grants_dropped_namespace.get(),
+            grants_dropped_node: self.grants_dropped_node.get(),
+            flows_rejected: self.flows_rejected.get(),
+            template_failures: self.template_failures.get(),
+            batches: self.batches.get(),
+            batch_errors: self.batch_errors.get(),
+            batch_latency_sum_us: self.batch_micros.load(Relaxed),
+            monitor_restarts: self.monitor_restarts.get(),
+            reconciles: self.reconciles.get(),
+            pending_held: self.pending_held.get(),
+            pending_dropped: self.pending_dropped.get(),
             template_learned: 0,
             flows_desired: 0,
             flows_adopted: 0,
@@ -149,21 +243,45 @@ impl Metrics {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The engine's gauges: sizes of its state, read (under its lock) when `/metrics` is scraped.
+pub(super) struct Gauges<P>(pub(super) Engine<P>);
 
-    #[test]
-    fn histogram_is_cumulative() {
-        let h = LatencyHistogram::default();
-        h.observe(Duration::from_micros(900));
-        h.observe(Duration::from_millis(7));
-        h.observe(Duration::from_secs(60));
-        let (b, sum, count) = h.snapshot();
-        assert_eq!(count, 3);
-        assert_eq!(sum, 900 + 7_000 + 60_000_000);
-        assert_eq!(b[0], 1);
-        assert_eq!(b[3], 2, "≤ 10 ms");
-        assert_eq!(*b.last().unwrap(), 3);
+impl<P> std::fmt::Debug for Gauges<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Gauges").field(&self.0).finish()
+    }
+}
+
+impl<P: FlowProgrammer> Collector for Gauges<P> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = self.0.metrics_snapshot();
+        let gauges = [
+            (
+                "template_learned",
+                "1 once flowd has learned from OVN's flows what a grant must look like.",
+                m.template_learned,
+            ),
+            (
+                "grants",
+                "Flows flowd wants in OVS now (one per grant).",
+                m.flows_desired,
+            ),
+            (
+                "grants_adopted",
+                "Of those, flows found in OVS at start and not justified by an answer since.",
+                m.flows_adopted,
+            ),
+            ("pods", "Pods of this node flowd knows.", m.pods),
+            (
+                "pending_answers",
+                "Answers waiting for their pod to be known.",
+                m.pending,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
     }
 }

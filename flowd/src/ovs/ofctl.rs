@@ -11,6 +11,8 @@ use super::{
     template::{self, LearnError, Template},
     FlowProgrammer, OvsError, Result, MONITOR_QUEUE,
 };
+use crate::metrics::Registry;
+use prometheus_client::metrics::counter::Counter;
 use std::{
     collections::HashMap,
     ffi::{OsStr, OsString},
@@ -49,6 +51,8 @@ pub struct Ofctl {
     bridge: String,
     env: Vec<(OsString, OsString)>,
     timeout: Duration,
+    /// Flow monitor events lost because the engine had [`MONITOR_QUEUE`] unread already.
+    monitor_events_dropped: Counter,
 }
 
 impl Ofctl {
@@ -57,6 +61,7 @@ impl Ofctl {
             bridge: bridge.into(),
             env: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
+            monitor_events_dropped: Counter::default(),
         }
     }
 
@@ -371,10 +376,13 @@ where
     })
 }
 
-/// Parses the monitor's lines into events for `tx` until the monitor ends or `tx` closes.
+/// Parses the monitor's lines into events for `tx` until the monitor ends or `tx` closes. An event
+/// that finds `tx` full is lost, and counted in `dropped`: the monitor must never wait for flowd (OVS
+/// would drop the monitor), and the next reconcile repairs what the event would have told.
 async fn forward_events(
     mut events: impl tokio::io::AsyncBufRead + Unpin,
     tx: &mpsc::Sender<FlowEvent>,
+    dropped: &Counter,
 ) {
     let mut buf = Vec::new();
     loop {
@@ -390,8 +398,12 @@ async fn forward_events(
             Ok(_) => {}
         }
         if let Some(event) = flow::parse_monitor_line(&String::from_utf8_lossy(&buf)) {
-            if tx.try_send(event).is_err() && tx.is_closed() {
-                break;
+            match tx.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    dropped.inc();
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
             }
         }
     }
@@ -469,6 +481,7 @@ impl FlowProgrammer for Ofctl {
             return Err(e);
         }
         let (tx, rx) = mpsc::channel(MONITOR_QUEUE);
+        let dropped = self.monitor_events_dropped.clone();
         tokio::spawn(async move {
             // Owning the child here: when this task ends (EOF or the receiver gone), it is killed, and
             // reaped unless the task itself is dropped (then tokio reaps it later).
@@ -479,7 +492,7 @@ impl FlowProgrammer for Ofctl {
                 std::future::pending::<()>().await;
             };
             tokio::select! {
-                () = forward_events(events, &tx) => {}
+                () = forward_events(events, &tx, &dropped) => {}
                 () = drain => {}
             }
             reap(&mut child).await;
@@ -528,6 +541,14 @@ impl FlowProgrammer for Ofctl {
             })
             .collect())
     }
+
+    fn register_metrics(&self, registry: &mut Registry) {
+        registry.counter(
+            "monitor_events_dropped",
+            "Flow monitor events lost because flowd had too many unread; the next reconcile repairs what they said",
+            &self.monitor_events_dropped,
+        );
+    }
 }
 
 #[cfg(test)]
@@ -542,6 +563,26 @@ mod tests {
     const REPLY: &str = "NXST_FLOW_MONITOR reply (xid=0x2):";
     /// Set in the process that `the_monitor_dies_with_flowd_even_by_sigkill` kills: its stand-in dir.
     const PARENT_DIR_ENV: &str = "FLOWD_TEST_MONITOR_PARENT_DIR";
+
+    #[tokio::test]
+    async fn monitor_events_that_find_the_queue_full_are_counted_not_waited_for() {
+        let line = " event=DELETED reason=idle table=46 idle_timeout=60 cookie=0x646e736600000001 \
+                    ipv6,reg14=0x1,metadata=0x1,ipv6_src=fd00:10:244:1::5,ipv6_dst=2001:db8::1\n";
+        let lines = line.repeat(5);
+        let (tx, mut rx) = mpsc::channel(2);
+        let dropped = Counter::default();
+        // Returns at the end of the input although nobody reads: it never waited for room.
+        tokio::time::timeout(AFTER, forward_events(lines.as_bytes(), &tx, &dropped))
+            .await
+            .expect("forwarding waited for the reader");
+        assert_eq!(dropped.get(), 3);
+        assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok());
+
+        let mut registry = Registry::default();
+        ofctl(Path::new("/nonexistent")).register_metrics(&mut registry);
+        let counters: Vec<_> = registry.counters().collect();
+        assert_eq!(counters, [("dnsflow_monitor_events_dropped", 0)]);
+    }
 
     /// A directory with stand-ins for `ovs-ofctl` and `ovs-vsctl`: shell scripts that write their pid
     /// to `pid` there, then run `body`.

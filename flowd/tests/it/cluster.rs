@@ -120,7 +120,7 @@ async fn watchers_list_this_nodes_pods_every_firewall_and_this_node_then_follow_
     );
     api.delete(Resource::EgressFirewalls, "demo", "default");
     until(&mut events, "ef deleted demo/default").await;
-    assert_eq!(stats.errors.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(stats.errors.get(), 0);
 }
 
 #[tokio::test]
@@ -275,7 +275,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{atomic::Ordering, OnceLock},
+    sync::OnceLock,
 };
 use tapd::testsupport::{dig, free_port, http_get, metric, wait_until, Unbound, UnboundConfig};
 
@@ -450,7 +450,7 @@ impl<P: FlowProgrammer> Node<P> {
     }
 
     pub fn tapd_connected(&self) -> u64 {
-        self.status.upstream.connected.load(Ordering::Relaxed)
+        self.status.upstream.connected.get()
     }
 
     pub async fn stop(mut self) {
@@ -613,7 +613,7 @@ async fn pods_and_firewalls_added_changed_and_deleted_drive_the_flows() {
         json!([{"type": "Allow", "to": {"dnsName": "not a name!"}}]),
     ));
     eventually("the invalid EgressFirewall to be counted", || {
-        node.status.invalid_firewalls.load(Ordering::Relaxed) == 1
+        node.status.invalid_firewalls.get() == 1
     })
     .await;
     eventually("no flow under an invalid EgressFirewall", || {
@@ -784,15 +784,18 @@ async fn ready_only_after_the_first_full_sync_on_probes_and_grpc_health() {
     let http_addr = http.local_addr().unwrap();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = grpc.local_addr().unwrap();
+    let registry = Arc::new(flowd::metrics::registry(&node.engine, &node.status));
     let sources = flowd::metrics::Sources {
         engine: node.engine.clone(),
         status: node.status.clone(),
+        registry: registry.clone(),
     };
     let _http = tokio::spawn(flowd::metrics::serve(http, sources, std::future::pending()));
     let _grpc = tokio::spawn(flowd::api::serve(
         grpc,
         node.engine.clone(),
         node.status.clone(),
+        registry,
         std::future::pending(),
     ));
     let health = || async move {
@@ -822,8 +825,7 @@ async fn ready_only_after_the_first_full_sync_on_probes_and_grpc_health() {
     })
     .await;
     eventually("EgressFirewall lists failing", || {
-        api.count(Resource::EgressFirewalls, "list") >= 2
-            && node.status.watch.errors.load(Ordering::Relaxed) >= 2
+        api.count(Resource::EgressFirewalls, "list") >= 2 && node.status.watch.errors.get() >= 2
     })
     .await;
     assert!(!node.status.is_ready());
@@ -891,10 +893,7 @@ async fn after_410_gone_the_relist_takes_the_flows_of_a_pod_deleted_while_away()
     })
     .await;
     assert_eq!(flows_from(&node.engine, "127.0.0.12"), ips(&["192.0.2.10"]));
-    assert!(
-        node.status.watch.lists.load(Ordering::Relaxed) > 3,
-        "no relist"
-    );
+    assert!(node.status.watch.lists.get() > 3, "no relist");
     node.stop().await;
 }
 
@@ -952,27 +951,25 @@ async fn two_tapds_one_killed_and_restarted_mid_stream_lose_no_grant_and_duplica
     .await;
 
     // tapd A dies mid-stream. flowd notices, keeps every grant, and keeps trying.
-    let failures = node.status.upstream.failures.load(Ordering::Relaxed);
+    let failures = node.status.upstream.failures.get();
     tapd_a.kill();
     eventually("flowd to notice the broken stream", || {
-        node.tapd_connected() == 1
-            && node.status.upstream.failures.load(Ordering::Relaxed) > failures
+        node.tapd_connected() == 1 && node.status.upstream.failures.get() > failures
     })
     .await;
     assert_eq!(flows_from(&node.engine, "127.0.0.21"), ips(&["192.0.2.31"]));
 
     // tapd A comes back at the same address (the container restarted in its pod): flowd reconnects
     // by itself and asks for the recent answers again.
-    let connects = node.status.upstream.connects.load(Ordering::Relaxed);
+    let connects = node.status.upstream.connects.get();
     let tapd_a = Tapd::start_at(&socket_a, SocketAddr::from((ip_a, port)));
     eventually("flowd to reconnect to tapd A", || {
-        node.tapd_connected() == 2
-            && node.status.upstream.connects.load(Ordering::Relaxed) > connects
+        node.tapd_connected() == 2 && node.status.upstream.connects.get() > connects
     })
     .await;
     // Unbound redials the new socket on its own timer.
     eventually("Unbound to reconnect to tapd A", || {
-        tapd_a.metric("tapd_connections") >= 1
+        tapd_a.metric("tapd_open_connections") >= 1
     })
     .await;
     dig_from(one, dns_a.port(), "c.example.com").await;
@@ -993,13 +990,13 @@ async fn two_tapds_one_killed_and_restarted_mid_stream_lose_no_grant_and_duplica
     })
     .await;
     assert_eq!(flows_from(&node.engine, "127.0.0.22"), ips(&["192.0.2.32"]));
-    let replayed = node.status.upstream.replayed.load(Ordering::Relaxed);
+    let replayed = node.status.upstream.replayed.get();
     api.apply(dns_pod("coredns-b2", &ip_b.to_string()));
     eventually("the replayed answer's grant", || {
         flows_from(&node.engine, "127.0.0.22") == ips(&["192.0.2.32", "192.0.2.34"])
     })
     .await;
-    assert!(node.status.upstream.replayed.load(Ordering::Relaxed) > replayed);
+    assert!(node.status.upstream.replayed.get() > replayed);
 
     // No grant lost, none duplicated: exactly one flow per (pod, answer), and the engine agrees.
     let flows = node.engine.programmer().flows();
@@ -1021,7 +1018,7 @@ async fn two_tapds_one_killed_and_restarted_mid_stream_lose_no_grant_and_duplica
         .collect()
     );
     assert_eq!(node.engine.grants(None, None).len(), 4);
-    assert_eq!(node.status.upstream.invalid.load(Ordering::Relaxed), 0);
+    assert_eq!(node.status.upstream.invalid.get(), 0);
     drop(tapd_b);
     node.stop().await;
 }
@@ -1043,10 +1040,12 @@ async fn the_api_lists_grants_explains_and_counts_over_grpcurl_and_metrics() {
     let grpc_addr = grpc.local_addr().unwrap().to_string();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http_addr = http.local_addr().unwrap();
+    let registry = Arc::new(flowd::metrics::registry(&node.engine, &node.status));
     tokio::spawn(flowd::api::serve(
         grpc,
         node.engine.clone(),
         node.status.clone(),
+        registry.clone(),
         std::future::pending(),
     ));
     tokio::spawn(flowd::metrics::serve(
@@ -1054,6 +1053,7 @@ async fn the_api_lists_grants_explains_and_counts_over_grpcurl_and_metrics() {
         flowd::metrics::Sources {
             engine: node.engine.clone(),
             status: node.status.clone(),
+            registry,
         },
         std::future::pending(),
     ));
@@ -1164,7 +1164,7 @@ async fn the_api_lists_grants_explains_and_counts_over_grpcurl_and_metrics() {
         json!([{"type": "Allow", "to": {"dnsName": "bad name"}}]),
     ));
     eventually("the invalid EgressFirewall", || {
-        node.status.invalid_firewalls.load(Ordering::Relaxed) == 1
+        node.status.invalid_firewalls.get() == 1
     })
     .await;
     let broken = block(|| {
@@ -1220,6 +1220,7 @@ async fn the_api_lists_grants_explains_and_counts_over_grpcurl_and_metrics() {
 
     let text = block(|| http_get(http_addr, "/metrics").unwrap());
     assert_eq!(metric(&text, "dnsflow_dns_events_total"), Some(1));
+    assert_eq!(metric(&text, "dnsflow_tapd_events_total"), Some(1));
     assert_eq!(metric(&text, "dnsflow_grants"), Some(1));
     assert_eq!(metric(&text, "dnsflow_tapd_connections"), Some(1));
     assert!(metric(&text, "dnsflow_flows_installed_total").unwrap() >= 1);

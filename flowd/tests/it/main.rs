@@ -4,6 +4,7 @@
 mod apiserver;
 mod cluster;
 mod deploy;
+mod metrics;
 mod oracle;
 mod ovn;
 mod pipeline;

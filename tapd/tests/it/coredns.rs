@@ -79,7 +79,7 @@ async fn reconnect_without_stop_is_normal() {
         .collect();
     assert_eq!(names, ["before.example", "after.example"]);
     tapd::testsupport::wait_until("the old connection to close", || {
-        tapd.addrs.metric("tapd_connections") == 1
+        tapd.addrs.metric("tapd_open_connections") == 1
     })
     .unwrap();
     assert_eq!(tapd.addrs.metric("tapd_frame_errors_total"), 0);
