@@ -146,7 +146,7 @@ async fn flowd_restarted_by_sigterm_and_sigkill_never_drops_a_valid_flow() {
         let mut next = Box::pin(start_flowd(&sb, &api, &tapd, dir.path()));
         let mut gone_after = None;
         let mut ready = false;
-        let mut polls = 0;
+        let (mut last, mut widest) = (Instant::now(), Duration::ZERO);
         // Poll while the new run starts up, and on until the watch ends.
         loop {
             let f = flows();
@@ -165,7 +165,8 @@ async fn flowd_restarted_by_sigterm_and_sigkill_never_drops_a_valid_flow() {
             } else if !other_there && gone_after.is_none() {
                 gone_after = Some(restarted.elapsed());
             }
-            polls += 1;
+            widest = widest.max(last.elapsed());
+            last = Instant::now();
             if !ready {
                 tokio::select! {
                     child = &mut next => { flowd = child; ready = true; }
@@ -177,7 +178,8 @@ async fn flowd_restarted_by_sigterm_and_sigkill_never_drops_a_valid_flow() {
                 tokio::time::sleep(POLL).await;
             }
         }
-        assert!(polls >= 250, "{polls} polls");
+        // A loaded machine slows each dump; a gap this wide would still be seen.
+        assert!(widest < Duration::from_secs(1), "polls {widest:?} apart");
         if !other_stays {
             let gone = gone_after.expect("the deleted pod's flow to go");
             eprintln!("after {sig}: the deleted pod's flow went {gone:?} after the restart");
