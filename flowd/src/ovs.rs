@@ -18,6 +18,8 @@ pub use flow::{
     RemovedReason,
 };
 pub use ofctl::Ofctl;
+#[cfg(test)]
+pub(crate) use recording::as_event_flow;
 pub use recording::Recording;
 pub use template::{LearnError, Template};
 

@@ -1451,25 +1451,16 @@ mod tests {
 
     /// A flow as `dump-flows` (with `priority`) or the monitor (without) reads it back.
     fn parsed(cookie: Cookie, m: &FlowMatch, idle: u16, priority: Option<u16>) -> ParsedFlow {
-        ParsedFlow {
+        let spec = FlowSpec {
             cookie,
-            table: m.table,
-            priority,
-            idle_timeout: Some(idle),
+            matches: *m,
+            idle_timeout: idle,
             hard_timeout: None,
-            fields: Some(crate::ovs::flow::MatchFields {
-                metadata: Some(m.metadata),
-                reg14: Some(m.reg14),
-                reg15: m.outport.map(crate::ovs::RegMatch::exact),
-                reg0: m.hint,
-                reg8: m.tier,
-                foreign: false,
-                src: Some(m.src),
-                dst: Some(m.dst),
-                l4: m.l4,
-                v6: m.dst.is_ipv6(),
-            }),
-            actions: Some("resubmit(,47)".into()),
+            action: FlowAction::Continue(Actions::new("resubmit(,47)").unwrap()),
+        };
+        ParsedFlow {
+            priority,
+            ..crate::ovs::as_event_flow(&spec)
         }
     }
 

@@ -38,7 +38,7 @@ pub struct Recording {
 }
 
 /// The flow as `ovs-ofctl monitor` would report it (no priority).
-fn as_event_flow(f: &FlowSpec) -> ParsedFlow {
+pub(crate) fn as_event_flow(f: &FlowSpec) -> ParsedFlow {
     let m = &f.matches;
     ParsedFlow {
         cookie: f.cookie,

@@ -85,14 +85,17 @@ fn settings() -> EngineSettings {
     EngineSettings::default()
 }
 
+/// A sandbox with pods `ns1/pod1` and `ns1/pod2` and the namespace's EgressFirewall.
+fn sandbox(ovn: Ovn, rules: &FirewallRules) -> Result<(Sandbox, Pod, Pod)> {
+    let sb = Sandbox::start(ovn)?;
+    let pod1 = sb.add_pod(NS, "pod1", 5)?;
+    let pod2 = sb.add_pod(NS, "pod2", 6)?;
+    sb.set_egress_firewall(rules)?;
+    Ok((sb, pod1, pod2))
+}
+
 async fn node_with(ovn: Ovn, rules: FirewallRules, settings: EngineSettings) -> Result<Node> {
-    let (sb, pod1, pod2) = block_in_place(|| -> Result<_> {
-        let sb = Sandbox::start(ovn)?;
-        let pod1 = sb.add_pod(NS, "pod1", 5)?;
-        let pod2 = sb.add_pod(NS, "pod2", 6)?;
-        sb.set_egress_firewall(&rules)?;
-        Ok((sb, pod1, pod2))
-    })?;
+    let (sb, pod1, pod2) = block_in_place(|| sandbox(ovn, &rules))?;
     let sb = Arc::new(sb);
     let (engine, task) = start_engine(&sb, settings, &rules, &[&pod1, &pod2]);
     Ok(Node {
@@ -875,13 +878,7 @@ async fn a_wedged_ovs_ofctl_is_killed_at_its_timeout_and_the_revocation_goes_thr
     ovn: Ovn,
 ) -> Result<()> {
     let rules = google();
-    let (sb, pod1, pod2) = block_in_place(|| -> Result<_> {
-        let sb = Sandbox::start(ovn)?;
-        let pod1 = sb.add_pod(NS, "pod1", 5)?;
-        let pod2 = sb.add_pod(NS, "pod2", 6)?;
-        sb.set_egress_firewall(&rules)?;
-        Ok((sb, pod1, pod2))
-    })?;
+    let (sb, pod1, pod2) = block_in_place(|| sandbox(ovn, &rules))?;
     // A stand-in first on PATH: the next bundle after `wedge` appears hangs; everything else is the
     // real ovs-ofctl.
     let dir = tempfile::tempdir()?;

@@ -12,7 +12,7 @@
 use crate::{
     apiserver::{egress_firewall, node, FakeApiServer, Resource},
     cluster::{dig_from, eventually, static_upstream, Node, Tapd, NODE},
-    sandbox::{Sandbox, Trace},
+    sandbox::{Pod, Sandbox, Trace},
 };
 use dnsflow_proto::v1::{dns_tap_client::DnsTapClient, SubscribeRequest};
 use flowd::{config::EngineSettings, engine::Engine, rules::FirewallRules};
@@ -48,6 +48,53 @@ fn dual_ip_pod(name: &str, ovn_ip: IpAddr, dns_ip: Ipv4Addr) -> serde_json::Valu
     })
 }
 
+/// An OVN 25.03 node with pods `demo/client` and `demo/other` under "Allow example.com, then Deny
+/// all", and the fake API server's view of it: this node (its pod subnet and the loopback one `dig -b`
+/// picks clients from), both pods with their loopback twins (`127.0.0.5`, `127.0.0.6`), the
+/// EgressFirewall.
+pub struct Demo {
+    pub sb: Sandbox,
+    pub client: Pod,
+    pub other: Pod,
+    pub api: FakeApiServer,
+}
+
+pub async fn demo() -> Demo {
+    let sb = block_in_place(|| Sandbox::start(crate::sandbox::Ovn::V25_03)).unwrap();
+    let client = block_in_place(|| sb.add_pod("demo", "client", 5)).unwrap();
+    let other = block_in_place(|| sb.add_pod("demo", "other", 6)).unwrap();
+    let ef = egress_firewall(
+        "demo",
+        json!([{"type": "Allow", "to": {"dnsName": "example.com"}},
+               {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}]),
+    );
+    let rules =
+        FirewallRules::from_egress_firewall(&serde_json::from_value(ef.clone()).unwrap()).unwrap();
+    block_in_place(|| sb.set_egress_firewall(&rules)).unwrap();
+    let api = FakeApiServer::start().await;
+    let mut this_node = node(NODE, "10.244.1.0/24");
+    this_node["metadata"]["annotations"]["k8s.ovn.org/node-subnets"] =
+        json!(json!({"default": ["10.244.1.0/24", "127.0.0.0/24"]}).to_string());
+    api.apply(this_node);
+    api.apply(dual_ip_pod(
+        "client",
+        client.ipv4,
+        Ipv4Addr::new(127, 0, 0, 5),
+    ));
+    api.apply(dual_ip_pod(
+        "other",
+        other.ipv4,
+        Ipv4Addr::new(127, 0, 0, 6),
+    ));
+    api.apply(ef);
+    Demo {
+        sb,
+        client,
+        other,
+        api,
+    }
+}
+
 /// Subscribes to `tapd` and records when it decoded each name (`decoded_time`).
 async fn watch_decoded_times(tapd: &Tapd) -> Arc<Mutex<HashMap<String, SystemTime>>> {
     let times = Arc::new(Mutex::new(HashMap::new()));
@@ -73,19 +120,13 @@ async fn watch_decoded_times(tapd: &Tapd) -> Arc<Mutex<HashMap<String, SystemTim
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dig_for_an_allowed_name_flips_the_trace_from_drop_to_forward() {
-    let sb = block_in_place(|| Sandbox::start(crate::sandbox::Ovn::V25_03)).unwrap();
-    let pod = block_in_place(|| sb.add_pod("demo", "client", 5)).unwrap();
-    let other = block_in_place(|| sb.add_pod("demo", "other", 6)).unwrap();
+    let Demo {
+        sb,
+        client: pod,
+        other,
+        api,
+    } = demo().await;
     let dns_ip = Ipv4Addr::new(127, 0, 0, 5);
-
-    let ef = egress_firewall(
-        "demo",
-        json!([{"type": "Allow", "to": {"dnsName": "example.com"}},
-               {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}]),
-    );
-    let rules =
-        FirewallRules::from_egress_firewall(&serde_json::from_value(ef.clone()).unwrap()).unwrap();
-    block_in_place(|| sb.set_egress_firewall(&rules)).unwrap();
 
     let tapd = Tapd::start();
     let records: Vec<String> = (0..NAMES)
@@ -100,19 +141,6 @@ async fn dig_for_an_allowed_name_flips_the_trace_from_drop_to_forward() {
         },
     )
     .unwrap();
-
-    let api = FakeApiServer::start().await;
-    let mut this_node = node(NODE, "10.244.1.0/24");
-    this_node["metadata"]["annotations"]["k8s.ovn.org/node-subnets"] =
-        json!(json!({"default": ["10.244.1.0/24", "127.0.0.0/24"]}).to_string());
-    api.apply(this_node);
-    api.apply(dual_ip_pod("client", pod.ipv4, dns_ip));
-    api.apply(dual_ip_pod(
-        "other",
-        other.ipv4,
-        Ipv4Addr::new(127, 0, 0, 6),
-    ));
-    api.apply(ef);
 
     let engine = Engine::new(EngineSettings::default(), sb.ofctl());
     let node = Node::start(&api, engine, static_upstream(&[&tapd]));

@@ -5,12 +5,11 @@
 //! cluster.
 
 use crate::{
-    apiserver::{egress_firewall, node, FakeApiServer, Resource},
+    apiserver::{FakeApiServer, Resource},
     cluster::{dig_from, eventually, kubeconfig, Tapd, NODE},
-    sandbox::{Ovn, Sandbox},
+    sandbox::Sandbox,
 };
-use flowd::{config::EngineSettings, rules::FirewallRules};
-use serde_json::json;
+use flowd::config::EngineSettings;
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
@@ -23,16 +22,6 @@ use tokio::task::block_in_place;
 /// How long, and how often, the bridge is watched after each restart.
 const WATCH: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
-
-fn dual_ip_pod(name: &str, ovn_ip: IpAddr, dns_ip: Ipv4Addr) -> serde_json::Value {
-    json!({
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "demo", "uid": format!("uid-{name}")},
-        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "busybox"}]},
-        "status": {"phase": "Running", "podIP": ovn_ip.to_string(),
-                   "podIPs": [{"ip": ovn_ip.to_string()}, {"ip": dns_ip.to_string()}]},
-    })
-}
 
 /// `flowd run` against the sandbox's `br-int`, the fake API server and `tapd`; ready when it returns.
 async fn start_flowd(sb: &Sandbox, api: &FakeApiServer, tapd: &Tapd, dir: &Path) -> Child {
@@ -74,18 +63,12 @@ fn signal(child: &mut Child, sig: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flowd_restarted_by_sigterm_and_sigkill_never_drops_a_valid_flow() {
-    let sb = block_in_place(|| Sandbox::start(Ovn::V25_03)).unwrap();
-    let client = block_in_place(|| sb.add_pod("demo", "client", 5)).unwrap();
-    let other = block_in_place(|| sb.add_pod("demo", "other", 6)).unwrap();
-    let ef = egress_firewall(
-        "demo",
-        json!([{"type": "Allow", "to": {"dnsName": "example.com"}},
-               {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}]),
-    );
-    let rules =
-        FirewallRules::from_egress_firewall(&serde_json::from_value(ef.clone()).unwrap()).unwrap();
-    block_in_place(|| sb.set_egress_firewall(&rules)).unwrap();
-
+    let crate::pipeline::Demo {
+        sb,
+        client,
+        other,
+        api,
+    } = crate::pipeline::demo().await;
     let tapd = Tapd::start();
     let dns = Unbound::start(
         &tapd.socket,
@@ -100,23 +83,6 @@ async fn flowd_restarted_by_sigterm_and_sigkill_never_drops_a_valid_flow() {
         },
     )
     .unwrap();
-    let api = FakeApiServer::start().await;
-    let mut this_node = node(NODE, "10.244.1.0/24");
-    this_node["metadata"]["annotations"]["k8s.ovn.org/node-subnets"] =
-        json!(json!({"default": ["10.244.1.0/24", "127.0.0.0/24"]}).to_string());
-    api.apply(this_node);
-    api.apply(dual_ip_pod(
-        "client",
-        client.ipv4,
-        Ipv4Addr::new(127, 0, 0, 5),
-    ));
-    api.apply(dual_ip_pod(
-        "other",
-        other.ipv4,
-        Ipv4Addr::new(127, 0, 0, 6),
-    ));
-    api.apply(ef);
-
     let dir = tempfile::tempdir().unwrap();
     let mut flowd = start_flowd(&sb, &api, &tapd, dir.path()).await;
     dig_from(Ipv4Addr::new(127, 0, 0, 5), dns.port(), "a.example.com").await;
