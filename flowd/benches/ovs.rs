@@ -15,6 +15,7 @@
 mod sandbox;
 
 use anyhow::{Context, Result};
+use dnsflow_dnstap::{Answer, DnsName, DnsResponse};
 use flowd::{
     config::EngineSettings,
     egressfirewall::EgressFirewall,
@@ -33,7 +34,6 @@ use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
-use tapd::{Answer, DnsName, DnsResponse};
 
 const NS: &str = "bench";
 const PODS: u8 = 20;

@@ -10,6 +10,7 @@
 //! - loading a 5,000-pod `kubectl get -o yaml` snapshot;
 //! - replay's pipeline per event: capture decoding (dnstap + DNS) and the planner, 20,000 answers.
 
+use dnsflow_dnstap::{Answer, DnsName, DnsResponse};
 use flowd::{
     egressfirewall::EgressFirewall,
     model::{PodInfo, PodKey},
@@ -30,7 +31,6 @@ use std::{
     str::FromStr,
     time::{Duration, Instant, UNIX_EPOCH},
 };
-use tapd::{Answer, DnsName, DnsResponse};
 
 fn rules(egress: Vec<serde_json::Value>) -> FirewallRules {
     let ef = EgressFirewall::inline("abc", json!(egress)).expect("valid object");
@@ -163,7 +163,7 @@ fn main() {
         ));
     }
     let wire = m.to_vec().expect("encodes");
-    let mut w = tapd::CaptureWriter::new(Vec::new()).expect("writer");
+    let mut w = dnsflow_dnstap::CaptureWriter::new(Vec::new()).expect("writer");
     const EVENTS: u32 = 20_000;
     for i in 0..EVENTS {
         let pod = i % 5000;
@@ -173,7 +173,7 @@ fn main() {
             ((pod >> 8) & 255) as u8,
             (pod & 255) as u8,
         ];
-        let frame = tapd::dnstap::client_response_frame(None, &client, &wire, UNIX_EPOCH);
+        let frame = dnsflow_dnstap::dnstap::client_response_frame(None, &client, &wire, UNIX_EPOCH);
         w.write_frame(&frame).expect("write");
     }
     let capture = w.finish().expect("finish");

@@ -72,7 +72,7 @@ fn at(ms: u64) -> SystemTime {
 }
 
 fn client(ip: [u8; 4], ms: u64, wire: &[u8]) -> Vec<u8> {
-    tapd::dnstap::client_response_frame(Some(IDENTITY), &ip, wire, at(ms))
+    dnsflow_dnstap::dnstap::client_response_frame(Some(IDENTITY), &ip, wire, at(ms))
 }
 
 /// CoreDNS asking its upstream: dnstap `FORWARDER_RESPONSE`, which tapd and replay ignore.
@@ -175,7 +175,7 @@ pub fn frames() -> Vec<Vec<u8>> {
 
 /// `examples/google.fstrm`.
 pub fn capture() -> Vec<u8> {
-    let mut w = tapd::CaptureWriter::new(Vec::new()).expect("in-memory writer");
+    let mut w = dnsflow_dnstap::CaptureWriter::new(Vec::new()).expect("in-memory writer");
     for f in frames() {
         w.write_frame(&f).expect("in-memory write");
     }
@@ -186,10 +186,11 @@ pub fn capture() -> Vec<u8> {
 /// (decoded 3 ms after the response, numbered from 1) and grpcurl would print them.
 pub fn events_json() -> String {
     let mut out = String::new();
-    for resp in tapd::CaptureReader::new(capture().as_slice()) {
+    for resp in dnsflow_dnstap::CaptureReader::new(capture().as_slice()) {
         let mut resp = resp.expect("the example decodes");
         resp.decoded_time = resp.response_time.unwrap_or(UNIX_EPOCH) + Duration::from_millis(3);
-        let json = flowd::replay::events::event_to_json(&v1::DnsEvent::from(&resp));
+        let json = flowd::replay::events::event_to_json(&v1::DnsEvent::from(&resp))
+            .expect("every event has a JSON form");
         out += &serde_json::to_string_pretty(&json).expect("serializes");
         out.push('\n');
     }

@@ -10,15 +10,15 @@ use crate::{
     policy,
     status::Status,
 };
+use dnsflow_dnstap::{
+    event::{MAX_ANSWERS, MAX_CNAME_CHAIN},
+    Answer, DnsName, DnsResponse,
+};
 use dnsflow_proto::v1::{
     self as pb,
     flowd_server::{Flowd, FlowdServer},
 };
 use std::{future::Future, net::IpAddr, sync::Arc, time::UNIX_EPOCH};
-use tapd::{
-    event::{MAX_ANSWERS, MAX_CNAME_CHAIN},
-    Answer, DnsName, DnsResponse,
-};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status as GrpcStatus};
 
@@ -312,21 +312,10 @@ pub async fn serve<P: FlowProgrammer>(
             }
         }
     });
-    // The descriptor set also holds tapd's service: advertise only what this port serves.
-    let reflection = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(dnsflow_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(pb::flowd_server::SERVICE_NAME)
-            .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
-    };
-    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure()).build_v1()?;
-    let reflection_v1alpha =
-        reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
-    let result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(FlowdServer::new(FlowdApi::new(engine, status, metrics)))
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(health);
+    let result = dnsflow_proto::add_reflection(router, &[pb::flowd_server::SERVICE_NAME])?
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     health_task.abort();
@@ -395,7 +384,8 @@ mod tests {
         assert_eq!(stats.counters.get("dnsflow_tapd_events"), Some(&2));
         assert_eq!(stats.counters.get("dnsflow_flows_installed"), Some(&0));
         // The same counters as /metrics: one per counter family there, named without `_total`.
-        let text = tapd::http::openmetrics_text(api.metrics.registry()).expect("encodes");
+        let text =
+            dnsflow_runtime::http::openmetrics_text(api.metrics.registry()).expect("encodes");
         let mut families: Vec<String> = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))

@@ -23,9 +23,9 @@
 
 use crate::policy::PolicySettings;
 use clap::{Parser, Subcommand};
+use dnsflow_runtime::LogFormat;
 use ipnet::IpNet;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
-use tapd::config::LogFormat;
 
 /// Exit code for bad configuration (EX_USAGE), in every subcommand: nothing has been bound, read or
 /// started then.
@@ -133,6 +133,10 @@ pub struct UpstreamArgs {
     /// tapd's gRPC port in those pods.
     #[arg(long, env = "FLOWD_TAPD_PORT", default_value_t = 9530)]
     pub tapd_port: u16,
+    /// HTTP/2 ping interval on each tapd subscription. A tapd that answers no ping within the same
+    /// time (a partitioned node, a frozen process) is taken as gone and dialled again.
+    #[arg(long, env = "FLOWD_TAPD_KEEPALIVE", default_value = "20s", value_parser = parse_duration)]
+    pub tapd_keepalive: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -196,7 +200,7 @@ impl ReplayArgs {
 }
 
 /// Durations read like tapd's (`500ms`, `30s`, `5m`, `1h`, bare seconds).
-pub use tapd::config::parse_duration;
+pub use dnsflow_runtime::parse_duration;
 
 /// OVN-K's defaults on kind: pods 10.244.0.0/16 and fd00:10:244::/48, services 10.96.0.0/16 and
 /// fd00:10:96::/112, join switch 100.64.0.0/16 and fd98::/64.

@@ -21,7 +21,6 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
 use std::{future::Future, process::ExitCode, sync::Arc, time::Instant};
-use tapd::config::LogFormat;
 use tokio::sync::{mpsc, watch as signal};
 
 /// DNS answers queued from the tapd subscriptions to the engine; beyond this the gRPC streams wait.
@@ -150,7 +149,12 @@ pub async fn run_node<P: FlowProgrammer>(
     }
     let engine_task = tokio::spawn(engine.clone().run());
     let (events_tx, mut events_rx) = mpsc::channel(EVENT_QUEUE);
-    let mut upstreams = Upstreams::new(subnets_rx, events_tx, status.upstream.clone());
+    let mut upstreams = Upstreams::new(
+        subnets_rx,
+        events_tx,
+        status.upstream.clone(),
+        config.upstream.tapd_keepalive,
+    );
     let mut dns_pods = DnsPods::new(config.upstream.tapd_port);
     let mut discovery = if config.upstream.endpoints.is_empty() {
         watch::dns_pods(
@@ -210,7 +214,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         eprintln!("flowd: {error}");
         return Ok(ExitCode::from(crate::config::EXIT_CONFIG));
     }
-    tapd::telemetry::init(args.log_format == LogFormat::Json);
+    dnsflow_runtime::init_logging(args.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -262,7 +266,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         client,
         engine,
         status,
-        tapd::daemon::shutdown_signal(),
+        dnsflow_runtime::shutdown_signal(),
     )
     .await;
     tracing::info!("shutting down");
@@ -276,8 +280,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::{config::EngineSettings, egressfirewall::EgressFirewall, ovs::Recording};
+    use dnsflow_dnstap::{Answer, DnsName, DnsResponse};
     use serde_json::json;
-    use tapd::{Answer, DnsName, DnsResponse};
 
     fn firewall(name: &str, egress: serde_json::Value) -> ClusterEvent {
         let mut ef = EgressFirewall::inline("abc", egress).expect("deserializes");

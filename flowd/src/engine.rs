@@ -23,13 +23,14 @@ use crate::{
     ovs::{FlowOp, FlowProgrammer, LearnError, OvsError, Template},
     rules::FirewallRules,
 };
+use dnsflow_dnstap::DnsResponse;
+use dnsflow_runtime::Backoff;
 use ipnet::IpNet;
 use state::{Core, FlowId, Monitored};
 use std::{
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
-use tapd::DnsResponse;
 use tokio::sync::Notify;
 
 /// Monitor restart backoff: from the first to the last, doubling.
@@ -447,10 +448,11 @@ impl<P: FlowProgrammer> Engine<P> {
 
     async fn flusher(&self) {
         let mut failures = 0u32;
+        let mut backoff = Backoff::new(RETRY, RETRY_MAX);
         loop {
             if failures > 0 {
                 // OVS refuses or is away: back off (events keep accumulating into the next batch).
-                tokio::time::sleep((RETRY * 2u32.pow(failures.min(4))).min(RETRY_MAX)).await;
+                tokio::time::sleep(backoff.next_delay()).await;
             }
             if self.has_pending_changes() {
                 // Something could not be written (no keys, no table, or an error): try again soon,
@@ -465,7 +467,10 @@ impl<P: FlowProgrammer> Engine<P> {
                 self.inner.wake.notified().await;
             }
             match self.flush().await {
-                Ok(()) => failures = 0,
+                Ok(()) => {
+                    failures = 0;
+                    backoff.reset();
+                }
                 // Normal until OVN has ACL flows on this node; discovery itself is rate-limited.
                 Err(e @ EngineError::NoTemplate(_)) => tracing::debug!(error = %e, "flows wait"),
                 Err(e) => {
@@ -477,7 +482,7 @@ impl<P: FlowProgrammer> Engine<P> {
     }
 
     async fn monitor_loop(&self) {
-        let mut backoff = MONITOR_BACKOFF.0;
+        let mut backoff = Backoff::new(MONITOR_BACKOFF.0, MONITOR_BACKOFF.1);
         let mut first = true;
         loop {
             let target = match self.ensure_template().await {
@@ -518,11 +523,11 @@ impl<P: FlowProgrammer> Engine<P> {
             }
             Metrics::add(&self.inner.metrics.monitor_restarts, 1);
             if started.elapsed() > MONITOR_HEALTHY {
-                backoff = MONITOR_BACKOFF.0;
+                backoff.reset();
             }
-            tracing::warn!(?backoff, "flow monitor ended; restarting");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MONITOR_BACKOFF.1);
+            let delay = backoff.next_delay();
+            tracing::warn!(retry_in = ?delay, "flow monitor ended; restarting");
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -567,12 +572,12 @@ mod tests {
             Actions, Cookie, FlowAction, FlowSpec, PortKeys, Recording, RemovedReason,
         },
     };
+    use dnsflow_dnstap::Answer;
+    use dnsflow_dnstap::DnsName;
     use proptest::prelude::*;
     use serde_json::json;
     use state::{physical, KEYS_RETRY};
     use std::net::IpAddr;
-    use tapd::Answer;
-    use tapd::DnsName;
 
     const NS: &str = "ns1";
 

@@ -101,7 +101,7 @@ impl<P> Clone for Sources<P> {
     }
 }
 
-impl<P: FlowProgrammer> tapd::http::Exposition for Sources<P> {
+impl<P: FlowProgrammer> dnsflow_runtime::http::Exposition for Sources<P> {
     fn registry(&self) -> &prometheus_client::registry::Registry {
         self.registry.registry()
     }
@@ -127,5 +127,5 @@ pub async fn serve<P: FlowProgrammer>(
     sources: Sources<P>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    tapd::http::serve_http(listener, Arc::new(sources), shutdown).await
+    dnsflow_runtime::http::serve_http(listener, Arc::new(sources), shutdown).await
 }

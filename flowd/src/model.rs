@@ -2,8 +2,8 @@
 //! the grants a DNS answer earns. Nothing here holds a string that came from DNS except `GrantReason`,
 //! which is for humans (logs, `flowd replay`, the inspection API) and never reaches a command line.
 
+use dnsflow_dnstap::DnsName;
 use std::{fmt, net::IpAddr};
-use tapd::DnsName;
 
 /// A pod, by namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -2,12 +2,13 @@
 //! on this OVN, learned from OVN's own flows ([`template`]), pods' datapath keys ([`discovery`]), and
 //! the [`FlowProgrammer`] trait with its
 //! implementations: [`Ofctl`] (the real `ovs-ofctl`/`ovs-vsctl`), [`DryRun`] (prints the exact
-//! `ovs-ofctl` input) and [`Recording`] (an in-memory bridge for unit tests).
+//! `ovs-ofctl` input) and, for tests only (feature `test-support`), `Recording` (an in-memory bridge).
 
 pub mod discovery;
 mod dryrun;
 pub mod flow;
 mod ofctl;
+#[cfg(any(test, feature = "test-support"))]
 mod recording;
 pub mod template;
 
@@ -20,6 +21,7 @@ pub use flow::{
 pub use ofctl::Ofctl;
 #[cfg(test)]
 pub(crate) use recording::as_event_flow;
+#[cfg(any(test, feature = "test-support"))]
 pub use recording::Recording;
 pub use template::{LearnError, Template};
 

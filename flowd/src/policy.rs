@@ -32,9 +32,9 @@ use crate::{
     model::{FlowKey, Grant, GrantReason, PodInfo, PortMatch, Verdict},
     rules::{Destination, FirewallRules, NameMatching},
 };
+use dnsflow_dnstap::{DnsName, DnsResponse};
 use ipnet::IpNet;
 use std::{fmt, net::IpAddr};
-use tapd::{DnsName, DnsResponse};
 
 /// OpenFlow priority of rule 0: OVN maps ACL priority `10000 - i` to OpenFlow `11000 - i`, so a dnsflow
 /// flow for rule `i` sits exactly where OVN's own flow for that rule would.
@@ -87,7 +87,9 @@ pub enum Ignored {
 impl fmt::Display for Ignored {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NotNoError { rcode } => write!(f, "rcode {}", tapd::event::rcode_name(*rcode)),
+            Self::NotNoError { rcode } => {
+                write!(f, "rcode {}", dnsflow_dnstap::event::rcode_name(*rcode))
+            }
             Self::ClientNotPod { client } => write!(f, "client {client} is not the pod's IP"),
             Self::NoAddresses => f.write_str("no A/AAAA answers"),
         }
@@ -612,9 +614,9 @@ mod tests {
         model::{PodKey, Protocol, Verdict},
         rules::NameMatching,
     };
+    use dnsflow_dnstap::Answer;
     use proptest::prelude::*;
     use serde_json::json;
-    use tapd::Answer;
 
     fn name(s: &str) -> DnsName {
         DnsName::new(s).expect("valid name")

@@ -22,6 +22,7 @@ use crate::{
     snapshot::Snapshot,
 };
 use anyhow::Context as _;
+use dnsflow_dnstap::{DnsName, DnsResponse};
 use events::{InputStats, Item};
 use serde_json::{json, Value};
 use std::{
@@ -33,7 +34,6 @@ use std::{
     sync::{Arc, Mutex},
     time::{Instant, SystemTime},
 };
-use tapd::{DnsName, DnsResponse};
 
 /// The shipped example snapshot: namespace `abc` with the seed's EgressFirewall, its pods, a node.
 pub const EXAMPLE_SNAPSHOT: &str = include_str!("../../examples/snapshot.yaml");
@@ -266,8 +266,14 @@ impl Summary {
     }
 }
 
+/// `t` in RFC 3339, UTC, with as many fraction digits as it needs (0, 3, 6 or 9), as grpcurl prints
+/// timestamps.
+fn rfc3339(t: SystemTime) -> String {
+    prost_types::Timestamp::from(t).to_string()
+}
+
 fn time_text(t: Option<SystemTime>) -> String {
-    t.map_or_else(|| "-".into(), events::format_rfc3339)
+    t.map_or_else(|| "-".into(), rfc3339)
 }
 
 /// One planned flow as a line: who, where, priority, verdict, lifetime, and why (the name that matched
@@ -310,7 +316,7 @@ pub fn grant_json(p: &Planned, engine: &EngineSettings, time: Option<SystemTime>
         "ttl": g.ttl,
         "idleTimeout": engine.idle_timeout(g.ttl),
         "priority": g.key.priority,
-        "time": time.map(events::format_rfc3339),
+        "time": time.map(rfc3339),
     })
 }
 
@@ -336,7 +342,7 @@ fn rule_json(t: &RuleTrace) -> Value {
 fn outcome_json(o: &EventOutcome, engine: &EngineSettings) -> Value {
     let mut v = json!({
         "event": o.index,
-        "time": o.time.map(events::format_rfc3339),
+        "time": o.time.map(rfc3339),
         "clientIp": o.client.map(|c| c.to_string()),
         "queryName": o.qname,
         "pod": o.pod.as_ref().map(ToString::to_string),
@@ -853,7 +859,7 @@ items:
                     .collect(),
                 c.answers
                     .iter()
-                    .map(|a| tapd::Answer {
+                    .map(|a| dnsflow_dnstap::Answer {
                         ip: a.parse().expect("ip"),
                         ttl: 60,
                     })
@@ -890,7 +896,7 @@ items:
                 "10.244.1.5".parse().expect("ip"),
                 DnsName::new("www.google.com").expect("name"),
                 vec![DnsName::new("www3.l.google.com").expect("name")],
-                vec![tapd::Answer {
+                vec![dnsflow_dnstap::Answer {
                     ip: "142.250.74.36".parse().expect("ip"),
                     ttl: 60,
                 }],

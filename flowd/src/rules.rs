@@ -10,10 +10,10 @@ use crate::{
     },
     model::{PortMatch, Protocol, Verdict},
 };
+use dnsflow_dnstap::DnsName;
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use std::{fmt, str::FromStr};
-use tapd::DnsName;
 
 /// OVN-K only honours the EgressFirewall named `default` in each namespace (its status says so for others).
 pub const EGRESS_FIREWALL_NAME: &str = "default";
@@ -88,11 +88,29 @@ impl DnsPattern {
     /// Whether `name` (already normalized) is covered by this pattern.
     pub fn matches(&self, name: &DnsName, mode: NameMatching) -> bool {
         match (self, mode) {
-            (Self::Wildcard(base), _) => name.is_child_of(base),
+            (Self::Wildcard(base), _) => is_child_of(name, base),
             (Self::Name(n), NameMatching::Strict) => name == n,
-            (Self::Name(n), NameMatching::Subdomains) => name.is_at_or_below(n),
+            (Self::Name(n), NameMatching::Subdomains) => is_at_or_below(name, n),
         }
     }
+}
+
+/// True when `name` is `parent` or lies below it at a label boundary (`www.google.com` is below
+/// `google.com`; `evilgoogle.com` is not). Both are normalized (lower case, no trailing dot).
+fn is_at_or_below(name: &DnsName, parent: &DnsName) -> bool {
+    let (name, parent) = (name.as_str(), parent.as_str());
+    name == parent
+        || name
+            .strip_suffix(parent)
+            .is_some_and(|head| head.ends_with('.'))
+}
+
+/// True when `name` is exactly one label below `parent` (OVN-K's `*.parent`).
+fn is_child_of(name: &DnsName, parent: &DnsName) -> bool {
+    name.as_str()
+        .strip_suffix(parent.as_str())
+        .and_then(|head| head.strip_suffix('.'))
+        .is_some_and(|label| !label.is_empty() && !label.contains('.'))
 }
 
 impl fmt::Display for DnsPattern {
@@ -380,6 +398,21 @@ mod tests {
 
     fn name(s: &str) -> DnsName {
         DnsName::new(s).expect("valid name")
+    }
+
+    #[test]
+    fn label_boundaries() {
+        let g = name("google.com");
+        assert!(is_at_or_below(&name("google.com"), &g));
+        assert!(is_at_or_below(&name("www.google.com"), &g));
+        assert!(is_at_or_below(&name("a.b.google.com"), &g));
+        assert!(!is_at_or_below(&name("evilgoogle.com"), &g));
+        assert!(!is_at_or_below(&name("com"), &g));
+        assert!(is_child_of(&name("www.google.com"), &g));
+        assert!(!is_child_of(&name("a.www.google.com"), &g));
+        assert!(!is_child_of(&name("google.com"), &g));
+        assert!(!is_child_of(&name("xgoogle.com"), &g));
+        assert!(!is_child_of(&name("x.evilgoogle.com"), &g));
     }
 
     #[test]

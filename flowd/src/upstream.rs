@@ -8,7 +8,9 @@
 //! flowd, decides what to drop for a slow subscriber, and counts it).
 
 use crate::{metrics::Registry, watch::Change};
+use dnsflow_dnstap::DnsResponse;
 use dnsflow_proto::v1::{dns_tap_client::DnsTapClient, SubscribeRequest};
+use dnsflow_runtime::Backoff;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
@@ -19,7 +21,6 @@ use std::{
     sync::{atomic::AtomicU64, Arc},
     time::Duration,
 };
-use tapd::DnsResponse;
 use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
@@ -104,27 +105,6 @@ impl Drop for Connected {
     }
 }
 
-/// Jittered exponential backoff ("full jitter" halved: between half and all of the current step), so
-/// that every flowd of a cluster does not redial a restarted tapd at the same instant.
-#[derive(Debug)]
-struct Backoff {
-    step: Duration,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self { step: BACKOFF_MIN }
-    }
-    fn reset(&mut self) {
-        self.step = BACKOFF_MIN;
-    }
-    fn next_delay(&mut self) -> Duration {
-        let step = self.step;
-        self.step = (self.step * 2).min(BACKOFF_MAX);
-        step / 2 + step.mul_f64(fastrand::f64() / 2.0)
-    }
-}
-
 /// Why one subscription ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -142,6 +122,7 @@ pub struct Upstreams {
     subnets: watch::Receiver<Vec<IpNet>>,
     events: mpsc::Sender<DnsResponse>,
     stats: Arc<UpstreamStats>,
+    keepalive: Duration,
     tasks: BTreeMap<SocketAddr, JoinHandle<()>>,
 }
 
@@ -156,15 +137,18 @@ impl Drop for Upstreams {
 impl Upstreams {
     /// `subnets`: this node's pod subnets, the subscription filter (nothing is subscribed while it is
     /// empty: an empty filter would mean every client of the cluster). `events`: to the engine.
+    /// `keepalive`: the HTTP/2 ping interval, and how long a ping may go unanswered.
     pub fn new(
         subnets: watch::Receiver<Vec<IpNet>>,
         events: mpsc::Sender<DnsResponse>,
         stats: Arc<UpstreamStats>,
+        keepalive: Duration,
     ) -> Self {
         Self {
             subnets,
             events,
             stats,
+            keepalive,
             tasks: BTreeMap::new(),
         }
     }
@@ -189,6 +173,7 @@ impl Upstreams {
                         self.subnets.clone(),
                         self.events.clone(),
                         self.stats.clone(),
+                        self.keepalive,
                     )
                     .instrument(tracing::info_span!("tapd", tapd = %addr)),
                 );
@@ -209,8 +194,9 @@ async fn subscription(
     mut subnets: watch::Receiver<Vec<IpNet>>,
     events: mpsc::Sender<DnsResponse>,
     stats: Arc<UpstreamStats>,
+    keepalive: Duration,
 ) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
         let filter = subnets.borrow_and_update().clone();
         if filter.is_empty() {
@@ -221,7 +207,7 @@ async fn subscription(
             continue;
         }
         let started = tokio::time::Instant::now();
-        let result = session(addr, &filter, &mut subnets, &events, &stats).await;
+        let result = session(addr, &filter, &mut subnets, &events, &stats, keepalive).await;
         if events.is_closed() {
             return;
         }
@@ -262,10 +248,15 @@ async fn session(
     subnets: &mut watch::Receiver<Vec<IpNet>>,
     events: &mpsc::Sender<DnsResponse>,
     stats: &Arc<UpstreamStats>,
+    keepalive: Duration,
 ) -> Result<End, SessionError> {
+    // The pings also run while no answer flows: a quiet node is when a partition goes unnoticed.
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(keepalive)
+        .keep_alive_while_idle(true);
     let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
         .await
         .map_err(|_| SessionError::Timeout)??;
@@ -389,18 +380,6 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--tapd-endpoints", "coredns:9530"]).is_err());
     }
 
-    #[test]
-    fn backoff_grows_with_jitter_up_to_the_cap_and_resets() {
-        let mut b = Backoff::new();
-        let first = b.next_delay();
-        assert!(first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN);
-        let delays: Vec<Duration> = (0..20).map(|_| b.next_delay()).collect();
-        assert!(delays.iter().all(|d| *d <= BACKOFF_MAX));
-        assert!(delays[19] >= BACKOFF_MAX / 2);
-        b.reset();
-        assert!(b.next_delay() <= BACKOFF_MIN);
-    }
-
     fn dns_pod(name: &str, ip: Option<&str>, phase: &str) -> Box<Pod> {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "namespace": "kube-system"},
@@ -486,6 +465,85 @@ mod tests {
     }
 
     const WAIT: Duration = Duration::from_secs(10);
+    const KEEPALIVE: Duration = Duration::from_secs(20);
+
+    /// A TCP relay to `to` that forwards until `cut` is set, then silently drops every byte both ways
+    /// while keeping both connections open: a network partition, as a peer sees it.
+    async fn partitionable_relay(
+        to: SocketAddr,
+    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let relay_cut = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut from, mut into) in [(cr, sw), (sr, cw)] {
+                    let cut = relay_cut.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = from.read(&mut buf).await {
+                            if n == 0 {
+                                return;
+                            }
+                            if !cut.load(Ordering::Relaxed)
+                                && into.write_all(&buf[..n]).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        (addr, cut)
+    }
+
+    #[tokio::test]
+    async fn a_partitioned_tapd_is_noticed_by_keepalive_and_dialled_again() {
+        let (tapd, _fake) = fake_tapd().await;
+        let (addr, cut) = partitionable_relay(tapd).await;
+        let (_subnets_tx, subnets_rx) = watch::channel(vec!["10.244.1.0/24".parse().unwrap()]);
+        let (tx, mut rx) = mpsc::channel(16);
+        let stats = Arc::new(UpstreamStats::default());
+        let keepalive = Duration::from_millis(300);
+        let mut upstreams = Upstreams::new(subnets_rx, tx, stats.clone(), keepalive);
+        upstreams.set_endpoints(&[addr].into_iter().collect());
+        tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stats.connected.get(), 1);
+
+        // The connection stays open but nothing crosses it any more: only the pings can tell.
+        cut.store(true, std::sync::atomic::Ordering::Relaxed);
+        let cut_at = tokio::time::Instant::now();
+        while stats.failures.get() == 0 {
+            assert!(cut_at.elapsed() < WAIT, "a partition went unnoticed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let noticed = cut_at.elapsed();
+        assert!(noticed <= keepalive * 4, "noticed after {noticed:?}");
+        assert_eq!(stats.connected.get(), 0);
+
+        // Healed: the next dial subscribes again.
+        cut.store(false, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stats.connected.get(), 1);
+    }
 
     #[tokio::test]
     async fn subscribes_with_the_node_subnets_counts_invalid_events_and_refilters() {
@@ -493,7 +551,7 @@ mod tests {
         let (subnets_tx, subnets_rx) = watch::channel(Vec::new());
         let (tx, mut rx) = mpsc::channel(16);
         let stats = Arc::new(UpstreamStats::default());
-        let mut upstreams = Upstreams::new(subnets_rx, tx, stats.clone());
+        let mut upstreams = Upstreams::new(subnets_rx, tx, stats.clone(), KEEPALIVE);
         upstreams.set_endpoints(&[addr].into_iter().collect());
 
         // Without this node's subnets an empty filter would mean every client: nothing is subscribed.
@@ -552,7 +610,7 @@ mod tests {
         let (_subnets_tx, subnets_rx) = watch::channel(vec!["10.244.1.0/24".parse().unwrap()]);
         let (tx, _rx) = mpsc::channel(16);
         let stats = Arc::new(UpstreamStats::default());
-        let mut upstreams = Upstreams::new(subnets_rx, tx, stats.clone());
+        let mut upstreams = Upstreams::new(subnets_rx, tx, stats.clone(), KEEPALIVE);
         let started = tokio::time::Instant::now();
         upstreams.set_endpoints(&[addr].into_iter().collect());
         while stats.failures.get() < 3 {

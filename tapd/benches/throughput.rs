@@ -11,11 +11,14 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use bytes::BytesMut;
+use clap::Parser as _;
+use dnsflow_dnstap::framestream::{encode_control, encode_data, Control};
 use dnsflow_proto::{
     dnstap as tap,
     v1::{dns_tap_client::DnsTapClient, SubscribeRequest},
     DNSTAP_CONTENT_TYPE,
 };
+use dnsflow_testkit::{http_get, metric, wait_until, TapdProcess};
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query},
     rr::{rdata, Name, RData, Record, RecordType},
@@ -27,16 +30,9 @@ use std::{
     os::unix::net::UnixStream,
     path::Path,
     str::FromStr,
-    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
-use tapd::{
-    framestream::{encode_control, encode_data, Control},
-    hub::{Hub, HubConfig},
-    listener::{DnstapListener, Ingest},
-    metrics::Metrics,
-    testsupport::{wait_until, TapdProcess},
-};
+use tapd::{Config, Daemon};
 
 /// Distinct frames cycled by the producer, each a distinct (client, name): enough to fill the
 /// recent-answer cache to its default cap, so its memory is part of the figures.
@@ -135,50 +131,44 @@ fn produce(socket: &Path, frames: &[Vec<u8>], events: usize, rate: Option<u32>) 
     started.elapsed()
 }
 
-fn hub_config() -> HubConfig {
-    HubConfig {
-        subscriber_buffer: 8192,
-        recent_entries: 20_000,
-        recent_max_ttl: Duration::from_secs(3600),
-        max_subscribers: 4,
-    }
-}
-
+/// tapd in this process on one core (a current-thread runtime), with the recent-answer cache at its
+/// default size and no subscriber; returns decoded events/s.
 fn bench_decode(dir: &Path, frames: &[Vec<u8>]) -> f64 {
     let socket = dir.join("decode.sock");
+    let config = Config::try_parse_from([
+        "tapd",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let metrics = Arc::new(Metrics::default());
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let server = {
-        let _guard = runtime.enter();
-        let listener = DnstapListener::bind_unix(&socket, 0o600).unwrap();
-        let hub = Hub::new(hub_config(), Arc::clone(&metrics));
-        let ingest = Arc::new(Ingest::new(
-            hub,
-            Arc::clone(&metrics),
-            None,
-            "tapd".into(),
-            tapd::framestream::DEFAULT_MAX_DATA_FRAME,
-        ));
-        listener.run(ingest, 4, stop, Duration::from_secs(1))
-    };
+    let daemon = runtime.block_on(Daemon::bind(config)).unwrap();
+    let metrics = daemon.metrics_addr().unwrap();
+    let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
     let producer = {
         let frames = frames.to_vec();
-        std::thread::spawn(move || produce(&socket, &frames, DECODE_EVENTS, None))
+        std::thread::spawn(move || {
+            let elapsed = produce(&socket, &frames, DECODE_EVENTS, None);
+            let text = http_get(metrics, "/metrics").unwrap();
+            let _ = stop_tx.send(());
+            (elapsed, metric(&text, "tapd_events_total"))
+        })
     };
-    runtime.block_on(async {
-        let server = tokio::spawn(server);
-        let elapsed = tokio::task::spawn_blocking(move || producer.join().unwrap())
-            .await
-            .unwrap();
-        stop_tx.send(true).unwrap();
-        server.await.unwrap();
-        assert_eq!(metrics.events(), DECODE_EVENTS as u64);
-        DECODE_EVENTS as f64 / elapsed.as_secs_f64()
-    })
+    runtime
+        .block_on(daemon.run(async {
+            let _ = stop.await;
+        }))
+        .unwrap();
+    let (elapsed, events) = producer.join().unwrap();
+    assert_eq!(events, Some(DECODE_EVENTS as u64));
+    DECODE_EVENTS as f64 / elapsed.as_secs_f64()
 }
 
 /// The tapd binary, alone in its process so that its memory is measured without the producer and

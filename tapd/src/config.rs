@@ -1,18 +1,11 @@
 //! Command line and environment (`TAPD_*`, as `deploy/` sets them), checked before anything is bound.
 
-use crate::{
-    error::{Error, Result},
-    framestream::{DEFAULT_MAX_DATA_FRAME, MAX_CONTROL_FRAME},
-};
-use clap::{Parser, ValueEnum};
+use crate::error::{Error, Result};
+use clap::Parser;
+use dnsflow_dnstap::framestream::{DEFAULT_MAX_DATA_FRAME, MAX_CONTROL_FRAME};
+use dnsflow_runtime::parse_duration;
+pub use dnsflow_runtime::LogFormat;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
 
 /// tapd's configuration.
 #[derive(Debug, Clone, Parser)]
@@ -135,24 +128,6 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     }
 }
 
-/// Parses `500ms`, `30s`, `15m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
-    };
-    Ok(d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,13 +200,5 @@ mod tests {
                 "{args:?}"
             );
         }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("1d").is_err());
     }
 }

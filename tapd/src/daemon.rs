@@ -6,11 +6,11 @@ use crate::{
     config::Config,
     error::{Error, Result},
     grpc,
-    http::serve_http,
     hub::{Hub, HubConfig},
     listener::{DnstapListener, Ingest},
     metrics::{Metrics, PREFIX},
 };
+use dnsflow_runtime::http::serve_http;
 use prometheus_client::registry::Registry;
 use std::{future::Future, net::SocketAddr, sync::Arc};
 use tokio::{net::TcpListener, sync::watch};
@@ -145,21 +145,5 @@ impl Daemon {
         }
         tracing::info!(events = metrics.events(), "stopped");
         Ok(())
-    }
-}
-
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop tapd with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!(signal = "SIGTERM", "received"),
-        _ = int.recv() => tracing::info!(signal = "SIGINT", "received"),
     }
 }

@@ -92,30 +92,14 @@ pub async fn serve(
 ) -> Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<DnsTapServer<DnsTapService>>().await;
-    // The descriptor set also holds flowd's service: advertise only what this port serves.
-    let reflection = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(dnsflow_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(pb::dns_tap_server::SERVICE_NAME)
-            .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
-    };
-    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1()
-        .map_err(|e| Error::Config(format!("reflection: {e}")))?;
-    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1alpha()
-        .map_err(|e| Error::Config(format!("reflection: {e}")))?;
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
         .tcp_nodelay(true)
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(DnsTapServer::new(DnsTapService::new(hub)))
+        .add_service(DnsTapServer::new(DnsTapService::new(hub)));
+    dnsflow_proto::add_reflection(router, &[pb::dns_tap_server::SERVICE_NAME])
+        .map_err(|e| Error::Config(format!("reflection: {e}")))?
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
-        .map_err(|e| Error::Io {
-            context: "gRPC server".into(),
-            source: std::io::Error::other(e),
-        })
+        .map_err(|e| Error::io("gRPC server")(std::io::Error::other(e)))
 }

@@ -7,10 +7,8 @@
 //! recent-answer cache lets a subscriber that (re)connects first receive the answers whose TTL has not
 //! run out yet.
 
-use crate::{
-    event::DnsResponse,
-    metrics::{DropReason, Metrics},
-};
+use crate::metrics::{DropReason, Metrics};
+use dnsflow_dnstap::DnsResponse;
 use futures::Stream;
 use ipnet::IpNet;
 use std::{
@@ -411,7 +409,7 @@ impl std::ops::Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Answer, DnsName};
+    use dnsflow_dnstap::{Answer, DnsName};
     use futures::{FutureExt, StreamExt};
 
     fn config() -> HubConfig {

@@ -1,27 +1,21 @@
 //! tapd: reads dnstap from a DNS server over Frame Streams and streams decoded client responses over
 //! gRPC (`dnsflow.v1.DnsTap/Subscribe`).
 //!
-//! The protocol layers are sans-IO ([`framestream`], [`dnstap`]); [`listener`] and [`grpc`] wire them
-//! to sockets through the [`hub`]; [`daemon`] puts it all together. [`http::serve_http`] and
-//! [`telemetry::init`] are shared with flowd.
+//! Decoding lives in `dnsflow-dnstap`; here [`listener`](daemon) wires it to the sockets, a hub fans the
+//! events out to subscribers, and [`daemon`] puts it all together. The binary is `main.rs`; this small
+//! library is what it and the benchmarks run.
 
-pub mod capture;
+mod capture;
 pub mod config;
 pub mod daemon;
-pub mod dnstap;
 mod error;
-pub mod event;
-pub mod framestream;
-pub mod grpc;
-pub mod http;
-pub mod hub;
-pub mod listener;
-pub mod metrics;
-pub mod telemetry;
-#[cfg(feature = "test-support")]
-#[doc(hidden)]
-pub mod testsupport;
+mod grpc;
+mod hub;
+mod listener;
+mod metrics;
 
-pub use capture::{CaptureReader, CaptureStats, CaptureWriter};
+pub use config::Config;
+pub use daemon::Daemon;
 pub use error::{Error, Result};
-pub use event::{Answer, DnsName, DnsResponse};
+/// How many client CIDRs one subscription may filter on.
+pub use hub::MAX_FILTER_CIDRS;

@@ -4,13 +4,15 @@
 
 use crate::{
     capture::CaptureFile,
-    dnstap::{self, Decoded},
     error::{Error, Result},
-    framestream::{Decoder, Output},
     hub::Hub,
     metrics::{DropReason, Metrics},
 };
 use bytes::Bytes;
+use dnsflow_dnstap::{
+    dnstap::{self, Decoded},
+    framestream::{Decoder, Output},
+};
 use std::{
     fs, io,
     os::unix::fs::{FileTypeExt, PermissionsExt},
@@ -214,23 +216,22 @@ impl DnstapListener {
                 if meta.file_type().is_socket()
                     && std::os::unix::net::UnixStream::connect(path).is_ok() =>
             {
-                return Err(Error::Io {
-                    context: ctx("refusing to replace the live socket"),
-                    source: io::Error::new(
+                return Err(Error::io(ctx("refusing to replace the live socket"))(
+                    io::Error::new(
                         io::ErrorKind::AddrInUse,
                         "another process accepts connections on it",
                     ),
-                });
+                ));
             }
             Ok(meta) if meta.file_type().is_socket() => {
                 fs::remove_file(path).map_err(Error::io(ctx("removing stale socket")))?;
                 tracing::info!(path = %path.display(), "removed stale socket");
             }
             Ok(_) => {
-                return Err(Error::Io {
-                    context: ctx("refusing to replace"),
-                    source: io::Error::new(io::ErrorKind::AlreadyExists, "not a socket"),
-                })
+                return Err(Error::io(ctx("refusing to replace"))(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "not a socket",
+                )))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(ctx("inspecting"))(e)),
@@ -369,10 +370,8 @@ impl Drop for DnstapListener {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        framestream::{encode_control, encode_data, Control},
-        hub::{ClientFilter, HubConfig},
-    };
+    use crate::hub::{ClientFilter, HubConfig};
+    use dnsflow_dnstap::framestream::{encode_control, encode_data, Control};
     use futures::StreamExt;
     use std::os::unix::fs::PermissionsExt;
 

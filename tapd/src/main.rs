@@ -1,12 +1,9 @@
 //! tapd's entry point: parse, set up logging, run, map the outcome to an exit code.
 
 use clap::Parser as _;
+use dnsflow_runtime::shutdown_signal;
 use std::process::ExitCode;
-use tapd::{
-    config::{Config, LogFormat},
-    daemon::{shutdown_signal, Daemon},
-    telemetry, Error,
-};
+use tapd::{Config, Daemon, Error};
 
 /// BSD sysexits EX_USAGE: the configuration is wrong; nothing was bound.
 const EXIT_USAGE: u8 = 64;
@@ -27,7 +24,7 @@ fn main() -> ExitCode {
         eprintln!("tapd: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
-    telemetry::init(config.log_format == LogFormat::Json);
+    dnsflow_runtime::init_logging(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

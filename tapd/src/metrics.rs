@@ -1,8 +1,8 @@
 //! tapd's metrics: one struct of typed handles, moved where things happen (the listener, the hub) and
 //! registered once in the daemon's registry, which `/metrics` encodes as OpenMetrics text
-//! ([`crate::http`]). A metric is added here, in [`Metrics::register`], and in `deploy/README.md`.
+//! ([`dnsflow_runtime::http`]). A metric is added here, in [`Metrics::register`], and in `deploy/README.md`.
 
-use crate::dnstap::DecodeError;
+use dnsflow_dnstap::dnstap::DecodeError;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -234,7 +234,7 @@ impl Metrics {
     pub(crate) fn openmetrics(&self) -> String {
         let mut registry = Registry::with_prefix(PREFIX);
         self.register(&mut registry);
-        crate::http::openmetrics_text(&registry).unwrap_or_default()
+        dnsflow_runtime::http::openmetrics_text(&registry).unwrap_or_default()
     }
 }
 

@@ -3,8 +3,8 @@
 //! or two round-robin answers with different IPs, live side by side: a newer answer never replaces an
 //! older one's addresses, it only refreshes the ones it repeats.
 
+use dnsflow_dnstap::{Answer, DnsName, DnsResponse};
 use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Instant};
-use tapd::{Answer, DnsName, DnsResponse};
 
 /// One address a pod received for a question name.
 #[derive(Clone, Debug)]

@@ -21,6 +21,7 @@ use crate::{
     policy::{self, PolicySettings},
     rules::{Destination, FirewallRule, FirewallRules},
 };
+use dnsflow_dnstap::DnsResponse;
 use ipnet::IpNet;
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -28,7 +29,6 @@ use std::{
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
-use tapd::DnsResponse;
 
 /// Answers for a client IP no pod is known for yet are held this many at most (a node's pods start in
 /// bursts; the API watch may lag the first DNS query by a second or two)...
@@ -1357,8 +1357,8 @@ mod tests {
         egressfirewall::EgressFirewall,
         ovs::{template::Pipeline, template::Variant, Actions},
     };
+    use dnsflow_dnstap::{Answer, DnsName};
     use serde_json::json;
-    use tapd::{Answer, DnsName};
 
     const NS: &str = "ns1";
     const MINUTE: Duration = Duration::from_secs(60);

@@ -262,6 +262,9 @@ async fn every_call_the_watchers_make_is_in_required_access() {
 // engine, with the flows recorded by the engine's in-memory bridge (the OVS side is covered by the
 // sandbox tests and by `pipeline.rs`).
 
+use dnsflow_testkit::{
+    dig, free_port, http_get, metric, tapd_binary, wait_until, Unbound, UnboundConfig,
+};
 use flowd::{
     config::EngineSettings,
     config::UpstreamArgs,
@@ -275,34 +278,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::OnceLock,
 };
-use tapd::testsupport::{dig, free_port, http_get, metric, wait_until, Unbound, UnboundConfig};
 
 /// The EF ACL table the recording bridge pretends OVN uses.
 const ACL_TABLE: u8 = 46;
-
-/// The tapd binary of this workspace, built (or found up to date) once per test run: flowd's tests
-/// cannot name another package's binary, so they ask cargo for it.
-pub fn tapd_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        // target/<profile>/deps/it-<hash>
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "-p", "tapd", "--bin", "tapd"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("cargo build -p tapd");
-        assert!(status.success(), "building tapd failed");
-        let bin = profile_dir.join("tapd");
-        assert!(bin.is_file(), "no tapd binary at {}", bin.display());
-        bin
-    })
-}
 
 /// The tapd binary, as a child process in its own temp dir, killed by its pid when dropped.
 #[derive(Debug)]
@@ -474,6 +453,7 @@ pub fn static_upstream(tapds: &[&Tapd]) -> UpstreamArgs {
         tapd_namespace: "kube-system".into(),
         tapd_selector: "k8s-app=kube-dns".into(),
         tapd_port: 9530,
+        tapd_keepalive: std::time::Duration::from_secs(20),
     }
 }
 
@@ -935,6 +915,7 @@ async fn two_tapds_one_killed_and_restarted_mid_stream_lose_no_grant_and_duplica
         tapd_namespace: "kube-system".into(),
         tapd_selector: "k8s-app=kube-dns".into(),
         tapd_port: port,
+        tapd_keepalive: Duration::from_secs(20),
     };
     let node = Node::start(&api, recording_engine(&["one", "two"]), discovery);
     node.ready().await;

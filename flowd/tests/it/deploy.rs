@@ -137,9 +137,22 @@ fn flowd_env_names() -> BTreeSet<String> {
     clap_env_names(&flowd::config::Cli::command())
 }
 
+/// The environment variables tapd reads, as its `--help` names them (`[env: TAPD_SOCKET=]`).
 fn tapd_env_names() -> BTreeSet<String> {
-    use clap::CommandFactory as _;
-    clap_env_names(&tapd::config::Config::command())
+    let out = std::process::Command::new(dnsflow_testkit::tapd_binary())
+        .arg("--help")
+        .output()
+        .expect("tapd --help");
+    assert!(out.status.success(), "tapd --help");
+    let help = String::from_utf8(out.stdout).expect("UTF-8 help");
+    let names: BTreeSet<String> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split('=').next())
+        .map(str::to_string)
+        .collect();
+    assert!(names.contains("TAPD_SOCKET"), "{names:?}");
+    names
 }
 
 /// The volume mounted at `path` in container `c` is an emptyDir of the pod (never a hostPath).
@@ -511,14 +524,31 @@ fn containerfiles_copy_what_the_workspace_has_and_tag_what_the_overlays_deploy()
                 copied.push(root().join(src).canonicalize().unwrap());
             }
         }
-        // What the crates embed at compile time must be in the build context too.
-        let compiled: &[&str] = if bin == "flowd" {
-            &["proto", "tapd", "flowd"]
-        } else {
-            &["proto", "tapd"]
-        };
-        for embedded in compiled
+        // cargo resolves the whole workspace, even to build one binary: every member must be there.
+        let workspace = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+        let members: Vec<&str> = workspace
+            .lines()
+            .find_map(|l| l.strip_prefix("members = ["))
+            .expect("the workspace lists its members")
+            .trim_end_matches(']')
+            .split(',')
+            .map(|m| m.trim().trim_matches('"'))
+            .collect();
+        assert!(members.contains(&"dnstap"), "{members:?}");
+        for member in &members {
+            let member = root().join(member).canonicalize().unwrap();
+            assert!(
+                copied.contains(&member),
+                "{file} does not copy {}",
+                member.display()
+            );
+        }
+        // What the crates it compiles embed at compile time must be in the build context too (the
+        // other daemon and the test kit are only read as manifests).
+        let other = if bin == "flowd" { "tapd" } else { "flowd" };
+        for embedded in members
             .iter()
+            .filter(|m| **m != other && **m != "testkit")
             .flat_map(|c| embedded_files(&root().join(c).join("src")))
         {
             assert!(

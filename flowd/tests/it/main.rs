@@ -11,3 +11,4 @@ mod pipeline;
 mod replay;
 mod restart;
 mod sandbox;
+mod workspace;

@@ -3,16 +3,14 @@
 //! are bounded, and exactly the metrics `deploy/README.md` documents in its tables.
 
 use crate::cluster::{cluster_with_two_pods, eventually, kubeconfig, Tapd, NODE};
+use dnsflow_runtime::http::OPENMETRICS_CONTENT_TYPE;
+use dnsflow_testkit::{free_port, http_get, metric};
 use std::{
     collections::BTreeSet,
     io::Write as _,
     net::{Ipv4Addr, SocketAddr},
     path::Path,
     process::{Child, Command, Stdio},
-};
-use tapd::{
-    http::OPENMETRICS_CONTENT_TYPE,
-    testsupport::{free_port, http_get, metric},
 };
 
 /// Reads an exposition on stdin with prometheus_client's OpenMetrics parser (the Python client's, which

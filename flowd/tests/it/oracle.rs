@@ -20,11 +20,11 @@ use crate::{
     sandbox::{Ovn, Pod, Sandbox, Trace},
 };
 use anyhow::{Context, Result};
+use dnsflow_dnstap::{Answer, DnsName, DnsResponse};
 use flowd::{
     config::EngineSettings, egressfirewall::EgressFirewall, model::Protocol, rules::FirewallRules,
 };
 use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Instant};
-use tapd::{Answer, DnsName, DnsResponse};
 use tokio::task::block_in_place;
 
 /// Generated cases per OVN version; the first seed is fixed, so a failure names its case.

@@ -4,6 +4,7 @@
 
 use crate::sandbox::{Ovn, Pod, Sandbox, Trace};
 use anyhow::Result;
+use dnsflow_dnstap::{Answer, DnsName, DnsResponse};
 use flowd::{
     config::EngineSettings, egressfirewall::EgressFirewall, engine::Engine, model::Protocol,
     ovs::Ofctl, rules::FirewallRules,
@@ -16,7 +17,6 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
-use tapd::{Answer, DnsName, DnsResponse};
 use tokio::task::{block_in_place, JoinHandle};
 
 const NS: &str = "ns1";

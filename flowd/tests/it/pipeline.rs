@@ -15,6 +15,7 @@ use crate::{
     sandbox::{Pod, Sandbox, Trace},
 };
 use dnsflow_proto::v1::{dns_tap_client::DnsTapClient, SubscribeRequest};
+use dnsflow_testkit::{Unbound, UnboundConfig};
 use flowd::{config::EngineSettings, engine::Engine, rules::FirewallRules};
 use serde_json::json;
 use std::{
@@ -23,7 +24,6 @@ use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
-use tapd::testsupport::{Unbound, UnboundConfig};
 use tokio::task::block_in_place;
 
 /// Names the pod resolves, one per measurement, each with its own answer.
@@ -109,7 +109,7 @@ async fn watch_decoded_times(tapd: &Tapd) -> Arc<Mutex<HashMap<String, SystemTim
     let sink = times.clone();
     tokio::spawn(async move {
         while let Ok(Some(ev)) = stream.message().await {
-            let ev = tapd::DnsResponse::try_from(ev).unwrap();
+            let ev = dnsflow_dnstap::DnsResponse::try_from(ev).unwrap();
             sink.lock()
                 .unwrap()
                 .insert(ev.qname.to_string(), ev.decoded_time);

@@ -714,8 +714,8 @@ fn pod_yaml(name: &str, v4: IpAddr, v6: IpAddr) -> String {
 /// into the real `fstrm_capture`, queried by `dig` from client IPs that the snapshot gives to pods.
 #[test]
 fn a_capture_recorded_by_fstrm_capture_from_unbound_replays() -> anyhow::Result<()> {
+    use dnsflow_testkit::{dig, require_tool, wait_until, ChildDaemon, Unbound};
     use std::{net::Ipv4Addr, time::Duration};
-    use tapd::testsupport::{dig, require_tool, wait_until, ChildDaemon, Unbound};
     require_tool("fstrm_capture")?;
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("dnstap.sock");
@@ -794,10 +794,10 @@ fn events_can_be_piped_in_as_grpcurl_prints_them() {
 /// same flows: the `--events` reader accepts grpcurl's own output, not only our rendering of it.
 #[tokio::test(flavor = "multi_thread")]
 async fn what_grpcurl_prints_from_a_live_tapd_replays() -> anyhow::Result<()> {
+    use dnsflow_testkit::{dig, require_tool, tapd_binary, wait_until, TapdProcess, Unbound};
     use std::net::Ipv4Addr;
-    use tapd::testsupport::{dig, require_tool, wait_until, TapdInProcess, Unbound};
     require_tool("grpcurl")?;
-    let tapd = TapdInProcess::start(&[]).await?;
+    let tapd = TapdProcess::spawn(tapd_binary(), &[])?;
     let addrs = tapd.addrs.clone();
     let stream = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
         let unbound = Unbound::start(&addrs.socket, &google_zone())?;
@@ -822,7 +822,7 @@ async fn what_grpcurl_prints_from_a_live_tapd_replays() -> anyhow::Result<()> {
         Ok(String::from_utf8(out.stdout)?)
     })
     .await??;
-    tapd.stop().await?;
+    drop(tapd);
     assert!(stream.contains("\"clientIp\": \"127.0.0.5\""), "{stream}");
 
     let dir = tempfile::tempdir()?;
@@ -841,8 +841,8 @@ async fn what_grpcurl_prints_from_a_live_tapd_replays() -> anyhow::Result<()> {
 }
 
 /// Unbound serving the seed's names: `www.google.com` CNAME `www3.l.google.com`, with A and AAAA.
-fn google_zone() -> tapd::testsupport::UnboundConfig {
-    tapd::testsupport::UnboundConfig {
+fn google_zone() -> dnsflow_testkit::UnboundConfig {
+    dnsflow_testkit::UnboundConfig {
         auth_zones: vec![(
             "google.com".into(),
             vec![
@@ -851,7 +851,7 @@ fn google_zone() -> tapd::testsupport::UnboundConfig {
                 "www3.l 274 IN AAAA 2a00:1450:4001:82b::2004".into(),
             ],
         )],
-        ..tapd::testsupport::UnboundConfig::default()
+        ..dnsflow_testkit::UnboundConfig::default()
     }
 }
 
@@ -903,7 +903,7 @@ fn loopback_flows() -> BTreeSet<(String, IpAddr, u64, u64, String)> {
 /// `kubernetes-validate`), so the snapshot is what a cluster would print.
 #[test]
 fn the_example_snapshot_passes_kubernetes_schema_validation() {
-    tapd::testsupport::require_tool("kubernetes-validate").unwrap();
+    dnsflow_testkit::require_tool("kubernetes-validate").unwrap();
     let list: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(examples().join("snapshot.yaml")).unwrap())
             .unwrap();

@@ -9,6 +9,7 @@ use crate::{
     cluster::{dig_from, eventually, kubeconfig, Tapd, NODE},
     sandbox::Sandbox,
 };
+use dnsflow_testkit::{free_port, http_get, Unbound, UnboundConfig};
 use flowd::config::EngineSettings;
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -16,7 +17,6 @@ use std::{
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
-use tapd::testsupport::{free_port, http_get, Unbound, UnboundConfig};
 use tokio::task::block_in_place;
 
 /// How long, and how often, the bridge is watched after each restart.

@@ -1,8 +1,8 @@
 //! Real BIND (`named`, `dnstap { client response; }` to a unix socket) sending to the real tapd binary.
 
 use crate::common::{answers, collect, subscribe, tapd};
+use dnsflow_testkit::{dig, free_port, require_tool, ChildDaemon};
 use std::{fs, net::Ipv4Addr, path::Path, process::Command};
-use tapd::testsupport::{dig, free_port, require_tool, ChildDaemon};
 
 struct Named {
     _daemon: ChildDaemon,

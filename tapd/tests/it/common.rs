@@ -2,11 +2,16 @@
 //! sender that plays CoreDNS, and DNS/dnstap message builders.
 
 use bytes::BytesMut;
+use dnsflow_dnstap::{
+    dnstap::client_response_frame,
+    framestream::{encode_control, encode_data, Control},
+};
 use dnsflow_proto::{
     dnstap as tap,
     v1::{dns_tap_client::DnsTapClient, DnsEvent, SubscribeRequest},
     DNSTAP_CONTENT_TYPE,
 };
+use dnsflow_testkit::{TapdAddrs, TapdProcess};
 use hickory_proto::{
     op::{Message, MessageType, OpCode, Query},
     rr::{rdata, Name, RData, Record, RecordType},
@@ -17,11 +22,6 @@ use std::{
     path::Path,
     str::FromStr,
     time::{Duration, SystemTime},
-};
-use tapd::{
-    dnstap::client_response_frame,
-    framestream::{encode_control, encode_data, Control},
-    testsupport::{TapdAddrs, TapdProcess},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -50,7 +50,7 @@ pub async fn subscribe(addrs: &TapdAddrs, cidrs: &[&str], replay: bool) -> Strea
         .await
         .unwrap()
         .into_inner();
-    tapd::testsupport::wait_until("the subscriber to register", || {
+    dnsflow_testkit::wait_until("the subscriber to register", || {
         addrs.metric("tapd_subscribers") > before
     })
     .unwrap();

@@ -5,10 +5,10 @@
 use crate::common::{
     a_record, client_response, collect, dns_response, other_message, subscribe, tapd, Sender,
 };
+use dnsflow_dnstap::dnstap::client_response_frame;
 use dnsflow_proto::dnstap::message::Type;
 use hickory_proto::rr::RecordType;
 use std::{net::Ipv4Addr, time::SystemTime};
-use tapd::dnstap::client_response_frame;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ipv4_mapped_client_addresses_are_unmapped() {
@@ -78,7 +78,7 @@ async fn reconnect_without_stop_is_normal() {
         .map(|e| e.query_name)
         .collect();
     assert_eq!(names, ["before.example", "after.example"]);
-    tapd::testsupport::wait_until("the old connection to close", || {
+    dnsflow_testkit::wait_until("the old connection to close", || {
         tapd.addrs.metric("tapd_open_connections") == 1
     })
     .unwrap();
@@ -137,9 +137,9 @@ async fn several_simultaneous_connections_are_all_served() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dnstap_over_tcp_is_served_beside_the_unix_socket() {
-    use tapd::framestream::{encode_control, encode_data, Control};
+    use dnsflow_dnstap::framestream::{encode_control, encode_data, Control};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let port = tapd::testsupport::free_port();
+    let port = dnsflow_testkit::free_port();
     let addr = format!("127.0.0.1:{port}");
     let tapd = tapd(&["--dnstap-tcp", &addr]);
     let mut sub = subscribe(&tapd.addrs, &[], false).await;

@@ -1,10 +1,11 @@
 //! libfstrm's own tools against tapd: `fstrm_replay` feeds a capture in; tapd's `--capture` output is
-//! read back by `fstrm_dump` and by [`tapd::CaptureReader`].
+//! read back by `fstrm_dump` and by [`dnsflow_dnstap::CaptureReader`].
 
 use crate::common::{client_response, collect, other_message, subscribe, tapd, Sender};
+use dnsflow_dnstap::{CaptureReader, CaptureWriter};
 use dnsflow_proto::dnstap::message::Type;
+use dnsflow_testkit::require_tool;
 use std::{fs::File, io::BufWriter, net::IpAddr, process::Command, time::Duration};
-use tapd::{testsupport::require_tool, CaptureReader, CaptureWriter};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fstrm_replay_feeds_a_capture_into_tapd() {
@@ -59,7 +60,7 @@ async fn capture_flag_writes_a_file_fstrm_dump_and_capture_reader_read() {
         .await;
     s.answer([10, 0, 0, 2], "b.example.", [192, 0, 2, 2]).await;
     s.stop(true).await;
-    tapd::testsupport::wait_until("frames counted", || {
+    dnsflow_testkit::wait_until("frames counted", || {
         tapd.addrs.metric("tapd_frames_total") == 3
     })
     .unwrap();

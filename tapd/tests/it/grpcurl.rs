@@ -1,12 +1,12 @@
 //! grpcurl (a real, independent gRPC client) against tapd: reflection, health, and the event stream.
 
 use crate::common::{tapd, Sender};
+use dnsflow_testkit::{require_tool, wait_until};
 use std::{
     io::Read,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
-use tapd::testsupport::{require_tool, wait_until};
 
 fn grpcurl(args: &[&str]) -> String {
     require_tool("grpcurl").unwrap();

@@ -2,13 +2,13 @@
 
 use crate::common::{collect, subscribe, tapd, Sender};
 use bytes::BufMut;
-use dnsflow_proto::v1::DnsEvent;
-use std::time::SystemTime;
-use tapd::{
+use dnsflow_dnstap::{
     dnstap::client_response_frame,
     framestream::{encode_control, Control},
-    testsupport::wait_until,
 };
+use dnsflow_proto::v1::DnsEvent;
+use dnsflow_testkit::wait_until;
+use std::time::SystemTime;
 use tokio::io::AsyncWriteExt;
 use tonic::Streaming;
 

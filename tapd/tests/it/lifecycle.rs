@@ -2,13 +2,13 @@
 //! replaced; SIGTERM drains subscribers and removes the socket.
 
 use crate::common::{collect, subscribe, tapd, Sender};
+use dnsflow_testkit::{free_port, TapdProcess};
 use std::{
     os::unix::fs::{FileTypeExt, PermissionsExt},
     path::Path,
     process::Command,
     time::Duration,
 };
-use tapd::testsupport::{free_port, TapdProcess};
 
 #[test]
 fn bad_configuration_exits_64_and_binds_nothing() {

@@ -3,16 +3,16 @@
 //! cargo-fuzz.)
 
 use crate::common::{a_record, cname_record, dns_response};
-use hickory_proto::rr::RecordType;
-use proptest::prelude::*;
-use std::{net::Ipv4Addr, time::SystemTime};
-use tapd::{
+use dnsflow_dnstap::{
     dnstap::{self, client_response_frame, Decoded},
     event::{MAX_ANSWERS, MAX_CNAME_CHAIN},
     framestream::{encode_control, encode_data, Control, Decoder, Output},
-    testsupport::drive_pipeline,
     DnsName,
 };
+use dnsflow_testkit::drive_pipeline;
+use hickory_proto::rr::RecordType;
+use proptest::prelude::*;
+use std::{net::Ipv4Addr, time::SystemTime};
 
 const CAP: usize = 4096;
 

@@ -2,6 +2,7 @@
 //! a single event: it loses events itself, counted.
 
 use crate::common::{client_response, subscribe, tapd, Sender, EVENT_TIMEOUT};
+use dnsflow_testkit::{metric, wait_until};
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -9,7 +10,6 @@ use std::{
     },
     time::{Duration, Instant},
 };
-use tapd::testsupport::{metric, wait_until};
 
 /// Frames per burst: the producer sends each burst flat out.
 const BURST: usize = 10_000;

@@ -1,13 +1,13 @@
 //! The `Subscribe` contract: filters, the replay of recent answers, and argument errors.
 
 use crate::common::{a_record, assert_no_more, collect, dns_response, subscribe, tapd, Sender};
+use dnsflow_dnstap::dnstap::client_response_frame;
 use dnsflow_proto::v1::{dns_tap_client::DnsTapClient, SubscribeRequest};
 use hickory_proto::rr::RecordType;
 use std::{
     net::Ipv4Addr,
     time::{Duration, SystemTime},
 };
-use tapd::dnstap::client_response_frame;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_cidrs_are_invalid_arguments() {
@@ -47,7 +47,7 @@ async fn a_late_subscriber_gets_still_valid_answers_first_then_the_live_stream()
         SystemTime::now(),
     ))
     .await;
-    tapd::testsupport::wait_until("events published", || {
+    dnsflow_testkit::wait_until("events published", || {
         tapd.addrs.metric("tapd_events_total") == 4
     })
     .unwrap();
@@ -82,7 +82,7 @@ async fn subscribers_and_filters_are_bounded() {
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     let err = client
         .subscribe(SubscribeRequest {
-            client_cidrs: vec!["10.0.0.1".into(); tapd::hub::MAX_FILTER_CIDRS + 1],
+            client_cidrs: vec!["10.0.0.1".into(); tapd::MAX_FILTER_CIDRS + 1],
             replay_recent: false,
         })
         .await

@@ -2,8 +2,8 @@
 //! queries from several client IPs.
 
 use crate::common::{answers, collect, subscribe, tapd};
+use dnsflow_testkit::{dig, Unbound, UnboundConfig};
 use std::net::Ipv4Addr;
-use tapd::testsupport::{dig, Unbound, UnboundConfig};
 
 fn config(bidirectional: bool) -> UnboundConfig {
     UnboundConfig {

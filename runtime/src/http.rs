@@ -1,5 +1,5 @@
 //! The HTTP endpoint of both daemons: `/metrics`, `/healthz` (liveness) and `/readyz` (readiness, with
-//! the reason when not ready). [`serve_http`] knows nothing about tapd and is reused by flowd.
+//! the reason when not ready). [`serve_http`] serves any [`Exposition`]: each daemon brings its own registry and probes.
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};

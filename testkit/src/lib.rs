@@ -1,12 +1,11 @@
-//! Real-daemon harness for tests (feature `test-support`): Unbound sending dnstap to a socket, `dig`
-//! from a chosen client IP, and tapd itself (as a child process or in-process). Every daemon lives in
-//! its own temp dir and is stopped by its pid when dropped, so tests can run side by side.
+//! What the dnsflow crates' tests share (never part of a release build): daemons as child processes
+//! in their own temp dirs, stopped by their pid when dropped so tests can run side by side; Unbound
+//! sending dnstap to a socket and `dig` from a chosen client IP; the tapd binary of this workspace; and
+//! the invariants the property tests and the fuzz target check on the dnstap pipeline.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use crate::{config::Config, daemon::Daemon};
 use anyhow::{bail, Context as _};
-use clap::Parser as _;
 use std::{
     fmt::Write as _,
     fs,
@@ -14,6 +13,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 use tempfile::TempDir;
@@ -351,6 +351,29 @@ fn local_port_addr(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
+/// The tapd binary of this workspace, built (or found up to date) once per test run. Another
+/// package's tests cannot name it with `CARGO_BIN_EXE_tapd`, so cargo is asked for it: the same
+/// profile as the running test, in the same target directory.
+pub fn tapd_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        // target/<profile>/deps/<test>-<hash>
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.args(["build", "--quiet", "-p", "tapd", "--bin", "tapd"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo build -p tapd");
+        assert!(status.success(), "building tapd failed");
+        let bin = profile_dir.join("tapd");
+        assert!(bin.is_file(), "no tapd binary at {}", bin.display());
+        bin
+    })
+}
+
 /// The tapd binary as a child process, in its own temp dir.
 #[derive(Debug)]
 pub struct TapdProcess {
@@ -394,77 +417,13 @@ impl TapdProcess {
     }
 }
 
-/// tapd running inside the test process (for crates that cannot name the tapd binary).
-#[derive(Debug)]
-pub struct TapdInProcess {
-    pub addrs: TapdAddrs,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<crate::Result<()>>>,
-    _dir: TempDir,
-}
-
-impl TapdInProcess {
-    /// Starts tapd on a socket in a temp dir and ephemeral loopback ports, with `extra` flags.
-    pub async fn start(extra: &[&str]) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("tapd-").tempdir()?;
-        let socket = dir.path().join("dnstap.sock");
-        let socket_arg = socket.display().to_string();
-        let mut args = vec![
-            "tapd",
-            "--socket",
-            &socket_arg,
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ];
-        args.extend_from_slice(extra);
-        let config = Config::try_parse_from(args)?;
-        let daemon = Daemon::bind(config).await?;
-        let addrs = TapdAddrs {
-            socket,
-            grpc: daemon.grpc_addr().context("gRPC address")?,
-            metrics: daemon.metrics_addr().context("metrics address")?,
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(daemon.run(async {
-            let _ = stopped.await;
-        }));
-        Ok(Self {
-            addrs,
-            stop: Some(stop),
-            task: Some(task),
-            _dir: dir,
-        })
-    }
-
-    /// Stops tapd and waits for it to drain.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.await??;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for TapdInProcess {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-}
-
 /// Drives arbitrary bytes through Frame Streams → dnstap → DNS, as the socket task does, and panics
 /// if an invariant breaks (buffering beyond one frame plus one read, a name that is not normalized, a
 /// chain or answer list over its bound). The first byte picks the opening (none, unidirectional,
 /// bidirectional) and the read size; the rest is the stream. Shared by the property tests and the
 /// cargo-fuzz target in `fuzz/`.
 pub fn drive_pipeline(data: &[u8]) {
-    use crate::{
+    use dnsflow_dnstap::{
         dnstap::{self, Decoded},
         event::{DnsName, MAX_ANSWERS, MAX_CNAME_CHAIN},
         framestream::{encode_control, Control, Decoder, Output},
