@@ -84,8 +84,10 @@ pub struct RunArgs {
     /// flowd's gRPC API (`dnsflow.v1.Flowd`, reflection, health).
     #[arg(long, env = "FLOWD_GRPC_LISTEN", default_value = "127.0.0.1:9540")]
     pub grpc_listen: SocketAddr,
-    /// Prometheus `/metrics`, `/healthz` (alive) and `/readyz` (first sync done).
-    #[arg(long, env = "FLOWD_METRICS_LISTEN", default_value = "0.0.0.0:9541")]
+    /// Prometheus `/metrics`, `/healthz` (alive) and `/readyz` (first sync done). flowd runs on the
+    /// host network: the DaemonSet binds the node's own address (`$(NODE_IP):9541`), not every
+    /// interface of the node.
+    #[arg(long, env = "FLOWD_METRICS_LISTEN", default_value = "127.0.0.1:9541", value_parser = parse_listen)]
     pub metrics_listen: SocketAddr,
     /// Log format (RUST_LOG sets the filter).
     #[arg(long, env = "FLOWD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -137,6 +139,39 @@ pub struct UpstreamArgs {
     /// time (a partitioned node, a frozen process) is taken as gone and dialled again.
     #[arg(long, env = "FLOWD_TAPD_KEEPALIVE", default_value = "20s", value_parser = parse_duration)]
     pub tapd_keepalive: Duration,
+    /// CA (PEM) that issued tapd's certificate. With --tapd-tls-cert and --tapd-tls-key, every tapd is
+    /// reached over mutual TLS and must prove the identity --tapd-server-name. The files are read
+    /// again on every (re)connect, so a rotated Secret takes effect without a restart.
+    #[arg(long, env = "FLOWD_TAPD_TLS_CA", requires_all = ["tapd_tls_cert", "tapd_tls_key"])]
+    pub tapd_tls_ca: Option<PathBuf>,
+    /// flowd's client certificate chain (PEM), which tapd checks.
+    #[arg(long, env = "FLOWD_TAPD_TLS_CERT", requires_all = ["tapd_tls_ca", "tapd_tls_key"])]
+    pub tapd_tls_cert: Option<PathBuf>,
+    /// flowd's private key (PEM).
+    #[arg(long, env = "FLOWD_TAPD_TLS_KEY", requires_all = ["tapd_tls_ca", "tapd_tls_cert"])]
+    pub tapd_tls_key: Option<PathBuf>,
+    /// The identity (a DNS name in its certificate) every tapd must prove.
+    #[arg(long, env = "FLOWD_TAPD_SERVER_NAME", default_value = "tapd.dnsflow")]
+    pub tapd_server_name: String,
+}
+
+impl UpstreamArgs {
+    /// How each subscription connects.
+    pub fn session(&self) -> crate::upstream::SessionSettings {
+        let tls = match (&self.tapd_tls_ca, &self.tapd_tls_cert, &self.tapd_tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(crate::upstream::ClientTls {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                server_name: self.tapd_server_name.clone(),
+            }),
+            _ => None,
+        };
+        crate::upstream::SessionSettings {
+            keepalive: self.tapd_keepalive,
+            tls,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -200,7 +235,7 @@ impl ReplayArgs {
 }
 
 /// Durations read like tapd's (`500ms`, `30s`, `5m`, `1h`, bare seconds).
-pub use dnsflow_runtime::parse_duration;
+pub use dnsflow_runtime::{parse_duration, parse_listen};
 
 /// OVN-K's defaults on kind: pods 10.244.0.0/16 and fd00:10:244::/48, services 10.96.0.0/16 and
 /// fd00:10:96::/112, join switch 100.64.0.0/16 and fd98::/64.
@@ -465,7 +500,7 @@ mod run_tests {
     fn run_args_parse_with_defaults_and_validate() {
         let cli = RunCli::try_parse_from(["flowd", "--node-name", "n1"]).unwrap();
         assert_eq!(cli.run.grpc_listen, "127.0.0.1:9540".parse().unwrap());
-        assert_eq!(cli.run.metrics_listen, "0.0.0.0:9541".parse().unwrap());
+        assert_eq!(cli.run.metrics_listen, "127.0.0.1:9541".parse().unwrap());
         assert_eq!(cli.run.log_format, LogFormat::Text);
         assert!(cli.run.pod_subnets.is_empty());
         cli.run.validate().unwrap();

@@ -153,7 +153,7 @@ pub async fn run_node<P: FlowProgrammer>(
         subnets_rx,
         events_tx,
         status.upstream.clone(),
-        config.upstream.tapd_keepalive,
+        config.upstream.session(),
     );
     let mut dns_pods = DnsPods::new(config.upstream.tapd_port);
     let mut discovery = if config.upstream.endpoints.is_empty() {

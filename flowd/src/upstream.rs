@@ -18,6 +18,7 @@ use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     sync::{atomic::AtomicU64, Arc},
     time::Duration,
 };
@@ -105,6 +106,47 @@ impl Drop for Connected {
     }
 }
 
+/// How a subscription reaches its tapd.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// The HTTP/2 ping interval, and how long a ping may go unanswered.
+    pub keepalive: Duration,
+    /// Mutual TLS; plaintext when `None`.
+    pub tls: Option<ClientTls>,
+}
+
+/// flowd's TLS material for tapd, read on every connect so that a rotated Secret takes effect.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The identity tapd's certificate must name.
+    pub server_name: String,
+}
+
+impl ClientTls {
+    async fn config(&self) -> Result<tonic::transport::ClientTlsConfig, SessionError> {
+        let read = |path: &PathBuf| {
+            let path = path.clone();
+            async move {
+                tokio::fs::read(&path)
+                    .await
+                    .map_err(|e| SessionError::Tls(format!("reading {}: {e}", path.display())))
+            }
+        };
+        let (ca, cert, key) = (
+            read(&self.ca).await?,
+            read(&self.cert).await?,
+            read(&self.key).await?,
+        );
+        Ok(tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .identity(tonic::transport::Identity::from_pem(cert, key))
+            .domain_name(self.server_name.clone()))
+    }
+}
+
 /// Why one subscription ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -114,6 +156,8 @@ pub enum SessionError {
     Status(#[from] tonic::Status),
     #[error("connect: timed out after {CONNECT_TIMEOUT:?}")]
     Timeout,
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// The subscriptions, one per tapd endpoint.
@@ -122,7 +166,7 @@ pub struct Upstreams {
     subnets: watch::Receiver<Vec<IpNet>>,
     events: mpsc::Sender<DnsResponse>,
     stats: Arc<UpstreamStats>,
-    keepalive: Duration,
+    settings: Arc<SessionSettings>,
     tasks: BTreeMap<SocketAddr, JoinHandle<()>>,
 }
 
@@ -137,18 +181,18 @@ impl Drop for Upstreams {
 impl Upstreams {
     /// `subnets`: this node's pod subnets, the subscription filter (nothing is subscribed while it is
     /// empty: an empty filter would mean every client of the cluster). `events`: to the engine.
-    /// `keepalive`: the HTTP/2 ping interval, and how long a ping may go unanswered.
+    /// `settings`: how each subscription connects.
     pub fn new(
         subnets: watch::Receiver<Vec<IpNet>>,
         events: mpsc::Sender<DnsResponse>,
         stats: Arc<UpstreamStats>,
-        keepalive: Duration,
+        settings: SessionSettings,
     ) -> Self {
         Self {
             subnets,
             events,
             stats,
-            keepalive,
+            settings: Arc::new(settings),
             tasks: BTreeMap::new(),
         }
     }
@@ -173,7 +217,7 @@ impl Upstreams {
                         self.subnets.clone(),
                         self.events.clone(),
                         self.stats.clone(),
-                        self.keepalive,
+                        Arc::clone(&self.settings),
                     )
                     .instrument(tracing::info_span!("tapd", tapd = %addr)),
                 );
@@ -194,7 +238,7 @@ async fn subscription(
     mut subnets: watch::Receiver<Vec<IpNet>>,
     events: mpsc::Sender<DnsResponse>,
     stats: Arc<UpstreamStats>,
-    keepalive: Duration,
+    settings: Arc<SessionSettings>,
 ) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
@@ -207,7 +251,7 @@ async fn subscription(
             continue;
         }
         let started = tokio::time::Instant::now();
-        let result = session(addr, &filter, &mut subnets, &events, &stats, keepalive).await;
+        let result = session(addr, &filter, &mut subnets, &events, &stats, &settings).await;
         if events.is_closed() {
             return;
         }
@@ -248,15 +292,23 @@ async fn session(
     subnets: &mut watch::Receiver<Vec<IpNet>>,
     events: &mpsc::Sender<DnsResponse>,
     stats: &Arc<UpstreamStats>,
-    keepalive: Duration,
+    settings: &SessionSettings,
 ) -> Result<End, SessionError> {
+    let scheme = if settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     // The pings also run while no answer flows: a quiet node is when a partition goes unnoticed.
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(keepalive)
-        .keep_alive_timeout(keepalive)
+        .http2_keep_alive_interval(settings.keepalive)
+        .keep_alive_timeout(settings.keepalive)
         .keep_alive_while_idle(true);
+    if let Some(tls) = &settings.tls {
+        endpoint = endpoint.tls_config(tls.config().await?)?;
+    }
     let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
         .await
         .map_err(|_| SessionError::Timeout)??;
@@ -467,6 +519,13 @@ mod tests {
     const WAIT: Duration = Duration::from_secs(10);
     const KEEPALIVE: Duration = Duration::from_secs(20);
 
+    fn plain(keepalive: Duration) -> SessionSettings {
+        SessionSettings {
+            keepalive,
+            tls: None,
+        }
+    }
+
     /// A TCP relay to `to` that forwards until `cut` is set, then silently drops every byte both ways
     /// while keeping both connections open: a network partition, as a peer sees it.
     async fn partitionable_relay(
@@ -517,7 +576,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let stats = Arc::new(UpstreamStats::default());
         let keepalive = Duration::from_millis(300);
-        let mut upstreams = Upstreams::new(subnets_rx, tx, stats.clone(), keepalive);
+        let mut upstreams = Upstreams::new(subnets_rx, tx, stats.clone(), plain(keepalive));
         upstreams.set_endpoints(&[addr].into_iter().collect());
         tokio::time::timeout(WAIT, rx.recv())
             .await
@@ -551,7 +610,7 @@ mod tests {
         let (subnets_tx, subnets_rx) = watch::channel(Vec::new());
         let (tx, mut rx) = mpsc::channel(16);
         let stats = Arc::new(UpstreamStats::default());
-        let mut upstreams = Upstreams::new(subnets_rx, tx, stats.clone(), KEEPALIVE);
+        let mut upstreams = Upstreams::new(subnets_rx, tx, stats.clone(), plain(KEEPALIVE));
         upstreams.set_endpoints(&[addr].into_iter().collect());
 
         // Without this node's subnets an empty filter would mean every client: nothing is subscribed.
@@ -610,7 +669,7 @@ mod tests {
         let (_subnets_tx, subnets_rx) = watch::channel(vec!["10.244.1.0/24".parse().unwrap()]);
         let (tx, _rx) = mpsc::channel(16);
         let stats = Arc::new(UpstreamStats::default());
-        let mut upstreams = Upstreams::new(subnets_rx, tx, stats.clone(), KEEPALIVE);
+        let mut upstreams = Upstreams::new(subnets_rx, tx, stats.clone(), plain(KEEPALIVE));
         let started = tokio::time::Instant::now();
         upstreams.set_endpoints(&[addr].into_iter().collect());
         while stats.failures.get() < 3 {

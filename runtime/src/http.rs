@@ -1,17 +1,36 @@
 //! The HTTP endpoint of both daemons: `/metrics`, `/healthz` (liveness) and `/readyz` (readiness, with
 //! the reason when not ready). [`serve_http`] serves any [`Exposition`]: each daemon brings its own registry and probes.
 
+use crate::Backoff;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::{server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{encoding::text::encode, registry::Registry};
-use std::{convert::Infallible, future::Future, io, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap, convert::Infallible, future::Future, io, net::IpAddr, sync::Arc,
+    time::Duration,
+};
 use tokio::{net::TcpListener, task::JoinSet};
 
 /// A scrape or probe that takes longer than this is a stuck client; its connection is closed.
 const HTTP_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that has not sent a whole request by then is closed (slow or idle clients).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections served at once; more wait in the kernel's accept queue.
+pub const MAX_HTTP_CONNECTIONS: usize = 128;
+/// Connections one address may hold at once; its next ones are closed at once.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
+
+fn release(per_peer: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
+    if let Some(open) = per_peer.get_mut(&ip) {
+        *open -= 1;
+        if *open == 0 {
+            per_peer.remove(&ip);
+        }
+    }
+}
 
 /// What `/metrics` answers: the OpenMetrics text format, which prometheus-client encodes.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -85,35 +104,63 @@ fn route<B, E: Exposition + ?Sized>(req: &Request<B>, exposition: &E) -> Respons
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` from `exposition` on `listener` until `shutdown`
-/// completes. The caller binds the listener before calling, so an exposition without its own readiness
-/// is "ready" once every socket of the daemon is bound.
+/// completes: at most [`MAX_HTTP_CONNECTIONS`] connections at once, [`MAX_CONNECTIONS_PER_PEER`] of
+/// them from one address, none of them idle for long. The caller binds the listener before calling,
+/// so an exposition without its own readiness is "ready" once every socket of the daemon is bound.
 pub async fn serve_http<E: Exposition + ?Sized>(
     listener: TcpListener,
     exposition: Arc<E>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let mut connections = JoinSet::new();
+    let mut per_peer: HashMap<IpAddr, usize> = HashMap::new();
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let at_capacity = connections.len() >= MAX_HTTP_CONNECTIONS;
+        let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+            Some(ended) = connections.join_next() => {
+                if let Ok(ip) = ended {
+                    release(&mut per_peer, ip);
+                }
+                continue;
+            }
+            accepted = listener.accept(), if !at_capacity => match accepted {
+                Ok(a) => {
+                    backoff.reset();
+                    a
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "metrics accept failed");
+                    // Out of file descriptors, typically: wait rather than spin.
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, retry_in = ?delay, "metrics accept failed");
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             },
-            Some(_) = connections.join_next() => continue,
         };
+        let ip = peer.ip();
+        let open = per_peer.entry(ip).or_default();
+        if *open >= MAX_CONNECTIONS_PER_PEER {
+            // One peer holding its share: its next connection is closed at once, so others (the
+            // kubelet's probes, Prometheus) still get through.
+            tracing::debug!(%peer, "too many HTTP connections from one address; closing one");
+            continue;
+        }
+        *open += 1;
         let exposition = Arc::clone(&exposition);
         connections.spawn(async move {
             let service = service_fn(move |req| {
                 let resp = route(&req, &*exposition);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(HTTP_CONNECTION_TIMEOUT, conn).await;
+            ip
         });
     }
     connections.shutdown().await;
@@ -160,6 +207,67 @@ mod tests {
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_from_one_address_cannot_shut_others_out() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(serve_http(
+            listener,
+            Arc::new(Registry::default()),
+            std::future::pending(),
+        ));
+        // One address opens far more than its share and says nothing.
+        let mut idle = Vec::new();
+        for _ in 0..(MAX_CONNECTIONS_PER_PEER * 4) {
+            idle.push(
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut reads = tokio::task::JoinSet::new();
+        for mut s in idle {
+            reads.spawn(async move {
+                let mut buf = [0u8; 16];
+                // Closed at once (beyond the share), or after the header read timeout.
+                let started = tokio::time::Instant::now();
+                let _ = s.read(&mut buf).await;
+                started.elapsed()
+            });
+        }
+        // Meanwhile another address, as the kubelet's probe, is served at once.
+        let probe = tokio::net::TcpSocket::new_v4().unwrap();
+        probe.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut probe = probe.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        let started = tokio::time::Instant::now();
+        probe
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        probe.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        let mut waited = Vec::new();
+        while let Some(w) = reads.join_next().await {
+            waited.push(w.unwrap());
+        }
+        waited.sort();
+        let quick = waited
+            .iter()
+            .filter(|w| **w < Duration::from_secs(1))
+            .count();
+        assert_eq!(quick, MAX_CONNECTIONS_PER_PEER * 3, "{waited:?}");
+        assert!(
+            waited
+                .iter()
+                .all(|w| *w < HEADER_READ_TIMEOUT + Duration::from_secs(2)),
+            "{waited:?}"
+        );
     }
 
     /// Not ready, and alive or not.

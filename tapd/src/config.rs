@@ -1,6 +1,9 @@
 //! Command line and environment (`TAPD_*`, as `deploy/` sets them), checked before anything is bound.
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    tls::TlsFiles,
+};
 use clap::Parser;
 use dnsflow_dnstap::framestream::{DEFAULT_MAX_DATA_FRAME, MAX_CONTROL_FRAME};
 use dnsflow_runtime::parse_duration;
@@ -31,9 +34,42 @@ pub struct Config {
     #[arg(long, env = "TAPD_DNSTAP_TCP")]
     pub dnstap_tcp: Option<SocketAddr>,
 
-    /// gRPC address (dnsflow.v1.DnsTap, reflection, health).
-    #[arg(long, env = "TAPD_LISTEN", default_value = "0.0.0.0:9530")]
-    pub listen: SocketAddr,
+    /// gRPC address (dnsflow.v1.DnsTap, reflection, health) [default: 0.0.0.0:9530 with TLS,
+    /// 127.0.0.1:9530 without]. Without TLS an address other than loopback needs --insecure-listen.
+    #[arg(long, env = "TAPD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// tapd's certificate chain (PEM). With --tls-key and --tls-client-ca, gRPC is served over mutual
+    /// TLS only. The three files are read again when they change.
+    #[arg(long, env = "TAPD_TLS_CERT", requires_all = ["tls_key", "tls_client_ca"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// tapd's private key (PEM).
+    #[arg(long, env = "TAPD_TLS_KEY", requires_all = ["tls_cert", "tls_client_ca"])]
+    pub tls_key: Option<PathBuf>,
+
+    /// The CA (PEM) that issues subscribers' certificates.
+    #[arg(long, env = "TAPD_TLS_CLIENT_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Identities allowed to subscribe: a client certificate must name one of them (a DNS name in
+    /// its subject alternative names).
+    #[arg(
+        long = "tls-client-name",
+        env = "TAPD_TLS_CLIENT_NAMES",
+        value_delimiter = ',',
+        default_value = "flowd.dnsflow,operator.dnsflow"
+    )]
+    pub tls_client_names: Vec<String>,
+
+    /// How often the TLS files are checked for a change.
+    #[arg(long, env = "TAPD_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
+
+    /// Serve gRPC without TLS on an address other than loopback: anyone who reaches the port reads
+    /// every pod's DNS answers. For a lab only.
+    #[arg(long, env = "TAPD_INSECURE_LISTEN")]
+    pub insecure_listen: bool,
 
     /// HTTP address for /metrics, /healthz and /readyz.
     #[arg(long, env = "TAPD_METRICS_LISTEN", default_value = "0.0.0.0:9531")]
@@ -43,7 +79,8 @@ pub struct Config {
     #[arg(long, env = "TAPD_MAX_FRAME_BYTES", default_value_t = DEFAULT_MAX_DATA_FRAME)]
     pub max_frame_bytes: usize,
 
-    /// Most simultaneous dnstap connections (each CoreDNS `dnstap` directive and reload opens one).
+    /// Most simultaneous dnstap connections, on the socket and --dnstap-tcp together (each CoreDNS
+    /// `dnstap` directive and reload opens one).
     #[arg(long, env = "TAPD_MAX_CONNECTIONS", default_value_t = 256)]
     pub max_connections: usize,
 
@@ -116,9 +153,46 @@ impl Config {
         if self.socket.as_os_str().is_empty() {
             return bad("--socket is empty".into());
         }
+        if self.tls_cert.is_some() && self.tls_client_names.iter().all(|n| n.trim().is_empty()) {
+            return bad(
+                "--tls-client-name: at least one identity must be allowed to subscribe".into(),
+            );
+        }
+        let listen = self.listen_addr();
+        if self.tls_files().is_none() && !listen.ip().is_loopback() && !self.insecure_listen {
+            return bad(format!(
+                "--listen {listen} would serve every pod's DNS answers without TLS to anyone who \
+                 reaches it: give --tls-cert, --tls-key and --tls-client-ca (or, in a lab, \
+                 --insecure-listen)"
+            ));
+        }
         Ok(())
     }
+
+    /// Where gRPC listens: as given, else on all addresses with TLS and on loopback without.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen.unwrap_or_else(|| {
+            let ip = if self.tls_files().is_some() {
+                std::net::Ipv4Addr::UNSPECIFIED
+            } else {
+                std::net::Ipv4Addr::LOCALHOST
+            };
+            SocketAddr::from((ip, DEFAULT_GRPC_PORT))
+        })
+    }
+
+    /// The TLS material, when gRPC is to be served over mutual TLS.
+    pub(crate) fn tls_files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone()?,
+        })
+    }
 }
+
+/// tapd's gRPC port.
+pub const DEFAULT_GRPC_PORT: u16 = 9530;
 
 fn parse_mode(s: &str) -> Result<u32, String> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
@@ -141,7 +215,7 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.socket, PathBuf::from("/var/run/dnstap/dnstap.sock"));
         assert_eq!(c.socket_mode, 0o666);
-        assert_eq!(c.listen, "0.0.0.0:9530".parse().unwrap());
+        assert_eq!(c.listen_addr(), "127.0.0.1:9530".parse().unwrap());
         assert_eq!(c.metrics_listen, "0.0.0.0:9531".parse().unwrap());
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.recent_max_ttl, Duration::from_secs(3600));

@@ -9,10 +9,11 @@ use crate::{
     hub::{Hub, HubConfig},
     listener::{DnstapListener, Ingest},
     metrics::{Metrics, PREFIX},
+    tls::ServerTls,
 };
 use dnsflow_runtime::http::serve_http;
 use prometheus_client::registry::Registry;
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::watch};
 
 /// tapd with every socket bound, not yet serving.
@@ -23,6 +24,7 @@ pub struct Daemon {
     grpc: TcpListener,
     metrics_listener: TcpListener,
     capture: Option<CaptureFile>,
+    tls: Option<Arc<ServerTls>>,
 }
 
 async fn bind_tcp(addr: SocketAddr, what: &str) -> Result<TcpListener> {
@@ -36,7 +38,13 @@ impl Daemon {
     /// capture file.
     pub async fn bind(config: Config) -> Result<Self> {
         config.validate()?;
-        let grpc = bind_tcp(config.listen, "gRPC").await?;
+        let tls = config
+            .tls_files()
+            .map(|files| ServerTls::load(files, &config.tls_client_names))
+            .transpose()
+            .map_err(|e| Error::Config(e.to_string()))?
+            .map(Arc::new);
+        let grpc = bind_tcp(config.listen_addr(), "gRPC").await?;
         let metrics_listener = bind_tcp(config.metrics_listen, "metrics").await?;
         let mut dnstap = vec![DnstapListener::bind_unix(
             &config.socket,
@@ -56,6 +64,7 @@ impl Daemon {
             grpc,
             metrics_listener,
             capture,
+            tls,
         })
     }
 
@@ -78,6 +87,7 @@ impl Daemon {
             grpc,
             metrics_listener,
             capture,
+            tls,
         } = self;
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(
@@ -100,10 +110,11 @@ impl Daemon {
         let drain = config.drain_timeout;
 
         let mut readers = Vec::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
         for listener in dnstap {
             readers.push(tokio::spawn(listener.run(
                 Arc::clone(&ingest),
-                config.max_connections,
+                Arc::clone(&slots),
                 stop.clone(),
                 drain,
             )));
@@ -111,9 +122,32 @@ impl Daemon {
         let wait_stop = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let grpc_addr = grpc.local_addr().unwrap_or(config.listen);
-        tracing::info!(addr = %grpc_addr, "serving gRPC");
-        let grpc_task = tokio::spawn(grpc::serve(grpc, hub.clone(), wait_stop(stop.clone())));
+        let grpc_addr = grpc.local_addr().unwrap_or(config.listen_addr());
+        let reload_task = match &tls {
+            Some(tls) => {
+                tracing::info!(addr = %grpc_addr, clients = %tls.client_names(), "serving gRPC over mutual TLS");
+                Some(tokio::spawn(reload_tls(
+                    Arc::clone(tls),
+                    Arc::clone(&metrics),
+                    config.tls_reload_interval,
+                )))
+            }
+            None if grpc_addr.ip().is_loopback() => {
+                tracing::info!(addr = %grpc_addr, "serving gRPC without TLS, on loopback only");
+                None
+            }
+            None => {
+                tracing::warn!(addr = %grpc_addr, "serving gRPC WITHOUT TLS (--insecure-listen): anyone who reaches this port reads every pod's DNS answers");
+                None
+            }
+        };
+        let grpc_task = tokio::spawn(grpc::serve(
+            grpc,
+            hub.clone(),
+            tls,
+            Arc::clone(&metrics),
+            wait_stop(stop.clone()),
+        ));
         let mut registry = Registry::with_prefix(PREFIX);
         metrics.register(&mut registry);
         let metrics_addr = metrics_listener
@@ -143,7 +177,28 @@ impl Daemon {
         if let Ok(mut ingest) = Arc::try_unwrap(ingest) {
             ingest.close_capture();
         }
+        if let Some(task) = reload_task {
+            task.abort();
+        }
         tracing::info!(events = metrics.events(), "stopped");
         Ok(())
+    }
+}
+
+/// Reads the TLS files again whenever they change, for as long as tapd runs.
+async fn reload_tls(tls: Arc<ServerTls>, metrics: Arc<Metrics>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match tls.reload_if_changed() {
+            Ok(false) => {}
+            Ok(true) => {
+                metrics.tls_reload(true);
+                tracing::info!("TLS files changed: new connections use the new material");
+            }
+            Err(error) => {
+                metrics.tls_reload(false);
+                tracing::error!(%error, "TLS files changed but cannot be used; the previous material stays in use");
+            }
+        }
     }
 }

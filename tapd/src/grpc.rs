@@ -1,9 +1,12 @@
 //! The gRPC edge: `dnsflow.v1.DnsTap/Subscribe`, with server reflection and `grpc.health.v1` on the
-//! same port so that grpcurl and kubelet probes work without local `.proto` files.
+//! same port so that grpcurl works without local `.proto` files. With TLS material, only a client
+//! whose certificate names an allowed identity may subscribe ([`crate::tls`]).
 
 use crate::{
     error::{Error, Result},
     hub::{ClientFilter, Hub, Subscription},
+    metrics::{Metrics, Refusal},
+    tls::{self, ServerTls},
 };
 use dnsflow_proto::v1::{
     self as pb,
@@ -13,6 +16,7 @@ use futures::Stream;
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -27,11 +31,36 @@ const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct DnsTapService {
     hub: Hub,
+    tls: Option<Arc<ServerTls>>,
+    metrics: Arc<Metrics>,
 }
 
 impl DnsTapService {
-    pub fn new(hub: Hub) -> Self {
-        Self { hub }
+    pub fn new(hub: Hub, tls: Option<Arc<ServerTls>>, metrics: Arc<Metrics>) -> Self {
+        Self { hub, tls, metrics }
+    }
+
+    /// Who asks, as logs name them (`identity@address` under TLS), or why they may not subscribe.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let Some(tls) = &self.tls else {
+            return Ok(request
+                .remote_addr()
+                .map_or_else(|| "unknown".to_owned(), |a| a.to_string()));
+        };
+        match request.extensions().get::<tls::Peer>() {
+            Some(tls::Peer {
+                addr,
+                identity: Some(identity),
+            }) => Ok(format!("{identity}@{addr}")),
+            peer => {
+                self.metrics.refused(Refusal::Identity);
+                tracing::warn!(peer = ?peer.map(|p| p.addr), "subscription refused: the client certificate names no allowed identity");
+                Err(Status::permission_denied(format!(
+                    "the client certificate names none of the identities allowed to subscribe ({})",
+                    tls.client_names()
+                )))
+            }
+        }
     }
 }
 
@@ -61,9 +90,7 @@ impl DnsTap for DnsTapService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let peer = self.authorize(&request)?;
         let req = request.into_inner();
         let filter = ClientFilter::parse(&req.client_cidrs)
             .map_err(|e| Status::invalid_argument(format!("client_cidrs: {e}")))?;
@@ -84,22 +111,38 @@ impl DnsTap for DnsTapService {
 }
 
 /// Serves `DnsTap`, reflection (v1 and v1alpha, which grpcurl 1.8 speaks) and health on `listener`
-/// until `shutdown` completes and every stream has ended.
+/// (over mutual TLS when `tls` is given) until `shutdown` completes and every stream has ended.
 pub async fn serve(
     listener: TcpListener,
     hub: Hub,
+    tls: Option<Arc<ServerTls>>,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<DnsTapServer<DnsTapService>>().await;
+    let service = DnsTapService::new(hub, tls.clone(), Arc::clone(&metrics));
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
         .tcp_nodelay(true)
         .add_service(health_service)
-        .add_service(DnsTapServer::new(DnsTapService::new(hub)));
-    dnsflow_proto::add_reflection(router, &[pb::dns_tap_server::SERVICE_NAME])
-        .map_err(|e| Error::Config(format!("reflection: {e}")))?
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .map_err(|e| Error::io("gRPC server")(std::io::Error::other(e)))
+        .add_service(DnsTapServer::new(service));
+    let router = dnsflow_proto::add_reflection(router, &[pb::dns_tap_server::SERVICE_NAME])
+        .map_err(|e| Error::Config(format!("reflection: {e}")))?;
+    let served = match tls {
+        Some(tls) => {
+            let incoming = tls::incoming(listener, tls, move |_, _| {
+                metrics.refused(Refusal::Handshake);
+            });
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
+        }
+    };
+    served.map_err(|e| Error::io("gRPC server")(std::io::Error::other(e)))
 }

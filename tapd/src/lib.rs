@@ -13,6 +13,7 @@ mod grpc;
 mod hub;
 mod listener;
 mod metrics;
+mod tls;
 
 pub use config::Config;
 pub use daemon::Daemon;

@@ -13,6 +13,7 @@ use dnsflow_dnstap::{
     dnstap::{self, Decoded},
     framestream::{Decoder, Output},
 };
+use dnsflow_runtime::Backoff;
 use std::{
     fs, io,
     os::unix::fs::{FileTypeExt, PermissionsExt},
@@ -270,12 +271,12 @@ impl DnstapListener {
     pub async fn run(
         self,
         ingest: Arc<Ingest>,
-        max_connections: usize,
+        slots: Arc<Semaphore>,
         mut stop: watch::Receiver<bool>,
         drain: Duration,
     ) {
         static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
-        let slots = Arc::new(Semaphore::new(max_connections));
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
         let mut connections = JoinSet::new();
         let listening = self.describe();
         tracing::info!(listen = %listening, "accepting dnstap connections");
@@ -286,16 +287,22 @@ impl DnstapListener {
                 a = self.accept() => a,
             };
             let (conn, peer) = match accepted {
-                Ok(c) => c,
+                Ok(c) => {
+                    backoff.reset();
+                    c
+                }
                 Err(error) => {
-                    tracing::warn!(%error, listen = %listening, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of file descriptors, typically: wait rather than spin.
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, listen = %listening, retry_in = ?delay, "accept failed");
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             };
+            // One budget for every listener (unix socket and TCP alike).
             let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                 ingest.metrics.dropped(DropReason::ConnectionLimit);
-                tracing::warn!(%peer, max_connections, "too many dnstap connections; refusing one");
+                tracing::warn!(%peer, "too many dnstap connections (--max-connections); refusing one");
                 continue;
             };
             let id = CONNECTION_IDS.fetch_add(1, Ordering::Relaxed);
@@ -406,7 +413,8 @@ mod tests {
             .unwrap();
         let ingest = Arc::new(Ingest::new(hub, metrics, None, "tapd".into(), 4096));
         let (stop_tx, stop) = watch::channel(false);
-        let task = tokio::spawn(listener.run(ingest, 4, stop, Duration::from_secs(1)));
+        let slots = Arc::new(Semaphore::new(4));
+        let task = tokio::spawn(listener.run(ingest, slots, stop, Duration::from_secs(1)));
 
         let ct = dnsflow_proto::DNSTAP_CONTENT_TYPE.as_bytes();
         let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();

@@ -40,6 +40,26 @@ impl DropReason {
     }
 }
 
+/// Why a gRPC client was turned away (under TLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No TLS handshake: no client certificate, one from another CA, not TLS, or too slow.
+    Handshake,
+    /// A certificate from the right CA that names no identity allowed to subscribe.
+    Identity,
+}
+
+impl Refusal {
+    const ALL: [Self; 2] = [Self::Handshake, Self::Identity];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Handshake => "handshake",
+            Self::Identity => "identity",
+        }
+    }
+}
+
 /// The one label of tapd's per-reason counters; its values are fixed lists, never input.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
@@ -80,6 +100,8 @@ pub struct Metrics {
     subscribers: Level,
     lagging_subscribers: Level,
     recent_answers: Level,
+    refused: ByReason<{ Refusal::ALL.len() }>,
+    tls_reloads: ByReason<2>,
 }
 
 impl Default for Metrics {
@@ -97,6 +119,8 @@ impl Default for Metrics {
             subscribers: Level::default(),
             lagging_subscribers: Level::default(),
             recent_answers: Level::default(),
+            refused: ByReason::new(Refusal::ALL.map(Refusal::label)),
+            tls_reloads: ByReason::new(["loaded", "failed"]),
         }
     }
 }
@@ -140,6 +164,17 @@ impl Metrics {
             "dropped",
             "Events, frames or connections dropped rather than waited for, by reason",
             self.dropped.family.clone(),
+        );
+        registry.register(
+            "grpc_refused",
+            "gRPC clients turned away under TLS, by reason: handshake (no or a foreign certificate), \
+             identity (a certificate naming no allowed identity)",
+            self.refused.family.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "Readings of changed TLS files, by reason: loaded, or failed (the previous material stays)",
+            self.tls_reloads.family.clone(),
         );
         registry.register(
             "connections",
@@ -223,6 +258,16 @@ impl Metrics {
 
     pub fn set_recent_answers(&self, n: usize) {
         self.recent_answers.set(n as u64);
+    }
+
+    /// Counts a gRPC client turned away.
+    pub fn refused(&self, why: Refusal) {
+        self.refused.counters[why as usize].inc();
+    }
+
+    /// Counts a reading of changed TLS files, and whether it gave usable material.
+    pub fn tls_reload(&self, loaded: bool) {
+        self.tls_reloads.counters[usize::from(!loaded)].inc();
     }
 
     pub fn events(&self) -> u64 {

@@ -374,6 +374,27 @@ pub fn tapd_binary() -> &'static Path {
     })
 }
 
+/// Runs the shipped `deploy/tls/make-certs.sh` on `dir` for `specs` (`name:server|client`; none: the
+/// default identities), so the tests use the certificates an operator would: `dir/ca.crt`,
+/// `dir/<name>.crt`, `dir/<name>.key`.
+pub fn make_certs(dir: &Path, specs: &[&str]) -> anyhow::Result<()> {
+    require_tool("openssl")?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/tls/make-certs.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(dir)
+        .args(specs)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "make-certs.sh {specs:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// The tapd binary as a child process, in its own temp dir.
 #[derive(Debug)]
 pub struct TapdProcess {

@@ -448,13 +448,25 @@ impl<P: FlowProgrammer> Drop for Node<P> {
 
 /// Static subscriptions to `tapds`.
 pub fn static_upstream(tapds: &[&Tapd]) -> UpstreamArgs {
-    UpstreamArgs {
-        endpoints: tapds.iter().map(|t| t.grpc).collect(),
-        tapd_namespace: "kube-system".into(),
-        tapd_selector: "k8s-app=kube-dns".into(),
-        tapd_port: 9530,
-        tapd_keepalive: std::time::Duration::from_secs(20),
+    let endpoints: Vec<String> = tapds.iter().map(|t| t.grpc.to_string()).collect();
+    let endpoints = endpoints.join(",");
+    if endpoints.is_empty() {
+        upstream_args(&[])
+    } else {
+        upstream_args(&["--tapd-endpoints", &endpoints])
     }
+}
+
+/// flowd's tapd flags as `flowd run` parses them from `args`.
+pub fn upstream_args(args: &[&str]) -> UpstreamArgs {
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        upstream: UpstreamArgs,
+    }
+    <Flags as clap::Parser>::try_parse_from(std::iter::once("flowd").chain(args.iter().copied()))
+        .unwrap()
+        .upstream
 }
 
 /// An engine over the recording bridge, with OVN port keys for `pods` (iface-ids `demo_<pod>`).
@@ -910,13 +922,7 @@ async fn two_tapds_one_killed_and_restarted_mid_stream_lose_no_grant_and_duplica
     api.apply(egress_firewall("demo", allow_example_then_deny_all()));
     api.apply(dns_pod("coredns-a", &ip_a.to_string()));
     api.apply(dns_pod("coredns-b", &ip_b.to_string()));
-    let discovery = UpstreamArgs {
-        endpoints: Vec::new(),
-        tapd_namespace: "kube-system".into(),
-        tapd_selector: "k8s-app=kube-dns".into(),
-        tapd_port: port,
-        tapd_keepalive: Duration::from_secs(20),
-    };
+    let discovery = upstream_args(&["--tapd-port", &port.to_string()]);
     let node = Node::start(&api, recording_engine(&["one", "two"]), discovery);
     node.ready().await;
     eventually("subscriptions to both tapds", || node.tapd_connected() == 2).await;

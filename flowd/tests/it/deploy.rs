@@ -16,8 +16,9 @@ const FLOWD_IMAGE: &str = "localhost/dnsflow/flowd:0.1.0";
 const TAPD_IMAGE: &str = "localhost/dnsflow/tapd:0.1.0";
 /// Kinds kubernetes-validate has no schema for (OpenShift's own API): checked here by hand instead.
 const KINDS_WITHOUT_SCHEMA: &[&str] = &["SecurityContextConstraints"];
-/// Variables read by other programs than flowd and tapd (the Rust log filter).
-const FOREIGN_ENV: &[&str] = &["RUST_LOG"];
+/// Variables read by other programs than flowd and tapd: the Rust log filter, and the node address that
+/// the kubelet substitutes into FLOWD_METRICS_LISTEN.
+const FOREIGN_ENV: &[&str] = &["RUST_LOG", "NODE_IP"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -179,6 +180,133 @@ fn mounted_empty_dir(workload: &Value, c: &Value, path: &str) -> String {
 
 /// The dnstap plumbing of one DNS workload: Corefile line, shared emptyDir, tapd's socket setting, tapd's
 /// image, and tapd running as CoreDNS's non-root uid.
+/// The Secret volume of `workload` that container `c` mounts at the directory of `path`.
+fn mounted_secret<'a>(workload: &'a Value, c: &Value, path: &str) -> &'a str {
+    let dir = Path::new(path).parent().unwrap();
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| Path::new(m["mountPath"].as_str().unwrap()) == dir)
+        .unwrap_or_else(|| panic!("nothing mounted at {}", dir.display()));
+    assert_eq!(mount["readOnly"], true, "{mount:?}");
+    let volume = pod_spec(workload)["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    volume["secret"]["secretName"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{} is not a Secret", dir.display()))
+}
+
+/// gRPC between flowd and tapd is mutual TLS, wired the same way in the workloads, in cert-manager's
+/// certificates for `variant`, and in `deploy/tls/make-certs.sh`: each side reads its files from its
+/// own Secret, tapd proves the name flowd expects, and flowd's and the operator's names are ones tapd
+/// admits by default.
+fn check_tls(objects: &[Value], dns: &Value, variant: &str) {
+    let flowd_ds = find(objects, "DaemonSet", "flowd");
+    let flowd = container(flowd_ds, "flowd");
+    let tapd = container(dns, "tapd");
+    let tapd_secret = mounted_secret(dns, tapd, env_value(tapd, "TAPD_TLS_CERT"));
+    for var in ["TAPD_TLS_KEY", "TAPD_TLS_CLIENT_CA"] {
+        assert_eq!(mounted_secret(dns, tapd, env_value(tapd, var)), tapd_secret);
+    }
+    let flowd_secret = mounted_secret(flowd_ds, flowd, env_value(flowd, "FLOWD_TAPD_TLS_CERT"));
+    for var in ["FLOWD_TAPD_TLS_KEY", "FLOWD_TAPD_TLS_CA"] {
+        assert_eq!(
+            mounted_secret(flowd_ds, flowd, env_value(flowd, var)),
+            flowd_secret
+        );
+    }
+    let server_name = env_value(flowd, "FLOWD_TAPD_SERVER_NAME");
+    // flowd's metrics listen on the node's own address, where the kubelet probes them.
+    let node_ip = flowd["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "NODE_IP")
+        .expect("NODE_IP");
+    assert_eq!(
+        node_ip["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIP"
+    );
+    assert_eq!(env_value(flowd, "FLOWD_METRICS_LISTEN"), "$(NODE_IP):9541");
+    assert_eq!(flowd["readinessProbe"]["httpGet"]["port"], 9541);
+    let help = String::from_utf8(
+        Command::new(dnsflow_testkit::tapd_binary())
+            .arg("--help")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let admitted = help
+        .split("[default: flowd.dnsflow")
+        .nth(1)
+        .map(|rest| format!("flowd.dnsflow{}", rest.split(']').next().unwrap()))
+        .expect("tapd --help gives the default client names");
+
+    let certs = kustomize(&root().join("deploy/tls/cert-manager").join(variant));
+    // cert-manager's kinds: kubernetes-validate has no schema for them, so their fields are checked
+    // here, by what they must agree with.
+    assert!(certs
+        .iter()
+        .all(|o| o["apiVersion"] == "cert-manager.io/v1"));
+    let cert = |name: &str| find(&certs, "Certificate", name)["spec"].clone();
+    let names = |spec: &Value| -> Vec<String> {
+        spec["dnsNames"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap().to_string())
+            .collect()
+    };
+    let tapd_cert = find(&certs, "Certificate", "tapd-tls");
+    assert_eq!(
+        tapd_cert["metadata"]["namespace"],
+        dns["metadata"]["namespace"]
+    );
+    assert_eq!(tapd_cert["spec"]["secretName"], tapd_secret);
+    assert_eq!(names(&tapd_cert["spec"]), [server_name]);
+    assert!(serde_yaml::to_string(&tapd_cert["spec"]["usages"])
+        .unwrap()
+        .contains("server auth"));
+    let flowd_cert = find(&certs, "Certificate", "flowd-tls");
+    assert_eq!(
+        flowd_cert["metadata"]["namespace"],
+        flowd_ds["metadata"]["namespace"]
+    );
+    assert_eq!(flowd_cert["spec"]["secretName"], flowd_secret);
+    for client in ["flowd-tls", "dnsflow-operator"] {
+        let spec = cert(client);
+        assert!(serde_yaml::to_string(&spec["usages"])
+            .unwrap()
+            .contains("client auth"));
+        for name in names(&spec) {
+            assert!(
+                admitted.split(',').any(|a| a == name),
+                "{name} not in {admitted}"
+            );
+        }
+    }
+    // Every leaf comes from the one CA, which the ClusterIssuer signs with.
+    let ca = find(&certs, "ClusterIssuer", "dnsflow-ca");
+    assert_eq!(
+        ca["spec"]["ca"]["secretName"],
+        cert("dnsflow-ca")["secretName"]
+    );
+    for leaf in ["tapd-tls", "flowd-tls", "dnsflow-operator"] {
+        assert_eq!(cert(leaf)["issuerRef"]["name"], "dnsflow-ca");
+    }
+
+    // The script for clusters without cert-manager makes the same identities.
+    let script = std::fs::read_to_string(root().join("deploy/tls/make-certs.sh")).unwrap();
+    assert!(script.contains("set -- tapd:server flowd:client operator:client"));
+    assert_eq!(server_name, "tapd.dnsflow");
+}
+
 fn check_tapd_sidecar(dns: &Value, dns_container: &str) {
     let tapd = container(dns, "tapd");
     let coredns = container(dns, dns_container);
@@ -384,6 +512,7 @@ fn kind_overlay_renders_validates_and_ties_together() {
     assert_eq!(coredns["metadata"]["namespace"], "kube-system");
     check_tapd_sidecar(coredns, "coredns");
     check_discovery(&objects, coredns);
+    check_tls(&objects, coredns, "kind");
     // The Corefile the Deployment mounts is the one carrying the dnstap line.
     assert!(pod_spec(coredns)["volumes"]
         .as_sequence()
@@ -490,6 +619,7 @@ fn openshift_overlay_and_dns_default_patch_render_validate_and_tie_together() {
     let dns = find(&patched, "DaemonSet", "dns-default");
     check_tapd_sidecar(dns, "dns");
     check_discovery(&objects, dns);
+    check_tls(&objects, dns, "openshift");
     assert_eq!(container(dns, "tapd")["image"], TAPD_IMAGE);
     // The patch adds to the operator's containers; it does not replace them.
     assert_eq!(container(dns, "kube-rbac-proxy")["name"], "kube-rbac-proxy");

@@ -11,4 +11,5 @@ mod pipeline;
 mod replay;
 mod restart;
 mod sandbox;
+mod tls;
 mod workspace;

@@ -115,3 +115,27 @@ async fn check_good(good: &mut Sender, sub: &mut Streaming<DnsEvent>, n: u32) {
     let e = &collect(sub, 1).await[0];
     assert_eq!(e.query_name, name.trim_end_matches('.'));
 }
+
+/// `--max-connections` is one budget for the unix socket and the TCP listener together.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_connection_cap_covers_every_dnstap_listener() {
+    use tokio::io::AsyncReadExt;
+    let tcp = format!("127.0.0.1:{}", dnsflow_testkit::free_port());
+    let tapd = tapd(&["--max-connections", "2", "--dnstap-tcp", &tcp]);
+    let _unix = Sender::connect(&tapd.addrs.socket, true).await;
+    let _first_tcp = tokio::net::TcpStream::connect(&tcp).await.unwrap();
+    wait_until("two open connections", || {
+        tapd.addrs.metric("tapd_open_connections") == 2
+    })
+    .unwrap();
+    let mut refused = tokio::net::TcpStream::connect(&tcp).await.unwrap();
+    let mut buf = [0u8; 8];
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(5), refused.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+    assert_eq!(
+        tapd.addrs
+            .metric("tapd_dropped_total{reason=\"connection_limit\"}"),
+        1
+    );
+}

@@ -12,4 +12,5 @@ mod lifecycle;
 mod pipeline;
 mod slow_subscriber;
 mod subscribe;
+mod tls;
 mod unbound;
