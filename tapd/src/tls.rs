@@ -4,8 +4,9 @@
 //! `--tls-key`). The files are read again when they change (a Secret rotated by cert-manager or by
 //! hand): new connections get the new material, established ones keep theirs.
 //!
-//! Handshakes run beside the accept loop, bounded in number and time, so a peer that opens a connection
-//! and says nothing holds one handshake slot for at most [`HANDSHAKE_TIMEOUT`].
+//! Handshakes run beside the accept loop, bounded in number and time, and per address: a peer that
+//! opens connections and says nothing holds at most [`MAX_HANDSHAKES_PER_PEER`] handshake slots, each
+//! for at most [`HANDSHAKE_TIMEOUT`], so it cannot keep flowd from connecting.
 
 use dnsflow_runtime::Backoff;
 use rustls::{
@@ -14,8 +15,9 @@ use rustls::{
     RootCertStore, ServerConfig,
 };
 use std::{
+    collections::HashMap,
     fs, io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     pin::Pin,
     sync::{Arc, Mutex, PoisonError, RwLock},
@@ -30,10 +32,52 @@ use tokio::{
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tokio_stream::wrappers::ReceiverStream;
 
-/// A handshake not done by then is a peer that is not speaking TLS to us.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A handshake not done by then is a peer that is not speaking TLS to us (a real one takes
+/// milliseconds).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshakes in progress at once; more connections wait in the kernel's accept queue.
-const MAX_HANDSHAKES: usize = 64;
+const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in progress from one address; its further connections are closed at once.
+pub const MAX_HANDSHAKES_PER_PEER: usize = 4;
+
+/// Handshakes in progress per address.
+type InFlight = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One handshake of `ip` counted in `InFlight`, until dropped.
+struct HandshakeSlot {
+    in_flight: InFlight,
+    ip: IpAddr,
+}
+
+impl HandshakeSlot {
+    fn take(in_flight: &InFlight, ip: IpAddr) -> Option<Self> {
+        let mut map = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = map.entry(ip).or_default();
+        if *n >= MAX_HANDSHAKES_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            in_flight: Arc::clone(in_flight),
+            ip,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// Why TLS material could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -277,6 +321,7 @@ pub fn incoming(
 ) -> ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(MAX_HANDSHAKES);
     let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let in_flight = InFlight::default();
     let on_refused = Arc::new(on_refused);
     tokio::spawn(async move {
         let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
@@ -301,11 +346,18 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Some(peer_slot) = HandshakeSlot::take(&in_flight, addr.ip()) else {
+                on_refused(
+                    &addr,
+                    &io::Error::other("too many handshakes in progress from this address"),
+                );
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = tls.acceptor();
             let (tls, tx, on_refused) = (Arc::clone(&tls), tx.clone(), Arc::clone(&on_refused));
             tokio::spawn(async move {
-                let _slot = slot;
+                let _slots = (slot, peer_slot);
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                     .await
                     .unwrap_or_else(|_| {

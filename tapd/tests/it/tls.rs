@@ -297,3 +297,38 @@ fn without_tls_only_loopback_is_served_unless_insecure_listen() {
     let mut insecure = ChildDaemon::spawn("tapd", &mut cmd, dir.path().join("tapd.log")).unwrap();
     insecure.wait_for_log("WITHOUT TLS").unwrap();
 }
+
+/// Hundreds of connections that never start a handshake, from one address, keep nobody else out: the
+/// address holds a few handshake slots, its other connections are closed at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_connections_do_not_keep_flowd_out() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path(), &[]).unwrap();
+    let tapd = start(certs.path(), &[]);
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+        silent.push(socket.connect(tapd.addrs.grpc).await.unwrap());
+    }
+    wait_until("the silent connections to be turned away", || {
+        tapd.addrs
+            .metric("tapd_grpc_refused_total{reason=\"handshake\"}")
+            >= 290
+    })
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut stream = Client::flowd(certs.path())
+        .subscribe(&tapd.addrs)
+        .await
+        .expect("flowd subscribes");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    let mut dns = Sender::connect(&tapd.addrs.socket, true).await;
+    dns.answer([10, 0, 0, 4], "through.example.", [192, 0, 2, 4])
+        .await;
+    assert_eq!(
+        collect(&mut stream, 1).await[0].query_name,
+        "through.example"
+    );
+    drop(silent);
+}
