@@ -123,7 +123,9 @@ impl<R: Read> CaptureReader<R> {
     fn on_frame(&mut self, frame: &[u8]) -> Option<Result<DnsResponse>> {
         self.stats.frames += 1;
         match dnstap::decode(frame, "", SystemTime::now()) {
-            Ok(Decoded::Response(mut r)) => {
+            Ok(Decoded::Response {
+                response: mut r, ..
+            }) => {
                 self.stats.events += 1;
                 r.sequence = self.stats.events;
                 Some(Ok(r))

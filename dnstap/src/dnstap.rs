@@ -74,8 +74,12 @@ impl DecodeError {
 /// The outcome of decoding one frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decoded {
-    /// A client response, with `sequence` 0 (the hub numbers events).
-    Response(DnsResponse),
+    /// A client response, with `sequence` 0 (the hub numbers events). `addresses_cut`: the chain's
+    /// addresses beyond [`MAX_ANSWERS`], left out of the event.
+    Response {
+        response: DnsResponse,
+        addresses_cut: usize,
+    },
     /// Another kind of dnstap message (queries, FORWARDER_*, resolver traffic): not ours.
     Ignored,
 }
@@ -115,19 +119,22 @@ pub fn decode(
         _ => fallback_identity.to_owned(),
     };
     let dns = parse_dns(wire)?;
-    Ok(Decoded::Response(DnsResponse {
-        client,
-        qname: dns.qname,
-        qtype: dns.qtype,
-        rcode: dns.rcode,
-        cname_chain: dns.cname_chain,
-        answers: dns.answers,
-        response_time,
-        decoded_time: now,
-        server_identity,
-        sequence: 0,
-        replayed: false,
-    }))
+    Ok(Decoded::Response {
+        response: DnsResponse {
+            client,
+            qname: dns.qname,
+            qtype: dns.qtype,
+            rcode: dns.rcode,
+            cname_chain: dns.cname_chain,
+            answers: dns.answers,
+            response_time,
+            decoded_time: now,
+            server_identity,
+            sequence: 0,
+            replayed: false,
+        },
+        addresses_cut: dns.addresses_cut,
+    })
 }
 
 /// 4 bytes are IPv4; 16 bytes are IPv6, unless IPv4-mapped (older CoreDNS sends IPv4 clients that
@@ -150,6 +157,7 @@ struct DnsAnswer {
     rcode: u16,
     cname_chain: Vec<DnsName>,
     answers: Vec<Answer>,
+    addresses_cut: usize,
 }
 
 fn check_counts(wire: &[u8]) -> Result<(), DecodeError> {
@@ -226,12 +234,9 @@ fn parse_dns(wire: &[u8]) -> Result<DnsAnswer, DecodeError> {
         }),
         _ => None,
     };
-    let count = msg
-        .answers
-        .iter()
-        .filter_map(address)
-        .take(MAX_ANSWERS)
-        .count();
+    // hickory has already bounded the records by the message's size; only the event is capped.
+    let total = msg.answers.iter().filter_map(address).count();
+    let count = total.min(MAX_ANSWERS);
     let mut answers = Vec::with_capacity(count);
     answers.extend(msg.answers.iter().filter_map(address).take(count));
     Ok(DnsAnswer {
@@ -240,6 +245,7 @@ fn parse_dns(wire: &[u8]) -> Result<DnsAnswer, DecodeError> {
         rcode: u16::from(msg.metadata.response_code),
         cname_chain,
         answers,
+        addresses_cut: total - count,
     })
 }
 
@@ -311,7 +317,7 @@ mod tests {
 
     fn decoded(frame: &[u8]) -> DnsResponse {
         match decode(frame, "tapd", UNIX_EPOCH).unwrap() {
-            Decoded::Response(r) => r,
+            Decoded::Response { response, .. } => response,
             Decoded::Ignored => panic!("ignored"),
         }
     }
@@ -365,6 +371,26 @@ mod tests {
             r.response_time,
             Some(UNIX_EPOCH + Duration::new(1_700_000_000, 42))
         );
+    }
+
+    #[test]
+    fn addresses_beyond_the_cap_are_left_out_and_counted() {
+        let records = (0..300u16)
+            .map(|i| a("many.test.", [10, 9, (i >> 8) as u8, i as u8], 60))
+            .collect();
+        let wire = response("many.test.", RecordType::A, records);
+        let frame = client_response_frame(None, &[10, 0, 0, 1], &wire, UNIX_EPOCH);
+        match decode(&frame, "tapd", UNIX_EPOCH).unwrap() {
+            Decoded::Response {
+                response,
+                addresses_cut,
+            } => {
+                assert_eq!(response.answers.len(), MAX_ANSWERS);
+                assert_eq!(addresses_cut, 300 - MAX_ANSWERS);
+                assert_eq!(response.answers[0].ip, IpAddr::from([10, 9, 0, 0]));
+            }
+            Decoded::Ignored => panic!("ignored"),
+        }
     }
 
     #[test]

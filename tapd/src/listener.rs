@@ -87,8 +87,14 @@ impl Ingest {
             }
         }
         match dnstap::decode(&frame, &self.identity, received) {
-            Ok(Decoded::Response(r)) => {
+            Ok(Decoded::Response {
+                response: r,
+                addresses_cut,
+            }) => {
                 self.metrics.event();
+                if addresses_cut > 0 {
+                    self.metrics.addresses_cut(addresses_cut);
+                }
                 self.hub.publish(r, now);
                 None
             }

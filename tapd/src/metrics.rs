@@ -102,6 +102,7 @@ pub struct Metrics {
     recent_answers: Level,
     refused: ByReason<{ Refusal::ALL.len() }>,
     tls_reloads: ByReason<2>,
+    addresses_cut: Counter,
 }
 
 impl Default for Metrics {
@@ -121,6 +122,7 @@ impl Default for Metrics {
             recent_answers: Level::default(),
             refused: ByReason::new(Refusal::ALL.map(Refusal::label)),
             tls_reloads: ByReason::new(["loaded", "failed"]),
+            addresses_cut: Counter::default(),
         }
     }
 }
@@ -164,6 +166,11 @@ impl Metrics {
             "dropped",
             "Events, frames or connections dropped rather than waited for, by reason",
             self.dropped.family.clone(),
+        );
+        registry.register(
+            "addresses_cut",
+            "Answer addresses left out of events beyond 256 per answer (those IPs earn no flow)",
+            self.addresses_cut.clone(),
         );
         registry.register(
             "grpc_refused",
@@ -258,6 +265,11 @@ impl Metrics {
 
     pub fn set_recent_answers(&self, n: usize) {
         self.recent_answers.set(n as u64);
+    }
+
+    /// Counts the addresses of one answer left out of its event (beyond 256).
+    pub fn addresses_cut(&self, n: usize) {
+        self.addresses_cut.inc_by(n as u64);
     }
 
     /// Counts a gRPC client turned away.

@@ -471,7 +471,7 @@ pub fn drive_pipeline(data: &[u8]) {
         loop {
             match decoder.poll() {
                 Ok(Some(Output::Data(frame))) => {
-                    if let Ok(Decoded::Response(r)) =
+                    if let Ok(Decoded::Response { response: r, .. }) =
                         dnstap::decode(&frame, "fuzz", std::time::UNIX_EPOCH)
                     {
                         assert!(r.cname_chain.len() <= MAX_CNAME_CHAIN);

@@ -139,3 +139,35 @@ async fn one_connection_cap_covers_every_dnstap_listener() {
         1
     );
 }
+
+/// An answer with more addresses than an event carries: the event keeps the first 256, the rest are
+/// counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn addresses_beyond_256_are_cut_and_counted() {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{rdata::A, Name, RData, Record, RecordType},
+    };
+    use std::str::FromStr;
+    let tapd = tapd(&[]);
+    let mut sub = subscribe(&tapd.addrs, &[], false).await;
+    let owner = Name::from_str("many.example.").unwrap();
+    let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+    m.add_query(Query::query(owner.clone(), RecordType::A));
+    for i in 0..300u16 {
+        let ip = std::net::Ipv4Addr::new(198, 18, (i >> 8) as u8, i as u8);
+        m.add_answer(Record::from_rdata(owner.clone(), 60, RData::A(A::from(ip))));
+    }
+    let mut sender = Sender::connect(&tapd.addrs.socket, true).await;
+    sender
+        .send(&client_response_frame(
+            None,
+            &[10, 0, 0, 6],
+            &m.to_vec().unwrap(),
+            SystemTime::now(),
+        ))
+        .await;
+    let e = &collect(&mut sub, 1).await[0];
+    assert_eq!(e.answers.len(), 256);
+    assert_eq!(tapd.addrs.metric("tapd_addresses_cut_total"), 44);
+}

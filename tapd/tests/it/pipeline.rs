@@ -40,7 +40,8 @@ fn run(bytes: &[u8], chunks: &[usize]) -> (Vec<Output>, bool) {
 }
 
 fn check_decoded(frame: &[u8]) {
-    if let Ok(Decoded::Response(r)) = dnstap::decode(frame, "p", SystemTime::now()) {
+    if let Ok(Decoded::Response { response: r, .. }) = dnstap::decode(frame, "p", SystemTime::now())
+    {
         assert!(r.cname_chain.len() <= MAX_CNAME_CHAIN);
         assert!(r.answers.len() <= MAX_ANSWERS);
         for n in r.names() {
