@@ -93,9 +93,13 @@ pub struct Config {
     pub max_subscribers: usize,
 
     /// Most recent answers kept for replay to (re)connecting subscribers; 0 disables the replay.
-    /// Each costs about 0.5 KiB.
     #[arg(long, env = "TAPD_RECENT_ENTRIES", default_value_t = 20_000)]
     pub recent_entries: usize,
+
+    /// Most memory the kept answers take, in bytes: an answer of many addresses counts for more, so
+    /// a zone that answers with hundreds of records cannot push tapd past its memory limit.
+    #[arg(long, env = "TAPD_RECENT_MAX_BYTES", default_value_t = 32 << 20)]
+    pub recent_max_bytes: usize,
 
     /// Longest time an answer is kept for replay, whatever its TTL (e.g. 30s, 15m, 1h).
     #[arg(long, env = "TAPD_RECENT_MAX_TTL", default_value = "1h", value_parser = parse_duration)]

@@ -94,6 +94,7 @@ impl Daemon {
             HubConfig {
                 subscriber_buffer: config.subscriber_buffer,
                 recent_entries: config.recent_entries,
+                recent_max_bytes: config.recent_max_bytes,
                 recent_max_ttl: config.recent_max_ttl,
                 max_subscribers: config.max_subscribers,
             },

@@ -33,6 +33,8 @@ pub struct HubConfig {
     pub subscriber_buffer: usize,
     /// Most answers the recent-answer cache holds.
     pub recent_entries: usize,
+    /// Most memory the recent-answer cache holds, in bytes (about): big answers count for more.
+    pub recent_max_bytes: usize,
     /// Longest time an answer stays in the cache, whatever its TTL says.
     pub recent_max_ttl: Duration,
     /// Most subscribers at once (each may hold `subscriber_buffer` events).
@@ -128,12 +130,52 @@ struct RecentEntry {
     response: Arc<DnsResponse>,
     stored: Instant,
     expires: Instant,
+    /// What it holds in memory, about.
+    bytes: usize,
 }
 
-/// Bounded by entry count; expired entries go when seen (eviction, snapshots).
+/// A cached answer on its way to a subscriber that asked for the replay, and how long it has been
+/// held: its TTLs are counted down when it is sent.
+#[derive(Debug)]
+struct Replay {
+    response: Arc<DnsResponse>,
+    held: u32,
+}
+
+impl Replay {
+    /// The answer as replayed now, or `None` when all its addresses have expired.
+    fn materialize(self) -> Option<Arc<DnsResponse>> {
+        let mut r = DnsResponse::clone(&self.response);
+        r.replayed = true;
+        r.answers.retain_mut(|a| {
+            a.ttl = a.ttl.saturating_sub(self.held);
+            a.ttl > 0
+        });
+        (!r.answers.is_empty()).then(|| Arc::new(r))
+    }
+}
+
+/// About the memory one cached answer holds: the response, its names and addresses, and its places in
+/// the map and the order queue.
+fn footprint(r: &DnsResponse) -> usize {
+    const OVERHEAD: usize = 96;
+    std::mem::size_of::<DnsResponse>()
+        + OVERHEAD
+        + r.qname.as_str().len()
+        + r.server_identity.len()
+        + r.cname_chain
+            .iter()
+            .map(|n| std::mem::size_of::<dnsflow_dnstap::DnsName>() + n.as_str().len())
+            .sum::<usize>()
+        + r.answers.capacity() * std::mem::size_of::<dnsflow_dnstap::Answer>()
+}
+
+/// Bounded by entry count and by bytes; expired entries go when seen (eviction, snapshots).
 #[derive(Debug)]
 struct RecentCache {
     capacity: usize,
+    max_bytes: usize,
+    bytes: usize,
     max_ttl: Duration,
     keys: RandomState,
     entries: HashMap<RecentKey, RecentEntry, BuildHasherDefault<PreHashed>>,
@@ -143,9 +185,11 @@ struct RecentCache {
 }
 
 impl RecentCache {
-    fn new(capacity: usize, max_ttl: Duration) -> Self {
+    fn new(capacity: usize, max_bytes: usize, max_ttl: Duration) -> Self {
         Self {
             capacity,
+            max_bytes,
+            bytes: 0,
             max_ttl,
             keys: RandomState::new(),
             entries: HashMap::default(),
@@ -158,19 +202,26 @@ impl RecentCache {
         if self.capacity == 0 || !r.is_noerror() || ttl.is_zero() {
             return;
         }
-        let key = self.keys.hash_one((r.client, &r.qname, r.qtype));
-        while self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
-            if !self.evict_oldest() {
-                break;
-            }
+        let bytes = footprint(r);
+        if bytes > self.max_bytes {
+            return;
         }
+        let key = self.keys.hash_one((r.client, &r.qname, r.qtype));
+        if let Some(old) = self.entries.remove(&key) {
+            self.bytes -= old.bytes;
+        }
+        while (self.entries.len() >= self.capacity || self.bytes + bytes > self.max_bytes)
+            && self.evict_oldest()
+        {}
         self.order.push_back((key, r.sequence));
+        self.bytes += bytes;
         self.entries.insert(
             key,
             RecentEntry {
                 response: Arc::clone(r),
                 stored: now,
                 expires: now + ttl,
+                bytes,
             },
         );
         // Replaced answers leave stale items behind; drop them once they outnumber the live ones, so
@@ -190,33 +241,36 @@ impl RecentCache {
                 .get(&key)
                 .is_some_and(|e| e.response.sequence == seq)
             {
-                self.entries.remove(&key);
+                if let Some(e) = self.entries.remove(&key) {
+                    self.bytes -= e.bytes;
+                }
                 return true;
             }
         }
         false
     }
 
-    /// The live answers for `filter`, oldest first, marked replayed, with TTLs counted down.
-    fn snapshot(&mut self, filter: &ClientFilter, now: Instant) -> Vec<Arc<DnsResponse>> {
-        self.entries.retain(|_, e| e.expires > now);
-        let mut out: Vec<Arc<DnsResponse>> = self
+    /// The live answers for `filter`, oldest first, each with the seconds it has been held. They are
+    /// the cached entries themselves, shared: a replay costs a pointer per answer, not a copy.
+    fn snapshot(&mut self, filter: &ClientFilter, now: Instant) -> Vec<Replay> {
+        let bytes = &mut self.bytes;
+        self.entries.retain(|_, e| {
+            let live = e.expires > now;
+            if !live {
+                *bytes -= e.bytes;
+            }
+            live
+        });
+        let mut out: Vec<Replay> = self
             .entries
             .values()
             .filter(|e| filter.matches(e.response.client))
-            .filter_map(|e| {
-                let elapsed =
-                    u32::try_from(now.duration_since(e.stored).as_secs()).unwrap_or(u32::MAX);
-                let mut r = DnsResponse::clone(&e.response);
-                r.replayed = true;
-                r.answers.retain_mut(|a| {
-                    a.ttl = a.ttl.saturating_sub(elapsed);
-                    a.ttl > 0
-                });
-                (!r.answers.is_empty()).then(|| Arc::new(r))
+            .map(|e| Replay {
+                response: Arc::clone(&e.response),
+                held: u32::try_from(now.duration_since(e.stored).as_secs()).unwrap_or(u32::MAX),
             })
             .collect();
-        out.sort_by_key(|r| r.sequence);
+        out.sort_by_key(|r| r.response.sequence);
         out
     }
 }
@@ -250,6 +304,7 @@ impl Hub {
                 subscribers: RwLock::new(Vec::new()),
                 recent: Mutex::new(RecentCache::new(
                     config.recent_entries,
+                    config.recent_max_bytes,
                     config.recent_max_ttl,
                 )),
             }),
@@ -266,7 +321,9 @@ impl Hub {
         {
             let mut recent = inner.recent.lock().unwrap_or_else(PoisonError::into_inner);
             recent.insert(&response, now);
-            inner.metrics.set_recent_answers(recent.entries.len());
+            inner
+                .metrics
+                .set_recent_answers(recent.entries.len(), recent.bytes);
         }
         let subscribers = inner
             .subscribers
@@ -323,7 +380,9 @@ impl Hub {
         let replay = if replay_recent {
             let mut recent = inner.recent.lock().unwrap_or_else(PoisonError::into_inner);
             let replay = recent.snapshot(&filter, now);
-            inner.metrics.set_recent_answers(recent.entries.len());
+            inner
+                .metrics
+                .set_recent_answers(recent.entries.len(), recent.bytes);
             replay
         } else {
             Vec::new()
@@ -358,7 +417,7 @@ pub struct Subscription {
     id: u64,
     peer: String,
     dropped: Arc<AtomicU64>,
-    replay: VecDeque<Arc<DnsResponse>>,
+    replay: VecDeque<Replay>,
     rx: mpsc::Receiver<Arc<DnsResponse>>,
 }
 
@@ -377,8 +436,10 @@ impl Stream for Subscription {
     type Item = Arc<DnsResponse>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(r) = self.replay.pop_front() {
-            return Poll::Ready(Some(r));
+        while let Some(r) = self.replay.pop_front() {
+            if let Some(r) = r.materialize() {
+                return Poll::Ready(Some(r));
+            }
         }
         self.rx.poll_recv(cx)
     }
@@ -416,6 +477,7 @@ mod tests {
         HubConfig {
             subscriber_buffer: 4,
             recent_entries: 3,
+            recent_max_bytes: 1 << 20,
             recent_max_ttl: Duration::from_secs(3600),
             max_subscribers: 3,
         }
@@ -575,7 +637,7 @@ mod tests {
 
     #[test]
     fn recent_cache_is_bounded_and_evicts_the_oldest() {
-        let mut cache = RecentCache::new(3, Duration::from_secs(60));
+        let mut cache = RecentCache::new(3, usize::MAX, Duration::from_secs(60));
         let now = Instant::now();
         for i in 0..1000u64 {
             let mut r = resp("10.0.0.1", &format!("n{}.test", i % 5), "192.0.2.1", 30);
@@ -587,7 +649,7 @@ mod tests {
         let names: Vec<String> = cache
             .snapshot(&ClientFilter::default(), now)
             .iter()
-            .map(|r| r.qname.to_string())
+            .map(|r| r.response.qname.to_string())
             .collect();
         assert_eq!(names, ["n2.test", "n3.test", "n4.test"]);
         // The TTL cap bounds how long anything stays.
@@ -595,6 +657,81 @@ mod tests {
             .snapshot(&ClientFilter::default(), now + Duration::from_secs(61))
             .is_empty());
         assert!(cache.entries.is_empty());
+    }
+
+    /// An answer of `n` addresses for `client`, numbered `seq`.
+    fn big(client: u8, n: u16, seq: u64) -> Arc<DnsResponse> {
+        let mut r = resp(&format!("10.0.0.{client}"), "many.test", "192.0.2.1", 60);
+        r.answers = (0..n)
+            .map(|i| Answer {
+                ip: std::net::IpAddr::from([198, 18, (i >> 8) as u8, i as u8]),
+                ttl: 60,
+            })
+            .collect();
+        r.sequence = seq;
+        Arc::new(r)
+    }
+
+    #[test]
+    fn recent_cache_is_bounded_in_bytes_whatever_the_answers_hold() {
+        let max_bytes = 256 << 10;
+        let mut cache = RecentCache::new(20_000, max_bytes, Duration::from_secs(3600));
+        let now = Instant::now();
+        for i in 0..2_000u64 {
+            cache.insert(&big((i % 250) as u8, 256, i + 1), now);
+            assert!(cache.bytes <= max_bytes, "{} bytes", cache.bytes);
+        }
+        let held: usize = cache.entries.values().map(|e| e.bytes).sum();
+        assert_eq!(held, cache.bytes, "the running total is exact");
+        assert!(
+            cache.entries.len() < 100,
+            "{} big answers kept",
+            cache.entries.len()
+        );
+        // Small answers still fit many at a time.
+        for i in 0..2_000u64 {
+            cache.insert(&big((i % 250) as u8, 1, 10_000 + i), now);
+        }
+        assert_eq!(cache.entries.len(), 250);
+        // An answer larger than the whole bound is not kept at all.
+        let mut tiny = RecentCache::new(10, 1024, Duration::from_secs(60));
+        tiny.insert(&big(1, 256, 1), now);
+        assert!(tiny.entries.is_empty() && tiny.bytes == 0);
+    }
+
+    #[test]
+    fn a_replay_shares_the_cached_answers() {
+        let hub = Hub::new(config(), Arc::default());
+        let now = Instant::now();
+        hub.publish(resp("10.0.0.1", "a.test", "192.0.2.1", 60), now);
+        let cached = {
+            let mut recent = hub.inner.recent.lock().unwrap();
+            recent.snapshot(&ClientFilter::default(), now)
+        };
+        // The snapshot holds the cache's own entry, not a copy.
+        let entry = hub
+            .inner
+            .recent
+            .lock()
+            .unwrap()
+            .entries
+            .values()
+            .next()
+            .map(|e| Arc::clone(&e.response))
+            .unwrap();
+        assert!(Arc::ptr_eq(&cached[0].response, &entry));
+        // Counted down when sent.
+        let mut s = hub
+            .subscribe(
+                ClientFilter::default(),
+                true,
+                "p".into(),
+                now + Duration::from_secs(20),
+            )
+            .unwrap();
+        let got = ready(&mut s);
+        assert_eq!(got[0].answers[0].ttl, 40);
+        assert!(got[0].replayed);
     }
 
     #[test]

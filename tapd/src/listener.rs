@@ -409,6 +409,7 @@ mod tests {
             HubConfig {
                 subscriber_buffer: 16,
                 recent_entries: 16,
+                recent_max_bytes: 1 << 20,
                 recent_max_ttl: Duration::from_secs(60),
                 max_subscribers: 4,
             },

@@ -100,6 +100,7 @@ pub struct Metrics {
     subscribers: Level,
     lagging_subscribers: Level,
     recent_answers: Level,
+    recent_answer_bytes: Level,
     refused: ByReason<{ Refusal::ALL.len() }>,
     tls_reloads: ByReason<2>,
     addresses_cut: Counter,
@@ -120,6 +121,7 @@ impl Default for Metrics {
             subscribers: Level::default(),
             lagging_subscribers: Level::default(),
             recent_answers: Level::default(),
+            recent_answer_bytes: Level::default(),
             refused: ByReason::new(Refusal::ALL.map(Refusal::label)),
             tls_reloads: ByReason::new(["loaded", "failed"]),
             addresses_cut: Counter::default(),
@@ -208,6 +210,12 @@ impl Metrics {
             "Answers held for replay to new subscribers",
             self.recent_answers.clone(),
         );
+        registry.register_with_unit(
+            "recent_answer",
+            "Memory the answers held for replay take, about",
+            Unit::Bytes,
+            self.recent_answer_bytes.clone(),
+        );
     }
 
     pub fn frame(&self, len: usize) {
@@ -263,8 +271,9 @@ impl Metrics {
         self.lagging_subscribers.dec();
     }
 
-    pub fn set_recent_answers(&self, n: usize) {
+    pub fn set_recent_answers(&self, n: usize, bytes: usize) {
         self.recent_answers.set(n as u64);
+        self.recent_answer_bytes.set(bytes as u64);
     }
 
     /// Counts the addresses of one answer left out of its event (beyond 256).

@@ -171,3 +171,50 @@ async fn addresses_beyond_256_are_cut_and_counted() {
     assert_eq!(e.answers.len(), 256);
     assert_eq!(tapd.addrs.metric("tapd_addresses_cut_total"), 44);
 }
+
+/// 20,000 answers of 256 records each (any pod can make CoreDNS answer those from a zone it controls):
+/// the recent-answer cache is bounded in bytes, so tapd stays far below its 128 MiB limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn big_answers_keep_tapd_within_its_memory_bound() {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{rdata::A, Name, RData, Record, RecordType},
+    };
+    use std::str::FromStr;
+    const ANSWERS: u32 = 20_000;
+    let tapd = tapd(&[]);
+    let rss = || {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", tapd.daemon.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let frames = (0..ANSWERS).map(|i| {
+        let owner = Name::from_str(&format!("n{i}.zone.example.")).unwrap();
+        let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+        m.add_query(Query::query(owner.clone(), RecordType::A));
+        for j in 0..256u32 {
+            let ip = std::net::Ipv4Addr::from(0xc612_0000 | j);
+            m.add_answer(Record::from_rdata(
+                owner.clone(),
+                3600,
+                RData::A(A::from(ip)),
+            ));
+        }
+        let client = [10, 1, (i >> 8) as u8, i as u8];
+        client_response_frame(None, &client, &m.to_vec().unwrap(), SystemTime::now())
+    });
+    let mut sender = Sender::connect(&tapd.addrs.socket, true).await;
+    sender.send_all(frames).await;
+    wait_until("every answer decoded", || {
+        tapd.addrs.metric("tapd_events_total") == u64::from(ANSWERS)
+    })
+    .unwrap();
+    let bytes = tapd.addrs.metric("tapd_recent_answer_bytes");
+    assert!(bytes <= 32 << 20, "{bytes} bytes held");
+    let peak_kib = rss();
+    assert!(peak_kib < 100 << 10, "peak RSS {peak_kib} KiB");
+}
