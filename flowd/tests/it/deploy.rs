@@ -339,6 +339,13 @@ fn assert_reads_its_env(c: &Value, known: &BTreeSet<String>) {
 
 /// The manifest's flowd settings, given to flowd's own parser as flags: they parse and validate.
 fn check_flowd_settings_parse(flowd: &Value) {
+    // The kubelet substitutes the node's address, IPv4 or IPv6.
+    for node_ip in ["10.89.0.2", "fd00:10:89::2"] {
+        check_flowd_settings_parse_on(flowd, node_ip);
+    }
+}
+
+fn check_flowd_settings_parse_on(flowd: &Value, node_ip: &str) {
     use clap::{CommandFactory as _, Parser as _};
     let cmd = flowd::config::Cli::command();
     let run = cmd.find_subcommand("run").unwrap();
@@ -349,7 +356,7 @@ fn check_flowd_settings_parse(flowd: &Value) {
             continue;
         }
         let value = match e["value"].as_str() {
-            Some(v) => v.to_string(),
+            Some(v) => v.replace("$(NODE_IP)", node_ip),
             // From the downward API.
             None => "node1".to_string(),
         };
