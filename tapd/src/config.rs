@@ -92,6 +92,11 @@ pub struct Config {
     #[arg(long, env = "TAPD_MAX_SUBSCRIBERS", default_value_t = 256)]
     pub max_subscribers: usize,
 
+    /// Most gRPC subscribers of one peer (its certificate's identity and its address) at once: one
+    /// flowd needs one, two while it reconnects.
+    #[arg(long, env = "TAPD_MAX_SUBSCRIBERS_PER_PEER", default_value_t = 4)]
+    pub max_subscribers_per_peer: usize,
+
     /// Most recent answers kept for replay to (re)connecting subscribers; 0 disables the replay.
     #[arg(long, env = "TAPD_RECENT_ENTRIES", default_value_t = 20_000)]
     pub recent_entries: usize,
@@ -145,6 +150,9 @@ impl Config {
         }
         if self.max_subscribers == 0 {
             return bad("--max-subscribers must be at least 1".into());
+        }
+        if self.max_subscribers_per_peer == 0 {
+            return bad("--max-subscribers-per-peer must be at least 1".into());
         }
         if self.subscriber_buffer == 0 {
             return bad("--subscriber-buffer must be at least 1".into());

@@ -97,6 +97,7 @@ impl Daemon {
                 recent_max_bytes: config.recent_max_bytes,
                 recent_max_ttl: config.recent_max_ttl,
                 max_subscribers: config.max_subscribers,
+                max_subscribers_per_peer: config.max_subscribers_per_peer,
             },
             Arc::clone(&metrics),
         );

@@ -4,7 +4,7 @@
 
 use crate::{
     error::{Error, Result},
-    hub::{ClientFilter, Hub, Subscription},
+    hub::{ClientFilter, Hub, Peer, Subscription},
     metrics::{Metrics, Refusal},
     tls::{self, ServerTls},
 };
@@ -40,18 +40,25 @@ impl DnsTapService {
         Self { hub, tls, metrics }
     }
 
-    /// Who asks, as logs name them (`identity@address` under TLS), or why they may not subscribe.
-    fn authorize<T>(&self, request: &Request<T>) -> Result<String, Status> {
+    /// Who asks (`identity@address` under TLS), or why they may not subscribe.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<Peer, Status> {
         let Some(tls) = &self.tls else {
-            return Ok(request
-                .remote_addr()
-                .map_or_else(|| "unknown".to_owned(), |a| a.to_string()));
+            return Ok(match request.remote_addr() {
+                Some(addr) => Peer {
+                    name: addr.to_string(),
+                    key: Arc::from(addr.ip().to_string()),
+                },
+                None => Peer::from("unknown"),
+            });
         };
         match request.extensions().get::<tls::Peer>() {
             Some(tls::Peer {
                 addr,
                 identity: Some(identity),
-            }) => Ok(format!("{identity}@{addr}")),
+            }) => Ok(Peer {
+                name: format!("{identity}@{addr}"),
+                key: Arc::from(format!("{identity}@{}", addr.ip())),
+            }),
             peer => {
                 self.metrics.refused(Refusal::Identity);
                 tracing::warn!(peer = ?peer.map(|p| p.addr), "subscription refused: the client certificate names no allowed identity");
@@ -94,11 +101,15 @@ impl DnsTap for DnsTapService {
         let req = request.into_inner();
         let filter = ClientFilter::parse(&req.client_cidrs)
             .map_err(|e| Status::invalid_argument(format!("client_cidrs: {e}")))?;
+        let name = peer.name.clone();
         let subscription = self
             .hub
-            .subscribe(filter, req.replay_recent, peer.clone(), Instant::now())
-            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        let span = tracing::info_span!("subscriber", id = subscription.id(), %peer);
+            .subscribe(filter, req.replay_recent, peer, Instant::now())
+            .map_err(|e| {
+                tracing::warn!(peer = %name, error = %e, "subscription refused");
+                Status::resource_exhausted(e.to_string())
+            })?;
+        let span = tracing::info_span!("subscriber", id = subscription.id(), peer = %name);
         span.in_scope(|| {
             tracing::info!(
                 cidrs = ?req.client_cidrs,

@@ -39,12 +39,36 @@ pub struct HubConfig {
     pub recent_max_ttl: Duration,
     /// Most subscribers at once (each may hold `subscriber_buffer` events).
     pub max_subscribers: usize,
+    /// Most subscribers of one peer (identity and address) at once, so that one peer cannot take
+    /// the slots every node's flowd needs.
+    pub max_subscribers_per_peer: usize,
 }
 
-/// A subscription refused because [`HubConfig::max_subscribers`] are connected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{0} subscribers already connected")]
-pub struct TooManySubscribers(pub usize);
+/// Why a subscription is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TooManySubscribers {
+    #[error("{0} subscribers already connected")]
+    Total(usize),
+    #[error("{peer} already has {max} subscriptions")]
+    Peer { peer: Arc<str>, max: usize },
+}
+
+/// Who subscribes: the name logs give it, and the key its subscriptions are counted under (identity
+/// and address, without the port).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub name: String,
+    pub key: Arc<str>,
+}
+
+impl From<&str> for Peer {
+    fn from(s: &str) -> Self {
+        Self {
+            name: s.to_owned(),
+            key: Arc::from(s),
+        }
+    }
+}
 
 /// Which clients a subscriber wants; empty means all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -90,6 +114,7 @@ impl ClientFilter {
 #[derive(Debug)]
 struct Subscriber {
     id: u64,
+    peer: Arc<str>,
     filter: ClientFilter,
     tx: mpsc::Sender<Arc<DnsResponse>>,
     dropped: Arc<AtomicU64>,
@@ -350,7 +375,7 @@ impl Hub {
         &self,
         filter: ClientFilter,
         replay_recent: bool,
-        peer: String,
+        peer: Peer,
         now: Instant,
     ) -> Result<Subscription, TooManySubscribers> {
         let inner = &self.inner;
@@ -359,6 +384,7 @@ impl Hub {
         let dropped = Arc::new(AtomicU64::new(0));
         let subscriber = Arc::new(Subscriber {
             id,
+            peer: Arc::clone(&peer.key),
             filter: filter.clone(),
             tx,
             dropped: Arc::clone(&dropped),
@@ -369,7 +395,14 @@ impl Hub {
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
             if subs.len() >= inner.config.max_subscribers {
-                return Err(TooManySubscribers(subs.len()));
+                return Err(TooManySubscribers::Total(subs.len()));
+            }
+            let max = inner.config.max_subscribers_per_peer;
+            if subs.iter().filter(|s| s.peer == peer.key).count() >= max {
+                return Err(TooManySubscribers::Peer {
+                    peer: peer.key,
+                    max,
+                });
             }
             // After close, the sender is dropped at once and the stream ends after the replay.
             if !inner.closed.load(Ordering::Acquire) {
@@ -390,7 +423,7 @@ impl Hub {
         Ok(Subscription {
             hub: Arc::clone(inner),
             id,
-            peer,
+            peer: peer.name,
             dropped,
             replay: replay.into(),
             rx,
@@ -478,6 +511,7 @@ mod tests {
             subscriber_buffer: 4,
             recent_entries: 3,
             recent_max_bytes: 1 << 20,
+            max_subscribers_per_peer: 2,
             recent_max_ttl: Duration::from_secs(3600),
             max_subscribers: 3,
         }
@@ -566,19 +600,42 @@ mod tests {
     }
 
     #[test]
+    fn one_peer_cannot_take_every_slot() {
+        let hub = Hub::new(config(), Arc::default());
+        let now = Instant::now();
+        let sub = |peer: &str| hub.subscribe(ClientFilter::default(), false, peer.into(), now);
+        let _a1 = sub("operator.dnsflow@10.0.0.9").unwrap();
+        let _a2 = sub("operator.dnsflow@10.0.0.9").unwrap();
+        assert_eq!(
+            sub("operator.dnsflow@10.0.0.9").err(),
+            Some(TooManySubscribers::Peer {
+                peer: "operator.dnsflow@10.0.0.9".into(),
+                max: 2
+            })
+        );
+        // Another peer (a node's flowd) still gets its slot.
+        assert!(sub("flowd.dnsflow@10.89.0.2").is_ok());
+    }
+
+    #[test]
     fn subscribers_are_bounded() {
         let hub = Hub::new(config(), Arc::default());
         let now = Instant::now();
         let subs: Vec<Subscription> = (0..3)
-            .map(|_| {
-                hub.subscribe(ClientFilter::default(), false, "p".into(), now)
-                    .unwrap()
+            .map(|i| {
+                hub.subscribe(
+                    ClientFilter::default(),
+                    false,
+                    format!("p{i}").as_str().into(),
+                    now,
+                )
+                .unwrap()
             })
             .collect();
         assert_eq!(
             hub.subscribe(ClientFilter::default(), false, "q".into(), now)
                 .err(),
-            Some(TooManySubscribers(3))
+            Some(TooManySubscribers::Total(3))
         );
         drop(subs);
         assert!(hub

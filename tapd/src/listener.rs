@@ -412,6 +412,7 @@ mod tests {
                 recent_max_bytes: 1 << 20,
                 recent_max_ttl: Duration::from_secs(60),
                 max_subscribers: 4,
+                max_subscribers_per_peer: 4,
             },
             Arc::clone(&metrics),
         );

@@ -89,3 +89,21 @@ async fn subscribers_and_filters_are_bounded() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 }
+
+/// One peer (here: one address, without TLS) holds at most --max-subscribers-per-peer streams.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_peer_holds_at_most_its_share_of_subscriptions() {
+    let tapd = tapd(&["--max-subscribers-per-peer", "2"]);
+    let _first = subscribe(&tapd.addrs, &[], false).await;
+    let _second = subscribe(&tapd.addrs, &[], false).await;
+    let mut client = DnsTapClient::connect(tapd.addrs.grpc_url()).await.unwrap();
+    let err = client
+        .subscribe(SubscribeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("already has 2 subscriptions"),
+        "{err:?}"
+    );
+}
