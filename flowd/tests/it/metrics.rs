@@ -2,7 +2,10 @@
 //! subscribed to a real tapd): OpenMetrics text that the reference parser accepts, labels whose values
 //! are bounded, and exactly the metrics `deploy/README.md` documents in its tables.
 
-use crate::cluster::{cluster_with_two_pods, eventually, kubeconfig, Tapd, NODE};
+use crate::{
+    apiserver::FakeApiServer,
+    cluster::{cluster_with_two_pods, eventually, kubeconfig, Tapd, NODE},
+};
 use dnsflow_runtime::http::OPENMETRICS_CONTENT_TYPE;
 use dnsflow_testkit::{free_port, http_get, metric};
 use std::{
@@ -11,6 +14,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::Path,
     process::{Child, Command, Stdio},
+    time::Duration,
 };
 
 /// Reads an exposition on stdin with prometheus_client's OpenMetrics parser (the Python client's, which
@@ -173,8 +177,17 @@ impl Drop for Killed {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_daemons_expose_valid_openmetrics_with_exactly_the_documented_metrics() {
+/// `flowd run` against the fake API server and a real tapd, ready and subscribed.
+struct Running {
+    tapd: Tapd,
+    flowd: Killed,
+    http: SocketAddr,
+    log: std::path::PathBuf,
+    _api: FakeApiServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn flowd_run() -> Running {
     let api = cluster_with_two_pods().await;
     let dir = tempfile::tempdir().unwrap();
     let config = kubeconfig(&api, dir.path());
@@ -182,7 +195,7 @@ async fn both_daemons_expose_valid_openmetrics_with_exactly_the_documented_metri
     let grpc = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let log = dir.path().join("flowd.log");
-    let _flowd = Killed(
+    let flowd = Killed(
         Command::new(env!("CARGO_BIN_EXE_flowd"))
             .arg("run")
             .env_clear()
@@ -207,7 +220,26 @@ async fn both_daemons_expose_valid_openmetrics_with_exactly_the_documented_metri
         tapd.metric("tapd_subscribers") == 1
     })
     .await;
+    Running {
+        tapd,
+        flowd,
+        http,
+        log,
+        _api: api,
+        _dir: dir,
+    }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_daemons_expose_valid_openmetrics_with_exactly_the_documented_metrics() {
+    let Running {
+        tapd,
+        http,
+        log,
+        flowd: _flowd,
+        _api,
+        _dir,
+    } = flowd_run().await;
     tokio::task::block_in_place(|| {
         let tapd_text = http_get(tapd.metrics, "/metrics").unwrap();
         check("tapd", &tapd_text, "### tapd's metrics", "tapd_");
@@ -224,4 +256,75 @@ async fn both_daemons_expose_valid_openmetrics_with_exactly_the_documented_metri
         assert_eq!(metric(&flowd_text, "dnsflow_ready"), Some(1));
         assert_eq!(metric(&flowd_text, "dnsflow_tapd_connections"), Some(1));
     });
+}
+
+/// flowd runs on the host network, so anything that reaches the node reaches its metrics port: 5,000
+/// idle connections from one address (a helper process holds them) leave its memory where it was, and
+/// the kubelet's probe from another address is answered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http_connections_do_not_grow_flowd_or_shut_probes_out() {
+    let running = flowd_run().await;
+    let rss_kib = || {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", running.flowd.0.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = rss_kib();
+    // Python raises its own descriptor limit (the test process cannot without unsafe code).
+    const HOLD: &str = "import resource, socket, sys\n\
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n\
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\n\
+        n = min(int(sys.argv[3]), hard - 64)\n\
+        held = [socket.create_connection((sys.argv[1], int(sys.argv[2]))) for _ in range(n)]\n\
+        print(n, flush=True)\n\
+        sys.stdin.read()\n";
+    let mut holder = Killed(
+        Command::new("python3")
+            .args([
+                "-c",
+                HOLD,
+                "127.0.0.1",
+                &running.http.port().to_string(),
+                "5000",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut opened = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.0.stdout.as_mut().unwrap()),
+        &mut opened,
+    )
+    .unwrap();
+    let opened: u32 = opened.trim().parse().unwrap();
+    assert!(opened >= 1000, "only {opened} connections could be opened");
+    // The probe, from another address, while they are all held.
+    let probe = tokio::net::TcpSocket::new_v4().unwrap();
+    probe.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut probe = tokio::time::timeout(Duration::from_secs(2), probe.connect(running.http))
+        .await
+        .expect("the probe connects at once")
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(2), probe.read_to_string(&mut answer))
+        .await
+        .expect("the probe is answered at once")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let grown = rss_kib().saturating_sub(before);
+    assert!(
+        grown < 8 << 10,
+        "{opened} idle connections grew flowd by {grown} KiB"
+    );
 }

@@ -107,3 +107,55 @@ async fn one_peer_holds_at_most_its_share_of_subscriptions() {
         "{err:?}"
     );
 }
+
+/// Replaying the recent answers shares the cache's entries: three subscribers that ask for the replay
+/// of a full cache (and read slowly) leave tapd's memory flat, where a copy per subscriber would add
+/// the whole cache three times.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_subscribers_share_the_cache_instead_of_copying_it() {
+    let tapd = tapd(&[]);
+    let rss_kib = || {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", tapd.daemon.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    const ANSWERS: u32 = 20_000;
+    let frames = (0..ANSWERS).map(|i| {
+        let name = format!("n{i}.replay.example.");
+        let records = (0..32u32)
+            .map(|j| a_record(&name, Ipv4Addr::from(0xc612_0000 | (i << 5) | j), 3600))
+            .collect();
+        let client = [10, 2, (i >> 8) as u8, i as u8];
+        client_response_frame(
+            None,
+            &client,
+            &dns_response(&name, RecordType::A, records),
+            SystemTime::now(),
+        )
+    });
+    let mut s = Sender::connect(&tapd.addrs.socket, true).await;
+    s.send_all(frames).await;
+    dnsflow_testkit::wait_until("the cache to fill", || {
+        tapd.addrs.metric("tapd_events_total") == u64::from(ANSWERS)
+    })
+    .unwrap();
+    let cached = tapd.addrs.metric("tapd_recent_answer_bytes");
+    assert!(cached > 8 << 20, "a cache worth copying: {cached} bytes");
+    let before = rss_kib();
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        let mut sub = subscribe(&tapd.addrs, &[], true).await;
+        assert!(collect(&mut sub, 1).await[0].replayed);
+        subs.push(sub);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown = rss_kib().saturating_sub(before);
+    assert!(
+        grown < 8 << 10,
+        "three replays grew tapd by {grown} KiB over a {cached}-byte cache"
+    );
+}
