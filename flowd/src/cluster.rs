@@ -128,6 +128,97 @@ pub fn node_subnets(node: &Node) -> Result<(String, Vec<IpNet>), NodeError> {
     Ok((name, subnets))
 }
 
+/// OVN-K's annotation with a node's addresses (JSON list of CIDRs, the address with its prefix).
+pub const HOST_CIDRS_ANNOTATION: &str = "k8s.ovn.org/host-cidrs";
+/// OVN-K's annotations with the node's address on the join and on the transit switch (JSON objects
+/// `{"ipv4": "100.64.0.2/16", "ipv6": ...}`): their networks are the join and transit subnets.
+pub const JOIN_ADDRESS_ANNOTATION: &str = "k8s.ovn.org/node-gateway-router-lrp-ifaddr";
+pub const TRANSIT_ADDRESS_ANNOTATION: &str = "k8s.ovn.org/node-transit-switch-port-ifaddr";
+
+/// Everything of `node` that an answer must never open egress to: its pod subnets, the join and
+/// transit subnets its annotations name, and each of its own addresses (`status.addresses` and
+/// OVN-K's host CIDRs, as single addresses). What does not parse is left out and reported.
+pub fn node_exclusions(node: &Node) -> (Vec<IpNet>, Vec<String>) {
+    let mut nets = Vec::new();
+    let mut problems = Vec::new();
+    match node_subnets(node) {
+        Ok((_, subnets)) => nets.extend(subnets),
+        Err(e) => problems.push(e.to_string()),
+    }
+    let host = |ip: IpAddr| IpNet::from(ip);
+    for address in node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if let Ok(ip) = address.address.parse::<IpAddr>() {
+            nets.push(host(ip));
+        }
+    }
+    let annotations = node.metadata.annotations.as_ref();
+    let annotation = |key: &str| annotations.and_then(|a| a.get(key));
+    if let Some(value) = annotation(HOST_CIDRS_ANNOTATION) {
+        match serde_json::from_str::<Vec<String>>(value) {
+            Ok(cidrs) => nets.extend(
+                cidrs
+                    .iter()
+                    .filter_map(|c| c.parse::<IpNet>().ok())
+                    .map(|n| host(n.addr())),
+            ),
+            Err(e) => problems.push(format!("{HOST_CIDRS_ANNOTATION}: {e}")),
+        }
+    }
+    for key in [JOIN_ADDRESS_ANNOTATION, TRANSIT_ADDRESS_ANNOTATION] {
+        if let Some(value) = annotation(key) {
+            match serde_json::from_str::<std::collections::BTreeMap<String, String>>(value) {
+                Ok(by_family) => nets.extend(
+                    by_family
+                        .values()
+                        .filter_map(|c| c.parse::<IpNet>().ok())
+                        .map(|n| n.trunc()),
+                ),
+                Err(e) => problems.push(format!("{key}: {e}")),
+            }
+        }
+    }
+    nets.sort();
+    nets.dedup();
+    (nets, problems)
+}
+
+/// What every node of the cluster excludes ([`node_exclusions`]), kept as nodes come and go.
+#[derive(Debug, Default)]
+pub struct NodeExclusions {
+    by_node: std::collections::HashMap<String, Vec<IpNet>>,
+}
+
+impl NodeExclusions {
+    /// Notes `node` (or its removal); returns the exclusions of every node when they changed.
+    pub fn apply(&mut self, node: &Node, deleted: bool) -> Option<Vec<IpNet>> {
+        let name = node.metadata.name.clone()?;
+        let changed = if deleted {
+            self.by_node.remove(&name).is_some()
+        } else {
+            let (nets, problems) = node_exclusions(node);
+            for problem in problems {
+                tracing::warn!(node = %name, %problem, "part of a node's addresses unknown");
+            }
+            self.by_node.insert(name, nets.clone()) != Some(nets)
+        };
+        changed.then(|| self.all())
+    }
+
+    /// Every node's exclusions, sorted, without repeats.
+    pub fn all(&self) -> Vec<IpNet> {
+        let mut all: Vec<IpNet> = self.by_node.values().flatten().copied().collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+}
+
 /// Parses the value of [`NODE_SUBNETS_ANNOTATION`] (both the list and the older single-string form).
 pub fn parse_node_subnets(value: &str) -> Result<Vec<IpNet>, String> {
     #[derive(serde::Deserialize)]
@@ -245,6 +336,47 @@ mod tests {
             PodSkip::HostNetwork(key).to_string(),
             "pod abc/client uses the host network (OVN does not filter it)"
         );
+    }
+
+    #[test]
+    fn a_node_excludes_its_subnets_and_addresses() {
+        let n = node(json!({"metadata": {"name": "w", "annotations": {
+            NODE_SUBNETS_ANNOTATION: r#"{"default":["172.20.1.0/24","fd00:20:1::/64"]}"#,
+            JOIN_ADDRESS_ANNOTATION: r#"{"ipv4":"100.65.0.3/16","ipv6":"fd98::3/64"}"#,
+            TRANSIT_ADDRESS_ANNOTATION: r#"{"ipv4":"100.89.0.3/16"}"#,
+            HOST_CIDRS_ANNOTATION: r#"["192.168.50.10/24","2001:db8::10/64"]"#}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.10"},
+                                     {"type": "Hostname", "address": "w"}]}}));
+        let (nets, problems) = node_exclusions(&n);
+        assert!(problems.is_empty(), "{problems:?}");
+        let want: Vec<IpNet> = [
+            "100.65.0.0/16",
+            "100.89.0.0/16",
+            "172.20.1.0/24",
+            "192.168.50.10/32",
+            "2001:db8::10/128",
+            "fd00:20:1::/64",
+            "fd98::/64",
+        ]
+        .iter()
+        .map(|s| s.parse().expect("net"))
+        .collect();
+        let mut got = nets;
+        got.sort_by_key(ToString::to_string);
+        assert_eq!(got, want);
+
+        let broken = node(json!({"metadata": {"name": "b", "annotations": {
+            HOST_CIDRS_ANNOTATION: "not json"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.9"}]}}));
+        let (nets, problems) = node_exclusions(&broken);
+        assert_eq!(nets, vec!["10.0.0.9/32".parse::<IpNet>().expect("net")]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+
+        let mut all = NodeExclusions::default();
+        assert!(all.apply(&n, false).is_some());
+        assert!(all.apply(&n, false).is_none(), "unchanged");
+        assert_eq!(all.apply(&broken, false).map(|a| a.len()), Some(8));
+        assert_eq!(all.apply(&n, true).map(|a| a.len()), Some(1));
     }
 
     #[test]

@@ -279,7 +279,8 @@ pub struct EngineSettings {
     /// OVN-K's strict matching: a plain dnsName matches only itself, not its subdomains.
     #[arg(long = "strict-dns-names", env = "FLOWD_STRICT_DNS_NAMES")]
     pub strict_names: bool,
-    /// Pod, service and join subnets (repeat or comma-separate): answers inside them never get a flow.
+    /// Subnets answers inside which never get a flow (repeat or comma-separate), besides what every
+    /// Node tells (its pod, join and transit subnets and its addresses): set the service subnet here.
     #[arg(
         long = "cluster-subnet",
         env = "FLOWD_CLUSTER_SUBNETS",

@@ -5,7 +5,7 @@
 
 use crate::{
     api,
-    cluster::{node_subnets, pod_info},
+    cluster::{node_subnets, pod_info, NodeExclusions},
     config::{RunArgs, UpstreamArgs},
     engine::Engine,
     metrics,
@@ -41,8 +41,20 @@ fn apply_cluster_event<P: FlowProgrammer>(
     engine: &Engine<P>,
     status: &Status,
     node: &str,
+    exclusions: &mut NodeExclusions,
     event: ClusterEvent,
 ) -> Option<Vec<IpNet>> {
+    // Every node's pod, join and transit subnets and addresses: never a destination of a grant.
+    if let ClusterEvent::Node(Change::Applied(n) | Change::Deleted(n)) = &event {
+        let deleted = matches!(event, ClusterEvent::Node(Change::Deleted(_)));
+        if let Some(all) = exclusions.apply(n, deleted) {
+            tracing::debug!(
+                excluded = all.len(),
+                "destinations discovered from the nodes"
+            );
+            engine.set_discovered_exclusions(all);
+        }
+    }
     match event {
         ClusterEvent::Pod(Change::Applied(pod)) => match pod_info(&pod) {
             Ok(info) => {
@@ -114,17 +126,17 @@ fn apply_cluster_event<P: FlowProgrammer>(
             drop(known);
             engine.remove_rules(&namespace);
         }
-        ClusterEvent::Node(Change::Applied(n)) => match node_subnets(&n) {
-            Ok((name, subnets)) if name == node => return Some(subnets),
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "this node's pod subnets are unknown"),
-        },
-        ClusterEvent::Node(Change::Deleted(_)) => {
+        ClusterEvent::Node(Change::Applied(n)) if n.metadata.name.as_deref() == Some(node) => {
+            match node_subnets(&n) {
+                Ok((_, subnets)) => return Some(subnets),
+                Err(error) => tracing::warn!(%error, "this node's pod subnets are unknown"),
+            }
+        }
+        ClusterEvent::Node(Change::Deleted(n)) if n.metadata.name.as_deref() == Some(node) => {
             tracing::warn!(node, "this node was deleted");
         }
-        ClusterEvent::Pod(Change::Synced)
-        | ClusterEvent::Firewall(Change::Synced)
-        | ClusterEvent::Node(Change::Synced) => {}
+        ClusterEvent::Node(_) => {}
+        ClusterEvent::Pod(Change::Synced) | ClusterEvent::Firewall(Change::Synced) => {}
     }
     None
 }
@@ -169,13 +181,16 @@ pub async fn run_node<P: FlowProgrammer>(
     };
     let mut cluster = watch::cluster(&client, &config.node, &status.watch);
     let mut sync = SyncState::default();
+    let mut exclusions = NodeExclusions::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             Some(event) = cluster.next() => {
                 let synced = !sync.complete() && sync.note(&event);
-                if let Some(subnets) = apply_cluster_event(&engine, &status, &config.node, event) {
+                if let Some(subnets) =
+                    apply_cluster_event(&engine, &status, &config.node, &mut exclusions, event)
+                {
                     if config.pod_subnets.is_empty() && *subnets_tx.borrow() != subnets {
                         tracing::info!(?subnets, "this node's pod subnets");
                         engine.set_local_subnets(subnets.clone());
@@ -358,10 +373,12 @@ mod tests {
             "status": {"phase": "Running", "podIPs": [{"ip": "10.244.1.5"}]},
         }))
         .expect("pod");
+        let mut exclusions = NodeExclusions::default();
         apply_cluster_event(
             &engine,
             &status,
             "n1",
+            &mut exclusions,
             ClusterEvent::Pod(Change::Applied(Box::new(pod))),
         );
         assert_eq!(
@@ -381,7 +398,7 @@ mod tests {
             Instant::now(),
         );
         for (what, event, rules, invalid) in steps {
-            apply_cluster_event(&engine, &status, "n1", event);
+            apply_cluster_event(&engine, &status, "n1", &mut exclusions, event);
             let known = status.known();
             assert_eq!(known.rules.contains_key("abc"), rules, "{what}");
             let reason = known.invalid.get("abc");

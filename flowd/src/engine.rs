@@ -207,6 +207,12 @@ impl<P: FlowProgrammer> Engine<P> {
         self.lock().set_local_subnets(subnets);
     }
 
+    /// Destinations discovered from the cluster that never earn a grant (see
+    /// [`crate::cluster::node_exclusions`]), besides the configured cluster subnets.
+    pub fn set_discovered_exclusions(&self, discovered: Vec<IpNet>) {
+        self.change(|c| c.set_discovered_exclusions(discovered, Instant::now()));
+    }
+
     /// Adds or updates a pod. A pod of another node is treated as removed. Answers held for its IPs are
     /// applied now.
     pub fn upsert_pod(&self, pod: PodInfo) {

@@ -103,13 +103,14 @@ pub struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    /// `settings.cluster_subnets` is extended with every node's pod subnets from the snapshot.
+    /// `settings.cluster_subnets` is extended with every node's exclusions from the snapshot (pod, join
+    /// and transit subnets, node addresses).
     pub fn new(
         snapshot: &'a Snapshot,
         mut settings: PolicySettings,
         node: Option<&'a str>,
     ) -> Self {
-        settings.cluster_subnets.extend(snapshot.pod_subnets());
+        settings.cluster_subnets.extend(snapshot.exclusions());
         settings.cluster_subnets.sort();
         settings.cluster_subnets.dedup();
         let mut pods_by_ip = HashMap::new();
@@ -413,7 +414,7 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     };
     // The decision and the engine see the same settings: the flags plus every node's pod subnets.
     let mut settings = args.engine.clone();
-    settings.cluster_subnets.extend(snapshot.pod_subnets());
+    settings.cluster_subnets.extend(snapshot.exclusions());
     settings.cluster_subnets.sort();
     settings.cluster_subnets.dedup();
     let use_engine = args.apply.is_some() || args.dry_run_ofctl;

@@ -8,7 +8,7 @@
 //! nothing.
 
 use crate::{
-    cluster::{node_subnets, pod_info},
+    cluster::{node_exclusions, node_subnets, pod_info},
     egressfirewall::EgressFirewall,
     model::PodInfo,
     rules::FirewallRules,
@@ -40,6 +40,8 @@ pub struct Snapshot {
     pub invalid: BTreeMap<String, String>,
     /// Pod subnets by node name.
     pub nodes: BTreeMap<String, Vec<IpNet>>,
+    /// What each node excludes as a destination: its pod, join and transit subnets and its addresses.
+    pub excluded: BTreeMap<String, Vec<IpNet>>,
     /// Everything skipped, and why, one line each.
     pub warnings: Vec<String>,
 }
@@ -146,12 +148,21 @@ impl Snapshot {
             },
             "Node" => match serde_yaml::from_value::<Node>(obj) {
                 Err(e) => self.warn(format!("{at}: not a valid Node: {e}")),
-                Ok(node) => match node_subnets(&node) {
-                    Ok((name, subnets)) => {
-                        self.nodes.insert(name, subnets);
+                Ok(node) => {
+                    let (excluded, problems) = node_exclusions(&node);
+                    for problem in problems {
+                        self.warn(format!("{at}: {problem}"));
                     }
-                    Err(e) => self.warn(format!("{at}: skipped: {e}")),
-                },
+                    if let Some(name) = node.metadata.name.clone() {
+                        self.excluded.insert(name, excluded);
+                    }
+                    match node_subnets(&node) {
+                        Ok((name, subnets)) => {
+                            self.nodes.insert(name, subnets);
+                        }
+                        Err(e) => self.warn(format!("{at}: no pod subnets: {e}")),
+                    }
+                }
             },
             "" => self.warn(format!("{at}: skipped: no kind")),
             _ => self.warn(format!("{at}: skipped: kind {kind} is not used by flowd")),
@@ -174,9 +185,18 @@ impl Snapshot {
         self.warnings.push(line);
     }
 
-    /// Every node's pod subnets, for [`crate::policy::PolicySettings::cluster_subnets`].
+    /// Every node's pod subnets.
     pub fn pod_subnets(&self) -> Vec<IpNet> {
         let mut all: Vec<IpNet> = self.nodes.values().flatten().copied().collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// Every node's exclusions ([`crate::cluster::node_exclusions`]), for
+    /// [`crate::policy::PolicySettings::cluster_subnets`].
+    pub fn exclusions(&self) -> Vec<IpNet> {
+        let mut all: Vec<IpNet> = self.excluded.values().flatten().copied().collect();
         all.sort();
         all.dedup();
         all

@@ -203,10 +203,12 @@ pub fn cluster(client: &Client, node: &str, stats: &Arc<WatchStats>) -> ClusterS
         stats.clone(),
     )
     .map(ClusterEvent::Firewall);
+    // Every node: this one's pod subnets filter the subscriptions, and every node's subnets and
+    // addresses are destinations no answer may open.
     let nodes = changes(
         Api::<Node>::all(client.clone()),
-        watcher::Config::default().fields(&format!("metadata.name={node}")),
-        "node",
+        watcher::Config::default(),
+        "nodes",
         stats.clone(),
     )
     .map(ClusterEvent::Node);

@@ -326,6 +326,26 @@ impl Core {
         self.local_subnets = subnets;
     }
 
+    /// The destinations discovered from the cluster (every node's pod, join and transit subnets and
+    /// addresses), excluded besides `--cluster-subnet`. A change decides every namespace again: a grant
+    /// to a destination now excluded goes. Returns whether anything changed.
+    pub fn set_discovered_exclusions(&mut self, discovered: Vec<IpNet>, now: Instant) -> bool {
+        let mut all = self.settings.cluster_subnets.clone();
+        all.extend(discovered);
+        all.sort();
+        all.dedup();
+        if self.policy.cluster_subnets == all {
+            return false;
+        }
+        self.policy.cluster_subnets = all;
+        let namespaces: Vec<String> = self.rules.keys().cloned().collect();
+        for namespace in namespaces {
+            let rules = self.rules.get(&namespace).cloned();
+            self.recompute_namespace(&namespace, rules.as_deref(), now);
+        }
+        true
+    }
+
     fn allocate_id(&self, key: &PodKey) -> Option<u16> {
         let start = preferred_id(key);
         (0..=u16::MAX)

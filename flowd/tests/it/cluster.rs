@@ -85,7 +85,7 @@ pub async fn cluster_with_two_pods() -> FakeApiServer {
 }
 
 #[tokio::test]
-async fn watchers_list_this_nodes_pods_every_firewall_and_this_node_then_follow_changes() {
+async fn watchers_list_this_nodes_pods_every_firewall_and_every_node_then_follow_changes() {
     let api = cluster_with_two_pods().await;
     let stats = Arc::new(WatchStats::default());
     let mut events = watch::cluster(&api.client(), NODE, &stats);
@@ -97,6 +97,7 @@ async fn watchers_list_this_nodes_pods_every_firewall_and_this_node_then_follow_
             "ef applied demo/default",
             "ef synced",
             "node applied node1",
+            "node applied node2",
             "node synced",
             "pod applied demo/client",
             "pod applied demo/other",
@@ -1349,4 +1350,52 @@ async fn flowd_run_binary_gets_ready_from_the_api_server_and_serves_its_api() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status}:\n{}", logs());
+}
+
+/// Every node's addresses are destinations no answer opens, discovered from the Node objects as
+/// they come: a node that joins with an address a pod was granted takes the grant away; the pod's
+/// other grant stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_address_is_never_a_grant_even_when_the_node_comes_later() {
+    let tapd = Tapd::start();
+    let dns = unbound_for(
+        &tapd,
+        &[
+            "www.example.com. 300 IN A 192.0.2.10",
+            "www.example.com. 300 IN A 198.51.100.7",
+        ],
+    );
+    let api = cluster_with_two_pods().await;
+    let node = Node::start(
+        &api,
+        recording_engine(&["client"]),
+        static_upstream(&[&tapd]),
+    );
+    node.ready().await;
+    eventually("the tapd subscription", || node.tapd_connected() == 1).await;
+    let port = dns.port();
+    let mut got = tokio::task::spawn_blocking(move || {
+        dig(Ipv4Addr::new(127, 0, 0, 11), port, "www.example.com", "A").unwrap()
+    })
+    .await
+    .unwrap();
+    got.sort();
+    assert_eq!(got, ["192.0.2.10", "198.51.100.7"]);
+    let client: IpAddr = "127.0.0.11".parse().unwrap();
+    let both: BTreeSet<(IpAddr, IpAddr)> = [
+        (client, "192.0.2.10".parse().unwrap()),
+        (client, "198.51.100.7".parse().unwrap()),
+    ]
+    .into();
+    eventually("both answers granted", || all_flows(&node.engine) == both).await;
+
+    // A node joins whose address is one of them (OVN-K's host CIDRs name it too).
+    let mut other = crate::apiserver::node("ovn-worker9", "10.244.9.0/24");
+    other["status"] = json!({"addresses": [{"type": "InternalIP", "address": "198.51.100.7"}]});
+    api.apply(other);
+    let one: BTreeSet<(IpAddr, IpAddr)> = [(client, "192.0.2.10".parse().unwrap())].into();
+    eventually("the node's address to lose its grant", || {
+        all_flows(&node.engine) == one
+    })
+    .await;
 }

@@ -257,6 +257,109 @@ items:
     )
 }
 
+/// On a cluster whose subnets are not kind's, what the nodes say excludes: another node's pod subnet,
+/// the join and transit subnets, a node address (InternalIP, or one of OVN-K's host CIDRs) and
+/// link-local earn nothing; only the address outside the cluster does.
+#[test]
+fn destinations_discovered_from_the_nodes_earn_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("snapshot.yaml");
+    std::fs::write(
+        &snapshot,
+        r#"
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Pod, metadata: {name: client, namespace: abc},
+   spec: {nodeName: worker-a, containers: []}, status: {phase: Running, podIPs: [{ip: 172.20.1.5}]}}
+- apiVersion: k8s.ovn.org/v1
+  kind: EgressFirewall
+  metadata: {name: default, namespace: abc}
+  spec:
+    egress:
+    - {type: Allow, to: {dnsName: example.com}}
+    - {type: Deny, to: {cidrSelector: 0.0.0.0/0}}
+- apiVersion: v1
+  kind: Node
+  metadata:
+    name: worker-a
+    annotations:
+      k8s.ovn.org/node-subnets: '{"default":["172.20.1.0/24"]}'
+      k8s.ovn.org/node-gateway-router-lrp-ifaddr: '{"ipv4":"100.65.0.3/16"}'
+      k8s.ovn.org/node-transit-switch-port-ifaddr: '{"ipv4":"100.89.0.3/16"}'
+      k8s.ovn.org/host-cidrs: '["192.168.50.10/24","203.0.113.50/24"]'
+  status: {addresses: [{type: InternalIP, address: 192.168.50.10}, {type: Hostname, address: worker-a}]}
+- apiVersion: v1
+  kind: Node
+  metadata:
+    name: worker-b
+    annotations: {k8s.ovn.org/node-subnets: '{"default":["172.20.2.0/24"]}'}
+  status: {addresses: [{type: InternalIP, address: 192.168.50.11}]}
+"#,
+    )
+    .unwrap();
+    let answers = [
+        "172.20.2.7",
+        "100.65.0.9",
+        "100.89.0.9",
+        "192.168.50.11",
+        "203.0.113.50",
+        "169.254.169.254",
+        "93.184.215.14",
+    ];
+    let events = dir.path().join("events.json");
+    let list: Vec<String> = answers
+        .iter()
+        .map(|ip| format!(r#"{{"ip": "{ip}", "ttl": 60}}"#))
+        .collect();
+    std::fs::write(
+        &events,
+        format!(
+            r#"{{"clientIp": "172.20.1.5", "queryName": "www.example.com", "rcode": "NOERROR",
+                "answers": [{}]}}"#,
+            list.join(", ")
+        ),
+    )
+    .unwrap();
+    let doc = json(&[
+        "--snapshot",
+        snapshot.to_str().unwrap(),
+        "--events",
+        events.to_str().unwrap(),
+    ]);
+    let granted: Vec<IpAddr> = flows(&doc).into_iter().map(|f| f.1).collect();
+    assert_eq!(
+        granted,
+        ["93.184.215.14".parse::<IpAddr>().unwrap()],
+        "{doc:#}"
+    );
+    let excluded: BTreeSet<String> = doc["events"][0]["excluded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["ip"].as_str().unwrap(),
+                e["reason"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for want in [
+        "172.20.2.7 inside cluster subnet 172.20.2.0/24",
+        "100.65.0.9 inside cluster subnet 100.65.0.0/16",
+        "100.89.0.9 inside cluster subnet 100.89.0.0/16",
+        "192.168.50.11 inside cluster subnet 192.168.50.11/32",
+        "203.0.113.50 inside cluster subnet 203.0.113.50/32",
+    ] {
+        assert!(excluded.contains(want), "no {want:?} in {excluded:#?}");
+    }
+    assert!(
+        excluded.iter().any(|e| e.starts_with("169.254.169.254 ")),
+        "{excluded:#?}"
+    );
+}
+
 #[test]
 fn replay_reports_the_matched_cname_the_excluded_answers_and_invalid_firewalls() {
     let dir = tempfile::tempdir().unwrap();
