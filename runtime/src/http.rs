@@ -1,17 +1,14 @@
 //! The HTTP endpoint of both daemons: `/metrics`, `/healthz` (liveness) and `/readyz` (readiness, with
 //! the reason when not ready). [`serve_http`] serves any [`Exposition`]: each daemon brings its own registry and probes.
 
-use crate::Backoff;
+use crate::{AcceptBackoff, PerAddress};
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{encoding::text::encode, registry::Registry};
-use std::{
-    collections::HashMap, convert::Infallible, future::Future, io, net::IpAddr, sync::Arc,
-    time::Duration,
-};
+use std::{convert::Infallible, future::Future, io, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, task::JoinSet};
 
 /// A scrape or probe that takes longer than this is a stuck client; its connection is closed.
@@ -22,15 +19,6 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(3);
 pub const MAX_HTTP_CONNECTIONS: usize = 128;
 /// Connections one address may hold at once; its next ones are closed at once.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
-
-fn release(per_peer: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
-    if let Some(open) = per_peer.get_mut(&ip) {
-        *open -= 1;
-        if *open == 0 {
-            per_peer.remove(&ip);
-        }
-    }
-}
 
 /// What `/metrics` answers: the OpenMetrics text format, which prometheus-client encodes.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -113,44 +101,34 @@ pub async fn serve_http<E: Exposition + ?Sized>(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let mut connections = JoinSet::new();
-    let mut per_peer: HashMap<IpAddr, usize> = HashMap::new();
-    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+    let shares = PerAddress::new(MAX_CONNECTIONS_PER_PEER);
+    let mut backoff = AcceptBackoff::default();
     tokio::pin!(shutdown);
     loop {
         let at_capacity = connections.len() >= MAX_HTTP_CONNECTIONS;
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
-            Some(ended) = connections.join_next() => {
-                if let Ok(ip) = ended {
-                    release(&mut per_peer, ip);
-                }
-                continue;
-            }
+            Some(_) = connections.join_next() => continue,
             accepted = listener.accept(), if !at_capacity => match accepted {
                 Ok(a) => {
-                    backoff.reset();
+                    backoff.accepted();
                     a
                 }
                 Err(error) => {
-                    // Out of file descriptors, typically: wait rather than spin.
-                    let delay = backoff.next_delay();
-                    tracing::warn!(%error, retry_in = ?delay, "metrics accept failed");
-                    tokio::time::sleep(delay).await;
+                    backoff.failed(&error, "metrics").await;
                     continue;
                 }
             },
         };
-        let ip = peer.ip();
-        let open = per_peer.entry(ip).or_default();
-        if *open >= MAX_CONNECTIONS_PER_PEER {
+        let Some(share) = shares.try_take(peer.ip()) else {
             // One peer holding its share: its next connection is closed at once, so others (the
             // kubelet's probes, Prometheus) still get through.
             tracing::debug!(%peer, "too many HTTP connections from one address; closing one");
             continue;
-        }
-        *open += 1;
+        };
         let exposition = Arc::clone(&exposition);
         connections.spawn(async move {
+            let _share = share;
             let service = service_fn(move |req| {
                 let resp = route(&req, &*exposition);
                 async move { Ok::<_, Infallible>(resp) }
@@ -160,7 +138,6 @@ pub async fn serve_http<E: Exposition + ?Sized>(
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(HTTP_CONNECTION_TIMEOUT, conn).await;
-            ip
         });
     }
     connections.shutdown().await;

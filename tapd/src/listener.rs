@@ -13,7 +13,7 @@ use dnsflow_dnstap::{
     dnstap::{self, Decoded},
     framestream::{Decoder, Output},
 };
-use dnsflow_runtime::Backoff;
+use dnsflow_runtime::AcceptBackoff;
 use std::{
     fs, io,
     os::unix::fs::{FileTypeExt, PermissionsExt},
@@ -282,7 +282,7 @@ impl DnstapListener {
         drain: Duration,
     ) {
         static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
-        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+        let mut backoff = AcceptBackoff::default();
         let mut connections = JoinSet::new();
         let listening = self.describe();
         tracing::info!(listen = %listening, "accepting dnstap connections");
@@ -294,14 +294,11 @@ impl DnstapListener {
             };
             let (conn, peer) = match accepted {
                 Ok(c) => {
-                    backoff.reset();
+                    backoff.accepted();
                     c
                 }
                 Err(error) => {
-                    // Out of file descriptors, typically: wait rather than spin.
-                    let delay = backoff.next_delay();
-                    tracing::warn!(%error, listen = %listening, retry_in = ?delay, "accept failed");
-                    tokio::time::sleep(delay).await;
+                    backoff.failed(&error, &listening).await;
                     continue;
                 }
             };

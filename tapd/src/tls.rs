@@ -8,16 +8,15 @@
 //! opens connections and says nothing holds at most [`MAX_HANDSHAKES_PER_PEER`] handshake slots, each
 //! for at most [`HANDSHAKE_TIMEOUT`], so it cannot keep flowd from connecting.
 
-use dnsflow_runtime::Backoff;
+use dnsflow_runtime::{AcceptBackoff, PerAddress};
 use rustls::{
     pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer, ServerName},
     server::WebPkiClientVerifier,
     RootCertStore, ServerConfig,
 };
 use std::{
-    collections::HashMap,
     fs, io,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     pin::Pin,
     sync::{Arc, Mutex, PoisonError, RwLock},
@@ -39,45 +38,6 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_HANDSHAKES: usize = 256;
 /// Handshakes in progress from one address; its further connections are closed at once.
 pub const MAX_HANDSHAKES_PER_PEER: usize = 4;
-
-/// Handshakes in progress per address.
-type InFlight = Arc<Mutex<HashMap<IpAddr, usize>>>;
-
-/// One handshake of `ip` counted in `InFlight`, until dropped.
-struct HandshakeSlot {
-    in_flight: InFlight,
-    ip: IpAddr,
-}
-
-impl HandshakeSlot {
-    fn take(in_flight: &InFlight, ip: IpAddr) -> Option<Self> {
-        let mut map = in_flight.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = map.entry(ip).or_default();
-        if *n >= MAX_HANDSHAKES_PER_PEER {
-            return None;
-        }
-        *n += 1;
-        Some(Self {
-            in_flight: Arc::clone(in_flight),
-            ip,
-        })
-    }
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        let mut map = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
-}
 
 /// Why TLS material could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -321,10 +281,10 @@ pub fn incoming(
 ) -> ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(MAX_HANDSHAKES);
     let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    let in_flight = InFlight::default();
+    let in_flight = PerAddress::new(MAX_HANDSHAKES_PER_PEER);
     let on_refused = Arc::new(on_refused);
     tokio::spawn(async move {
-        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+        let mut backoff = AcceptBackoff::default();
         loop {
             let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                 return;
@@ -335,18 +295,15 @@ pub fn incoming(
             };
             let (tcp, addr) = match accepted {
                 Ok(a) => {
-                    backoff.reset();
+                    backoff.accepted();
                     a
                 }
                 Err(error) => {
-                    // Out of file descriptors, typically: wait rather than spin.
-                    let delay = backoff.next_delay();
-                    tracing::warn!(%error, retry_in = ?delay, "gRPC accept failed");
-                    tokio::time::sleep(delay).await;
+                    backoff.failed(&error, "gRPC").await;
                     continue;
                 }
             };
-            let Some(peer_slot) = HandshakeSlot::take(&in_flight, addr.ip()) else {
+            let Some(peer_slot) = in_flight.try_take(addr.ip()) else {
                 on_refused(
                     &addr,
                     &io::Error::other("too many handshakes in progress from this address"),
