@@ -193,20 +193,6 @@ async fn latency(
     Ok(v)
 }
 
-fn vm_status(field: &str) -> Option<u64> {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-}
-
 /// In a process of its own: an engine that installs 100,000 flows into the sandbox at `dir`, reconciles
 /// once, and reports its peak and current RSS.
 fn rss_child(dir: &str) -> Result<()> {
@@ -228,8 +214,8 @@ fn rss_child(dir: &str) -> Result<()> {
         );
         println!(
             "{} {}",
-            vm_status("VmHWM:").unwrap_or(0),
-            vm_status("VmRSS:").unwrap_or(0)
+            dnsflow_testkit::proc_status_kib(None, "VmHWM").unwrap_or(0),
+            dnsflow_testkit::proc_status_kib(None, "VmRSS").unwrap_or(0)
         );
         Ok(())
     })

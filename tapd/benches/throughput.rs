@@ -18,7 +18,7 @@ use dnsflow_proto::{
     v1::{dns_tap_client::DnsTapClient, SubscribeRequest},
     DNSTAP_CONTENT_TYPE,
 };
-use dnsflow_testkit::{http_get, metric, wait_until, TapdProcess};
+use dnsflow_testkit::{http_get, metric, proc_status_kib, wait_until, TapdProcess};
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query},
     rr::{rdata, Name, RData, Record, RecordType},
@@ -217,16 +217,8 @@ fn bench_grpc(frames: &[Vec<u8>], rate: Option<u32>) -> (f64, u64, u64) {
             received,
         )
     });
-    let status = std::fs::read_to_string(format!("/proc/{}/status", tapd.daemon.pid())).unwrap();
-    (rate, GRPC_EVENTS as u64 - received, vm_hwm_kib(&status))
-}
-
-fn vm_hwm_kib(status: &str) -> u64 {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    let peak = proc_status_kib(Some(tapd.daemon.pid()), "VmHWM").unwrap_or(0);
+    (rate, GRPC_EVENTS as u64 - received, peak)
 }
 
 fn main() {
@@ -240,7 +232,7 @@ fn main() {
     println!("frames: {CORPUS} distinct CLIENT_RESPONSE frames, {mean} bytes on average");
     let decode = bench_decode(dir.path(), &frames);
     println!("decode (1 core, unix socket): {decode:>12.0} events/s   ({DECODE_EVENTS} events; target ≥ 300000)");
-    let own = vm_hwm_kib(&std::fs::read_to_string("/proc/self/status").unwrap_or_default());
+    let own = proc_status_kib(None, "VmHWM").unwrap_or(0);
     println!(
         "  peak RSS of the decode run (VmHWM, incl. producer thread): {:.1} MiB",
         own as f64 / 1024.0

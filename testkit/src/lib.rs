@@ -351,6 +351,38 @@ fn local_port_addr(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`...) of process `pid`, or of this process
+/// when `None`; `None` when the process or the field is not there.
+pub fn proc_status_kib(pid: Option<u32>, field: &str) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Where the shipped `deploy/tls/make-certs.sh` put tapd's material in `dir`, as tapd's flags:
+/// `--tls-cert`, `--tls-key` (`tapd.*`) and `--tls-client-ca` (`ca.crt`).
+pub fn tapd_tls_args(dir: &Path) -> Vec<String> {
+    let f = |name: &str| dir.join(name).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        f("tapd.crt"),
+        "--tls-key".into(),
+        f("tapd.key"),
+        "--tls-client-ca".into(),
+        f("ca.crt"),
+    ]
+}
+
 /// The tapd binary of this workspace, built (or found up to date) once per test run. Another
 /// package's tests cannot name it with `CARGO_BIN_EXE_tapd`, so cargo is asked for it: the same
 /// profile as the running test, in the same target directory.

@@ -138,15 +138,19 @@ fn flowd_env_names() -> BTreeSet<String> {
     clap_env_names(&flowd::config::Cli::command())
 }
 
-/// The environment variables tapd reads, as its `--help` names them (`[env: TAPD_SOCKET=]`).
-fn tapd_env_names() -> BTreeSet<String> {
-    let out = std::process::Command::new(dnsflow_testkit::tapd_binary())
+/// What `tapd --help` prints: this test crate cannot link tapd, so flags are read from the binary.
+fn tapd_help() -> String {
+    let out = Command::new(dnsflow_testkit::tapd_binary())
         .arg("--help")
         .output()
         .expect("tapd --help");
     assert!(out.status.success(), "tapd --help");
-    let help = String::from_utf8(out.stdout).expect("UTF-8 help");
-    let names: BTreeSet<String> = help
+    String::from_utf8(out.stdout).expect("UTF-8 help")
+}
+
+/// The environment variables tapd reads, as its `--help` names them (`[env: TAPD_SOCKET=]`).
+fn tapd_env_names() -> BTreeSet<String> {
+    let names: BTreeSet<String> = tapd_help()
         .split("[env: ")
         .skip(1)
         .filter_map(|rest| rest.split('=').next())
@@ -234,15 +238,7 @@ fn check_tls(objects: &[Value], dns: &Value, variant: &str) {
     );
     assert_eq!(env_value(flowd, "FLOWD_METRICS_LISTEN"), "$(NODE_IP):9541");
     assert_eq!(flowd["readinessProbe"]["httpGet"]["port"], 9541);
-    let help = String::from_utf8(
-        Command::new(dnsflow_testkit::tapd_binary())
-            .arg("--help")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let admitted = help
+    let admitted = tapd_help()
         .split("[default: flowd.dnsflow")
         .nth(1)
         .map(|rest| format!("flowd.dnsflow{}", rest.split(']').next().unwrap()))

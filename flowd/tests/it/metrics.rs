@@ -264,15 +264,7 @@ async fn both_daemons_expose_valid_openmetrics_with_exactly_the_documented_metri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_http_connections_do_not_grow_flowd_or_shut_probes_out() {
     let running = flowd_run().await;
-    let rss_kib = || {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", running.flowd.0.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap()
-    };
+    let rss_kib = || dnsflow_testkit::proc_status_kib(Some(running.flowd.0.id()), "VmRSS").unwrap();
     let before = rss_kib();
     // Python raises its own descriptor limit (the test process cannot without unsafe code).
     const HOLD: &str = "import resource, socket, sys\n\

@@ -5,26 +5,16 @@
 use crate::cluster::upstream_args;
 use dnsflow_dnstap::DnsResponse;
 use dnsflow_testkit::{
-    dig, make_certs, tapd_binary, wait_until, TapdProcess, Unbound, UnboundConfig,
+    dig, make_certs, tapd_binary, tapd_tls_args, wait_until, TapdProcess, Unbound, UnboundConfig,
 };
 use flowd::upstream::{UpstreamStats, Upstreams};
 use std::{net::Ipv4Addr, path::Path, sync::Arc, time::Duration};
 use tokio::sync::{mpsc, watch};
 
 fn tapd_with(certs: &Path) -> TapdProcess {
-    let f = |name: &str| certs.join(name).display().to_string();
-    TapdProcess::spawn(
-        tapd_binary(),
-        &[
-            "--tls-cert",
-            &f("tapd.crt"),
-            "--tls-key",
-            &f("tapd.key"),
-            "--tls-client-ca",
-            &f("ca.crt"),
-        ],
-    )
-    .unwrap()
+    let args = tapd_tls_args(certs);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    TapdProcess::spawn(tapd_binary(), &args).unwrap()
 }
 
 /// One tapd subscribed to like `flowd run` does, for the 127.0.0.0/24 clients.

@@ -1,6 +1,6 @@
 //! Hostile input on some connections while another keeps being served; every error is counted.
 
-use crate::common::{collect, subscribe, tapd, Sender};
+use crate::common::{a_record, collect, dns_response, subscribe, tapd, Sender};
 use bytes::BufMut;
 use dnsflow_dnstap::{
     dnstap::client_response_frame,
@@ -8,6 +8,7 @@ use dnsflow_dnstap::{
 };
 use dnsflow_proto::v1::DnsEvent;
 use dnsflow_testkit::wait_until;
+use hickory_proto::rr::RecordType;
 use std::time::SystemTime;
 use tokio::io::AsyncWriteExt;
 use tonic::Streaming;
@@ -144,26 +145,21 @@ async fn one_connection_cap_covers_every_dnstap_listener() {
 /// counted.
 #[tokio::test(flavor = "multi_thread")]
 async fn addresses_beyond_256_are_cut_and_counted() {
-    use hickory_proto::{
-        op::{Message, MessageType, OpCode, Query},
-        rr::{rdata::A, Name, RData, Record, RecordType},
-    };
-    use std::str::FromStr;
     let tapd = tapd(&[]);
     let mut sub = subscribe(&tapd.addrs, &[], false).await;
-    let owner = Name::from_str("many.example.").unwrap();
-    let mut m = Message::new(1, MessageType::Response, OpCode::Query);
-    m.add_query(Query::query(owner.clone(), RecordType::A));
-    for i in 0..300u16 {
-        let ip = std::net::Ipv4Addr::new(198, 18, (i >> 8) as u8, i as u8);
-        m.add_answer(Record::from_rdata(owner.clone(), 60, RData::A(A::from(ip))));
-    }
+    let records = (0..300u16)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::new(198, 18, (i >> 8) as u8, i as u8);
+            a_record("many.example.", ip, 60)
+        })
+        .collect();
+    let wire = dns_response("many.example.", RecordType::A, records);
     let mut sender = Sender::connect(&tapd.addrs.socket, true).await;
     sender
         .send(&client_response_frame(
             None,
             &[10, 0, 0, 6],
-            &m.to_vec().unwrap(),
+            &wire,
             SystemTime::now(),
         ))
         .await;
@@ -176,36 +172,16 @@ async fn addresses_beyond_256_are_cut_and_counted() {
 /// the recent-answer cache is bounded in bytes, so tapd stays far below its 128 MiB limit.
 #[tokio::test(flavor = "multi_thread")]
 async fn big_answers_keep_tapd_within_its_memory_bound() {
-    use hickory_proto::{
-        op::{Message, MessageType, OpCode, Query},
-        rr::{rdata::A, Name, RData, Record, RecordType},
-    };
-    use std::str::FromStr;
     const ANSWERS: u32 = 20_000;
     let tapd = tapd(&[]);
-    let rss = || {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", tapd.daemon.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap()
-    };
     let frames = (0..ANSWERS).map(|i| {
-        let owner = Name::from_str(&format!("n{i}.zone.example.")).unwrap();
-        let mut m = Message::new(1, MessageType::Response, OpCode::Query);
-        m.add_query(Query::query(owner.clone(), RecordType::A));
-        for j in 0..256u32 {
-            let ip = std::net::Ipv4Addr::from(0xc612_0000 | j);
-            m.add_answer(Record::from_rdata(
-                owner.clone(),
-                3600,
-                RData::A(A::from(ip)),
-            ));
-        }
+        let owner = format!("n{i}.zone.example.");
+        let records = (0..256u32)
+            .map(|j| a_record(&owner, std::net::Ipv4Addr::from(0xc612_0000 | j), 3600))
+            .collect();
         let client = [10, 1, (i >> 8) as u8, i as u8];
-        client_response_frame(None, &client, &m.to_vec().unwrap(), SystemTime::now())
+        let wire = dns_response(&owner, RecordType::A, records);
+        client_response_frame(None, &client, &wire, SystemTime::now())
     });
     let mut sender = Sender::connect(&tapd.addrs.socket, true).await;
     sender.send_all(frames).await;
@@ -215,6 +191,6 @@ async fn big_answers_keep_tapd_within_its_memory_bound() {
     .unwrap();
     let bytes = tapd.addrs.metric("tapd_recent_answer_bytes");
     assert!(bytes <= 32 << 20, "{bytes} bytes held");
-    let peak_kib = rss();
+    let peak_kib = dnsflow_testkit::proc_status_kib(Some(tapd.daemon.pid()), "VmHWM").unwrap();
     assert!(peak_kib < 100 << 10, "peak RSS {peak_kib} KiB");
 }

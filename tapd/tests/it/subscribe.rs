@@ -114,15 +114,7 @@ async fn one_peer_holds_at_most_its_share_of_subscriptions() {
 #[tokio::test(flavor = "multi_thread")]
 async fn replay_subscribers_share_the_cache_instead_of_copying_it() {
     let tapd = tapd(&[]);
-    let rss_kib = || {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", tapd.daemon.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap()
-    };
+    let rss_kib = || dnsflow_testkit::proc_status_kib(Some(tapd.daemon.pid()), "VmRSS").unwrap();
     const ANSWERS: u32 = 20_000;
     let frames = (0..ANSWERS).map(|i| {
         let name = format!("n{i}.replay.example.");

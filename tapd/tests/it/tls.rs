@@ -6,7 +6,8 @@
 use crate::common::{collect, tapd, Sender};
 use dnsflow_proto::v1::{dns_tap_client::DnsTapClient, DnsEvent, SubscribeRequest};
 use dnsflow_testkit::{
-    free_port, make_certs, require_tool, wait_until, ChildDaemon, TapdAddrs, TapdProcess,
+    free_port, make_certs, require_tool, tapd_tls_args, wait_until, ChildDaemon, TapdAddrs,
+    TapdProcess,
 };
 use std::{
     path::{Path, PathBuf},
@@ -63,20 +64,8 @@ impl Client {
     }
 }
 
-fn tls_flags(dir: &Path) -> Vec<String> {
-    let f = |name: &str| dir.join(name).display().to_string();
-    vec![
-        "--tls-cert".into(),
-        f("tapd.crt"),
-        "--tls-key".into(),
-        f("tapd.key"),
-        "--tls-client-ca".into(),
-        f("ca.crt"),
-    ]
-}
-
 fn start(dir: &Path, extra: &[&str]) -> TapdProcess {
-    let mut flags = tls_flags(dir);
+    let mut flags = tapd_tls_args(dir);
     flags.extend(extra.iter().map(ToString::to_string));
     tapd(&flags.iter().map(String::as_str).collect::<Vec<_>>())
 }
