@@ -212,11 +212,16 @@ impl NodeExclusions {
 
     /// Every node's exclusions, sorted, without repeats.
     pub fn all(&self) -> Vec<IpNet> {
-        let mut all: Vec<IpNet> = self.by_node.values().flatten().copied().collect();
-        all.sort();
-        all.dedup();
-        all
+        union(self.by_node.values())
     }
+}
+
+/// The networks of every list, sorted, without repeats.
+pub fn union<'a>(lists: impl IntoIterator<Item = &'a Vec<IpNet>>) -> Vec<IpNet> {
+    let mut all: Vec<IpNet> = lists.into_iter().flatten().copied().collect();
+    all.sort();
+    all.dedup();
+    all
 }
 
 /// Parses the value of [`NODE_SUBNETS_ANNOTATION`] (both the list and the older single-string form).

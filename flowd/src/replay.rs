@@ -11,6 +11,7 @@
 pub mod events;
 
 use crate::{
+    cluster::union,
     config::{EngineSettings, OutputFormat, ReplayArgs},
     engine::{Engine, EngineError},
     model::{FlowKey, Grant, PodInfo, PodKey},
@@ -110,9 +111,7 @@ impl<'a> Planner<'a> {
         mut settings: PolicySettings,
         node: Option<&'a str>,
     ) -> Self {
-        settings.cluster_subnets.extend(snapshot.exclusions());
-        settings.cluster_subnets.sort();
-        settings.cluster_subnets.dedup();
+        settings.cluster_subnets = union([&settings.cluster_subnets, &snapshot.exclusions()]);
         let mut pods_by_ip = HashMap::new();
         for pod in &snapshot.pods {
             for ip in &pod.ips {
@@ -414,9 +413,7 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     };
     // The decision and the engine see the same settings: the flags plus every node's pod subnets.
     let mut settings = args.engine.clone();
-    settings.cluster_subnets.extend(snapshot.exclusions());
-    settings.cluster_subnets.sort();
-    settings.cluster_subnets.dedup();
+    settings.cluster_subnets = union([&settings.cluster_subnets, &snapshot.exclusions()]);
     let use_engine = args.apply.is_some() || args.dry_run_ofctl;
     let planner = Planner::new(&snapshot, settings.policy(), args.node.as_deref());
     let mut summary = Summary::default();

@@ -8,7 +8,7 @@
 //! nothing.
 
 use crate::{
-    cluster::{node_exclusions, node_subnets, pod_info},
+    cluster::{node_exclusions, node_subnets, pod_info, union},
     egressfirewall::EgressFirewall,
     model::PodInfo,
     rules::FirewallRules,
@@ -156,11 +156,9 @@ impl Snapshot {
                     if let Some(name) = node.metadata.name.clone() {
                         self.excluded.insert(name, excluded);
                     }
-                    match node_subnets(&node) {
-                        Ok((name, subnets)) => {
-                            self.nodes.insert(name, subnets);
-                        }
-                        Err(e) => self.warn(format!("{at}: no pod subnets: {e}")),
+                    // A node whose pod subnets do not parse was warned about just above.
+                    if let Ok((name, subnets)) = node_subnets(&node) {
+                        self.nodes.insert(name, subnets);
                     }
                 }
             },
@@ -187,19 +185,13 @@ impl Snapshot {
 
     /// Every node's pod subnets.
     pub fn pod_subnets(&self) -> Vec<IpNet> {
-        let mut all: Vec<IpNet> = self.nodes.values().flatten().copied().collect();
-        all.sort();
-        all.dedup();
-        all
+        union(self.nodes.values())
     }
 
     /// Every node's exclusions ([`crate::cluster::node_exclusions`]), for
     /// [`crate::policy::PolicySettings::cluster_subnets`].
     pub fn exclusions(&self) -> Vec<IpNet> {
-        let mut all: Vec<IpNet> = self.excluded.values().flatten().copied().collect();
-        all.sort();
-        all.dedup();
-        all
+        union(self.excluded.values())
     }
 }
 
@@ -316,6 +308,21 @@ items:
             .warnings
             .iter()
             .all(|w| w.starts_with("snap.yaml: object ")));
+    }
+
+    #[test]
+    fn a_node_with_broken_subnets_is_warned_about_once_and_keeps_its_addresses() {
+        let s = parse(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: n\n  annotations:\n    \
+             k8s.ovn.org/node-subnets: garbage\nstatus:\n  addresses: [{type: InternalIP, address: 10.0.0.9}]\n",
+        )
+        .expect("valid");
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        assert!(s.nodes.is_empty());
+        assert_eq!(
+            s.exclusions(),
+            ["10.0.0.9/32".parse::<IpNet>().expect("net")]
+        );
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("client CA {path}: {error}")]
     ClientCa { path: PathBuf, error: String },
+    #[error("--tls-client-name {name:?}: {error}")]
+    ClientName { name: String, error: String },
 }
 
 /// Where tapd's TLS material lives.
@@ -156,9 +158,9 @@ impl ServerTls {
         let client_names = client_names
             .iter()
             .map(|n| {
-                ServerName::try_from(n.clone()).map_err(|e| TlsError::Read {
-                    path: PathBuf::from("--tls-client-name"),
-                    error: format!("{n:?}: {e}"),
+                ServerName::try_from(n.clone()).map_err(|e| TlsError::ClientName {
+                    name: n.clone(),
+                    error: e.to_string(),
                 })
             })
             .collect::<Result<_, _>>()?;

@@ -330,10 +330,7 @@ impl Core {
     /// addresses), excluded besides `--cluster-subnet`. A change decides every namespace again: a grant
     /// to a destination now excluded goes. Returns whether anything changed.
     pub fn set_discovered_exclusions(&mut self, discovered: Vec<IpNet>, now: Instant) -> bool {
-        let mut all = self.settings.cluster_subnets.clone();
-        all.extend(discovered);
-        all.sort();
-        all.dedup();
+        let all = crate::cluster::union([&self.settings.cluster_subnets, &discovered]);
         if self.policy.cluster_subnets == all {
             return false;
         }
