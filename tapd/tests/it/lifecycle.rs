@@ -1,5 +1,5 @@
 //! tapd as a process: configuration errors exit 64 before anything is bound; a stale socket is
-//! replaced; SIGTERM drains subscribers and removes the socket.
+//! replaced, a live one never; SIGTERM drains subscribers and removes the socket.
 
 use crate::common::{collect, subscribe, tapd, Sender};
 use dnsflow_testkit::{free_port, TapdProcess};
@@ -60,6 +60,35 @@ async fn stale_socket_is_replaced_with_a_world_writable_one() {
     s.answer([10, 0, 0, 3], "stale.example.", [192, 0, 2, 3])
         .await;
     assert_eq!(collect(&mut sub, 1).await[0].query_name, "stale.example");
+}
+
+/// A second tapd pointed at the socket a live tapd accepts on refuses to start, saying why, and leaves
+/// the socket alone: the first keeps accepting and delivering.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_tapd_on_a_live_socket_refuses_to_start_and_the_first_keeps_serving() {
+    let first = tapd(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_tapd"))
+        .arg("--socket")
+        .arg(&first.addrs.socket)
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to replace the live socket"),
+        "{stderr}"
+    );
+    assert!(std::fs::metadata(&first.addrs.socket)
+        .unwrap()
+        .file_type()
+        .is_socket());
+    let mut sub = subscribe(&first.addrs, &[], false).await;
+    let mut s = Sender::connect(&first.addrs.socket, true).await;
+    s.answer([10, 0, 0, 5], "still.example.", [192, 0, 2, 5])
+        .await;
+    assert_eq!(collect(&mut sub, 1).await[0].query_name, "still.example");
 }
 
 #[tokio::test(flavor = "multi_thread")]
