@@ -176,7 +176,8 @@ impl<P: FlowProgrammer> Flowd for FlowdApi<P> {
                 ..pb::ExplainResponse::default()
             }));
         };
-        let settings = self.engine.settings().policy();
+        // What the engine decides with now: the flags plus every discovered network.
+        let settings = self.engine.policy();
         let name_refs: Vec<&DnsName> = names.iter().collect();
         let traces = policy::explain(&name_refs, &rules, &settings);
         let qname = &names[0];
@@ -364,7 +365,7 @@ mod tests {
                 },
             );
         }
-        let engine = Engine::new(EngineSettings::default(), Recording::new(None));
+        let engine = Engine::new(EngineSettings::for_kind(), Recording::new(None));
         let status = Arc::new(status);
         let registry = Arc::new(metrics::registry(&engine, &status));
         FlowdApi::new(engine, status, registry)

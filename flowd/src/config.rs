@@ -16,7 +16,7 @@
 //! | `--cookie-prefix` | `FLOWD_COOKIE_PREFIX` | 0x646e7366 ("dnsf") |
 //! | `--reconcile-interval` | `FLOWD_RECONCILE_INTERVAL` | 60s |
 //! | `--strict-dns-names` | `FLOWD_STRICT_DNS_NAMES` | false (plain names also cover subdomains) |
-//! | `--cluster-subnet` | `FLOWD_CLUSTER_SUBNETS` | OVN-K/kind pod, service and join subnets |
+//! | `--cluster-subnet` | `FLOWD_CLUSTER_SUBNETS` | none (added to what OVN-K's configuration and the Nodes tell) |
 //! | `--ovs-timeout` | `FLOWD_OVS_TIMEOUT` | 30s |
 //! | `--max-grants-per-pod` | `FLOWD_MAX_GRANTS_PER_POD` | 5000 |
 //! | `--max-grants-per-namespace` | `FLOWD_MAX_GRANTS_PER_NAMESPACE` | 50000 |
@@ -45,9 +45,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Replay a dnstap capture or a recorded event stream against a cluster snapshot, without a cluster.
-    Replay(ReplayArgs),
+    Replay(Box<ReplayArgs>),
     /// Run the node daemon.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 impl Cli {
@@ -96,6 +96,11 @@ pub struct RunArgs {
     /// `k8s.ovn.org/node-subnets` annotation or `spec.podCIDRs`.
     #[arg(long = "pod-subnet", env = "FLOWD_POD_SUBNETS", value_delimiter = ',')]
     pub pod_subnets: Vec<IpNet>,
+    /// OVN-Kubernetes's ConfigMap (namespace/name) that names the cluster's pod and service subnets
+    /// (`net_cidr`, `svc_cidr`; or OpenShift's `ovnkube.conf`). flowd installs nothing and is not
+    /// ready until it has read them; OpenShift's is openshift-ovn-kubernetes/ovnkube-config.
+    #[arg(long, env = "FLOWD_OVN_CONFIG", default_value = crate::ovnkube::UPSTREAM_CONFIG)]
+    pub ovn_config: crate::ovnkube::ConfigMapRef,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     #[command(flatten)]
@@ -237,10 +242,6 @@ impl ReplayArgs {
 /// Durations read like tapd's (`500ms`, `30s`, `5m`, `1h`, bare seconds).
 pub use dnsflow_runtime::{parse_duration, parse_listen};
 
-/// OVN-K's defaults on kind: pods 10.244.0.0/16 and fd00:10:244::/48, services 10.96.0.0/16 and
-/// fd00:10:96::/112, join switch 100.64.0.0/16 and fd98::/64.
-pub const DEFAULT_CLUSTER_SUBNETS: &str =
-    "10.244.0.0/16,fd00:10:244::/48,10.96.0.0/16,fd00:10:96::/112,100.64.0.0/16,fd98::/64";
 /// A pod talking to 5,000 distinct addresses within one idle timeout is a crawler, not a client.
 pub const DEFAULT_MAX_GRANTS_PER_POD: usize = 5_000;
 /// A tenth of the node-wide cap: ten busy namespaces still fit.
@@ -279,13 +280,13 @@ pub struct EngineSettings {
     /// OVN-K's strict matching: a plain dnsName matches only itself, not its subdomains.
     #[arg(long = "strict-dns-names", env = "FLOWD_STRICT_DNS_NAMES")]
     pub strict_names: bool,
-    /// Subnets answers inside which never get a flow (repeat or comma-separate), besides what every
-    /// Node tells (its pod, join and transit subnets and its addresses): set the service subnet here.
+    /// More subnets answers inside which never get a flow (repeat or comma-separate), besides what
+    /// flowd discovers: OVN-K's configuration (pod, service, join, transit and masquerade subnets),
+    /// every Node (its subnets and addresses), link-local, loopback and multicast.
     #[arg(
         long = "cluster-subnet",
         env = "FLOWD_CLUSTER_SUBNETS",
-        value_delimiter = ',',
-        default_value = DEFAULT_CLUSTER_SUBNETS
+        value_delimiter = ','
     )]
     pub cluster_subnets: Vec<IpNet>,
     /// How long one `ovs-ofctl`/`ovs-vsctl` call may take before it is killed and the batch retried.
@@ -379,13 +380,32 @@ impl Default for EngineSettings {
             cookie_prefix: DEFAULT_COOKIE_PREFIX,
             reconcile_interval: Duration::from_secs(60),
             strict_names: false,
-            cluster_subnets: DEFAULT_CLUSTER_SUBNETS
-                .split(',')
-                .filter_map(|s| s.parse().ok())
-                .collect(),
+            cluster_subnets: Vec::new(),
             ovs_timeout: Duration::from_secs(30),
             max_grants_per_pod: DEFAULT_MAX_GRANTS_PER_POD,
             max_grants_per_namespace: DEFAULT_MAX_GRANTS_PER_NAMESPACE,
+        }
+    }
+}
+
+#[cfg(any(test, feature = "test-support"))]
+impl EngineSettings {
+    /// The defaults with kind's pod, service and join subnets given as `--cluster-subnet`: what
+    /// flowd's own tests run with where no OVN-K ConfigMap is read.
+    pub fn for_kind() -> Self {
+        Self {
+            cluster_subnets: [
+                "10.244.0.0/16",
+                "fd00:10:244::/48",
+                "10.96.0.0/16",
+                "fd00:10:96::/112",
+                "100.64.0.0/16",
+                "fd98::/64",
+            ]
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect(),
+            ..Self::default()
         }
     }
 }
@@ -418,7 +438,8 @@ mod tests {
         assert_eq!((s.idle_floor, s.idle_grace), (d.idle_floor, d.idle_grace));
         assert_eq!(s.cookie_prefix, DEFAULT_COOKIE_PREFIX);
         assert_eq!(s.cluster_subnets, d.cluster_subnets);
-        assert_eq!(s.cluster_subnets.len(), 6);
+        // Nothing by default: the cluster's subnets are discovered, never assumed to be kind's.
+        assert!(s.cluster_subnets.is_empty());
         assert_eq!(
             (s.bridge.as_str(), s.acl_table, s.hard_cap),
             ("br-int", None, None)
@@ -504,6 +525,7 @@ mod run_tests {
         assert_eq!(cli.run.metrics_listen, "127.0.0.1:9541".parse().unwrap());
         assert_eq!(cli.run.log_format, LogFormat::Text);
         assert!(cli.run.pod_subnets.is_empty());
+        assert_eq!(cli.run.ovn_config.to_string(), "ovn-kubernetes/ovn-config");
         cli.run.validate().unwrap();
 
         let cli = RunCli::try_parse_from([
@@ -514,9 +536,12 @@ mod run_tests {
             "10.244.1.0/24,fd00:10:244:2::/64",
             "--log-format",
             "json",
+            "--ovn-config",
+            "openshift-ovn-kubernetes/ovnkube-config",
         ])
         .unwrap();
         assert_eq!(cli.run.pod_subnets.len(), 2);
+        assert_eq!(cli.run.ovn_config.namespace, "openshift-ovn-kubernetes");
         assert_eq!(cli.run.log_format, LogFormat::Json);
     }
 
@@ -529,6 +554,14 @@ mod run_tests {
         assert!(
             RunCli::try_parse_from(["flowd", "--node-name", "n", "--pod-subnet", "x"]).is_err()
         );
+        assert!(RunCli::try_parse_from([
+            "flowd",
+            "--node-name",
+            "n",
+            "--ovn-config",
+            "ovn-config"
+        ])
+        .is_err());
         let cli = RunCli::try_parse_from(["flowd", "--node-name", " "]).unwrap();
         assert!(matches!(cli.run.validate(), Err(ConfigError::NoNodeName)));
         let cli =

@@ -10,6 +10,7 @@ use crate::{
     engine::Engine,
     metrics,
     model::PodKey,
+    ovnkube::{self, ClusterNetworks, ConfigMapRef},
     ovs::{FlowProgrammer, Ofctl},
     rules::{FirewallRules, EGRESS_FIREWALL_NAME},
     status::Status,
@@ -32,7 +33,104 @@ pub struct NodeConfig {
     pub node: String,
     /// Overrides the node's own pod subnets when not empty.
     pub pod_subnets: Vec<IpNet>,
+    /// OVN-K's ConfigMap with the cluster's networks.
+    pub ovn_config: ConfigMapRef,
     pub upstream: UpstreamArgs,
+}
+
+/// The cluster's own addresses flowd discovers, none of which an answer may open: every Node's
+/// subnets and addresses, and the networks OVN-K's configuration names.
+#[derive(Debug)]
+pub struct Discovered {
+    source: ConfigMapRef,
+    nodes: NodeExclusions,
+    config: Option<ClusterNetworks>,
+    /// The ConfigMap has been seen (valid or not) since the last list.
+    seen: bool,
+}
+
+impl Discovered {
+    pub fn new(source: ConfigMapRef) -> Self {
+        Self {
+            source,
+            nodes: NodeExclusions::default(),
+            config: None,
+            seen: false,
+        }
+    }
+
+    /// Why nothing may be installed before the configuration has been read.
+    pub fn waiting(&self) -> String {
+        format!(
+            "waiting for OVN-Kubernetes's ConfigMap {} (the cluster's pod and service subnets)",
+            self.source
+        )
+    }
+
+    fn publish<P: FlowProgrammer>(&self, engine: &Engine<P>) {
+        let config = self
+            .config
+            .as_ref()
+            .map(ClusterNetworks::all)
+            .unwrap_or_default();
+        let all = crate::cluster::union([&self.nodes.all(), &config]);
+        tracing::debug!(excluded = all.len(), "destinations discovered");
+        engine.set_discovered_exclusions(all);
+    }
+
+    /// Applies a change of OVN-K's ConfigMap. The networks, once read, are kept when the object turns
+    /// unreadable or goes: they do not change under a running cluster, and forgetting them would
+    /// stop every grant.
+    fn apply_config<P: FlowProgrammer>(
+        &mut self,
+        engine: &Engine<P>,
+        status: &Status,
+        change: Change<k8s_openapi::api::core::v1::ConfigMap>,
+    ) {
+        let source = &self.source;
+        match change {
+            Change::Applied(cm) => {
+                self.seen = true;
+                match ovnkube::networks(&cm) {
+                    Ok(found) if self.config.as_ref() == Some(&found) => {}
+                    Ok(found) => {
+                        tracing::info!(%source, networks = %found,
+                            "the cluster's networks, from OVN-Kubernetes's configuration");
+                        self.config = Some(found);
+                        self.publish(engine);
+                        status.networks_known.set(1);
+                        engine.set_networks_unknown(None);
+                    }
+                    Err(error) => {
+                        status.invalid_ovn_configs.inc();
+                        if self.config.is_some() {
+                            tracing::warn!(%source, %error,
+                                "OVN-Kubernetes's ConfigMap cannot be read; keeping the networks read before");
+                        } else {
+                            tracing::error!(%source, %error,
+                                "OVN-Kubernetes's ConfigMap cannot be read; installing nothing");
+                            engine.set_networks_unknown(Some(format!(
+                                "OVN-Kubernetes's ConfigMap {source} does not tell the cluster's networks: {error}"
+                            )));
+                        }
+                    }
+                }
+            }
+            Change::Deleted(_) => {
+                self.seen = false;
+                tracing::warn!(%source, known = self.config.is_some(),
+                    "OVN-Kubernetes's ConfigMap deleted; keeping the networks read before, if any");
+            }
+            Change::Synced if !self.seen && self.config.is_none() => {
+                tracing::error!(%source, "OVN-Kubernetes's ConfigMap does not exist; installing nothing");
+                engine.set_networks_unknown(Some(format!(
+                    "OVN-Kubernetes's ConfigMap {source} does not exist: without the cluster's \
+                     service subnet flowd cannot tell a Service from the internet (--ovn-config names it)"
+                )));
+            }
+            Change::Synced => {}
+        }
+    }
 }
 
 /// Applies one cluster change to the engine (and to what the API knows). Returns this node's pod
@@ -41,21 +139,18 @@ fn apply_cluster_event<P: FlowProgrammer>(
     engine: &Engine<P>,
     status: &Status,
     node: &str,
-    exclusions: &mut NodeExclusions,
+    discovered: &mut Discovered,
     event: ClusterEvent,
 ) -> Option<Vec<IpNet>> {
     // Every node's pod, join and transit subnets and addresses: never a destination of a grant.
     if let ClusterEvent::Node(Change::Applied(n) | Change::Deleted(n)) = &event {
         let deleted = matches!(event, ClusterEvent::Node(Change::Deleted(_)));
-        if let Some(all) = exclusions.apply(n, deleted) {
-            tracing::debug!(
-                excluded = all.len(),
-                "destinations discovered from the nodes"
-            );
-            engine.set_discovered_exclusions(all);
+        if discovered.nodes.apply(n, deleted).is_some() {
+            discovered.publish(engine);
         }
     }
     match event {
+        ClusterEvent::OvnConfig(change) => discovered.apply_config(engine, status, change),
         ClusterEvent::Pod(Change::Applied(pod)) => match pod_info(&pod) {
             Ok(info) => {
                 status.known().pods.insert(info.key.clone(), info.clone());
@@ -155,6 +250,8 @@ pub async fn run_node<P: FlowProgrammer>(
     shutdown: impl Future<Output = ()>,
 ) {
     engine.set_node(config.node.clone());
+    let mut discovered = Discovered::new(config.ovn_config.clone());
+    engine.set_networks_unknown(Some(discovered.waiting()));
     let (subnets_tx, subnets_rx) = signal::channel(config.pod_subnets.clone());
     if !config.pod_subnets.is_empty() {
         engine.set_local_subnets(config.pod_subnets.clone());
@@ -179,9 +276,8 @@ pub async fn run_node<P: FlowProgrammer>(
         upstreams.set_endpoints(&config.upstream.endpoints.iter().copied().collect());
         futures::stream::pending().boxed()
     };
-    let mut cluster = watch::cluster(&client, &config.node, &status.watch);
+    let mut cluster = watch::cluster(&client, &config.node, &config.ovn_config, &status.watch);
     let mut sync = SyncState::default();
-    let mut exclusions = NodeExclusions::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -189,7 +285,7 @@ pub async fn run_node<P: FlowProgrammer>(
             Some(event) = cluster.next() => {
                 let synced = !sync.complete() && sync.note(&event);
                 if let Some(subnets) =
-                    apply_cluster_event(&engine, &status, &config.node, &mut exclusions, event)
+                    apply_cluster_event(&engine, &status, &config.node, &mut discovered, event)
                 {
                     if config.pod_subnets.is_empty() && *subnets_tx.borrow() != subnets {
                         tracing::info!(?subnets, "this node's pod subnets");
@@ -198,7 +294,7 @@ pub async fn run_node<P: FlowProgrammer>(
                     }
                 }
                 if synced {
-                    tracing::info!(node = %config.node, "pods, EgressFirewalls and node listed; ready");
+                    tracing::info!(node = %config.node, "pods, EgressFirewalls, nodes and OVN-K's configuration listed");
                     // Now the flows an earlier run left can be judged against the cluster.
                     engine.synced();
                     status.set_ready();
@@ -274,6 +370,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let config = NodeConfig {
         node: args.node_name.clone(),
         pod_subnets: args.pod_subnets.clone(),
+        ovn_config: args.ovn_config.clone(),
         upstream: args.upstream.clone(),
     };
     run_node(
@@ -373,12 +470,12 @@ mod tests {
             "status": {"phase": "Running", "podIPs": [{"ip": "10.244.1.5"}]},
         }))
         .expect("pod");
-        let mut exclusions = NodeExclusions::default();
+        let mut discovered = Discovered::new(ovnkube::UPSTREAM_CONFIG.parse().expect("ref"));
         apply_cluster_event(
             &engine,
             &status,
             "n1",
-            &mut exclusions,
+            &mut discovered,
             ClusterEvent::Pod(Change::Applied(Box::new(pod))),
         );
         assert_eq!(
@@ -398,7 +495,7 @@ mod tests {
             Instant::now(),
         );
         for (what, event, rules, invalid) in steps {
-            apply_cluster_event(&engine, &status, "n1", &mut exclusions, event);
+            apply_cluster_event(&engine, &status, "n1", &mut discovered, event);
             let known = status.known();
             assert_eq!(known.rules.contains_key("abc"), rules, "{what}");
             let reason = known.invalid.get("abc");

@@ -64,6 +64,9 @@ pub enum EngineError {
     /// flowd cannot be sure what a flow means on this OVN: it installs nothing.
     #[error("installing nothing: {0}")]
     NoTemplate(LearnError),
+    /// The cluster's own networks are not known: a grant could open a Service or a router address.
+    #[error("installing nothing: {0}")]
+    NetworksUnknown(String),
 }
 
 struct Inner<P> {
@@ -150,6 +153,11 @@ impl<P: FlowProgrammer> Engine<P> {
         &self.inner.settings
     }
 
+    /// The decision's settings as they are now: the flags, with every discovered network excluded.
+    pub fn policy(&self) -> crate::policy::PolicySettings {
+        self.lock().policy.clone()
+    }
+
     pub fn programmer(&self) -> &P {
         &self.inner.programmer
     }
@@ -164,8 +172,9 @@ impl<P: FlowProgrammer> Engine<P> {
         self.lock().template.clone()
     }
 
-    /// Why nothing can be installed, while grants wait for a template OVN's flows cannot teach: the
-    /// daemon is not ready then. `None` when there is a template, or nothing waits for one.
+    /// Why nothing can be installed: the cluster's networks are unknown ([`Engine::set_networks_unknown`]),
+    /// or grants wait for a template OVN's flows cannot teach. The daemon is not ready then. `None`
+    /// when the networks are known and there is a template, or nothing waits for one.
     pub fn blocked(&self) -> Option<String> {
         self.lock().blocked()
     }
@@ -211,6 +220,19 @@ impl<P: FlowProgrammer> Engine<P> {
     /// [`crate::cluster::node_exclusions`]), besides the configured cluster subnets.
     pub fn set_discovered_exclusions(&self, discovered: Vec<IpNet>) {
         self.change(|c| c.set_discovered_exclusions(discovered, Instant::now()));
+    }
+
+    /// `Some(why)` while the cluster's own networks (OVN-K's pod, service, join and masquerade
+    /// subnets) are not known: nothing is written, not even what a reconcile would (an earlier run's
+    /// flows stay as they are), and [`Engine::blocked`] says why. Answers are still decided and kept;
+    /// set the networks ([`Engine::set_discovered_exclusions`]) before `None`, so that they are decided
+    /// again before anything reaches OVS.
+    pub fn set_networks_unknown(&self, why: Option<String>) {
+        self.change(|c| {
+            let released = c.networks_unknown.is_some() && why.is_none();
+            c.networks_unknown = why;
+            released
+        });
     }
 
     /// Adds or updates a pod. A pod of another node is treated as removed. Answers held for its IPs are
@@ -273,6 +295,9 @@ impl<P: FlowProgrammer> Engine<P> {
     async fn ensure_template(&self) -> Result<Template, EngineError> {
         {
             let c = self.lock();
+            if let Some(why) = &c.networks_unknown {
+                return Err(EngineError::NetworksUnknown(why.clone()));
+            }
             let recent = c
                 .learned_at
                 .is_some_and(|at| at.elapsed() < DISCOVERY_RETRY);
@@ -478,7 +503,9 @@ impl<P: FlowProgrammer> Engine<P> {
                     backoff.reset();
                 }
                 // Normal until OVN has ACL flows on this node; discovery itself is rate-limited.
-                Err(e @ EngineError::NoTemplate(_)) => tracing::debug!(error = %e, "flows wait"),
+                Err(e @ (EngineError::NoTemplate(_) | EngineError::NetworksUnknown(_))) => {
+                    tracing::debug!(error = %e, "flows wait");
+                }
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     tracing::warn!(error = %e, failures, "writing flows failed; retrying");
@@ -661,7 +688,7 @@ mod tests {
 
     /// An engine on a fake bridge where pods pod1 (reg14 2) and pod2 (reg14 3) have ports.
     fn engine() -> Engine<Recording> {
-        engine_on(Recording::new(Some(target())), EngineSettings::default())
+        engine_on(Recording::new(Some(target())), EngineSettings::for_kind())
     }
 
     fn engine_on(fake: Recording, settings: EngineSettings) -> Engine<Recording> {
@@ -678,7 +705,7 @@ mod tests {
         EngineSettings {
             idle_floor: Duration::ZERO,
             idle_grace: Duration::ZERO,
-            ..EngineSettings::default()
+            ..EngineSettings::for_kind()
         }
     }
 
@@ -890,7 +917,7 @@ mod tests {
     #[tokio::test]
     async fn changes_during_a_batch_are_coalesced_into_the_next() {
         let fake = Recording::with_delay(Some(target()), Duration::from_millis(100));
-        let e = engine_on(fake, EngineSettings::default());
+        let e = engine_on(fake, EngineSettings::for_kind());
         e.upsert_pod(pod("pod1", "10.244.1.5"));
         let run = tokio::spawn(e.clone().run());
         e.on_dns(
@@ -1001,7 +1028,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_rule_turned_deny_replaces_every_allow_variant() {
-        let e = engine_on(Recording::new(Some(tiered())), EngineSettings::default());
+        let e = engine_on(Recording::new(Some(tiered())), EngineSettings::for_kind());
         e.upsert_pod(pod("pod1", "10.244.1.5"));
         e.on_dns(
             answer("10.244.1.5", "google.com", &[("142.250.0.1", 300)]),
@@ -1199,7 +1226,7 @@ mod tests {
     async fn a_hard_timeout_ends_the_grant_even_before_its_ttl() {
         let capped = EngineSettings {
             hard_cap: Some(Duration::from_secs(60)),
-            ..EngineSettings::default()
+            ..EngineSettings::for_kind()
         };
         let e = engine_on(Recording::new(Some(target())), capped);
         e.upsert_pod(pod("pod1", "10.244.1.5"));
@@ -1348,6 +1375,44 @@ mod tests {
         e.lock().learned_at = Some(Instant::now() - DISCOVERY_RETRY);
         e.flush().await.unwrap();
         assert_eq!(e.programmer().flows().len(), 1);
+        assert_eq!(e.blocked(), None);
+    }
+
+    /// Until the cluster's networks are known nothing reaches OVS, not even a reconcile's adds; once
+    /// they are, answers kept meanwhile are decided against them: one inside the service subnet the
+    /// networks revealed earns nothing, the other is written.
+    #[tokio::test]
+    async fn while_the_networks_are_unknown_nothing_is_written() {
+        let e = engine();
+        e.set_networks_unknown(Some("ConfigMap ovn-kubernetes/ovn-config not found".into()));
+        e.upsert_pod(pod("pod1", "10.244.1.5"));
+        e.on_dns(
+            answer(
+                "10.244.1.5",
+                "google.com",
+                &[("142.250.1.1", 60), ("172.30.0.10", 60)],
+            ),
+            Instant::now(),
+        );
+        assert!(matches!(
+            e.flush().await,
+            Err(EngineError::NetworksUnknown(_))
+        ));
+        assert!(matches!(
+            e.reconcile().await,
+            Err(EngineError::NetworksUnknown(_))
+        ));
+        assert!(e.programmer().batches().is_empty());
+        assert_eq!(
+            e.blocked().as_deref(),
+            Some("ConfigMap ovn-kubernetes/ovn-config not found")
+        );
+        e.set_discovered_exclusions(vec!["172.30.0.0/16".parse().unwrap()]);
+        e.set_networks_unknown(None);
+        e.flush().await.unwrap();
+        let flows = e.programmer().flows();
+        assert_eq!(flows.len(), 1, "{flows:?}");
+        assert_eq!(flows[0].matches.dst, ip("142.250.1.1"));
         assert_eq!(e.blocked(), None);
     }
 

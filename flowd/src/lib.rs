@@ -8,6 +8,7 @@ pub mod egressfirewall;
 pub mod engine;
 pub mod metrics;
 pub mod model;
+pub mod ovnkube;
 pub mod ovs;
 pub mod policy;
 pub mod replay;
@@ -20,7 +21,7 @@ pub mod watch;
 /// Runs the subcommand `cli` names (its configuration validated by [`config::Cli::validate`]).
 pub fn run(cli: config::Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
-        config::Command::Replay(args) => replay::main(args),
-        config::Command::Run(args) => daemon::main(args),
+        config::Command::Replay(args) => replay::main(*args),
+        config::Command::Run(args) => daemon::main(*args),
     }
 }

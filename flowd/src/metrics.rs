@@ -1,6 +1,7 @@
 //! flowd's metrics and probes: `/metrics` (OpenMetrics text), `/healthz` (batches reach OVS) and
-//! `/readyz` (pods, EgressFirewalls and this node have been listed in full; until then the DaemonSet's
-//! readiness probe fails and a rolling update waits).
+//! `/readyz` (pods, EgressFirewalls, nodes and OVN-K's ConfigMap have been listed in full, the cluster's
+//! networks are known and nothing blocks the grants; until then the DaemonSet's readiness probe fails
+//! and a rolling update waits).
 //!
 //! Each part defines its metrics where it moves them, as a struct of typed handles with a `register`
 //! method: the engine's ([`crate::engine::Metrics`], and the gauges it reads from its state), its flow
@@ -107,13 +108,18 @@ impl<P: FlowProgrammer> dnsflow_runtime::http::Exposition for Sources<P> {
     }
 
     fn readiness(&self) -> Result<(), String> {
+        // What blocks every grant comes first: it may also be why the lists are not complete (an
+        // RBAC error on OVN-K's ConfigMap).
+        if let Some(why) = self.engine.blocked() {
+            return Err(format!("grants wait, installing nothing: {why}"));
+        }
         if !self.status.is_ready() {
-            return Err("waiting for the first list of pods, EgressFirewalls and this node".into());
+            return Err(
+                "waiting for the first list of pods, EgressFirewalls, nodes and OVN-K's ConfigMap"
+                    .into(),
+            );
         }
-        match self.engine.blocked() {
-            Some(why) => Err(format!("grants wait, installing nothing: {why}")),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     fn liveness(&self) -> Result<(), String> {

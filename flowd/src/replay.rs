@@ -402,10 +402,14 @@ fn read_input(input: &Input<'_>, each: impl FnMut(Item)) -> anyhow::Result<Input
 /// `flowd replay`; `args` should have passed [`ReplayArgs::validate`] (it is checked again here).
 pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     args.validate()?;
-    let snapshot = match &args.snapshot {
+    let mut snapshot = match &args.snapshot {
         Some(path) => Snapshot::load(path)?,
         None => Snapshot::parse(EXAMPLE_SNAPSHOT, Path::new("examples/snapshot.yaml"))?,
     };
+    if let Some(warning) = snapshot.networks_warning() {
+        tracing::warn!(%warning, "snapshot");
+        snapshot.warnings.push(warning);
+    }
     let input = match (&args.capture, &args.events) {
         (Some(p), _) => Input::Capture(p),
         (None, Some(p)) => Input::Events(p),
@@ -447,6 +451,15 @@ pub fn main(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         return Err(e).context("writing the replay output");
     }
     let engine = if let Some(bridge) = &args.apply {
+        // Never fail open: without the service subnet a grant could open a Service.
+        if snapshot.networks.is_none() && args.engine.cluster_subnets.is_empty() {
+            anyhow::bail!(
+                "refusing --apply: the snapshot has no OVN-Kubernetes ConfigMap ({} or {}) and no \
+                 --cluster-subnet names the cluster's service subnet",
+                crate::ovnkube::UPSTREAM_CONFIG,
+                crate::ovnkube::OPENSHIFT_CONFIG
+            );
+        }
         let ofctl = Ofctl::new(bridge.clone()).with_timeout(settings.ovs_timeout);
         let run = run_engine(
             Engine::new(settings.clone(), ofctl),

@@ -1,6 +1,9 @@
-//! A cluster snapshot file: the Pods, EgressFirewalls and Nodes `flowd replay` works against.
+//! A cluster snapshot file: the Pods, EgressFirewalls and Nodes `flowd replay` works against, and
+//! OVN-K's ConfigMap with the cluster's networks ([`crate::ovnkube`]).
 //!
-//! Accepts what `kubectl get -A pods,egressfirewalls,nodes -o yaml` (or `-o json`) prints, a
+//! Accepts what `kubectl get -A pods,egressfirewalls,nodes -o yaml` (or `-o json`) prints, plus
+//! `kubectl get -n ovn-kubernetes configmap ovn-config -o yaml` (OpenShift:
+//! `-n openshift-ovn-kubernetes configmap ovnkube-config`), a
 //! `kind: List`, and multi-document YAML of the same objects (lists may appear inside too). Objects of
 //! other kinds, pods that get no grants (host network, finished, no IP) and invalid EgressFirewalls are
 //! skipped with a warning that says why; only unreadable or syntactically broken files are errors. A
@@ -11,10 +14,11 @@ use crate::{
     cluster::{node_exclusions, node_subnets, pod_info, union},
     egressfirewall::EgressFirewall,
     model::PodInfo,
+    ovnkube::{self, ClusterNetworks, OPENSHIFT_CONFIG, UPSTREAM_CONFIG},
     rules::FirewallRules,
 };
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use serde::Deserialize;
 use std::{
     collections::BTreeMap,
@@ -42,6 +46,8 @@ pub struct Snapshot {
     pub nodes: BTreeMap<String, Vec<IpNet>>,
     /// What each node excludes as a destination: its pod, join and transit subnets and its addresses.
     pub excluded: BTreeMap<String, Vec<IpNet>>,
+    /// The cluster's networks, from OVN-K's ConfigMap when the snapshot has it.
+    pub networks: Option<ClusterNetworks>,
     /// Everything skipped, and why, one line each.
     pub warnings: Vec<String>,
 }
@@ -162,6 +168,24 @@ impl Snapshot {
                     }
                 }
             },
+            "ConfigMap" => match serde_yaml::from_value::<ConfigMap>(obj) {
+                Err(e) => self.warn(format!("{at}: not a valid ConfigMap: {e}")),
+                Ok(cm) => {
+                    let name = format!(
+                        "{}/{}",
+                        cm.metadata.namespace.as_deref().unwrap_or_default(),
+                        cm.metadata.name.as_deref().unwrap_or_default()
+                    );
+                    if name != UPSTREAM_CONFIG && name != OPENSHIFT_CONFIG {
+                        self.warn(format!("{at}: skipped: not OVN-Kubernetes's configuration"));
+                    } else {
+                        match ovnkube::networks(&cm) {
+                            Ok(found) => self.networks = Some(found),
+                            Err(e) => self.warn(format!("{at}: skipped: {e}")),
+                        }
+                    }
+                }
+            },
             "" => self.warn(format!("{at}: skipped: no kind")),
             _ => self.warn(format!("{at}: skipped: kind {kind} is not used by flowd")),
         }
@@ -183,15 +207,31 @@ impl Snapshot {
         self.warnings.push(line);
     }
 
+    /// The warning for a snapshot without OVN-K's ConfigMap, whose service subnet is then unknown.
+    pub fn networks_warning(&self) -> Option<String> {
+        self.networks.is_none().then(|| {
+            format!(
+                "no OVN-Kubernetes ConfigMap ({UPSTREAM_CONFIG} or {OPENSHIFT_CONFIG}): the \
+                 service subnet is unknown, so answers inside it are not excluded unless \
+                 --cluster-subnet names it"
+            )
+        })
+    }
+
     /// Every node's pod subnets.
     pub fn pod_subnets(&self) -> Vec<IpNet> {
         union(self.nodes.values())
     }
 
-    /// Every node's exclusions ([`crate::cluster::node_exclusions`]), for
-    /// [`crate::policy::PolicySettings::cluster_subnets`].
+    /// Every node's exclusions ([`crate::cluster::node_exclusions`]) and the networks of OVN-K's
+    /// configuration, for [`crate::policy::PolicySettings::cluster_subnets`].
     pub fn exclusions(&self) -> Vec<IpNet> {
-        union(self.excluded.values())
+        let networks = self
+            .networks
+            .as_ref()
+            .map(ClusterNetworks::all)
+            .unwrap_or_default();
+        union(self.excluded.values().chain([&networks]))
     }
 }
 
@@ -378,6 +418,48 @@ items:
         let s = parse(docs).expect("valid");
         assert_eq!(s.pods.len(), 2);
         assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    }
+
+    /// OVN-K's ConfigMap, in either shape, tells the networks; any other ConfigMap, or one that cannot
+    /// be read, is a warning; without one the snapshot says the service subnet is unknown.
+    #[test]
+    fn ovn_ks_configmap_tells_the_networks_and_nothing_else_does() {
+        let text = "---\napiVersion: v1\nkind: ConfigMap\n\
+                    metadata: {name: kube-root-ca.crt, namespace: ovn-kubernetes}\n\
+                    data: {net_cidr: 1.0.0.0/8, svc_cidr: 2.0.0.0/8}\n\
+                    ---\napiVersion: v1\nkind: ConfigMap\n\
+                    metadata: {name: ovnkube-config, namespace: openshift-ovn-kubernetes}\n\
+                    data:\n  ovnkube.conf: |\n    [default]\n    cluster-subnets=\"10.128.0.0/14/23\"\n\
+                    \x20   [kubernetes]\n    service-cidrs=\"172.30.0.0/16\"\n";
+        let s = parse(text).expect("parses");
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        assert!(s.warnings[0].contains("not OVN-Kubernetes's configuration"));
+        let networks = s.networks.clone().expect("networks");
+        assert_eq!(
+            networks.services,
+            vec!["172.30.0.0/16".parse::<IpNet>().expect("net")]
+        );
+        let excluded = s.exclusions();
+        for net in ["172.30.0.0/16", "10.128.0.0/14", "100.64.0.0/16"] {
+            assert!(excluded.contains(&net.parse().expect("net")), "{net}");
+        }
+        assert!(!excluded.contains(&"2.0.0.0/8".parse().expect("net")));
+        assert_eq!(s.networks_warning(), None);
+
+        let broken = parse(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ovn-config, namespace: ovn-kubernetes}\n\
+             data: {net_cidr: 10.244.0.0/16}\n",
+        )
+        .expect("parses");
+        assert_eq!(broken.networks, None);
+        assert!(
+            broken.warnings[0].contains("it names no service subnet"),
+            "{:?}",
+            broken.warnings
+        );
+        assert!(broken
+            .networks_warning()
+            .is_some_and(|w| w.contains("service subnet is unknown")));
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct Status {
     pub invalid_firewalls: Counter,
     /// DNS answers handed to the engine.
     pub dns_events: Counter,
+    /// 1 once OVN-K's configuration told the cluster's networks (nothing is installed before).
+    pub networks_known: Gauge,
+    /// Versions of OVN-K's ConfigMap flowd could not read the networks from.
+    pub invalid_ovn_configs: Counter,
     pub known: Mutex<Known>,
 }
 
@@ -54,6 +58,8 @@ impl Default for Status {
             upstream: Arc::default(),
             invalid_firewalls: Counter::default(),
             dns_events: Counter::default(),
+            networks_known: Gauge::default(),
+            invalid_ovn_configs: Counter::default(),
             known: Mutex::default(),
         }
     }
@@ -66,7 +72,7 @@ impl Status {
         self.ready.send_replace(true);
     }
 
-    /// True once pods, EgressFirewalls and this node have each been listed in full.
+    /// True once pods, EgressFirewalls, nodes and OVN-K's ConfigMap have each been listed in full.
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
     }
@@ -80,13 +86,23 @@ impl Status {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "ready",
-            "1 once pods, EgressFirewalls and this node are listed",
+            "1 once pods, EgressFirewalls, nodes and OVN-Kubernetes's ConfigMap are listed",
             self.ready_gauge.clone(),
         );
         registry.counter(
             "dns_events",
             "DNS answers from tapd handed to the engine",
             &self.dns_events,
+        );
+        registry.register(
+            "cluster_networks_known",
+            "1 once OVN-Kubernetes's configuration told the cluster's pod and service subnets",
+            self.networks_known.clone(),
+        );
+        registry.counter(
+            "invalid_ovn_configs",
+            "Versions of OVN-Kubernetes's ConfigMap whose networks could not be read",
+            &self.invalid_ovn_configs,
         );
         registry.counter(
             "invalid_egressfirewalls",

@@ -6,9 +6,9 @@
 //! what it has reported and turns every object missing from a relist into a [`Change::Deleted`], so the
 //! consumer sees one consistent stream of applies and deletes whatever happened on the wire.
 
-use crate::{egressfirewall::EgressFirewall, metrics::Registry};
+use crate::{egressfirewall::EgressFirewall, metrics::Registry, ovnkube::ConfigMapRef};
 use futures::{stream, Stream, StreamExt as _};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::{
     runtime::{watcher, WatchStreamExt as _},
     Api, Client, Resource, ResourceExt as _,
@@ -47,6 +47,15 @@ pub const REQUIRED_ACCESS: &[ApiAccess] = &[
         verbs: &["list", "watch"],
     },
 ];
+
+/// The one namespaced call: OVN-K's ConfigMap (`--ovn-config`), listed and watched by name through a
+/// `metadata.name` field selector. A Role in OVN-K's namespace grants it for that name only
+/// (`resourceNames`), in each overlay of `deploy/`.
+pub const OVN_CONFIG_ACCESS: ApiAccess = ApiAccess {
+    group: "",
+    resource: "configmaps",
+    verbs: &["list", "watch"],
+};
 
 /// What happened to one watched object (boxed: a Pod is kilobytes, and changes travel through channels
 /// and merged streams).
@@ -156,39 +165,48 @@ pub enum ClusterEvent {
     Pod(Change<Pod>),
     Firewall(Change<EgressFirewall>),
     Node(Change<Node>),
+    /// OVN-K's ConfigMap, the one `--ovn-config` names.
+    OvnConfig(Change<ConfigMap>),
 }
 
-/// Which of the three watches have delivered their first full list.
+/// Which of the watches have delivered their first full list.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyncState {
     pub pods: bool,
     pub firewalls: bool,
     pub node: bool,
+    pub ovn_config: bool,
 }
 
 impl SyncState {
-    /// Notes a `Synced`; true once all three have been synced.
+    /// Notes a `Synced`; true once all of them have been synced.
     pub fn note(&mut self, event: &ClusterEvent) -> bool {
         match event {
             ClusterEvent::Pod(Change::Synced) => self.pods = true,
             ClusterEvent::Firewall(Change::Synced) => self.firewalls = true,
             ClusterEvent::Node(Change::Synced) => self.node = true,
+            ClusterEvent::OvnConfig(Change::Synced) => self.ovn_config = true,
             _ => {}
         }
         self.complete()
     }
 
     pub fn complete(&self) -> bool {
-        self.pods && self.firewalls && self.node
+        self.pods && self.firewalls && self.node && self.ovn_config
     }
 }
 
-/// The merged stream of pod, EgressFirewall and node changes.
+/// The merged stream of pod, EgressFirewall, node and OVN-K configuration changes.
 pub type ClusterStream = Pin<Box<dyn Stream<Item = ClusterEvent> + Send>>;
 
 /// Watches the pods scheduled to `node` (field selector `spec.nodeName`), the EgressFirewalls of every
-/// namespace, and `node` itself (field selector `metadata.name`).
-pub fn cluster(client: &Client, node: &str, stats: &Arc<WatchStats>) -> ClusterStream {
+/// namespace, every Node, and OVN-K's ConfigMap `ovn_config` (field selector `metadata.name`).
+pub fn cluster(
+    client: &Client,
+    node: &str,
+    ovn_config: &ConfigMapRef,
+    stats: &Arc<WatchStats>,
+) -> ClusterStream {
     let pods = changes(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default().fields(&format!("spec.nodeName={node}")),
@@ -212,10 +230,19 @@ pub fn cluster(client: &Client, node: &str, stats: &Arc<WatchStats>) -> ClusterS
         stats.clone(),
     )
     .map(ClusterEvent::Node);
+    // By name: the Role grants this one ConfigMap, not the namespace's others.
+    let config = changes(
+        Api::<ConfigMap>::namespaced(client.clone(), &ovn_config.namespace),
+        watcher::Config::default().fields(&format!("metadata.name={}", ovn_config.name)),
+        "ovn-config",
+        stats.clone(),
+    )
+    .map(ClusterEvent::OvnConfig);
     Box::pin(stream::select_all([
         pods.boxed(),
         firewalls.boxed(),
         nodes.boxed(),
+        config.boxed(),
     ]))
 }
 

@@ -173,7 +173,7 @@ enum Cap {
 #[derive(Debug)]
 pub struct Core {
     settings: EngineSettings,
-    policy: PolicySettings,
+    pub(super) policy: PolicySettings,
     pub(super) metrics: Arc<Metrics>,
     pods: HashMap<PodKey, PodEntry>,
     by_ip: HashMap<IpAddr, PodKey>,
@@ -209,6 +209,8 @@ pub struct Core {
     pub(super) rediscover: bool,
     /// Since when batches have been failing, and the last error: what liveness reports.
     failing: Option<(Instant, String)>,
+    /// Why the cluster's own networks are not known yet: nothing is written meanwhile.
+    pub(super) networks_unknown: Option<String>,
 }
 
 /// FNV-1a of the iface-id: a pod keeps its id (and so its flows' cookies) across flowd restarts.
@@ -312,6 +314,7 @@ impl Core {
             prefetch_keys: false,
             rediscover: false,
             failing: None,
+            networks_unknown: None,
         }
     }
 
@@ -938,8 +941,12 @@ impl Core {
             && self.delete_stale.is_empty())
     }
 
-    /// Why nothing can be installed, while grants wait for a template OVN's flows cannot teach.
+    /// Why nothing can be installed: the cluster's networks are unknown, or grants wait for a template
+    /// OVN's flows cannot teach.
     pub fn blocked(&self) -> Option<String> {
+        if let Some(why) = &self.networks_unknown {
+            return Some(why.clone());
+        }
         if self.template.is_some() || self.flows.is_empty() {
             return None;
         }

@@ -1,5 +1,5 @@
-//! A Kubernetes API server, in process, speaking real HTTP list/watch for the three resources flowd
-//! reads: pods, nodes and `k8s.ovn.org/v1` egressfirewalls.
+//! A Kubernetes API server, in process, speaking real HTTP list/watch for the resources flowd reads:
+//! pods, nodes, `k8s.ovn.org/v1` egressfirewalls and OVN-K's ConfigMap.
 //!
 //! What it honours is what kube's watcher relies on: a global `resourceVersion`, paged-free lists that
 //! carry it, watches resumed from a version (ADDED / MODIFIED / DELETED, then live), BOOKMARK events when
@@ -30,12 +30,13 @@ pub enum Resource {
     Pods,
     Nodes,
     EgressFirewalls,
+    ConfigMaps,
 }
 
 impl Resource {
     fn api_version(self) -> &'static str {
         match self {
-            Resource::Pods | Resource::Nodes => "v1",
+            Resource::Pods | Resource::Nodes | Resource::ConfigMaps => "v1",
             Resource::EgressFirewalls => "k8s.ovn.org/v1",
         }
     }
@@ -44,6 +45,7 @@ impl Resource {
             Resource::Pods => "Pod",
             Resource::Nodes => "Node",
             Resource::EgressFirewalls => "EgressFirewall",
+            Resource::ConfigMaps => "ConfigMap",
         }
     }
     /// `(api group, resource)` as RBAC names them.
@@ -52,6 +54,7 @@ impl Resource {
             Resource::Pods => ("", "pods"),
             Resource::Nodes => ("", "nodes"),
             Resource::EgressFirewalls => ("k8s.ovn.org", "egressfirewalls"),
+            Resource::ConfigMaps => ("", "configmaps"),
         }
     }
     fn of(value: &Value) -> Resource {
@@ -59,6 +62,7 @@ impl Resource {
             Some("Pod") => Resource::Pods,
             Some("Node") => Resource::Nodes,
             Some("EgressFirewall") => Resource::EgressFirewalls,
+            Some("ConfigMap") => Resource::ConfigMaps,
             other => panic!("the fake API server does not serve {other:?}"),
         }
     }
@@ -285,6 +289,7 @@ fn route(path: &str) -> Option<(Resource, Option<String>)> {
         ("", "pods") => Resource::Pods,
         ("", "nodes") if ns.is_none() => Resource::Nodes,
         ("k8s.ovn.org", "egressfirewalls") => Resource::EgressFirewalls,
+        ("", "configmaps") if ns.is_some() => Resource::ConfigMaps,
         _ => return None,
     };
     Some((resource, ns))
@@ -569,6 +574,15 @@ pub fn node(name: &str, subnet: &str) -> Value {
         "metadata": {"name": name, "annotations": {
             "k8s.ovn.org/node-subnets": json!({"default": [subnet]}).to_string()}},
         "spec": {"podCIDRs": [subnet]},
+    })
+}
+
+/// Upstream OVN-K's ConfigMap (`ovn-kubernetes/ovn-config`) with the cluster's pod and service subnets.
+pub fn ovn_config(net_cidr: &str, svc_cidr: &str) -> Value {
+    json!({
+        "kind": "ConfigMap",
+        "metadata": {"name": "ovn-config", "namespace": "ovn-kubernetes"},
+        "data": {"net_cidr": net_cidr, "svc_cidr": svc_cidr, "mtu": "1400"},
     })
 }
 

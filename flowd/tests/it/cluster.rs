@@ -1,7 +1,7 @@
 //! flowd's Kubernetes state against the fake API server: what the watchers report, relists after
 //! `410 Gone`, bookmarks, selectors, and the API calls flowd makes compared with its RBAC.
 
-use crate::apiserver::{egress_firewall, node, pod, FakeApiServer, Resource};
+use crate::apiserver::{egress_firewall, node, ovn_config, pod, FakeApiServer, Resource};
 use flowd::watch::{self, Change, ClusterEvent, ClusterStream, SyncState, WatchStats};
 use futures::StreamExt as _;
 use kube::ResourceExt as _;
@@ -32,6 +32,7 @@ fn describe(event: &ClusterEvent) -> String {
         ClusterEvent::Pod(c) => change("pod", c),
         ClusterEvent::Firewall(c) => change("ef", c),
         ClusterEvent::Node(c) => change("node", c),
+        ClusterEvent::OvnConfig(c) => change("ovn-config", c),
     }
 }
 
@@ -81,14 +82,28 @@ pub async fn cluster_with_two_pods() -> FakeApiServer {
         json!([{"type": "Allow", "to": {"dnsName": "example.com"}},
                {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}]),
     ));
+    api.apply(ovn_config("10.244.0.0/16/24", SERVICE_SUBNET));
+    // Another ConfigMap in the same namespace: flowd asks for its own by name only.
+    api.apply(json!({
+        "kind": "ConfigMap",
+        "metadata": {"name": "other", "namespace": "ovn-kubernetes"},
+        "data": {"net_cidr": "1.0.0.0/8", "svc_cidr": "2.0.0.0/8"},
+    }));
     api
+}
+
+/// The cluster's service subnet, as its OVN-K ConfigMap tells.
+pub const SERVICE_SUBNET: &str = "172.30.0.0/16";
+
+fn upstream_config() -> flowd::ovnkube::ConfigMapRef {
+    flowd::ovnkube::UPSTREAM_CONFIG.parse().unwrap()
 }
 
 #[tokio::test]
 async fn watchers_list_this_nodes_pods_every_firewall_and_every_node_then_follow_changes() {
     let api = cluster_with_two_pods().await;
     let stats = Arc::new(WatchStats::default());
-    let mut events = watch::cluster(&api.client(), NODE, &stats);
+    let mut events = watch::cluster(&api.client(), NODE, &upstream_config(), &stats);
     let mut seen = until_synced(&mut events).await;
     seen.sort();
     assert_eq!(
@@ -99,6 +114,8 @@ async fn watchers_list_this_nodes_pods_every_firewall_and_every_node_then_follow
             "node applied node1",
             "node applied node2",
             "node synced",
+            "ovn-config applied ovn-kubernetes/ovn-config",
+            "ovn-config synced",
             "pod applied demo/client",
             "pod applied demo/other",
             "pod synced",
@@ -128,7 +145,7 @@ async fn watchers_list_this_nodes_pods_every_firewall_and_every_node_then_follow
 async fn after_410_gone_the_relist_reports_what_was_deleted_while_away() {
     let api = cluster_with_two_pods().await;
     let stats = Arc::new(WatchStats::default());
-    let mut events = watch::cluster(&api.client(), NODE, &stats);
+    let mut events = watch::cluster(&api.client(), NODE, &upstream_config(), &stats);
     until_synced(&mut events).await;
     let lists = api.count(Resource::Pods, "list");
 
@@ -153,7 +170,7 @@ async fn after_410_gone_the_relist_reports_what_was_deleted_while_away() {
 async fn bookmarks_move_the_watch_on_without_a_relist() {
     let api = cluster_with_two_pods().await;
     let stats = Arc::new(WatchStats::default());
-    let mut events = watch::cluster(&api.client(), NODE, &stats);
+    let mut events = watch::cluster(&api.client(), NODE, &upstream_config(), &stats);
     until_synced(&mut events).await;
     let lists = api.count(Resource::Pods, "list");
     // Let the watches start, then bookmark them.
@@ -205,7 +222,8 @@ async fn tapd_discovery_watches_dns_pods_by_label_in_one_namespace() {
     assert_eq!(list.query["labelSelector"], "k8s-app=kube-dns");
 }
 
-/// Every request flowd's watchers sent is one that `REQUIRED_ACCESS` (and so the ClusterRole) allows.
+/// Every request flowd's watchers sent is one that `REQUIRED_ACCESS` (and so the ClusterRole) allows,
+/// or OVN-K's ConfigMap read by name in its namespace (`OVN_CONFIG_ACCESS`, the overlays' Role).
 pub fn assert_requests_within_rbac(api: &FakeApiServer) {
     let requests = api.requests();
     assert!(!requests.is_empty());
@@ -214,6 +232,17 @@ pub fn assert_requests_within_rbac(api: &FakeApiServer) {
             .resource
             .unwrap_or_else(|| panic!("flowd called an unknown API: {r:?}"));
         let (group, plural) = resource.rbac();
+        if resource == Resource::ConfigMaps {
+            let a = watch::OVN_CONFIG_ACCESS;
+            assert!(
+                a.verbs.contains(&r.verb.as_str())
+                    && r.namespace.as_deref() == Some("ovn-kubernetes")
+                    && r.query.get("fieldSelector").map(String::as_str)
+                        == Some("metadata.name=ovn-config"),
+                "{r:?} is not OVN-K's ConfigMap read by name"
+            );
+            continue;
+        }
         let allowed = watch::REQUIRED_ACCESS.iter().any(|a| {
             a.group == group && a.resource == plural && a.verbs.contains(&r.verb.as_str())
         });
@@ -225,7 +254,7 @@ pub fn assert_requests_within_rbac(api: &FakeApiServer) {
 async fn every_call_the_watchers_make_is_in_required_access() {
     let api = cluster_with_two_pods().await;
     let stats = Arc::new(WatchStats::default());
-    let mut events = watch::cluster(&api.client(), NODE, &stats);
+    let mut events = watch::cluster(&api.client(), NODE, &upstream_config(), &stats);
     until_synced(&mut events).await;
     let mut dns = watch::dns_pods(&api.client(), "kube-system", "k8s-app=kube-dns", &stats);
     while !matches!(
@@ -402,6 +431,7 @@ impl<P: FlowProgrammer> Node<P> {
         let config = NodeConfig {
             node: NODE.to_string(),
             pod_subnets: Vec::new(),
+            ovn_config: upstream_config(),
             upstream,
         };
         let task = tokio::spawn(run_node(
@@ -923,6 +953,7 @@ async fn two_tapds_one_killed_and_restarted_mid_stream_lose_no_grant_and_duplica
     api.apply(egress_firewall("demo", allow_example_then_deny_all()));
     api.apply(dns_pod("coredns-a", &ip_a.to_string()));
     api.apply(dns_pod("coredns-b", &ip_b.to_string()));
+    api.apply(ovn_config("10.244.0.0/16/24", SERVICE_SUBNET));
     let discovery = upstream_args(&["--tapd-port", &port.to_string()]);
     let node = Node::start(&api, recording_engine(&["one", "two"]), discovery);
     node.ready().await;
@@ -1126,24 +1157,25 @@ async fn the_api_lists_grants_explains_and_counts_over_grpcurl_and_metrics() {
         "namespace elsewhere has no EgressFirewall: flowd grants nothing there",
         "{no_rules}"
     );
-    // The name that matched is the CNAME target; the service IP among the answers gets no flow.
+    // The name that matched is the CNAME target; the service IP among the answers (inside the
+    // service subnet OVN-K's ConfigMap names, not kind's) gets no flow.
     let chained = block(|| {
         grpcurl(
             r#"{"namespace":"demo","pod":"client","query_name":"www.example.org",
-                "cname_chain":["edge.example.com"],"answers":["192.0.2.10","10.96.0.1"]}"#,
+                "cname_chain":["edge.example.com"],"answers":["192.0.2.10","172.30.0.1"]}"#,
             "dnsflow.v1.Flowd/Explain",
         )
     });
     assert_eq!(
         chained["summary"],
         "rule 0 (Allow dnsName=example.com) matches edge.example.com (CNAME target of \
-         www.example.org); no usable flow for 10.96.0.1",
+         www.example.org); no usable flow for 172.30.0.1",
         "{chained}"
     );
     assert_eq!(chained["rules"][0]["matchedName"], "edge.example.com");
     assert_eq!(
         chained["excluded"],
-        json!([{"ip": "10.96.0.1", "reason": "inside cluster subnet 10.96.0.0/16"}]),
+        json!([{"ip": "172.30.0.1", "reason": format!("inside cluster subnet {SERVICE_SUBNET}")}]),
         "{chained}"
     );
     // An invalid EgressFirewall is named as such, with why.
@@ -1398,4 +1430,82 @@ async fn a_node_address_is_never_a_grant_even_when_the_node_comes_later() {
         all_flows(&node.engine) == one
     })
     .await;
+}
+
+/// Without OVN-K's ConfigMap flowd cannot tell a Service from the internet: it decides answers but
+/// writes nothing, and `/readyz` says why. Once the ConfigMap appears, what was kept is decided against
+/// the subnets it names (not kind's): the answer inside its service subnet earns nothing. A later
+/// version that cannot be read is counted and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_installed_until_ovn_ks_configuration_names_the_service_subnet() {
+    let tapd = Tapd::start();
+    let dns = unbound_for(
+        &tapd,
+        &[
+            "www.example.com. 300 IN A 192.0.2.10",
+            "svc.example.com. 300 IN A 172.30.0.9",
+        ],
+    );
+    let api = cluster_with_two_pods().await;
+    api.delete(Resource::ConfigMaps, "ovn-kubernetes", "ovn-config");
+    let node = Node::start(
+        &api,
+        recording_engine(&["client"]),
+        static_upstream(&[&tapd]),
+    );
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let registry = Arc::new(flowd::metrics::registry(&node.engine, &node.status));
+    let sources = flowd::metrics::Sources {
+        engine: node.engine.clone(),
+        status: node.status.clone(),
+        registry,
+    };
+    let _http = tokio::spawn(flowd::metrics::serve(http, sources, std::future::pending()));
+    let get = move |path: &'static str| async move {
+        tokio::task::spawn_blocking(move || http_get(http_addr, path).unwrap())
+            .await
+            .unwrap()
+    };
+    node.ready().await;
+    eventually("the tapd subscription", || node.tapd_connected() == 1).await;
+    let client = Ipv4Addr::new(127, 0, 0, 11);
+    for name in ["www.example.com", "svc.example.com"] {
+        assert_eq!(dig_from(client, dns.port(), name).await.len(), 1);
+    }
+    eventually("both answers", || node.status.dns_events.get() >= 2).await;
+    // Give a write every chance to happen: the engine retries every few hundred milliseconds.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(node.engine.programmer().flows().is_empty());
+    assert!(node.engine.programmer().batches().is_empty());
+    let readyz = get("/readyz").await;
+    assert!(readyz.starts_with("HTTP/1.1 503"), "{readyz}");
+    assert!(
+        readyz.contains("ConfigMap ovn-kubernetes/ovn-config does not exist"),
+        "{readyz}"
+    );
+    let metrics = get("/metrics").await;
+    assert_eq!(metric(&metrics, "dnsflow_cluster_networks_known"), Some(0));
+
+    api.apply(ovn_config("10.244.0.0/16/24", SERVICE_SUBNET));
+    eventually("the grant outside the service subnet", || {
+        flows_from(&node.engine, "127.0.0.11") == ips(&["192.0.2.10"])
+    })
+    .await;
+    assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+    let metrics = get("/metrics").await;
+    assert_eq!(metric(&metrics, "dnsflow_cluster_networks_known"), Some(1));
+
+    // A broken version is counted; the networks read before stay, and so does the grant.
+    let mut broken = ovn_config("10.244.0.0/16/24", "not a subnet");
+    broken["metadata"]["labels"] = json!({"v": "2"});
+    api.apply(broken);
+    eventually("the unreadable version counted", || {
+        node.status.invalid_ovn_configs.get() == 1
+    })
+    .await;
+    assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+    assert_eq!(flows_from(&node.engine, "127.0.0.11"), ips(&["192.0.2.10"]));
+    assert_requests_within_rbac(&api);
+    node.stop().await;
 }

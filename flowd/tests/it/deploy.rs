@@ -391,6 +391,119 @@ fn check_discovery(objects: &[Value], dns: &Value) {
     );
 }
 
+/// The Role in OVN-K's namespace grants flowd exactly `OVN_CONFIG_ACCESS` on the one ConfigMap its
+/// `FLOWD_OVN_CONFIG` names, and is bound to flowd's ServiceAccount.
+fn check_ovn_config_access(objects: &[Value]) {
+    let flowd = container(find(objects, "DaemonSet", "flowd"), "flowd");
+    let source: flowd::ovnkube::ConfigMapRef =
+        env_value(flowd, "FLOWD_OVN_CONFIG").parse().unwrap();
+    let role = find(objects, "Role", "dnsflow-flowd-ovn-config");
+    assert_eq!(role["metadata"]["namespace"], source.namespace.as_str());
+    let rules = role["rules"].as_sequence().unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    let strings = |k: &str| -> Vec<String> {
+        rules[0][k]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    let access = flowd::watch::OVN_CONFIG_ACCESS;
+    assert_eq!(strings("apiGroups"), [access.group]);
+    assert_eq!(strings("resources"), [access.resource]);
+    assert_eq!(strings("resourceNames"), [source.name.as_str()]);
+    assert_eq!(strings("verbs"), access.verbs);
+    let binding = find(objects, "RoleBinding", "dnsflow-flowd-ovn-config");
+    assert_eq!(binding["metadata"]["namespace"], source.namespace.as_str());
+    assert_eq!(binding["roleRef"]["kind"], "Role");
+    assert_eq!(binding["roleRef"]["name"], "dnsflow-flowd-ovn-config");
+    assert_eq!(binding["subjects"][0]["name"], "flowd");
+    assert_eq!(binding["subjects"][0]["namespace"], "dnsflow");
+}
+
+/// Whether a NetworkPolicy port entry admits `protocol`/`port`.
+fn admits(entry: &Value, protocol: &str, port: u64) -> bool {
+    let proto = entry["protocol"].as_str().unwrap_or("TCP");
+    let Some(first) = entry["port"].as_u64() else {
+        return proto == protocol && entry.get("port").is_none();
+    };
+    let last = entry["endPort"].as_u64().unwrap_or(first);
+    proto == protocol && (first..=last).contains(&port)
+}
+
+/// The NetworkPolicy on the DNS pods admits tapd's gRPC port only from the host-network namespace
+/// (`host_network`, the label that selects it), and every other port those pods declare from anywhere.
+fn check_tapd_policy(objects: &[Value], dns: &Value, host_network: (&str, &str)) {
+    let policy = find(objects, "NetworkPolicy", "dnsflow-tapd");
+    assert_eq!(
+        policy["metadata"]["namespace"],
+        dns["metadata"]["namespace"]
+    );
+    let labels = &dns["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in policy["spec"]["podSelector"]["matchLabels"]
+        .as_mapping()
+        .unwrap()
+    {
+        assert_eq!(
+            &labels[k.as_str().unwrap()],
+            v,
+            "the policy selects other pods"
+        );
+    }
+    assert_eq!(policy["spec"]["policyTypes"][0], "Ingress");
+    let flowd = container(find(objects, "DaemonSet", "flowd"), "flowd");
+    let grpc: u64 = env_value(flowd, "FLOWD_TAPD_PORT").parse().unwrap();
+    let rules = policy["spec"]["ingress"].as_sequence().unwrap();
+    let open = |protocol: &str, port: u64| {
+        rules.iter().any(|r| {
+            r.get("from").is_none()
+                && r["ports"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .any(|e| admits(e, protocol, port))
+        })
+    };
+    assert!(!open("TCP", grpc), "tapd's gRPC port is open to every pod");
+    let admitting: Vec<&Value> = rules
+        .iter()
+        .filter(|r| {
+            r["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|e| admits(e, "TCP", grpc))
+        })
+        .collect();
+    assert_eq!(admitting.len(), 1, "{admitting:?}");
+    let from = admitting[0]["from"].as_sequence().unwrap();
+    assert_eq!(from.len(), 1);
+    assert!(from[0].get("podSelector").is_none() && from[0].get("ipBlock").is_none());
+    let selector = &from[0]["namespaceSelector"]["matchLabels"];
+    assert_eq!(selector.as_mapping().unwrap().len(), 1);
+    assert_eq!(selector[host_network.0], host_network.1);
+    // Everything else the DNS pods serve (DNS, metrics, probes, tapd's 9531) as before the policy.
+    let mut ports = vec![("UDP", 53), ("TCP", 53)];
+    for c in pod_spec(dns)["containers"].as_sequence().unwrap() {
+        for p in c["ports"].as_sequence().into_iter().flatten() {
+            let proto = p["protocol"].as_str().unwrap_or("TCP");
+            let port = p["containerPort"].as_u64().unwrap();
+            if (proto, port) != ("TCP", grpc) {
+                ports.push((if proto == "UDP" { "UDP" } else { "TCP" }, port));
+            }
+        }
+        for probe in ["livenessProbe", "readinessProbe"] {
+            if let Some(port) = c[probe]["httpGet"]["port"].as_u64() {
+                ports.push(("TCP", port));
+            }
+        }
+    }
+    for (proto, port) in ports {
+        assert!(open(proto, port), "{proto}/{port} of the DNS pods is shut");
+    }
+}
+
 fn check_flowd(objects: &[Value]) {
     let ds = find(objects, "DaemonSet", "flowd");
     let spec = pod_spec(ds);
@@ -432,6 +545,7 @@ fn check_flowd(objects: &[Value]) {
     }
     assert!(flowd["resources"]["requests"].get("cpu").is_some());
     check_cluster_role(find(objects, "ClusterRole", "dnsflow-flowd"));
+    check_ovn_config_access(objects);
     let binding = find(objects, "ClusterRoleBinding", "dnsflow-flowd");
     assert_eq!(binding["roleRef"]["name"], "dnsflow-flowd");
     assert_eq!(binding["subjects"][0]["name"], "flowd");
@@ -515,6 +629,11 @@ fn kind_overlay_renders_validates_and_ties_together() {
     assert_eq!(coredns["metadata"]["namespace"], "kube-system");
     check_tapd_sidecar(coredns, "coredns");
     check_discovery(&objects, coredns);
+    check_tapd_policy(
+        &objects,
+        coredns,
+        ("kubernetes.io/metadata.name", "ovn-host-network"),
+    );
     check_tls(&objects, coredns, "kind");
     // The Corefile the Deployment mounts is the one carrying the dnstap line.
     assert!(pod_spec(coredns)["volumes"]
@@ -622,6 +741,11 @@ fn openshift_overlay_and_dns_default_patch_render_validate_and_tie_together() {
     let dns = find(&patched, "DaemonSet", "dns-default");
     check_tapd_sidecar(dns, "dns");
     check_discovery(&objects, dns);
+    check_tapd_policy(
+        &objects,
+        dns,
+        ("policy-group.network.openshift.io/host-network", ""),
+    );
     check_tls(&objects, dns, "openshift");
     assert_eq!(container(dns, "tapd")["image"], TAPD_IMAGE);
     // The patch adds to the operator's containers; it does not replace them.

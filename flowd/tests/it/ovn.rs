@@ -82,7 +82,7 @@ impl Drop for Node {
 }
 
 fn settings() -> EngineSettings {
-    EngineSettings::default()
+    EngineSettings::for_kind()
 }
 
 /// A sandbox with pods `ns1/pod1` and `ns1/pod2` and the namespace's EgressFirewall.

@@ -87,6 +87,10 @@ pub async fn demo() -> Demo {
         Ipv4Addr::new(127, 0, 0, 6),
     ));
     api.apply(ef);
+    api.apply(crate::apiserver::ovn_config(
+        "10.244.0.0/16/24",
+        crate::cluster::SERVICE_SUBNET,
+    ));
     Demo {
         sb,
         client,

@@ -257,11 +257,12 @@ items:
     )
 }
 
-/// On a cluster whose subnets are not kind's, what the nodes say excludes: another node's pod subnet,
-/// the join and transit subnets, a node address (InternalIP, or one of OVN-K's host CIDRs) and
-/// link-local earn nothing; only the address outside the cluster does.
+/// On a cluster whose subnets are not kind's, what the nodes and OVN-K's ConfigMap say excludes:
+/// another node's pod subnet, the join and transit subnets, a node address (InternalIP, or one of
+/// OVN-K's host CIDRs), the service subnet and link-local earn nothing;
+/// only the address outside the cluster does.
 #[test]
-fn destinations_discovered_from_the_nodes_earn_nothing() {
+fn destinations_discovered_from_the_nodes_and_ovn_ks_configuration_earn_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let snapshot = dir.path().join("snapshot.yaml");
     std::fs::write(
@@ -295,6 +296,10 @@ items:
     name: worker-b
     annotations: {k8s.ovn.org/node-subnets: '{"default":["172.20.2.0/24"]}'}
   status: {addresses: [{type: InternalIP, address: 192.168.50.11}]}
+- apiVersion: v1
+  kind: ConfigMap
+  metadata: {name: ovn-config, namespace: ovn-kubernetes}
+  data: {net_cidr: "172.20.0.0/16/24", svc_cidr: "172.21.0.0/16,fd21::/112"}
 "#,
     )
     .unwrap();
@@ -305,6 +310,7 @@ items:
         "192.168.50.11",
         "203.0.113.50",
         "169.254.169.254",
+        "172.21.3.4",
         "93.184.215.14",
     ];
     let events = dir.path().join("events.json");
@@ -346,11 +352,13 @@ items:
         })
         .collect();
     for want in [
-        "172.20.2.7 inside cluster subnet 172.20.2.0/24",
+        // Inside the cluster subnet OVN-K's ConfigMap names, which holds worker-b's pod subnet.
+        "172.20.2.7 inside cluster subnet 172.20.0.0/16",
         "100.65.0.9 inside cluster subnet 100.65.0.0/16",
         "100.89.0.9 inside cluster subnet 100.89.0.0/16",
         "192.168.50.11 inside cluster subnet 192.168.50.11/32",
         "203.0.113.50 inside cluster subnet 203.0.113.50/32",
+        "172.21.3.4 inside cluster subnet 172.21.0.0/16",
     ] {
         assert!(excluded.contains(want), "no {want:?} in {excluded:#?}");
     }
@@ -375,9 +383,9 @@ fn replay_reports_the_matched_cname_the_excluded_answers_and_invalid_firewalls()
         ),
         "{text}"
     );
-    // 10.244.1.9 is inside the node's pod subnet, and first inside the default --cluster-subnet.
+    // 10.244.1.9 is inside the node's pod subnet.
     for line in [
-        "excl  event 1 10.244.1.5 www.google.com: 10.244.1.9: inside cluster subnet 10.244.0.0/16",
+        "excl  event 1 10.244.1.5 www.google.com: 10.244.1.9: inside cluster subnet 10.244.1.0/24",
         "excl  event 1 10.244.1.5 www.google.com: 142.250.74.36 tcp/25: rule 0 (Deny cidrSelector=142.250.74.0/24 tcp/25) decides it first: rule 1's Allow flow never applies",
         "skip  event 2 10.244.1.8 www.google.com: EgressFirewall invalid: egress[0].ports[0].port:",
     ] {
@@ -395,7 +403,7 @@ fn replay_reports_the_matched_cname_the_excluded_answers_and_invalid_firewalls()
     assert_eq!(
         first["excluded"],
         serde_json::json!([
-            {"ip": "10.244.1.9", "reason": "inside cluster subnet 10.244.0.0/16"},
+            {"ip": "10.244.1.9", "reason": "inside cluster subnet 10.244.1.0/24"},
             {"ip": "142.250.74.36", "port": "tcp/25",
              "reason": "rule 0 (Deny cidrSelector=142.250.74.0/24 tcp/25) decides it first: rule 1's Allow flow never applies"}
         ])
@@ -410,8 +418,18 @@ fn replay_reports_the_matched_cname_the_excluded_answers_and_invalid_firewalls()
             .starts_with("egress[0].ports[0].port:"),
         "{invalid}"
     );
-    // The snapshot still warns about the invalid object, and the replay carries on.
-    assert_eq!(doc["warnings"].as_array().unwrap().len(), 1, "{doc:#}");
+    // The snapshot still warns about the invalid object, and that it has no OVN-K ConfigMap; the
+    // replay carries on.
+    let warnings = doc["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 2, "{doc:#}");
+    assert!(warnings[0]
+        .as_str()
+        .unwrap()
+        .contains("EgressFirewall bad/default"));
+    assert!(warnings[1]
+        .as_str()
+        .unwrap()
+        .contains("the service subnet is unknown"));
     assert_eq!(doc["summary"]["events"], 2);
 }
 
@@ -755,19 +773,34 @@ metadata:
 
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("snapshot.yaml");
+    let apply = |path: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_flowd"))
+            .args(["replay", "--snapshot", path.to_str().unwrap()])
+            .args(["--node", Sandbox::NODE, "--apply", "br-int"])
+            .envs(sb.env())
+            .env_remove("FLOWD_ACL_TABLE")
+            .output()
+    };
+    // Without OVN-K's ConfigMap the service subnet is unknown: nothing is written.
     std::fs::write(&path, &snapshot)?;
-    let out = Command::new(env!("CARGO_BIN_EXE_flowd"))
-        .args([
-            "replay",
-            "--snapshot",
-            path.to_str().unwrap(),
-            "--node",
-            Sandbox::NODE,
-        ])
-        .args(["--apply", "br-int"])
-        .envs(sb.env())
-        .env_remove("FLOWD_ACL_TABLE")
-        .output()?;
+    let refused = apply(&path)?;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("refusing --apply"), "{stderr}");
+    for ip in &google {
+        assert_eq!(
+            sb.trace(&client, *ip, None)?,
+            Trace::Dropped,
+            "{ip} refused"
+        );
+    }
+    let snapshot = format!(
+        "{snapshot}\n---\napiVersion: v1\nkind: ConfigMap\n\
+         metadata: {{name: ovn-config, namespace: ovn-kubernetes}}\n\
+         data: {{net_cidr: 10.244.0.0/16/24, svc_cidr: 10.96.0.0/16}}\n"
+    );
+    std::fs::write(&path, &snapshot)?;
+    let out = apply(&path)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -1032,5 +1065,5 @@ fn the_example_snapshot_passes_kubernetes_schema_validation() {
         assert!(out.status.success() && text.contains(" passed "), "{text}");
         checked += 1;
     }
-    assert_eq!(checked, 4, "three pods and a node");
+    assert_eq!(checked, 5, "three pods, a node and OVN-K's ConfigMap");
 }
