@@ -1,5 +1,9 @@
-//! flowd's OVS figures, measured on a real OVN 23.03 sandbox (built here, in a temp dir):
+//! flowd's OVS figures, measured on a real OVN 23.03 sandbox (built here, in a temp dir), for each
+//! driver: `native` (flowd's own OpenFlow connection, one bundle per batch) and `ofctl` (one
+//! `ovs-ofctl --bundle` process per batch):
 //!
+//! - grant install: one answer → its flow committed in OVS (the bundle acknowledged), p50/p99 over
+//!   1,000 answers one after the other;
 //! - DNS event → flow present in OVS (seen by an independent `ovs-ofctl monitor`), p50/p99, at 100 and
 //!   1,000 events/s;
 //! - 50,000 flows installed from cold (a restarted engine fed its whole answer cache at once);
@@ -21,7 +25,7 @@ use flowd::{
     egressfirewall::EgressFirewall,
     engine::Engine,
     model::PodInfo,
-    ovs::{flow, FlowEvent, Ofctl},
+    ovs::{flow, FlowEvent, Native, Ofctl},
     rules::FirewallRules,
 };
 use sandbox::Sandbox;
@@ -81,8 +85,8 @@ fn answer(pod: u8, name: u32, ips: impl Iterator<Item = Ipv4Addr>) -> DnsRespons
     }
 }
 
-fn engine(ofctl: Ofctl) -> Engine<Ofctl> {
-    let e = Engine::new(EngineSettings::default(), ofctl);
+fn engine(programmer: Native) -> Engine<Native> {
+    let e = Engine::new(EngineSettings::default(), programmer);
     e.set_node(Sandbox::NODE);
     e.set_rules(rules());
     for i in 0..PODS {
@@ -92,7 +96,7 @@ fn engine(ofctl: Ofctl) -> Engine<Ofctl> {
 }
 
 /// Feeds `flows` flows (answers of IPS_PER_ANSWER addresses, round robin over the pods) from `first`.
-fn feed(e: &Engine<Ofctl>, first: u32, flows: u32) {
+fn feed(e: &Engine<Native>, first: u32, flows: u32) {
     let now = Instant::now();
     let mut k = first;
     let mut name = first / IPS_PER_ANSWER;
@@ -133,7 +137,7 @@ fn count(sb: &Sandbox) -> Result<usize> {
 /// Event → flow in OVS at `rate` events/s for `secs` seconds; returns sorted latencies.
 async fn latency(
     sb: &Sandbox,
-    e: &Engine<Ofctl>,
+    e: &Engine<Native>,
     rate: u32,
     secs: u32,
     first: u32,
@@ -204,7 +208,12 @@ fn rss_child(dir: &str) -> Result<()> {
         let ofctl = ["OVS_RUNDIR", "OVN_RUNDIR"]
             .into_iter()
             .fold(Ofctl::new("br-int"), |o, k| o.with_env(k, dir));
-        let e = engine(ofctl);
+        let native = Native::new(
+            ofctl,
+            Native::socket_path(Some(std::path::Path::new(dir)), "br-int"),
+            Duration::from_secs(30),
+        );
+        let e = engine(native);
         feed(&e, 0, 100_000);
         e.flush().await?;
         e.reconcile().await?;
@@ -239,45 +248,85 @@ fn main() -> Result<()> {
         sb.set_egress_firewall(&rules())?;
         println!("sandbox with {PODS} pods ready in {}", ms(started.elapsed()));
 
-        // 1. Latency under a steady event rate, engine running as in the daemon.
-        let e = engine(sb.ofctl());
-        let task = tokio::spawn(e.clone().run());
-        e.flush().await?;
-        let mut first = 0;
-        for (rate, secs) in [(100, 5), (1000, 5)] {
-            let before = e.metrics_snapshot();
-            let v = latency(&sb, &e, rate, secs, first).await?;
-            first += rate * secs;
-            let m = e.metrics_snapshot();
-            let batches = m.batches - before.batches;
-            let bundle_us = (m.batch_latency_sum_us - before.batch_latency_sum_us) / batches.max(1);
+        for driver in ["native", "ofctl"] {
+            let programmer = || {
+                let p = sb.native();
+                if driver == "ofctl" {
+                    p.disable();
+                }
+                p
+            };
+            // 0. Grant install: one answer, one flush, one after the other.
+            let e = engine(programmer());
+            e.flush().await?;
+            let mut v = Vec::new();
+            for i in 0..1000u32 {
+                let t0 = Instant::now();
+                e.on_dns(
+                    answer((i % u32::from(PODS)) as u8, i, std::iter::once(dst(i))),
+                    Instant::now(),
+                );
+                e.flush().await?;
+                v.push(t0.elapsed());
+            }
+            anyhow::ensure!(e.programmer().fallbacks() == 0, "a batch fell back to ovs-ofctl");
+            anyhow::ensure!(count(&sb)? == 1000, "not 1,000 flows in OVS");
+            v.sort();
             println!(
-                "event -> flow in OVS at {rate:>4} ev/s: p50 {}  p99 {}  max {}  ({} events in {batches} bundles of {:.2} ms on average)",
+                "[{driver:>6}] grant install (answer -> flow committed): p50 {}  p99 {}  max {}",
                 ms(percentile(&v, 0.5)),
                 ms(percentile(&v, 0.99)),
                 ms(*v.last().unwrap()),
-                v.len(),
-                bundle_us as f64 / 1e3,
             );
-        }
-        task.abort();
-        drop(e);
-        clear(&sb)?;
+            drop(e);
+            clear(&sb)?;
 
-        // 2. 50,000 flows from cold: a restarted engine gets its whole cache at once.
-        let e = engine(sb.ofctl());
-        let t0 = Instant::now();
+            // 1. Latency under a steady event rate, engine running as in the daemon.
+            let e = engine(programmer());
+            let task = tokio::spawn(e.clone().run());
+            e.flush().await?;
+            let mut first = 0;
+            for (rate, secs) in [(100, 5), (1000, 5)] {
+                let before = e.metrics_snapshot();
+                let v = latency(&sb, &e, rate, secs, first).await?;
+                first += rate * secs;
+                let m = e.metrics_snapshot();
+                let batches = m.batches - before.batches;
+                let bundle_us =
+                    (m.batch_latency_sum_us - before.batch_latency_sum_us) / batches.max(1);
+                println!(
+                    "[{driver:>6}] event -> flow in OVS at {rate:>4} ev/s: p50 {}  p99 {}  max {}  ({} events in {batches} bundles of {:.2} ms on average)",
+                    ms(percentile(&v, 0.5)),
+                    ms(percentile(&v, 0.99)),
+                    ms(*v.last().unwrap()),
+                    v.len(),
+                    bundle_us as f64 / 1e3,
+                );
+            }
+            task.abort();
+            drop(e);
+            clear(&sb)?;
+
+            // 2. 50,000 flows from cold: a restarted engine gets its whole cache at once.
+            let e = engine(programmer());
+            let t0 = Instant::now();
+            feed(&e, 0, 50_000);
+            let fed = t0.elapsed();
+            e.flush().await?;
+            let cold = t0.elapsed();
+            anyhow::ensure!(count(&sb)? == 50_000, "not 50,000 flows in OVS");
+            println!(
+                "[{driver:>6}] 50,000 flows from cold: {} (decisions {}, {} bundles)",
+                ms(cold),
+                ms(fed),
+                e.metrics_snapshot().batches
+            );
+            drop(e);
+            clear(&sb)?;
+        }
+        let e = engine(sb.native());
         feed(&e, 0, 50_000);
-        let fed = t0.elapsed();
         e.flush().await?;
-        let cold = t0.elapsed();
-        anyhow::ensure!(count(&sb)? == 50_000, "not 50,000 flows in OVS");
-        println!(
-            "50,000 flows from cold: {} (decisions {}, {} bundles)",
-            ms(cold),
-            ms(fed),
-            e.metrics_snapshot().batches
-        );
 
         // 3. Full reconcile of 100,000 flows.
         feed(&e, 50_000, 50_000);

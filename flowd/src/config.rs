@@ -61,6 +61,13 @@ impl Cli {
     }
 }
 
+/// How flowd writes flows (`--ovs-driver`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OvsDriver {
+    Native,
+    Ofctl,
+}
+
 /// Why flowd refuses its configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -101,6 +108,11 @@ pub struct RunArgs {
     /// ready until it has read them; OpenShift's is openshift-ovn-kubernetes/ovnkube-config.
     #[arg(long, env = "FLOWD_OVN_CONFIG", default_value = crate::ovnkube::UPSTREAM_CONFIG)]
     pub ovn_config: crate::ovnkube::ConfigMapRef,
+    /// How batches of flows reach the bridge: `native`, flowd's own OpenFlow connection to
+    /// `<OVS_RUNDIR>/<bridge>.mgmt` (a batch goes through ovs-ofctl while it cannot connect), or
+    /// `ofctl`, one `ovs-ofctl --bundle` process per batch. Reading OVS always uses ovs-ofctl.
+    #[arg(long, env = "FLOWD_OVS_DRIVER", value_enum, default_value_t = OvsDriver::Native)]
+    pub ovs_driver: OvsDriver,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     #[command(flatten)]
@@ -526,6 +538,7 @@ mod run_tests {
         assert_eq!(cli.run.log_format, LogFormat::Text);
         assert!(cli.run.pod_subnets.is_empty());
         assert_eq!(cli.run.ovn_config.to_string(), "ovn-kubernetes/ovn-config");
+        assert_eq!(cli.run.ovs_driver, OvsDriver::Native);
         cli.run.validate().unwrap();
 
         let cli = RunCli::try_parse_from([

@@ -6,12 +6,12 @@
 use crate::{
     api,
     cluster::{node_subnets, pod_info, NodeExclusions},
-    config::{RunArgs, UpstreamArgs},
+    config::{OvsDriver, RunArgs, UpstreamArgs},
     engine::Engine,
     metrics,
     model::PodKey,
     ovnkube::{self, ClusterNetworks, ConfigMapRef},
-    ovs::{FlowProgrammer, Ofctl},
+    ovs::{FlowProgrammer, Native, Ofctl},
     rules::{FirewallRules, EGRESS_FIREWALL_NAME},
     status::Status,
     upstream::{DnsPods, Upstreams},
@@ -337,10 +337,20 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let grpc = tokio::net::TcpListener::bind(args.grpc_listen).await?;
     let http = tokio::net::TcpListener::bind(args.metrics_listen).await?;
     let client = kube::Client::try_default().await?;
-    let engine = Engine::new(
-        args.engine.clone(),
-        Ofctl::new(args.engine.bridge.clone()).with_timeout(args.engine.ovs_timeout),
-    );
+    let bridge = &args.engine.bridge;
+    let ofctl = Ofctl::new(bridge.clone()).with_timeout(args.engine.ovs_timeout);
+    let rundir = std::env::var_os("OVS_RUNDIR").map(std::path::PathBuf::from);
+    let socket = Native::socket_path(rundir.as_deref(), bridge);
+    let programmer = Native::new(ofctl, socket.clone(), args.engine.ovs_timeout);
+    match args.ovs_driver {
+        OvsDriver::Ofctl => programmer.disable(),
+        OvsDriver::Native => match programmer.connect().await {
+            Ok(()) => {}
+            Err(error) => tracing::warn!(socket = %socket.display(), %error,
+                "no OpenFlow connection to the bridge yet; batches go through ovs-ofctl until there is"),
+        },
+    }
+    let engine = Engine::new(args.engine.clone(), programmer);
     let status = Arc::new(Status::default());
     tracing::info!(node = %args.node_name, grpc = %args.grpc_listen, metrics = %args.metrics_listen, "flowd starting");
     let (stop_tx, stop_rx) = signal::channel(false);

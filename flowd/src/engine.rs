@@ -416,10 +416,10 @@ impl<P: FlowProgrammer> Engine<P> {
                     self.lock().written(&ids, &template);
                     written += ops.len();
                 }
-                Err(e @ OvsError::Failed { .. }) if adds.len() == 1 => {
+                Err(e) if e.is_refusal() && adds.len() == 1 => {
                     self.lock().rejected(ids[0], &short(&e));
                 }
-                Err(OvsError::Failed { .. }) => {
+                Err(e) if e.is_refusal() => {
                     let mut adds = adds;
                     let second = adds.split_off(adds.len() / 2);
                     todo.push(second);
@@ -445,7 +445,8 @@ impl<P: FlowProgrammer> Engine<P> {
         self.inner.metrics.batch(started.elapsed(), result.is_ok());
         // A refused flow is OVS answering: only an OVS that does not answer makes flowd not alive.
         let reached = match &result {
-            Ok(()) | Err(OvsError::Failed { .. }) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if e.is_refusal() => Ok(()),
             Err(e) => Err(short(e)),
         };
         self.lock().batch_result(reached, Instant::now());

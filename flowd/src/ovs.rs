@@ -1,12 +1,14 @@
 //! The OVS side of flowd: typed flows and their `ovs-ofctl` text ([`flow`]), what a flow must look like
 //! on this OVN, learned from OVN's own flows ([`template`]), pods' datapath keys ([`discovery`]), and
 //! the [`FlowProgrammer`] trait with its
-//! implementations: [`Ofctl`] (the real `ovs-ofctl`/`ovs-vsctl`), [`DryRun`] (prints the exact
+//! implementations: [`Ofctl`] (the real `ovs-ofctl`/`ovs-vsctl`), [`Native`] (batches over flowd's
+//! own OpenFlow connection, the rest with `Ofctl`), [`DryRun`] (prints the exact
 //! `ovs-ofctl` input) and, for tests only (feature `test-support`), `Recording` (an in-memory bridge).
 
 pub mod discovery;
 mod dryrun;
 pub mod flow;
+pub mod native;
 mod ofctl;
 #[cfg(any(test, feature = "test-support"))]
 mod recording;
@@ -18,6 +20,7 @@ pub use flow::{
     Actions, Cookie, FlowAction, FlowEvent, FlowMatch, FlowOp, FlowSpec, ParsedFlow, RegMatch,
     RemovedReason,
 };
+pub use native::Native;
 pub use ofctl::Ofctl;
 #[cfg(test)]
 pub(crate) use recording::as_event_flow;
@@ -44,6 +47,12 @@ pub enum OvsError {
         status: std::process::ExitStatus,
         stderr: String,
     },
+    /// OVS answered and refused the batch (a flow it rejects), over the native connection.
+    #[error("{program}: {error}")]
+    Refused {
+        program: &'static str,
+        error: String,
+    },
     #[error("{program} printed more than {limit} bytes")]
     TooMuchOutput { program: &'static str, limit: usize },
     #[error("i/o with {program}: {error}")]
@@ -60,6 +69,13 @@ pub enum OvsError {
         args: String,
         after: std::time::Duration,
     },
+}
+
+impl OvsError {
+    /// OVS answered and said no (a flow it rejects): as opposed to an OVS that does not answer.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Failed { .. } | Self::Refused { .. })
+    }
 }
 
 pub type Result<T, E = OvsError> = std::result::Result<T, E>;

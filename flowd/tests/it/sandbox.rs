@@ -21,7 +21,7 @@
 use anyhow::{bail, Context, Result};
 use flowd::{
     model::{PodKey, Protocol, Verdict},
-    ovs::Ofctl,
+    ovs::{Native, Ofctl},
     rules::{Destination, FirewallRules},
 };
 use std::{
@@ -395,6 +395,16 @@ impl Sandbox {
         self.env()
             .into_iter()
             .fold(Ofctl::new("br-int"), |o, (k, v)| o.with_env(k, v))
+    }
+
+    /// flowd's native programmer (its own OpenFlow connection to `br-int.mgmt`), aimed at this
+    /// sandbox's `br-int`; it reads OVS with [`Sandbox::ofctl`].
+    pub fn native(&self) -> Native {
+        Native::new(
+            self.ofctl(),
+            Native::socket_path(Some(self.path()), "br-int"),
+            std::time::Duration::from_secs(30),
+        )
     }
 
     /// The sandbox's own build of `tool` (under chroot for OVN 25.03), pointed at its state.

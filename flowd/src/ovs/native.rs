@@ -1,0 +1,665 @@
+//! flowd's own OpenFlow 1.5 connection to the bridge: the [`Native`] flow programmer writes every
+//! batch as one atomic, ordered bundle over `<OVS_RUNDIR>/<bridge>.mgmt` (the management socket,
+//! which takes several clients; ovn-controller is another), instead of starting an `ovs-ofctl` per
+//! batch. Reading OVS (templates, dumps, the monitor, port keys) stays with [`Ofctl`].
+//!
+//! The connection identifies itself with its own controller id ([`CONTROLLER_ID`]), so OVS hands
+//! ovn-controller (id 0) none of flowd's packet-ins and flowd none of its. A batch that a flow
+//! cannot be translated for (an action OVN writes that the codec does not speak) goes through
+//! `ovs-ofctl` instead, and is counted: never a flow with other meaning than the template's.
+
+use super::{
+    discovery::PortKeys,
+    flow::{render_op, Actions, FlowAction, FlowEvent, FlowMatch, FlowOp, ParsedFlow},
+    template::{LearnError, Template},
+    FlowProgrammer, Ofctl, OvsError, Result,
+};
+use crate::{metrics::Registry, model::Protocol};
+use bytes::{Bytes, BytesMut};
+use dnsflow_openflow::{
+    self as of, Action, BundleAdd, BundleControl, BundleControlType, BundleFlags, FlowMod,
+    FlowModCommand, Masked, Match, Message, Register,
+};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{unix::OwnedWriteHalf, UnixStream},
+    sync::{mpsc, Mutex},
+};
+
+/// flowd's controller id on the bridge: "dn". ovn-controller's is 0.
+pub const CONTROLLER_ID: u16 = 0x646e;
+/// Replies queued from the reader to the batch that waits for them. A batch's replies are bounded
+/// by what it sent; messages nobody asked for (port status) are not queued.
+const REPLY_QUEUE: usize = 1024;
+/// Bytes read at once.
+const READ_CHUNK: usize = 64 * 1024;
+const PROGRAM: &str = "OpenFlow (br-int.mgmt)";
+
+/// Writes batches over its own OpenFlow connection, reads OVS with `ovs-ofctl`.
+#[derive(Debug)]
+pub struct Native {
+    ofctl: Ofctl,
+    socket: PathBuf,
+    timeout: Duration,
+    conn: Mutex<Option<Connection>>,
+    /// Off: every batch goes through `ovs-ofctl` (`--ovs-driver ofctl`, or no connection at start).
+    enabled: AtomicBool,
+    enabled_gauge: Gauge,
+    connects: Counter,
+    fallbacks: Counter,
+}
+
+impl Native {
+    /// A programmer for the bridge `ofctl` names, connecting to `socket` when the first batch comes.
+    pub fn new(ofctl: Ofctl, socket: PathBuf, timeout: Duration) -> Self {
+        Self {
+            ofctl,
+            socket,
+            timeout,
+            conn: Mutex::new(None),
+            enabled: AtomicBool::new(true),
+            enabled_gauge: Gauge::default(),
+            connects: Counter::default(),
+            fallbacks: Counter::default(),
+        }
+    }
+
+    /// Writes every batch with `ovs-ofctl` from now on.
+    pub fn disable(&self) {
+        self.enabled.store(false, Ordering::Relaxed);
+        self.enabled_gauge.set(0);
+    }
+
+    /// Batches written with `ovs-ofctl` although the native driver is on.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.get()
+    }
+
+    /// Whether batches go over the native connection.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// `<OVS_RUNDIR>/<bridge>.mgmt`, as ovs-vswitchd names it (`/var/run/openvswitch` unless
+    /// `OVS_RUNDIR` says otherwise).
+    pub fn socket_path(rundir: Option<&Path>, bridge: &str) -> PathBuf {
+        rundir
+            .unwrap_or(Path::new("/var/run/openvswitch"))
+            .join(format!("{bridge}.mgmt"))
+    }
+
+    /// Connects now (at start: whether the native driver can be used at all).
+    pub async fn connect(&self) -> Result<()> {
+        let mut conn = self.conn.lock().await;
+        if conn.is_none() {
+            *conn = Some(self.open().await?);
+        }
+        self.enabled_gauge.set(i64::from(self.enabled()));
+        Ok(())
+    }
+
+    async fn open(&self) -> Result<Connection> {
+        let c = tokio::time::timeout(self.timeout, Connection::open(&self.socket))
+            .await
+            .map_err(|_| timeout_error(self.timeout, "connect"))??;
+        self.connects.inc();
+        tracing::info!(socket = %self.socket.display(), "OpenFlow connection to the bridge open");
+        Ok(c)
+    }
+}
+
+fn io_error(error: std::io::Error) -> OvsError {
+    OvsError::Io {
+        program: PROGRAM,
+        error,
+    }
+}
+
+fn timeout_error(after: Duration, what: &str) -> OvsError {
+    OvsError::Timeout {
+        program: PROGRAM,
+        args: what.to_string(),
+        after,
+    }
+}
+
+/// One connection: a reader task answers echoes and queues replies; writes go through one task
+/// too, so that the reader can answer an echo while a batch is being written.
+#[derive(Debug)]
+struct Connection {
+    tx: mpsc::Sender<Bytes>,
+    replies: mpsc::Receiver<(u32, Message)>,
+    next_xid: u32,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Connection {
+    async fn open(socket: &Path) -> Result<Self> {
+        let stream = UnixStream::connect(socket).await.map_err(io_error)?;
+        let (mut read, write) = stream.into_split();
+        let (tx, rx) = mpsc::channel::<Bytes>(REPLY_QUEUE);
+        let (reply_tx, replies) = mpsc::channel(REPLY_QUEUE);
+        let writer = tokio::spawn(write_loop(write, rx));
+        let echo = tx.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            loop {
+                match of::decode(&buf) {
+                    Ok(Some((xid, message, used))) => {
+                        let _ = buf.split_to(used);
+                        let delivered = match message {
+                            Message::EchoRequest(data) => {
+                                send(&echo, xid, &Message::EchoReply(data)).await.is_ok()
+                            }
+                            Message::Hello
+                            | Message::Error { .. }
+                            | Message::BarrierReply
+                            | Message::BundleControl(_) => {
+                                reply_tx.send((xid, message)).await.is_ok()
+                            }
+                            // Port status, flow removed, packet-ins nobody asked for yet.
+                            _ => true,
+                        };
+                        if !delivered {
+                            return;
+                        }
+                    }
+                    Ok(None) => match read.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    },
+                    Err(error) => {
+                        tracing::warn!(%error, "unreadable OpenFlow from the bridge; reconnecting");
+                        return;
+                    }
+                }
+            }
+        });
+        let mut c = Self {
+            tx,
+            replies,
+            next_xid: 1,
+            tasks: [reader, writer],
+        };
+        c.send(&Message::Hello).await?;
+        let xid = c.send(&Message::SetControllerId(CONTROLLER_ID)).await?;
+        let barrier = c.send(&Message::BarrierRequest).await?;
+        let mut errors = Vec::new();
+        c.until_barrier(barrier, &mut errors).await?;
+        if let Some((_, kind, code)) = errors.into_iter().find(|e| e.0 <= xid) {
+            return Err(OvsError::Refused {
+                program: PROGRAM,
+                error: format!("the bridge refused the handshake: {}", describe(kind, code)),
+            });
+        }
+        Ok(c)
+    }
+
+    fn xid(&mut self) -> u32 {
+        let xid = self.next_xid;
+        self.next_xid = self.next_xid.wrapping_add(1).max(1);
+        xid
+    }
+
+    async fn send(&mut self, message: &Message) -> Result<u32> {
+        let xid = self.xid();
+        send(&self.tx, xid, message).await?;
+        Ok(xid)
+    }
+
+    /// Reads replies until the barrier `xid` is answered; errors on the way are collected as
+    /// (xid, type, code).
+    async fn until_barrier(&mut self, xid: u32, errors: &mut Vec<(u32, u16, u16)>) -> Result<()> {
+        loop {
+            match self.replies.recv().await {
+                None => return Err(closed()),
+                Some((x, Message::BarrierReply)) if x == xid => return Ok(()),
+                Some((x, Message::Error { kind, code, .. })) => errors.push((x, kind, code)),
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Sends `mods` as one atomic, ordered bundle. Every message is encoded before anything is
+    /// sent, and the adds go in one write. OVS checks each flow as it is added: any refusal discards
+    /// the whole bundle, and the error names the refused operation.
+    async fn bundle(&mut self, ops: &[FlowOp], mods: Vec<FlowMod>) -> Result<()> {
+        let bundle_id = self.xid();
+        let control = |kind| {
+            Message::BundleControl(BundleControl {
+                bundle_id,
+                kind,
+                flags: BundleFlags::ATOMIC_ORDERED,
+            })
+        };
+        let mut out = BytesMut::with_capacity(mods.len() * 160 + 64);
+        self.encode(&control(BundleControlType::OpenRequest), &mut out)?;
+        let first = self.next_xid;
+        for m in mods {
+            let add = Message::BundleAdd(BundleAdd {
+                bundle_id,
+                flags: BundleFlags::ATOMIC_ORDERED,
+                message: Box::new(Message::FlowMod(m)),
+            });
+            self.encode(&add, &mut out)?;
+        }
+        let barrier = self.encode(&Message::BarrierRequest, &mut out)?;
+        self.tx.send(out.freeze()).await.map_err(|_| closed())?;
+        let mut errors = Vec::new();
+        self.until_barrier(barrier, &mut errors).await?;
+        if let Some(&(xid, kind, code)) = errors.first() {
+            self.send(&control(BundleControlType::DiscardRequest))
+                .await?;
+            let barrier = self.send(&Message::BarrierRequest).await?;
+            self.until_barrier(barrier, &mut Vec::new()).await?;
+            let op = usize::try_from(xid.wrapping_sub(first))
+                .ok()
+                .and_then(|i| ops.get(i));
+            let mut what = String::new();
+            match op {
+                Some(op) => render_op(&mut what, op),
+                None => what.push_str("the bundle itself\n"),
+            }
+            return Err(OvsError::Refused {
+                program: PROGRAM,
+                error: format!("{} for {}", describe(kind, code), what.trim_end()),
+            });
+        }
+        let commit = self
+            .send(&control(BundleControlType::CommitRequest))
+            .await?;
+        let barrier = self.send(&Message::BarrierRequest).await?;
+        let mut errors = Vec::new();
+        self.until_barrier(barrier, &mut errors).await?;
+        if let Some(&(_, kind, code)) = errors.iter().find(|e| e.0 == commit) {
+            return Err(OvsError::Refused {
+                program: PROGRAM,
+                error: format!("the bundle's commit: {}", describe(kind, code)),
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends `message` with the next xid; a message the codec refuses is a refused batch.
+    fn encode(&mut self, message: &Message, out: &mut BytesMut) -> Result<u32> {
+        let xid = self.xid();
+        of::encode(xid, message, out).map_err(|e| OvsError::Refused {
+            program: PROGRAM,
+            error: format!("cannot encode {message:?}: {e}"),
+        })?;
+        Ok(xid)
+    }
+}
+
+async fn send(tx: &mpsc::Sender<Bytes>, xid: u32, message: &Message) -> Result<()> {
+    let mut out = BytesMut::new();
+    of::encode(xid, message, &mut out).map_err(|e| OvsError::Refused {
+        program: PROGRAM,
+        error: format!("cannot encode: {e}"),
+    })?;
+    tx.send(out.freeze()).await.map_err(|_| closed())
+}
+
+async fn write_loop(mut write: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+    while let Some(bytes) = rx.recv().await {
+        if write.write_all(&bytes).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn closed() -> OvsError {
+    io_error(std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "the bridge closed the OpenFlow connection",
+    ))
+}
+
+/// An OpenFlow error as `ovs-ofctl` would name its type.
+fn describe(kind: u16, code: u16) -> String {
+    let name = match kind {
+        of::OFPET_BUNDLE_FAILED => of::bundle_failure_name(code).map(str::to_string),
+        _ => None,
+    };
+    let kind_name = match kind {
+        1 => "bad request",
+        2 => "bad action",
+        3 => "bad instruction",
+        4 => "bad match",
+        5 => "flow mod failed",
+        of::OFPET_BUNDLE_FAILED => "bundle failed",
+        _ => "error",
+    };
+    match name {
+        Some(n) => format!("OpenFlow {kind_name} {n}"),
+        None => format!("OpenFlow {kind_name} (type {kind}, code {code})"),
+    }
+}
+
+/// Why a batch cannot be written natively: it then goes through `ovs-ofctl`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TranslateError {
+    #[error("action {0:?} is not one the native driver writes")]
+    Action(String),
+    #[error("source and destination are of different families")]
+    Family,
+}
+
+/// The flow mod of `op`: the same flow `render_op` gives `ovs-ofctl`.
+pub fn flow_mod(op: &FlowOp) -> Result<FlowMod, TranslateError> {
+    Ok(match op {
+        FlowOp::Add(f) => {
+            let actions = match &f.action {
+                FlowAction::Continue(a) => actions(a)?,
+                FlowAction::Drop => Vec::new(),
+            };
+            let m = &f.matches;
+            FlowMod {
+                idle_timeout: f.idle_timeout,
+                hard_timeout: f.hard_timeout.unwrap_or(0),
+                ..FlowMod::add(m.table, m.priority, f.cookie.0, flow_match(m)?, actions)
+            }
+        }
+        FlowOp::DeleteStrict { cookie, matches } => FlowMod {
+            command: FlowModCommand::DeleteStrict,
+            cookie_mask: u64::MAX,
+            ..FlowMod::add(
+                matches.table,
+                matches.priority,
+                cookie.0,
+                flow_match(matches)?,
+                Vec::new(),
+            )
+        },
+        FlowOp::DeleteCookie {
+            table,
+            cookie,
+            mask,
+        } => FlowMod {
+            table: *table,
+            ..FlowMod::delete_by_cookie(cookie.0, *mask)
+        },
+    })
+}
+
+fn flow_match(m: &FlowMatch) -> Result<Match, TranslateError> {
+    let mut x = Match::default();
+    match (m.src, m.dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            x.eth_type = Some(of::ETH_TYPE_IPV4);
+            x.ipv4_src = Some(Masked::exact(src));
+            x.ipv4_dst = Some(Masked::exact(dst));
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            x.eth_type = Some(of::ETH_TYPE_IPV6);
+            x.ipv6_src = Some(Masked::exact(src));
+            x.ipv6_dst = Some(Masked::exact(dst));
+        }
+        _ => return Err(TranslateError::Family),
+    }
+    if let Some(p) = m.l4 {
+        match p.protocol {
+            Protocol::Tcp => {
+                x.ip_proto = Some(of::IPPROTO_TCP);
+                x.tcp_dst = Some(p.port);
+            }
+            Protocol::Udp => {
+                x.ip_proto = Some(of::IPPROTO_UDP);
+                x.udp_dst = Some(p.port);
+            }
+            Protocol::Sctp => {
+                x.ip_proto = Some(of::IPPROTO_SCTP);
+                x.sctp_dst = Some(p.port);
+            }
+        }
+    }
+    let reg = |r: super::RegMatch| Masked {
+        value: r.value,
+        mask: r.mask,
+    };
+    x.regs[0] = m.hint.map(reg);
+    x.regs[8] = m.tier.map(reg);
+    x.regs[14] = Some(Masked::exact(m.reg14));
+    x.regs[15] = m.outport.map(Masked::exact);
+    x.metadata = Some(Masked::exact(m.metadata));
+    Ok(x)
+}
+
+/// The actions of a template, from the text OVN's flows were read in: the `load:` and `resubmit`
+/// forms OVN's allow ACLs use. Anything else is refused, and the batch goes through `ovs-ofctl`.
+pub fn actions(a: &Actions) -> Result<Vec<Action>, TranslateError> {
+    let unsupported = |s: &str| TranslateError::Action(s.to_string());
+    let mut out = Vec::new();
+    for part in top_level(a.as_str()) {
+        if let Some(table) = part
+            .strip_prefix("resubmit(,")
+            .and_then(|t| t.strip_suffix(')'))
+        {
+            out.push(Action::Resubmit {
+                table: table.parse().map_err(|_| unsupported(part))?,
+            });
+        } else if let Some(load) = part.strip_prefix("load:") {
+            out.push(parse_load(load).ok_or_else(|| unsupported(part))?);
+        } else {
+            return Err(unsupported(part));
+        }
+    }
+    Ok(out)
+}
+
+/// The comma-separated items of an action list, commas inside parentheses (`resubmit(,47)`,
+/// `ct(commit,zone=...)`) not splitting.
+fn top_level(s: &str) -> impl Iterator<Item = &str> {
+    let mut depth = 0usize;
+    let mut start = 0;
+    let mut items = Vec::new();
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                items.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&s[start..]);
+    items.into_iter()
+}
+
+/// `0x1->NXM_NX_XXREG0[97]`, `0x5->NXM_NX_REG13[0..15]`, `0x1->OXM_OF_PKT_REG4[48]`, `0x2->NXM_NX_REG10[]`.
+fn parse_load(s: &str) -> Option<Action> {
+    let (value, dst) = s.split_once("->")?;
+    let value = match value.strip_prefix("0x") {
+        Some(hex) => u128::from_str_radix(hex, 16).ok()?,
+        None => value.parse().ok()?,
+    };
+    let (field, bits) = dst.strip_suffix(']')?.split_once('[')?;
+    let (register, width) = if let Some(n) = field.strip_prefix("NXM_NX_XXREG") {
+        (Register::XXReg(n.parse().ok()?), 128)
+    } else if let Some(n) = field.strip_prefix("OXM_OF_PKT_REG") {
+        (Register::XReg(n.parse().ok()?), 64)
+    } else if let Some(n) = field.strip_prefix("NXM_NX_XREG") {
+        (Register::XReg(n.parse().ok()?), 64)
+    } else if let Some(n) = field.strip_prefix("NXM_NX_REG") {
+        (Register::Reg(n.parse().ok()?), 32)
+    } else if field == "OXM_OF_METADATA" {
+        (Register::Metadata, 64)
+    } else {
+        return None;
+    };
+    let (ofs, n_bits) = match bits.split_once("..") {
+        _ if bits.is_empty() => (0, width),
+        Some((a, b)) => {
+            let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
+            (a, b.checked_sub(a)? + 1)
+        }
+        None => (bits.parse().ok()?, 1),
+    };
+    let exists = match register {
+        Register::Reg(n) => n < 16,
+        Register::XReg(n) => n < 8,
+        Register::XXReg(n) => n < 4,
+        Register::Metadata => true,
+    };
+    if !exists || ofs + n_bits > width || n_bits == 0 || (n_bits < 128 && value >> n_bits != 0) {
+        return None;
+    }
+    Some(Action::load(register, ofs, n_bits, value))
+}
+
+impl FlowProgrammer for Native {
+    async fn apply(&self, ops: &[FlowOp]) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        if !self.enabled() {
+            return self.ofctl.apply(ops).await;
+        }
+        let mods = match ops.iter().map(flow_mod).collect::<Result<Vec<_>, _>>() {
+            Ok(mods) => mods,
+            Err(error) => {
+                self.fallbacks.inc();
+                tracing::warn!(%error, "batch written with ovs-ofctl instead");
+                return self.ofctl.apply(ops).await;
+            }
+        };
+        let mut conn = self.conn.lock().await;
+        // A connection found dead is opened again once; a batch is idempotent (adds replace,
+        // deletes of absent flows do nothing), so one that died mid-commit may be sent again.
+        for attempt in 0..2 {
+            let c = match conn.as_mut() {
+                Some(c) => c,
+                None => match self.open().await {
+                    Ok(c) => conn.insert(c),
+                    // No connection (OVS restarting, the socket not there yet): this batch goes
+                    // through ovs-ofctl, the next one tries again.
+                    Err(error) => {
+                        self.fallbacks.inc();
+                        tracing::warn!(%error, "no OpenFlow connection to the bridge; batch written with ovs-ofctl");
+                        drop(conn);
+                        return self.ofctl.apply(ops).await;
+                    }
+                },
+            };
+            match tokio::time::timeout(self.timeout, c.bundle(ops, mods.clone())).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e @ OvsError::Refused { .. })) => return Err(e),
+                Ok(Err(e)) if attempt == 1 => {
+                    *conn = None;
+                    return Err(e);
+                }
+                Ok(Err(error)) => {
+                    tracing::info!(%error, "OpenFlow connection lost; reconnecting");
+                    *conn = None;
+                }
+                Err(_) => {
+                    *conn = None;
+                    return Err(timeout_error(self.timeout, "bundle"));
+                }
+            }
+        }
+        Err(closed())
+    }
+
+    async fn dump(&self, prefix: u32) -> Result<Vec<ParsedFlow>> {
+        self.ofctl.dump(prefix).await
+    }
+
+    async fn monitor(&self, table: u8) -> Result<mpsc::Receiver<FlowEvent>> {
+        self.ofctl.monitor(table).await
+    }
+
+    async fn learn_template(
+        &self,
+        priority_base: u16,
+        table: Option<u8>,
+    ) -> Result<Result<Template, LearnError>> {
+        self.ofctl.learn_template(priority_base, table).await
+    }
+
+    async fn port_keys(&self, iface_ids: &[String]) -> Result<HashMap<String, PortKeys>> {
+        self.ofctl.port_keys(iface_ids).await
+    }
+
+    fn register_metrics(&self, registry: &mut Registry) {
+        self.ofctl.register_metrics(registry);
+        registry.register(
+            "ovs_native",
+            "1 while batches go over flowd's own OpenFlow connection, 0 when through ovs-ofctl",
+            self.enabled_gauge.clone(),
+        );
+        registry.counter(
+            "ovs_native_connects",
+            "OpenFlow connections opened to the bridge's management socket",
+            &self.connects,
+        );
+        registry.counter(
+            "ovs_native_fallbacks",
+            "Batches written with ovs-ofctl: no connection to the bridge, or an action the native driver does not write",
+            &self.fallbacks,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ovs::Template;
+
+    #[test]
+    fn the_allow_actions_ovn_writes_translate_and_others_do_not() {
+        let t = Template::stand_in(51, 1, 1);
+        for v in &t.allow {
+            assert!(actions(&v.actions).is_ok(), "{}", v.actions);
+        }
+        let tiered =
+            Actions::new("load:0x1->OXM_OF_PKT_REG4[48],load:0x1->NXM_NX_XXREG0[97],resubmit(,52)")
+                .expect("actions");
+        assert_eq!(
+            actions(&tiered).expect("translates"),
+            [
+                Action::load(Register::XReg(4), 48, 1, 1),
+                Action::load(Register::XXReg(0), 97, 1, 1),
+                Action::Resubmit { table: 52 },
+            ]
+        );
+        let ranged = Actions::new("load:0x5->NXM_NX_REG13[0..15],load:0x2->NXM_NX_REG10[]")
+            .expect("actions");
+        assert_eq!(
+            actions(&ranged).expect("translates"),
+            [
+                Action::load(Register::Reg(13), 0, 16, 5),
+                Action::load(Register::Reg(10), 0, 32, 2),
+            ]
+        );
+        for bad in [
+            "ct(commit)",
+            "load:0x2->NXM_NX_REG0[0]",
+            "load:0x1->NXM_NX_REG0[31..40]",
+            "load:0x1->NXM_NX_REG99[0]",
+            "resubmit(,300)",
+            "output:1",
+        ] {
+            let a = Actions::new(bad).expect("actions");
+            assert!(actions(&a).is_err(), "{bad}");
+        }
+    }
+}
