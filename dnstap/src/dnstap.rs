@@ -118,23 +118,39 @@ pub fn decode(
         Some(id) if !id.is_empty() => String::from_utf8_lossy(id).into_owned(),
         _ => fallback_identity.to_owned(),
     };
-    let dns = parse_dns(wire)?;
+    let (mut response, addresses_cut) = parse_response(wire, client, now)?;
+    response.response_time = response_time;
+    response.server_identity = server_identity;
     Ok(Decoded::Response {
-        response: DnsResponse {
+        response,
+        addresses_cut,
+    })
+}
+
+/// The DNS response message `wire` sent to `client`, as an event (no response time, no server
+/// identity: the caller knows them), and how many addresses were left out beyond [`MAX_ANSWERS`].
+pub(crate) fn parse_response(
+    wire: &[u8],
+    client: IpAddr,
+    now: SystemTime,
+) -> Result<(DnsResponse, usize), DecodeError> {
+    let dns = parse_dns(wire)?;
+    Ok((
+        DnsResponse {
             client,
             qname: dns.qname,
             qtype: dns.qtype,
             rcode: dns.rcode,
             cname_chain: dns.cname_chain,
             answers: dns.answers,
-            response_time,
+            response_time: None,
             decoded_time: now,
-            server_identity,
+            server_identity: String::new(),
             sequence: 0,
             replayed: false,
         },
-        addresses_cut: dns.addresses_cut,
-    })
+        dns.addresses_cut,
+    ))
 }
 
 /// 4 bytes are IPv4; 16 bytes are IPv6, unless IPv4-mapped (older CoreDNS sends IPv4 clients that

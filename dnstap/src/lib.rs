@@ -9,6 +9,7 @@ pub mod dnstap;
 mod error;
 pub mod event;
 pub mod framestream;
+pub mod packet;
 
 pub use capture::{CaptureReader, CaptureStats, CaptureWriter};
 pub use error::{Error, Result};
