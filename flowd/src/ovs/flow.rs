@@ -319,6 +319,15 @@ pub fn render_batch(ops: &[FlowOp]) -> String {
     out
 }
 
+/// The fields `ovs-ofctl dump-flows` prints about a flow's use, not its definition.
+pub const STATISTICS: [&str; 5] = [
+    "duration=",
+    "n_packets=",
+    "n_bytes=",
+    "idle_age=",
+    "hard_age=",
+];
+
 /// A flow as `ovs-ofctl dump-flows` or `ovs-ofctl monitor` shows it, reduced to what flowd needs.
 /// `matches` is `None` when the flow is not of the shape flowd writes (someone else's flow).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -479,15 +488,7 @@ pub fn parse_flow_line(line: &str) -> Option<ParsedFlow> {
         // tokens (cookie=, table=, idle_age=...) never contain a comma-separated register/address list.
         if !last.starts_with("cookie=") && !last.starts_with("table=") {
             let text = last.trim_end_matches(',');
-            let is_header = [
-                "duration=",
-                "n_packets=",
-                "n_bytes=",
-                "idle_age=",
-                "hard_age=",
-            ]
-            .iter()
-            .any(|p| text.starts_with(p))
+            let is_header = STATISTICS.iter().any(|p| text.starts_with(p))
                 || text.starts_with("idle_timeout=")
                 || text.starts_with("hard_timeout=");
             if !is_header {

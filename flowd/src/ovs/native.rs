@@ -239,7 +239,7 @@ impl Connection {
     /// Sends `mods` as one atomic, ordered bundle. Every message is encoded before anything is
     /// sent, and the adds go in one write. OVS checks each flow as it is added: any refusal discards
     /// the whole bundle, and the error names the refused operation.
-    async fn bundle(&mut self, ops: &[FlowOp], mods: Vec<FlowMod>) -> Result<()> {
+    async fn bundle(&mut self, ops: &[FlowOp], mods: &[FlowMod]) -> Result<()> {
         let bundle_id = self.xid();
         let control = |kind| {
             Message::BundleControl(BundleControl {
@@ -255,7 +255,7 @@ impl Connection {
             let add = Message::BundleAdd(BundleAdd {
                 bundle_id,
                 flags: BundleFlags::ATOMIC_ORDERED,
-                message: Box::new(Message::FlowMod(m)),
+                message: Box::new(Message::FlowMod(m.clone())),
             });
             self.encode(&add, &mut out)?;
         }
@@ -559,7 +559,7 @@ impl FlowProgrammer for Native {
                     }
                 },
             };
-            match tokio::time::timeout(self.timeout, c.bundle(ops, mods.clone())).await {
+            match tokio::time::timeout(self.timeout, c.bundle(ops, &mods)).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e @ OvsError::Refused { .. })) => return Err(e),
                 Ok(Err(e)) if attempt == 1 => {
