@@ -622,7 +622,184 @@ impl FlowProgrammer for Native {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ovs::Template;
+    use crate::ovs::{Cookie, FlowSpec, Template};
+    use std::sync::{Arc, Mutex as StdMutex};
+    use tokio::net::UnixListener;
+
+    /// What the fake switch does with a connection.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Behaviour {
+        /// Answers everything.
+        Serve,
+        /// Closes the connection at the first bundle add.
+        DropAtFirstAdd,
+        /// Stops answering once a bundle is opened.
+        GoSilent,
+    }
+
+    #[derive(Debug, Default)]
+    struct Seen {
+        connections: usize,
+        committed_mods: usize,
+        echo_replies: usize,
+    }
+
+    /// A switch speaking just enough OpenFlow, one behaviour per connection in turn (the last one
+    /// repeats). It opens each connection with an echo request, as OVS's keepalive does.
+    fn fake_switch(listener: UnixListener, behaviours: Vec<Behaviour>, seen: Arc<StdMutex<Seen>>) {
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let behaviour = behaviours[n.min(behaviours.len() - 1)];
+                n += 1;
+                seen.lock().unwrap().connections += 1;
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut out = BytesMut::new();
+                    of::encode(
+                        99,
+                        &Message::EchoRequest(Bytes::from_static(b"ka")),
+                        &mut out,
+                    )
+                    .unwrap();
+                    stream.write_all(&out).await.unwrap();
+                    let mut buf = BytesMut::new();
+                    let mut pending = 0;
+                    let mut silent = false;
+                    loop {
+                        let Ok(Some((xid, message, used))) = of::decode(&buf) else {
+                            if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            continue;
+                        };
+                        let _ = buf.split_to(used);
+                        let reply = match message {
+                            Message::EchoReply(_) => {
+                                seen.lock().unwrap().echo_replies += 1;
+                                None
+                            }
+                            _ if silent => None,
+                            Message::Hello => Some(Message::Hello),
+                            Message::BarrierRequest => Some(Message::BarrierReply),
+                            Message::BundleAdd(_) if behaviour == Behaviour::DropAtFirstAdd => {
+                                return;
+                            }
+                            Message::BundleAdd(_) => {
+                                pending += 1;
+                                None
+                            }
+                            Message::BundleControl(c) => {
+                                silent = behaviour == Behaviour::GoSilent;
+                                let kind = match c.kind {
+                                    BundleControlType::OpenRequest => BundleControlType::OpenReply,
+                                    BundleControlType::CommitRequest => {
+                                        seen.lock().unwrap().committed_mods += pending;
+                                        BundleControlType::CommitReply
+                                    }
+                                    _ => BundleControlType::DiscardReply,
+                                };
+                                (!silent)
+                                    .then_some(Message::BundleControl(BundleControl { kind, ..c }))
+                            }
+                            _ => None,
+                        };
+                        if let Some(reply) = reply {
+                            let mut out = BytesMut::new();
+                            of::encode(xid, &reply, &mut out).unwrap();
+                            stream.write_all(&out).await.unwrap();
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    fn grant() -> FlowOp {
+        let t = Template::stand_in(46, 1, 1);
+        FlowOp::Add(FlowSpec {
+            cookie: Cookie::new(0x646e_7366, 1, 11000),
+            matches: FlowMatch {
+                table: 46,
+                priority: 11000,
+                tier: None,
+                hint: t.allow[0].hint,
+                metadata: 1,
+                reg14: 2,
+                outport: Some(1),
+                src: "10.244.1.5".parse().unwrap(),
+                dst: "192.0.2.7".parse().unwrap(),
+                l4: None,
+            },
+            idle_timeout: 330,
+            hard_timeout: None,
+            action: FlowAction::Continue(t.allow[0].actions.clone()),
+        })
+    }
+
+    fn native_at(dir: &Path, timeout: Duration) -> Native {
+        // An ovs-ofctl that cannot run: a batch that fell back to it would fail.
+        let ofctl = Ofctl::new("br-int").with_env("PATH", dir.as_os_str());
+        Native::new(ofctl, Native::socket_path(Some(dir), "br-int"), timeout)
+    }
+
+    /// The switch drops the connection in the middle of a bundle: the batch is sent again on a new
+    /// connection and committed once. Echo requests are answered throughout.
+    #[tokio::test]
+    async fn a_connection_lost_mid_bundle_is_opened_again_and_the_batch_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let native = native_at(dir.path(), Duration::from_secs(5));
+        let seen = Arc::new(StdMutex::new(Seen::default()));
+        let listener = UnixListener::bind(Native::socket_path(Some(dir.path()), "br-int")).unwrap();
+        fake_switch(
+            listener,
+            vec![Behaviour::DropAtFirstAdd, Behaviour::Serve],
+            seen.clone(),
+        );
+        native.apply(&[grant(), grant()]).await.unwrap();
+        {
+            let seen = seen.lock().unwrap();
+            assert_eq!((seen.connections, seen.committed_mods), (2, 2), "{seen:?}");
+            assert!(seen.echo_replies >= 1, "{seen:?}");
+        }
+        assert_eq!((native.connects.get(), native.fallbacks()), (2, 0));
+        // The connection stays open for the next batch.
+        native.apply(&[grant()]).await.unwrap();
+        assert_eq!(seen.lock().unwrap().connections, 2);
+    }
+
+    /// A switch that stops answering makes the batch fail at the timeout, not hang; the next batch
+    /// opens a new connection.
+    #[tokio::test]
+    async fn a_switch_that_stops_answering_times_the_batch_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let native = native_at(dir.path(), Duration::from_millis(300));
+        let seen = Arc::new(StdMutex::new(Seen::default()));
+        let listener = UnixListener::bind(Native::socket_path(Some(dir.path()), "br-int")).unwrap();
+        fake_switch(
+            listener,
+            vec![Behaviour::GoSilent, Behaviour::Serve],
+            seen.clone(),
+        );
+        let started = std::time::Instant::now();
+        let error = native.apply(&[grant()]).await.unwrap_err();
+        assert!(matches!(error, OvsError::Timeout { .. }), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        native.apply(&[grant()]).await.unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!((seen.connections, seen.committed_mods), (2, 1), "{seen:?}");
+    }
+
+    /// No socket: the batch goes through ovs-ofctl (here one that cannot run), counted.
+    #[tokio::test]
+    async fn without_a_socket_the_batch_falls_back_to_ovs_ofctl() {
+        let dir = tempfile::tempdir().unwrap();
+        let native = native_at(dir.path(), Duration::from_secs(1));
+        assert!(native.apply(&[grant()]).await.is_err());
+        assert_eq!(native.fallbacks(), 1);
+        native.disable();
+        assert!(!native.enabled());
+    }
 
     #[test]
     fn the_allow_actions_ovn_writes_translate_and_others_do_not() {
