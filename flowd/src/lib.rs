@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod egressfirewall;
 pub mod engine;
+pub mod hold;
 pub mod metrics;
 pub mod model;
 pub mod ovnkube;

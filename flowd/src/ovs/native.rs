@@ -18,14 +18,17 @@ use crate::{metrics::Registry, model::Protocol};
 use bytes::{Bytes, BytesMut};
 use dnsflow_openflow::{
     self as of, Action, BundleAdd, BundleControl, BundleControlType, BundleFlags, FlowMod,
-    FlowModCommand, Masked, Match, Message, Register,
+    FlowModCommand, Masked, Match, Message, PacketIn2, Register,
 };
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use std::{
     collections::HashMap,
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex as StdMutex,
+    },
     time::Duration,
 };
 use tokio::{
@@ -39,6 +42,8 @@ pub const CONTROLLER_ID: u16 = 0x646e;
 /// Replies queued from the reader to the batch that waits for them. A batch's replies are bounded
 /// by what it sent; messages nobody asked for (port status) are not queued.
 const REPLY_QUEUE: usize = 1024;
+/// Held packets queued for the holder; beyond it they are sent on at once.
+const HELD_QUEUE: usize = 4096;
 /// Bytes read at once.
 const READ_CHUNK: usize = 64 * 1024;
 const PROGRAM: &str = "OpenFlow (br-int.mgmt)";
@@ -50,6 +55,10 @@ pub struct Native {
     socket: PathBuf,
     timeout: Duration,
     conn: Mutex<Option<Connection>>,
+    /// Where held packets go ([`Native::packet_ins`]); without it they are sent on at once.
+    packet_ins: StdMutex<Option<mpsc::Sender<PacketIn2>>>,
+    /// The open connection's writer, for resumes that must not wait for a batch in flight.
+    resumes: StdMutex<Option<mpsc::Sender<Bytes>>>,
     /// Off: every batch goes through `ovs-ofctl` (`--ovs-driver ofctl`, or no connection at start).
     enabled: AtomicBool,
     enabled_gauge: Gauge,
@@ -65,6 +74,8 @@ impl Native {
             socket,
             timeout,
             conn: Mutex::new(None),
+            packet_ins: StdMutex::new(None),
+            resumes: StdMutex::new(None),
             enabled: AtomicBool::new(true),
             enabled_gauge: Gauge::default(),
             connects: Counter::default(),
@@ -76,6 +87,15 @@ impl Native {
     pub fn disable(&self) {
         self.enabled.store(false, Ordering::Relaxed);
         self.enabled_gauge.set(0);
+    }
+
+    /// The held packets (`NXT_PACKET_IN2` with a continuation, sent to flowd's controller id) from
+    /// now on, for [`crate::hold::Holder`]. A packet that finds this queue full, or no queue, is
+    /// sent on at once by the connection itself: a held DNS response is never dropped.
+    pub fn packet_ins(&self) -> mpsc::Receiver<PacketIn2> {
+        let (tx, rx) = mpsc::channel(HELD_QUEUE);
+        *lock(&self.packet_ins) = Some(tx);
+        rx
     }
 
     /// Batches written with `ovs-ofctl` although the native driver is on.
@@ -107,12 +127,35 @@ impl Native {
     }
 
     async fn open(&self) -> Result<Connection> {
-        let c = tokio::time::timeout(self.timeout, Connection::open(&self.socket))
+        let packet_ins = lock(&self.packet_ins).clone();
+        let c = tokio::time::timeout(self.timeout, Connection::open(&self.socket, packet_ins))
             .await
             .map_err(|_| timeout_error(self.timeout, "connect"))??;
+        *lock(&self.resumes) = Some(c.tx.clone());
         self.connects.inc();
         tracing::info!(socket = %self.socket.display(), "OpenFlow connection to the bridge open");
         Ok(c)
+    }
+}
+
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends `held` on where it paused; a packet that did not pause has nowhere to go on from.
+async fn resume(tx: &mpsc::Sender<Bytes>, held: &PacketIn2) -> Result<()> {
+    match held.resume() {
+        Some(r) => send(tx, 0, &Message::Resume(r)).await,
+        None => Ok(()),
+    }
+}
+
+impl crate::hold::Resumer for Native {
+    async fn resume(&self, held: &PacketIn2) -> Result<(), String> {
+        let tx = lock(&self.resumes)
+            .clone()
+            .ok_or_else(|| "no OpenFlow connection to the bridge".to_string())?;
+        resume(&tx, held).await.map_err(|e| e.to_string())
     }
 }
 
@@ -150,7 +193,7 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    async fn open(socket: &Path) -> Result<Self> {
+    async fn open(socket: &Path, packet_ins: Option<mpsc::Sender<PacketIn2>>) -> Result<Self> {
         let stream = UnixStream::connect(socket).await.map_err(io_error)?;
         let (mut read, write) = stream.into_split();
         let (tx, rx) = mpsc::channel::<Bytes>(REPLY_QUEUE);
@@ -173,7 +216,20 @@ impl Connection {
                             | Message::BundleControl(_) => {
                                 reply_tx.send((xid, message)).await.is_ok()
                             }
-                            // Port status, flow removed, packet-ins nobody asked for yet.
+                            Message::PacketIn2(held) => {
+                                let unqueued = match &packet_ins {
+                                    Some(q) => q.try_send(held).err().map(|e| match e {
+                                        mpsc::error::TrySendError::Full(p)
+                                        | mpsc::error::TrySendError::Closed(p) => p,
+                                    }),
+                                    None => Some(held),
+                                };
+                                match unqueued {
+                                    Some(held) => resume(&echo, &held).await.is_ok(),
+                                    None => true,
+                                }
+                            }
+                            // Port status, flow removed.
                             _ => true,
                         };
                         if !delivered {
@@ -198,7 +254,15 @@ impl Connection {
             tasks: [reader, writer],
         };
         c.send(&Message::Hello).await?;
-        let xid = c.send(&Message::SetControllerId(CONTROLLER_ID)).await?;
+        c.send(&Message::SetControllerId(CONTROLLER_ID)).await?;
+        // Packet-ins with continuations, whole packets.
+        c.send(&Message::SetPacketInFormat(of::PacketInFormat::Nxt2))
+            .await?;
+        let xid = c
+            .send(&Message::SetConfig {
+                miss_send_len: u16::MAX,
+            })
+            .await?;
         let barrier = c.send(&Message::BarrierRequest).await?;
         let mut errors = Vec::new();
         c.until_barrier(barrier, &mut errors).await?;
@@ -635,6 +699,9 @@ mod tests {
         DropAtFirstAdd,
         /// Stops answering once a bundle is opened.
         GoSilent,
+        /// Answers everything, and holds a packet for flowd's controller once the handshake's
+        /// barrier is answered.
+        HoldOne,
     }
 
     #[derive(Debug, Default)]
@@ -642,6 +709,8 @@ mod tests {
         connections: usize,
         committed_mods: usize,
         echo_replies: usize,
+        /// The continuations of the resumes received.
+        resumed: Vec<Bytes>,
     }
 
     /// A switch speaking just enough OpenFlow, one behaviour per connection in turn (the last one
@@ -681,6 +750,18 @@ mod tests {
                             }
                             _ if silent => None,
                             Message::Hello => Some(Message::Hello),
+                            Message::Resume(r) => {
+                                seen.lock().unwrap().resumed.push(r.continuation);
+                                None
+                            }
+                            Message::BarrierRequest if behaviour == Behaviour::HoldOne => {
+                                let mut out = BytesMut::new();
+                                of::encode(xid, &Message::BarrierReply, &mut out).unwrap();
+                                of::encode(0, &Message::PacketIn2(held_packet()), &mut out)
+                                    .unwrap();
+                                stream.write_all(&out).await.unwrap();
+                                None
+                            }
                             Message::BarrierRequest => Some(Message::BarrierReply),
                             Message::BundleAdd(_) if behaviour == Behaviour::DropAtFirstAdd => {
                                 return;
@@ -713,6 +794,55 @@ mod tests {
                 });
             }
         });
+    }
+
+    fn held_packet() -> PacketIn2 {
+        PacketIn2 {
+            packet: Bytes::from_static(b"a frame"),
+            full_len: None,
+            buffer_id: None,
+            table_id: 65,
+            cookie: Some(7),
+            reason: 1,
+            metadata: of::RawMatch::default(),
+            userdata: Bytes::from_static(&[0, 1]),
+            continuation: Some(Bytes::from_static(b"frozen")),
+        }
+    }
+
+    /// A held packet goes to the holder's queue and is resumed when the holder says so; with no
+    /// holder, the connection sends it on at once. Either way the switch gets its continuation back.
+    #[tokio::test]
+    async fn held_packets_reach_the_holder_or_go_on_at_once() {
+        use crate::hold::Resumer as _;
+        for with_holder in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let native = native_at(dir.path(), Duration::from_secs(5));
+            let seen = Arc::new(StdMutex::new(Seen::default()));
+            let listener =
+                UnixListener::bind(Native::socket_path(Some(dir.path()), "br-int")).unwrap();
+            fake_switch(listener, vec![Behaviour::HoldOne], seen.clone());
+            let mut queue = with_holder.then(|| native.packet_ins());
+            native.connect().await.unwrap();
+            if let Some(queue) = &mut queue {
+                let held = tokio::time::timeout(Duration::from_secs(5), queue.recv())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(held.userdata, Bytes::from_static(&[0, 1]));
+                assert!(seen.lock().unwrap().resumed.is_empty(), "held until told");
+                native.resume(&held).await.unwrap();
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while seen.lock().unwrap().resumed.is_empty() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(
+                seen.lock().unwrap().resumed,
+                [Bytes::from_static(b"frozen")],
+                "with holder: {with_holder}"
+            );
+        }
     }
 
     fn grant() -> FlowOp {

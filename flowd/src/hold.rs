@@ -1,0 +1,418 @@
+//! Held DNS responses: what flowd does with a pod's DNS response that OVS paused on its way to the
+//! pod (an `NXT_PACKET_IN2` with a continuation, from flowd's own controller id). The answer goes to
+//! the engine exactly as a tapd event would; when it needs grants that are not in OVS yet, they are
+//! written first, and only then is the packet resumed, so the pod's first packet to the answer finds
+//! its flow. The response is resumed exactly once, whatever happens: at once when it needs nothing
+//! (not a DNS response, not NOERROR, no rule, already granted), after the grants otherwise, and at
+//! the deadline at the latest (counted), so that flowd never breaks DNS.
+
+use crate::{engine::Engine, metrics::Registry, ovs::FlowProgrammer};
+use dnsflow_dnstap::packet;
+use dnsflow_openflow::PacketIn2;
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+use tokio::sync::{mpsc, Semaphore};
+
+/// How long a held response may wait for its grants by default (Cilium's proxy holds as long).
+pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(100);
+/// Responses held at once; beyond it a response is resumed at once, unheld (counted).
+pub const MAX_HELD: usize = 1024;
+/// The server named in events from held responses: the packet tells only the server's address.
+const IDENTITY: &str = "br-int";
+
+/// Sends a held packet on its way: the native connection's `NXT_RESUME` (a trait so that the
+/// holder's ordering can be tested against the recording bridge).
+pub trait Resumer: Send + Sync + 'static {
+    fn resume(&self, held: &PacketIn2) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// What the holder counts.
+#[derive(Debug)]
+pub struct HoldMetrics {
+    pub held: Counter,
+    pub resumed: Counter,
+    /// Resumed at the deadline, before their grants were in OVS.
+    pub deadline_misses: Counter,
+    /// Resumed at once because [`MAX_HELD`] were held already.
+    pub unheld: Counter,
+    /// Paused packets that were not a DNS response flowd could read (resumed at once).
+    pub unreadable: Counter,
+    pub resume_failures: Counter,
+    pub hold_seconds: Histogram,
+}
+
+impl HoldMetrics {
+    fn new() -> Self {
+        Self {
+            held: Counter::default(),
+            resumed: Counter::default(),
+            deadline_misses: Counter::default(),
+            unheld: Counter::default(),
+            unreadable: Counter::default(),
+            resume_failures: Counter::default(),
+            hold_seconds: Histogram::new([
+                0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+            ]),
+        }
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        registry.counter("dns_held", "DNS responses OVS held for flowd", &self.held);
+        registry.counter("dns_resumed", "Held DNS responses sent on", &self.resumed);
+        registry.counter(
+            "dns_hold_deadline_misses",
+            "Held DNS responses sent on at the deadline, before their grants were in OVS",
+            &self.deadline_misses,
+        );
+        registry.counter(
+            "dns_unheld",
+            "Held DNS responses sent on at once because too many were held",
+            &self.unheld,
+        );
+        registry.counter(
+            "dns_hold_unreadable",
+            "Held packets that were not a readable DNS response (sent on at once)",
+            &self.unreadable,
+        );
+        registry.counter(
+            "dns_resume_failures",
+            "Held DNS responses OVS did not take back (lost connection)",
+            &self.resume_failures,
+        );
+        registry.register_with_unit(
+            "dns_hold",
+            "How long held DNS responses waited",
+            prometheus_client::registry::Unit::Seconds,
+            self.hold_seconds.clone(),
+        );
+    }
+}
+
+/// Turns held responses into grants, then lets them go.
+#[derive(Debug)]
+pub struct Holder<P: FlowProgrammer, R: Resumer> {
+    engine: Engine<P>,
+    resumer: Arc<R>,
+    deadline: Duration,
+    slots: Arc<Semaphore>,
+    metrics: Arc<HoldMetrics>,
+}
+
+impl<P: FlowProgrammer, R: Resumer> Clone for Holder<P, R> {
+    fn clone(&self) -> Self {
+        Self {
+            engine: self.engine.clone(),
+            resumer: self.resumer.clone(),
+            deadline: self.deadline,
+            slots: self.slots.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
+    pub fn new(engine: Engine<P>, resumer: Arc<R>, deadline: Duration) -> Self {
+        Self {
+            engine,
+            resumer,
+            deadline,
+            slots: Arc::new(Semaphore::new(MAX_HELD)),
+            metrics: Arc::new(HoldMetrics::new()),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<HoldMetrics> {
+        &self.metrics
+    }
+
+    /// Handles every held packet `packet_ins` delivers, each on its own task, until it closes.
+    pub async fn run(self, mut packet_ins: mpsc::Receiver<PacketIn2>) {
+        while let Some(held) = packet_ins.recv().await {
+            self.metrics.held.inc();
+            match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        this.handle(held).await;
+                        drop(slot);
+                    });
+                }
+                Err(_) => {
+                    self.metrics.unheld.inc();
+                    self.resume(&held, Instant::now()).await;
+                }
+            }
+        }
+    }
+
+    /// One held response: its answer to the engine, its grants written (within the deadline), then
+    /// the resume, exactly once.
+    pub async fn handle(&self, held: PacketIn2) {
+        let started = Instant::now();
+        match packet::response(&held.packet, IDENTITY, SystemTime::now()) {
+            Ok((response, _)) => {
+                self.engine.on_dns(response, started);
+                if self.engine.has_pending_changes() {
+                    // The write goes on in its own task past the deadline: a batch dropped halfway
+                    // would be lost (the engine's flush is not cancel-safe).
+                    let engine = self.engine.clone();
+                    let writing = tokio::spawn(async move { engine.flush().await });
+                    match tokio::time::timeout(self.deadline, writing).await {
+                        Ok(Ok(Ok(()))) => {}
+                        Ok(Ok(Err(error))) => {
+                            tracing::debug!(%error, "held response's grants not written; sending it on")
+                        }
+                        Ok(Err(error)) => {
+                            tracing::warn!(%error, "writing a held response's grants failed; sending it on")
+                        }
+                        Err(_) => {
+                            self.metrics.deadline_misses.inc();
+                            tracing::debug!(deadline = ?self.deadline,
+                                "held response's grants not in OVS at the deadline; sending it on");
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                self.metrics.unreadable.inc();
+                tracing::debug!(%error, "held packet is not a DNS response flowd reads; sending it on");
+            }
+        }
+        self.resume(&held, started).await;
+    }
+
+    async fn resume(&self, held: &PacketIn2, since: Instant) {
+        if let Err(error) = self.resumer.resume(held).await {
+            self.metrics.resume_failures.inc();
+            tracing::warn!(%error, "a held DNS response could not be sent on");
+        }
+        self.metrics.resumed.inc();
+        self.metrics
+            .hold_seconds
+            .observe(since.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::EngineSettings,
+        egressfirewall::EgressFirewall,
+        model::{PodInfo, PodKey},
+        ovs::{PortKeys, Recording, Template},
+        rules::FirewallRules,
+    };
+    use bytes::Bytes;
+    use dnsflow_openflow::RawMatch;
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{rdata, Name, RData, Record, RecordType},
+    };
+    use serde_json::json;
+    use std::{net::IpAddr, str::FromStr, sync::Mutex};
+
+    /// Records each resume with what the bridge held at that moment.
+    #[derive(Default)]
+    struct Recorder {
+        bridge: Mutex<Option<Engine<Recording>>>,
+        resumes: Mutex<Vec<(Bytes, usize)>>,
+    }
+
+    impl Resumer for Recorder {
+        async fn resume(&self, held: &PacketIn2) -> Result<(), String> {
+            let flows = self
+                .bridge
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map_or(0, |e| e.programmer().flows().len());
+            self.resumes
+                .lock()
+                .unwrap()
+                .push((held.continuation.clone().unwrap_or_default(), flows));
+            Ok(())
+        }
+    }
+
+    fn dns(qname: &str, ip: [u8; 4]) -> Vec<u8> {
+        let mut m = Message::new(7, MessageType::Response, OpCode::Query);
+        m.add_query(Query::query(Name::from_str(qname).unwrap(), RecordType::A));
+        m.add_answer(Record::from_rdata(
+            Name::from_str(qname).unwrap(),
+            60,
+            RData::A(rdata::A(ip.into())),
+        ));
+        m.to_vec().unwrap()
+    }
+
+    /// An Ethernet/IPv4/UDP frame from 10.96.0.10:53 to `client`:40000 carrying `payload`.
+    fn frame(client: [u8; 4], payload: &[u8]) -> Bytes {
+        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+        let total = 20 + 8 + payload.len();
+        let mut ip = vec![
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            0,
+            0,
+            0,
+            64,
+            17,
+            0,
+            0,
+        ];
+        ip.extend([10, 96, 0, 10]);
+        ip.extend(client);
+        f.extend(ip);
+        let udp_len = 8 + payload.len();
+        f.extend([0, 53, 0x9c, 0x40, (udp_len >> 8) as u8, udp_len as u8, 0, 0]);
+        f.extend(payload);
+        Bytes::from(f)
+    }
+
+    fn held(client: [u8; 4], qname: &str, ip: [u8; 4], id: u8) -> PacketIn2 {
+        PacketIn2 {
+            packet: frame(client, &dns(qname, ip)),
+            full_len: None,
+            buffer_id: None,
+            table_id: 65,
+            cookie: Some(1),
+            reason: 1,
+            metadata: RawMatch::default(),
+            userdata: Bytes::new(),
+            continuation: Some(Bytes::from(vec![id])),
+        }
+    }
+
+    fn setup(
+        delay: Duration,
+    ) -> (
+        Holder<Recording, Recorder>,
+        Arc<Recorder>,
+        Engine<Recording>,
+    ) {
+        let bridge = Recording::with_delay(Some(Template::stand_in(46, 1, 1)), delay);
+        bridge.set_port(
+            "ns1_pod1",
+            PortKeys {
+                metadata: 1,
+                reg14: 2,
+            },
+        );
+        let engine = Engine::new(EngineSettings::for_kind(), bridge);
+        let ef = EgressFirewall::inline(
+            "ns1",
+            json!([{"type": "Allow", "to": {"dnsName": "example.com"}},
+                   {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}]),
+        )
+        .unwrap();
+        engine.set_rules(FirewallRules::from_egress_firewall(&ef).unwrap());
+        engine.upsert_pod(PodInfo {
+            uid: None,
+            key: PodKey::new("ns1", "pod1"),
+            ips: vec![IpAddr::from([10, 244, 1, 5])],
+            node: "n1".into(),
+        });
+        let recorder = Arc::new(Recorder::default());
+        *recorder.bridge.lock().unwrap() = Some(engine.clone());
+        let holder = Holder::new(engine.clone(), recorder.clone(), Duration::from_millis(100));
+        (holder, recorder, engine)
+    }
+
+    /// An allowed answer is resumed only once its grant is in OVS; an answer that needs nothing
+    /// (another name, a packet that is not DNS) is resumed at once, with nothing written.
+    #[tokio::test]
+    async fn a_response_is_sent_on_only_after_its_grant_is_in_ovs() {
+        let (holder, recorder, bridge) = setup(Duration::from_millis(20));
+        holder
+            .handle(held([10, 244, 1, 5], "www.example.com.", [192, 0, 2, 7], 1))
+            .await;
+        holder
+            .handle(held([10, 244, 1, 5], "www.other.test.", [192, 0, 2, 8], 2))
+            .await;
+        let mut junk = held([10, 244, 1, 5], "x.", [0; 4], 3);
+        junk.packet = Bytes::from_static(b"not a frame");
+        holder.handle(junk).await;
+        let resumes = recorder.resumes.lock().unwrap().clone();
+        let flows = bridge.programmer().flows().len();
+        assert!(flows >= 1);
+        assert_eq!(
+            resumes,
+            [
+                (Bytes::from(vec![1]), flows),
+                (Bytes::from(vec![2]), flows),
+                (Bytes::from(vec![3]), flows)
+            ],
+            "each resumed once, the first after its grant"
+        );
+        let m = holder.metrics();
+        assert_eq!(
+            (m.resumed.get(), m.unreadable.get(), m.deadline_misses.get()),
+            (3, 1, 0)
+        );
+    }
+
+    /// OVS slower than the deadline: the response goes on at the deadline (counted) and its grant
+    /// follows.
+    #[tokio::test]
+    async fn a_slow_bridge_makes_the_response_wait_no_longer_than_the_deadline() {
+        let (holder, recorder, bridge) = setup(Duration::from_millis(400));
+        let started = Instant::now();
+        holder
+            .handle(held([10, 244, 1, 5], "www.example.com.", [192, 0, 2, 7], 1))
+            .await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(100) && waited < Duration::from_millis(350),
+            "{waited:?}"
+        );
+        assert_eq!(
+            recorder.resumes.lock().unwrap()[0].1,
+            0,
+            "resumed before the grant"
+        );
+        assert_eq!(holder.metrics().deadline_misses.get(), 1);
+        holder.engine.flush().await.unwrap();
+        assert!(!bridge.programmer().flows().is_empty(), "the grant follows");
+    }
+
+    /// Beyond MAX_HELD at once, responses go on unheld; every one is resumed exactly once.
+    #[tokio::test]
+    async fn every_held_response_is_resumed_exactly_once_under_load() {
+        let (holder, recorder, _bridge) = setup(Duration::from_millis(5));
+        let (tx, rx) = mpsc::channel(4096);
+        let n = MAX_HELD + 200;
+        for i in 0..n {
+            let ip = [192, 0, (i >> 8) as u8, i as u8];
+            let mut h = held([10, 244, 1, 5], &format!("n{i}.example.com."), ip, 0);
+            h.continuation = Some(Bytes::from((i as u32).to_be_bytes().to_vec()));
+            tx.send(h).await.unwrap();
+        }
+        drop(tx);
+        let run = tokio::spawn(holder.clone().run(rx));
+        run.await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (holder.metrics().resumed.get() as usize) < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut ids: Vec<Bytes> = recorder
+            .resumes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.0.clone())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "each exactly once");
+        assert_eq!(holder.metrics().resumed.get() as usize, n);
+        assert!(holder.metrics().unheld.get() > 0);
+    }
+}
