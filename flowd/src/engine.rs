@@ -630,6 +630,7 @@ mod tests {
                 actions: Actions::new("load:0x1->NXM_NX_XXREG0[97],resubmit(,47)").unwrap(),
             }],
             uplinks: [(1, 1)].into(),
+            delivery_table: Some(65),
         }
     }
 
@@ -651,6 +652,7 @@ mod tests {
                 },
             ],
             uplinks: [(1, 1)].into(),
+            delivery_table: Some(65),
         }
     }
 

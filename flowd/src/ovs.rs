@@ -17,8 +17,8 @@ pub mod template;
 pub use discovery::PortKeys;
 pub use dryrun::DryRun;
 pub use flow::{
-    Actions, Cookie, FlowAction, FlowEvent, FlowMatch, FlowOp, FlowSpec, ParsedFlow, RegMatch,
-    RemovedReason,
+    Actions, Cookie, FlowAction, FlowEvent, FlowMatch, FlowOp, FlowSpec, HoldSpec, ParsedFlow,
+    RegMatch, RemovedReason,
 };
 pub use native::Native;
 pub use ofctl::Ofctl;

@@ -1140,7 +1140,7 @@ impl Core {
                 FlowOp::DeleteStrict { cookie, matches } => {
                     self.delete_stale.push((cookie, matches));
                 }
-                FlowOp::Add(_) => {}
+                FlowOp::Add(_) | FlowOp::Hold(_) => {}
             }
         }
     }
@@ -1401,6 +1401,7 @@ mod tests {
                 actions: Actions::new("resubmit(,47)").unwrap(),
             }],
             uplinks: [(1, 1)].into(),
+            delivery_table: Some(65),
         }
     }
 

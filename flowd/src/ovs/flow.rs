@@ -216,11 +216,36 @@ pub struct FlowSpec {
     pub action: FlowAction,
 }
 
+/// The flow that holds a pod's DNS responses for flowd: in OVN's delivery table (the last before
+/// the pod), above OVN's own flow for the pod's port, UDP from port 53 that answers a query the pod
+/// sent (`ct_state=+trk+est+rpl`, so nobody can make flowd hold made-up packets), paused to flowd's
+/// controller id with the pod's id as userdata, then OVN's own actions for the port: the resumed
+/// packet does exactly what OVN would have done. The hard timeout ends it if flowd stops renewing it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldSpec {
+    pub cookie: Cookie,
+    pub table: u8,
+    pub priority: u16,
+    /// The pod's logical switch (`metadata`) and port (`reg15`, the output port in this table).
+    pub metadata: u64,
+    pub port: u32,
+    pub v6: bool,
+    /// flowd's controller id: OVS sends the packet-in to flowd's connection only.
+    pub controller: u16,
+    /// Tells the holder which pod, without parsing the packet first.
+    pub userdata: u16,
+    pub hard_timeout: u16,
+    /// OVN's own actions for the port (`output:N`).
+    pub delivery: Actions,
+}
+
 /// One line of an `ovs-ofctl --bundle add-flows` file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FlowOp {
     /// Install or replace (same table, priority and match) a flow; resets its idle timer.
     Add(FlowSpec),
+    /// Install or replace a pod's hold flow; resets its hard timer.
+    Hold(HoldSpec),
     /// Remove exactly this flow, only if it carries this cookie.
     DeleteStrict { cookie: Cookie, matches: FlowMatch },
     /// Remove every flow in `table` whose cookie matches `cookie` under `mask`.
@@ -289,6 +314,25 @@ pub fn render_op(out: &mut String, op: &FlowOp) {
                 }
                 FlowAction::Drop => out.push_str(",actions=drop"),
             }
+        }
+        FlowOp::Hold(h) => {
+            let _ = write!(
+                out,
+                "add cookie={},table={},priority={},hard_timeout={},{},tp_src=53,\
+                 ct_state=+est+rpl+trk,reg15={:#x},metadata={:#x},\
+                 actions=controller(userdata={:02x}.{:02x},pause,id={}),{}",
+                h.cookie,
+                h.table,
+                h.priority,
+                h.hard_timeout,
+                if h.v6 { "udp6" } else { "udp" },
+                h.port,
+                h.metadata,
+                h.userdata >> 8,
+                h.userdata & 0xff,
+                h.controller,
+                h.delivery
+            );
         }
         FlowOp::DeleteStrict { cookie, matches } => {
             let _ = write!(

@@ -440,6 +440,33 @@ pub fn flow_mod(op: &FlowOp) -> Result<FlowMod, TranslateError> {
                 ..FlowMod::add(m.table, m.priority, f.cookie.0, flow_match(m)?, actions)
             }
         }
+        FlowOp::Hold(h) => {
+            let mut m = Match {
+                eth_type: Some(if h.v6 {
+                    of::ETH_TYPE_IPV6
+                } else {
+                    of::ETH_TYPE_IPV4
+                }),
+                ip_proto: Some(of::IPPROTO_UDP),
+                udp_src: Some(53),
+                ct_state: Some(Masked {
+                    value: HOLD_CT_STATE,
+                    mask: HOLD_CT_STATE,
+                }),
+                metadata: Some(Masked::exact(h.metadata)),
+                ..Match::default()
+            };
+            m.regs[15] = Some(Masked::exact(h.port));
+            let mut actions = vec![Action::pause_to_controller(
+                h.controller,
+                Bytes::copy_from_slice(&h.userdata.to_be_bytes()),
+            )];
+            actions.extend(delivery_actions(&h.delivery)?);
+            FlowMod {
+                hard_timeout: h.hard_timeout,
+                ..FlowMod::add(h.table, h.priority, h.cookie.0, m, actions)
+            }
+        }
         FlowOp::DeleteStrict { cookie, matches } => FlowMod {
             command: FlowModCommand::DeleteStrict,
             cookie_mask: u64::MAX,
@@ -503,6 +530,22 @@ fn flow_match(m: &FlowMatch) -> Result<Match, TranslateError> {
     x.regs[15] = m.outport.map(Masked::exact);
     x.metadata = Some(Masked::exact(m.metadata));
     Ok(x)
+}
+
+/// `ct_state=+trk+est+rpl`: a reply on a connection the pod opened.
+const HOLD_CT_STATE: u32 =
+    of::ct_state::TRACKED | of::ct_state::ESTABLISHED | of::ct_state::REPLY_DIR;
+
+/// OVN's delivery actions for a port: `output:N`, and nothing else the hold could copy faithfully.
+fn delivery_actions(a: &Actions) -> Result<Vec<Action>, TranslateError> {
+    top_level(a.as_str())
+        .map(|part| {
+            part.strip_prefix("output:")
+                .and_then(|p| p.parse().ok())
+                .map(|port| Action::Output { port })
+                .ok_or_else(|| TranslateError::Action(part.to_string()))
+        })
+        .collect()
 }
 
 /// The actions of a template, from the text OVN's flows were read in: the `load:` and `resubmit`

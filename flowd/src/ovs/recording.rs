@@ -25,6 +25,8 @@ struct State {
     keys: HashMap<String, PortKeys>,
     monitors: Vec<mpsc::Sender<FlowEvent>>,
     refused: std::collections::HashSet<std::net::IpAddr>,
+    /// Hold flows by (switch, port, IPv6).
+    holds: BTreeMap<(u64, u32, bool), super::flow::HoldSpec>,
 }
 
 /// A fake bridge; see the module doc.
@@ -182,6 +184,9 @@ impl FlowProgrammer for Recording {
                 FlowOp::Add(f) => {
                     s.flows.insert(f.matches, f.clone());
                     events.push(FlowEvent::Added(as_event_flow(f)));
+                }
+                FlowOp::Hold(h) => {
+                    s.holds.insert((h.metadata, h.port, h.v6), h.clone());
                 }
                 FlowOp::DeleteStrict { cookie, matches } => {
                     if s.flows.get(matches).is_some_and(|f| f.cookie == *cookie) {

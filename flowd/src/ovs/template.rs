@@ -75,6 +75,9 @@ pub struct Template {
     pub allow: Vec<Variant>,
     /// Per logical switch (`metadata`): the port toward the cluster router (`reg15`).
     pub uplinks: BTreeMap<u64, u32>,
+    /// Where OVN hands a packet to a local port (OFTABLE_LOG_TO_PHY: `reg15=K,metadata=M
+    /// actions=output:N`), the last table before a pod; `None` when OVN's flows do not tell one.
+    pub delivery_table: Option<u8>,
 }
 
 /// Why no template could be learned: what the bridge lacks, for the log line and `/readyz`.
@@ -135,6 +138,7 @@ impl Template {
                 },
             ],
             uplinks: [(metadata, uplink)].into(),
+            delivery_table: Some(65),
         }
     }
 }
@@ -325,7 +329,39 @@ pub fn learn(dump: &str, priority_base: u16, table: Option<u8>) -> Result<Templa
         tier,
         allow,
         uplinks: parse_uplinks(&flows),
+        delivery_table: delivery_table(&flows),
     })
+}
+
+/// The one table of OVN's per-port output flows (`reg15=K,metadata=M actions=output:N`, nothing
+/// else matched); `None` when there is none, or more than one.
+fn delivery_table(flows: &[ParsedFlow]) -> Option<u8> {
+    let tables: BTreeSet<u8> = flows
+        .iter()
+        .filter(|f| {
+            let Some(x) = f.fields.as_ref() else {
+                return false;
+            };
+            let outputs = f.actions.as_deref().is_some_and(|a| {
+                a.strip_prefix("output:")
+                    .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            });
+            outputs
+                && x.metadata.is_some()
+                && x.reg15.and_then(RegMatch::exact_value).is_some()
+                && !x.foreign
+                && x.reg14.is_none()
+                && x.reg0.is_none()
+                && x.reg8.is_none()
+                && x.src.is_none()
+                && x.dst.is_none()
+        })
+        .map(|f| f.table)
+        .collect();
+    match (tables.len(), tables.first()) {
+        (1, Some(t)) => Some(*t),
+        _ => None,
+    }
 }
 
 /// Per logical switch, its port toward a router: OVN's output flow for a logical patch port,

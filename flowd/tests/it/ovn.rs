@@ -729,6 +729,21 @@ async fn the_native_driver_writes_what_ovs_ofctl_writes(ovn: Ovn) -> Result<()> 
             }));
         }
     }
+    // The hold flow, both families, in OVN's delivery table with OVN's own actions for the port.
+    for v6 in [false, true] {
+        ops.push(FlowOp::Hold(flowd::ovs::HoldSpec {
+            cookie: Cookie::new(prefix, 7, 110),
+            table: t.delivery_table.expect("OVN's delivery table"),
+            priority: 110,
+            metadata: keys.metadata,
+            port: keys.reg14,
+            v6,
+            controller: flowd::ovs::native::CONTROLLER_ID,
+            userdata: 7,
+            hard_timeout: 30,
+            delivery: flowd::ovs::Actions::new(&format!("output:{}", pod1.ofport))?,
+        }));
+    }
     ops.push(FlowOp::Add(FlowSpec {
         cookie: Cookie::new(prefix, 7, 10999),
         matches: FlowMatch {
@@ -757,8 +772,9 @@ async fn the_native_driver_writes_what_ovs_ofctl_writes(ovn: Ovn) -> Result<()> 
         flows.sort();
         Ok(flows)
     };
+    // Every table (the holds are not in the ACL table).
     let everything = FlowOp::DeleteCookie {
-        table: t.table,
+        table: 255,
         cookie: Cookie::new(prefix, 0, 0),
         mask: flowd::ovs::flow::PREFIX_MASK,
     };
@@ -818,6 +834,7 @@ async fn the_template_and_pod_keys_are_learned_from_ovn(ovn: Ovn) -> Result<()> 
     let t = ofctl.learn_template(11000, None).await??;
     eprintln!("{ovn:?}: {t}");
     assert_eq!(t.table, ovn.ef_table(), "OVN's ls_out_acl_eval");
+    assert_eq!(t.delivery_table, Some(65), "OVN's OFTABLE_LOG_TO_PHY");
     let continues = format!("resubmit(,{})", ovn.ef_table() + 1);
     assert!(t
         .allow
