@@ -859,12 +859,7 @@ mod tests {
     async fn held_packets_reach_the_holder_or_go_on_at_once() {
         use crate::hold::Resumer as _;
         for with_holder in [true, false] {
-            let dir = tempfile::tempdir().unwrap();
-            let native = native_at(dir.path(), Duration::from_secs(5));
-            let seen = Arc::new(StdMutex::new(Seen::default()));
-            let listener =
-                UnixListener::bind(Native::socket_path(Some(dir.path()), "br-int")).unwrap();
-            fake_switch(listener, vec![Behaviour::HoldOne], seen.clone());
+            let (_dir, native, seen) = switch(Duration::from_secs(5), vec![Behaviour::HoldOne]);
             let mut queue = with_holder.then(|| native.packet_ins());
             native.connect().await.unwrap();
             if let Some(queue) = &mut queue {
@@ -916,18 +911,26 @@ mod tests {
         Native::new(ofctl, Native::socket_path(Some(dir), "br-int"), timeout)
     }
 
+    /// A fake switch behaving as `behaviours` says, and a native driver aimed at it.
+    fn switch(
+        timeout: Duration,
+        behaviours: Vec<Behaviour>,
+    ) -> (tempfile::TempDir, Native, Arc<StdMutex<Seen>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let native = native_at(dir.path(), timeout);
+        let seen = Arc::new(StdMutex::new(Seen::default()));
+        let listener = UnixListener::bind(Native::socket_path(Some(dir.path()), "br-int")).unwrap();
+        fake_switch(listener, behaviours, seen.clone());
+        (dir, native, seen)
+    }
+
     /// The switch drops the connection in the middle of a bundle: the batch is sent again on a new
     /// connection and committed once. Echo requests are answered throughout.
     #[tokio::test]
     async fn a_connection_lost_mid_bundle_is_opened_again_and_the_batch_sent_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let native = native_at(dir.path(), Duration::from_secs(5));
-        let seen = Arc::new(StdMutex::new(Seen::default()));
-        let listener = UnixListener::bind(Native::socket_path(Some(dir.path()), "br-int")).unwrap();
-        fake_switch(
-            listener,
+        let (_dir, native, seen) = switch(
+            Duration::from_secs(5),
             vec![Behaviour::DropAtFirstAdd, Behaviour::Serve],
-            seen.clone(),
         );
         native.apply(&[grant(), grant()]).await.unwrap();
         {
@@ -945,14 +948,9 @@ mod tests {
     /// opens a new connection.
     #[tokio::test]
     async fn a_switch_that_stops_answering_times_the_batch_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let native = native_at(dir.path(), Duration::from_millis(300));
-        let seen = Arc::new(StdMutex::new(Seen::default()));
-        let listener = UnixListener::bind(Native::socket_path(Some(dir.path()), "br-int")).unwrap();
-        fake_switch(
-            listener,
+        let (_dir, native, seen) = switch(
+            Duration::from_millis(300),
             vec![Behaviour::GoSilent, Behaviour::Serve],
-            seen.clone(),
         );
         let started = std::time::Instant::now();
         let error = native.apply(&[grant()]).await.unwrap_err();
