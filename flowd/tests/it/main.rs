@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 mod apiserver;
 mod cluster;
+mod delivery;
 mod deploy;
 mod metrics;
 mod oracle;

@@ -41,6 +41,10 @@ pub const ROUTER_MAC: &str = "0a:58:0a:f4:01:01";
 /// Pod IPs come from these node subnets (OVN-K's kind defaults), as the router port's networks.
 pub const NODE_SUBNET_V4: &str = "10.244.1.1/24";
 pub const NODE_SUBNET_V6: &str = "fd00:10:244:1::1/64";
+/// The kube-dns Service's ClusterIP (kind's), a load balancer on the node switch...
+pub const KUBE_DNS_VIP: &str = "10.96.0.10";
+/// ...whose one backend is the pod [`Sandbox::add_dns_server`] adds, at `10.244.1.<this>`.
+pub const KUBE_DNS_HOST: u8 = 250;
 /// How long to wait for a daemon or ovn-controller to catch up before failing the test.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// `--timeout` of ovs-vsctl/ovn-nbctl: a dozen sandboxes starting at once on two cores, beside a
@@ -140,6 +144,12 @@ impl Ovn {
             Ovn::V25_03 => 51,
         }
     }
+
+    /// The table where OVN hands a packet to its local port (`OFTABLE_LOG_TO_PHY`), after the
+    /// logical egress pipeline: the same in both builds.
+    pub fn delivery_table(self) -> u8 {
+        65
+    }
 }
 
 /// The root filesystem needs `/proc` and `/dev` inside for the daemons; mounted once per test run.
@@ -200,6 +210,48 @@ pub struct Pod {
     pub ipv6: IpAddr,
     pub mac: String,
     pub ofport: u32,
+    /// Its OVS port's name: what `netdev-dummy/receive` takes (see [`Sandbox::send_udp`]).
+    pub port: String,
+}
+
+/// A UDP packet a pod sends, for [`Sandbox::send_udp`]; its source IP is the pod's of `dst`'s family.
+#[derive(Clone, Debug)]
+pub struct Udp<'a> {
+    /// The next hop's MAC: a pod's on the same switch, else [`ROUTER_MAC`].
+    pub dl_dst: &'a str,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+impl Udp<'_> {
+    /// The packet from `pod`, in the datapath flow syntax `netdev-dummy/receive` parses in OVS 3.1
+    /// and 3.5 (it composes the frame, a 64-byte payload included, from this key).
+    fn odp_key(&self, pod: &Pod) -> String {
+        let l3 = match self.dst {
+            IpAddr::V4(dst) => format!(
+                "eth_type(0x0800),ipv4(src={},dst={dst},proto=17,tos=0,ttl=64,frag=no)",
+                pod.ipv4
+            ),
+            IpAddr::V6(dst) => format!(
+                "eth_type(0x86dd),ipv6(src={},dst={dst},label=0,proto=17,tclass=0,hlimit=64,frag=no)",
+                pod.ipv6
+            ),
+        };
+        format!(
+            "eth(src={},dst={}),{l3},udp(src={},dst={})",
+            pod.mac, self.dl_dst, self.src_port, self.dst_port
+        )
+    }
+}
+
+/// An OVS port's packet counters (`ovs-ofctl dump-ports`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortStats {
+    /// Packets the pod sent into br-int.
+    pub rx: u64,
+    /// Packets br-int delivered to the pod.
+    pub tx: u64,
 }
 
 impl Pod {
@@ -475,6 +527,18 @@ impl Sandbox {
         Ok(key.trim().parse()?)
     }
 
+    /// The node switch's tunnel key: its packets' `metadata` in br-int.
+    pub fn switch_key(&self) -> Result<u32> {
+        let key = self.sbctl(&[
+            "--bare",
+            "--columns=tunnel_key",
+            "find",
+            "datapath_binding",
+            &format!("external_ids:name={}", Self::NODE),
+        ])?;
+        Ok(key.trim().parse()?)
+    }
+
     /// `ovs-ofctl <args>` on br-int (e.g. `dump-flows`).
     pub fn ofctl_cmd(&self, args: &[&str]) -> Result<String> {
         self.run("ovs-ofctl", args)
@@ -662,8 +726,8 @@ impl Sandbox {
         nb(&[
             "lb-add",
             "kube-dns",
-            "10.96.0.10:53",
-            "10.244.1.250:53",
+            &format!("{KUBE_DNS_VIP}:53"),
+            &format!("10.244.1.{KUBE_DNS_HOST}:53"),
             "udp",
         ])?;
         nb(&["ls-lb-add", "node1", "kube-dns"])?;
@@ -727,8 +791,8 @@ impl Sandbox {
         self.sync()
     }
 
-    /// An internal OVS port bound to logical port `iface_id`; returns its ofport.
-    fn add_ovs_port(&self, iface_id: &str) -> Result<u32> {
+    /// An internal OVS port bound to logical port `iface_id`; returns its name and ofport.
+    fn add_ovs_port(&self, iface_id: &str) -> Result<(String, u32)> {
         let name = format!("p{}", self.next_port.fetch_add(1, Ordering::Relaxed));
         self.vsctl(&[
             "add-port",
@@ -746,7 +810,7 @@ impl Sandbox {
             let ofport = self.vsctl(&["get", "interface", &name, "ofport"])?;
             if let Ok(p) = ofport.trim().parse::<i64>() {
                 if p > 0 {
-                    return Ok(u32::try_from(p)?);
+                    return Ok((name, u32::try_from(p)?));
                 }
             }
             if Instant::now() > deadline {
@@ -825,7 +889,7 @@ impl Sandbox {
         for group in [pg, Self::policy_group(namespace), "anp_deny".to_owned()] {
             self.nbctl(&["add", "port_group", &group, "ports", lsp.trim()])?;
         }
-        let ofport = self.add_ovs_port(&iface)?;
+        let (port, ofport) = self.add_ovs_port(&iface)?;
         self.sync()?;
         Ok(Pod {
             key,
@@ -833,7 +897,13 @@ impl Sandbox {
             ipv6,
             mac,
             ofport,
+            port,
         })
+    }
+
+    /// Adds `kube-system/coredns`, the kube-dns load balancer's backend ([`KUBE_DNS_HOST`]).
+    pub fn add_dns_server(&self) -> Result<Pod> {
+        self.add_pod("kube-system", "coredns", KUBE_DNS_HOST)
     }
 
     /// Deletes a pod's logical and OVS ports and makes them again, as a pod recreated under the same
@@ -1021,6 +1091,49 @@ impl Sandbox {
         } else {
             Trace::Dropped
         })
+    }
+
+    /// `pod` sends `packet`: br-int receives it on the pod's port (`netdev-dummy/receive`), a real
+    /// packet through the datapath and conntrack, unlike [`Sandbox::trace`]'s.
+    pub fn send_udp(&self, pod: &Pod, packet: &Udp) -> Result<()> {
+        self.run(
+            "ovs-appctl",
+            &["netdev-dummy/receive", &pod.port, &packet.odp_key(pod)],
+        )
+        .map(drop)
+    }
+
+    /// The packet counters of `pod`'s OVS port.
+    pub fn port_stats(&self, pod: &Pod) -> Result<PortStats> {
+        let out = self.ofctl_cmd(&["dump-ports", "br-int", &pod.ofport.to_string()])?;
+        let count = |dir: &str| {
+            out.split(&format!("{dir} pkts="))
+                .nth(1)
+                .and_then(|r| r.split(',').next())
+                .and_then(|n| n.trim().parse().ok())
+                .with_context(|| format!("no {dir} pkts in dump-ports:\n{out}"))
+        };
+        Ok(PortStats {
+            rx: count("rx")?,
+            tx: count("tx")?,
+        })
+    }
+
+    /// Waits for a round of ovs-vswitchd's revalidators: a packet that hit a datapath flow already
+    /// cached is credited to its OpenFlow flows (`n_packets`) only then, not when it passes.
+    pub fn credit_flow_stats(&self) -> Result<()> {
+        self.run("ovs-appctl", &["revalidator/wait"]).map(drop)
+    }
+
+    /// Removes every ACL and the load balancer: the node switch then sends nothing through conntrack,
+    /// unlike an OVN-K node switch (whose Services' load balancers are always there).
+    pub fn remove_stateful_config(&self) -> Result<()> {
+        let groups = self.nbctl(&["--bare", "--columns=name", "list", "port_group"])?;
+        for pg in groups.split_whitespace() {
+            self.nbctl(&["--type=port-group", "acl-del", pg])?;
+        }
+        self.nbctl(&["ls-lb-del", Self::NODE, "kube-dns"])?;
+        self.sync()
     }
 
     /// Our flows (dnsflow cookie prefix) as `ovs-ofctl dump-flows` prints them.
