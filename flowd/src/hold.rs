@@ -30,6 +30,13 @@ pub trait Resumer: Send + Sync + 'static {
     fn resume(&self, held: &PacketIn2) -> impl Future<Output = Result<(), String>> + Send;
 }
 
+/// The engine's own native connection resumes what it held.
+impl Resumer for Engine<crate::ovs::Native> {
+    async fn resume(&self, held: &PacketIn2) -> Result<(), String> {
+        Resumer::resume(self.programmer(), held).await
+    }
+}
+
 /// What the holder counts.
 #[derive(Debug)]
 pub struct HoldMetrics {

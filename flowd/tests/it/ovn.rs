@@ -667,6 +667,147 @@ async fn a_removed_pods_flows_are_gone(ovn: Ovn) -> Result<()> {
     Ok(())
 }
 
+/// The first packet passes, on real packets: flowd's hold flow in OVN's delivery table pauses the
+/// pod's DNS reply to flowd's own OpenFlow connection; the holder reads the answer, the engine
+/// writes its grant, and only then is the reply sent on. The pod receives it exactly once, the
+/// grant is in br-int and forwards, no deadline was missed; a reply that grants nothing goes on too.
+async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()> {
+    use flowd::{
+        hold::Holder,
+        ovs::{native::CONTROLLER_ID, Actions, FlowOp, FlowProgrammer, HoldSpec},
+    };
+    let rules = google();
+    let (sb, pod1, dns) = block_in_place(|| -> Result<_> {
+        let (sb, pod1) = one_pod(ovn)?;
+        let dns = sb.add_dns_server()?;
+        Ok((sb, pod1, dns))
+    })?;
+    let native = sb.native();
+    let packet_ins = native.packet_ins();
+    let engine = Engine::new(settings(), native);
+    engine.set_node(Sandbox::NODE);
+    engine.set_rules(rules);
+    engine.upsert_pod(pod1.info());
+    let task = tokio::spawn(engine.clone().run());
+    let ofctl = sb.ofctl();
+    let t = ofctl.learn_template(11000, None).await??;
+    let keys = ofctl.port_keys(&["ns1_pod1".into()]).await?["ns1_pod1"];
+    let prefix = settings().cookie_prefix;
+    engine
+        .programmer()
+        .apply(&[FlowOp::Hold(HoldSpec {
+            cookie: flowd::ovs::Cookie::new(prefix, 1, 110),
+            table: t.delivery_table.expect("OVN's delivery table"),
+            priority: 110,
+            metadata: keys.metadata,
+            port: keys.reg14,
+            v6: false,
+            controller: CONTROLLER_ID,
+            userdata: 1,
+            hard_timeout: 60,
+            delivery: Actions::new(&format!("output:{}", pod1.ofport))?,
+        })])
+        .await?;
+    let holder = Holder::new(
+        engine.clone(),
+        Arc::new(engine.clone()),
+        Duration::from_secs(2),
+    );
+    let metrics = holder.metrics().clone();
+    tokio::spawn(holder.run(packet_ins));
+
+    let reply = |qname: &str, answer: [u8; 4]| -> Result<Vec<u8>> {
+        use hickory_proto::{
+            op::{Message, MessageType, OpCode, Query},
+            rr::{rdata, Name, RData, Record, RecordType},
+        };
+        let name: Name = qname.parse()?;
+        let mut m = Message::new(9, MessageType::Response, OpCode::Query);
+        m.add_query(Query::query(name.clone(), RecordType::A));
+        m.add_answer(Record::from_rdata(
+            name,
+            300,
+            RData::A(rdata::A(answer.into())),
+        ));
+        let (IpAddr::V4(from), IpAddr::V4(to)) = (dns.ipv4, pod1.ipv4) else {
+            anyhow::bail!("IPv4 pods");
+        };
+        let mac = |m: &str| -> Result<[u8; 6]> {
+            let b: Vec<u8> = m
+                .split(':')
+                .map(|h| u8::from_str_radix(h, 16))
+                .collect::<Result<_, _>>()?;
+            b.try_into().map_err(|_| anyhow::anyhow!("MAC {m}"))
+        };
+        let builder = etherparse::PacketBuilder::ethernet2(mac(&dns.mac)?, mac(&pod1.mac)?)
+            .ipv4(from.octets(), to.octets(), 64)
+            .udp(53, 40000);
+        let payload = m.to_vec()?;
+        let mut frame = Vec::with_capacity(builder.size(payload.len()));
+        builder.write(&mut frame, &payload)?;
+        Ok(frame)
+    };
+    let query = crate::sandbox::Udp {
+        dl_dst: &dns.mac,
+        dst: dns.ipv4,
+        src_port: 40000,
+        dst_port: 53,
+    };
+    for (i, (qname, answer, granted)) in [
+        ("www.google.com.", [142, 250, 9, 9], true),
+        ("www.other.test.", [198, 51, 100, 9], false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let received = block_in_place(|| sb.port_stats(&pod1))?.tx;
+        block_in_place(|| -> Result<()> {
+            sb.send_udp(&pod1, &query)?;
+            sb.send_frame(&dns, &reply(qname, answer)?)
+        })?;
+        poll(Duration::from_secs(10), || {
+            metrics.resumed.get() == i as u64 + 1
+                && block_in_place(|| sb.port_stats(&pod1)).is_ok_and(|s| s.tx == received + 1)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{qname}: {e}; held {}", metrics.held.get()))?;
+        let dst = IpAddr::from(answer);
+        let flows = block_in_place(|| sb.dnsflow_flows(prefix))?;
+        assert_eq!(
+            flows.iter().any(|f| f.contains(&format!("nw_dst={dst}"))),
+            granted,
+            "{qname}: {flows:#?}"
+        );
+        let want = if granted {
+            Trace::Forwarded
+        } else {
+            Trace::Dropped
+        };
+        assert_eq!(
+            block_in_place(|| sb.trace(&pod1, dst, TCP443))?,
+            want,
+            "{qname}"
+        );
+    }
+    assert_eq!(
+        (
+            metrics.held.get(),
+            metrics.deadline_misses.get(),
+            metrics.unreadable.get()
+        ),
+        (2, 0, 0)
+    );
+    // The packet-ins went to flowd's controller id only: ovn-controller's pinctrl saw none of them.
+    let log = std::fs::read_to_string(sb.path().join("ovn-controller.log"))?;
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("pinctrl") && l.contains("|WARN|")),
+        "{log}"
+    );
+    task.abort();
+    Ok(())
+}
+
 /// A sandbox with `ns1/pod1` and the namespace's EgressFirewall (google.com allowed).
 fn one_pod(ovn: Ovn) -> Result<(Sandbox, Pod)> {
     let sb = Sandbox::start(ovn)?;
@@ -1161,6 +1302,7 @@ on_every_ovn!(
     a_removed_pods_flows_are_gone,
     the_template_and_pod_keys_are_learned_from_ovn,
     the_native_driver_writes_what_ovs_ofctl_writes,
+    a_held_dns_reply_reaches_the_pod_after_its_grant,
     with_nothing_to_learn_from_nothing_is_installed,
     an_admin_network_policy_deny_wins_over_a_grant,
     a_grant_never_overrides_network_policy_on_the_same_switch,

@@ -1103,6 +1103,13 @@ impl Sandbox {
         .map(drop)
     }
 
+    /// Puts the Ethernet frame `frame` on `pod`'s port, as if the pod had sent it.
+    pub fn send_frame(&self, pod: &Pod, frame: &[u8]) -> Result<()> {
+        let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+        self.run("ovs-appctl", &["netdev-dummy/receive", &pod.port, &hex])
+            .map(drop)
+    }
+
     /// The packet counters of `pod`'s OVS port.
     pub fn port_stats(&self, pod: &Pod) -> Result<PortStats> {
         let out = self.ofctl_cmd(&["dump-ports", "br-int", &pod.ofport.to_string()])?;
