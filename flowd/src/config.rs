@@ -73,6 +73,10 @@ pub enum OvsDriver {
 pub enum ConfigError {
     #[error("--node-name is empty")]
     NoNodeName,
+    #[error("--hold-deadline must be between 1ms and 5s (a held DNS response waits at most that), is {0:?}")]
+    HoldDeadline(Duration),
+    #[error("--hold-timeout must be between 3s and 1h, is {0:?}")]
+    HoldTimeout(Duration),
     #[error("--tapd-port must not be 0")]
     TapdPort,
     #[error("--node is empty")]
@@ -113,6 +117,17 @@ pub struct RunArgs {
     /// `ofctl`, one `ovs-ofctl --bundle` process per batch. Reading OVS always uses ovs-ofctl.
     #[arg(long, env = "FLOWD_OVS_DRIVER", value_enum, default_value_t = OvsDriver::Native)]
     pub ovs_driver: OvsDriver,
+    /// Hold each pod's DNS responses in br-int until the grants they justify are installed (native
+    /// driver only; pods of namespaces with a dnsName rule): the pod's first packet finds its flow.
+    #[arg(long, env = "FLOWD_HOLD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub hold: bool,
+    /// Longest a held DNS response waits for its grants; then it goes on anyway (counted).
+    #[arg(long, env = "FLOWD_HOLD_DEADLINE", default_value = "100ms", value_parser = parse_duration)]
+    pub hold_deadline: Duration,
+    /// Hard timeout of the hold flows, renewed every third of it: a flowd that dies stops holding
+    /// DNS within it.
+    #[arg(long, env = "FLOWD_HOLD_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub hold_timeout: Duration,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     #[command(flatten)]
@@ -127,6 +142,13 @@ impl RunArgs {
         }
         if self.upstream.endpoints.is_empty() && self.upstream.tapd_port == 0 {
             return Err(ConfigError::TapdPort);
+        }
+        // OpenFlow's hard timeout is whole seconds, 1..=65535; a deadline of 0 would hold nothing.
+        if !(Duration::from_millis(1)..=Duration::from_secs(5)).contains(&self.hold_deadline) {
+            return Err(ConfigError::HoldDeadline(self.hold_deadline));
+        }
+        if !(Duration::from_secs(3)..=Duration::from_secs(3600)).contains(&self.hold_timeout) {
+            return Err(ConfigError::HoldTimeout(self.hold_timeout));
         }
         self.engine.validate()?;
         Ok(())
@@ -539,6 +561,9 @@ mod run_tests {
         assert!(cli.run.pod_subnets.is_empty());
         assert_eq!(cli.run.ovn_config.to_string(), "ovn-kubernetes/ovn-config");
         assert_eq!(cli.run.ovs_driver, OvsDriver::Native);
+        assert!(cli.run.hold);
+        assert_eq!(cli.run.hold_deadline, Duration::from_millis(100));
+        assert_eq!(cli.run.hold_timeout, Duration::from_secs(30));
         cli.run.validate().unwrap();
 
         let cli = RunCli::try_parse_from([
@@ -583,6 +608,16 @@ mod run_tests {
         let cli =
             RunCli::try_parse_from(["flowd", "--node-name", "n", "--tapd-port", "0"]).unwrap();
         assert!(matches!(cli.run.validate(), Err(ConfigError::TapdPort)));
+        for (flag, value) in [
+            ("--hold-deadline", "0s"),
+            ("--hold-deadline", "10s"),
+            ("--hold-timeout", "1s"),
+        ] {
+            let cli = RunCli::try_parse_from(["flowd", "--node-name", "n", flag, value]).unwrap();
+            assert!(cli.run.validate().is_err(), "{flag} {value}");
+        }
+        let off = RunCli::try_parse_from(["flowd", "--node-name", "n", "--hold", "false"]).unwrap();
+        assert!(!off.run.hold);
     }
 }
 

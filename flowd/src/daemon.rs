@@ -8,6 +8,7 @@ use crate::{
     cluster::{node_subnets, pod_info, NodeExclusions},
     config::{OvsDriver, RunArgs, UpstreamArgs},
     engine::Engine,
+    hold::{HoldFlows, Holder},
     metrics,
     model::PodKey,
     ovnkube::{self, ClusterNetworks, ConfigMapRef},
@@ -342,6 +343,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let rundir = std::env::var_os("OVS_RUNDIR").map(std::path::PathBuf::from);
     let socket = Native::socket_path(rundir.as_deref(), bridge);
     let programmer = Native::new(ofctl, socket.clone(), args.engine.ovs_timeout);
+    // Held responses reach the holder from the first connection on.
+    let packet_ins =
+        (args.ovs_driver == OvsDriver::Native && args.hold).then(|| programmer.packet_ins());
     match args.ovs_driver {
         OvsDriver::Ofctl => programmer.disable(),
         OvsDriver::Native => match programmer.connect().await {
@@ -360,7 +364,16 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let registry = Arc::new(metrics::registry(&engine, &status));
+    let mut registry = metrics::registry(&engine, &status);
+    let holds = packet_ins.map(|packet_ins| {
+        let holder = Holder::new(engine.clone(), Arc::new(engine.clone()), args.hold_deadline);
+        holder.metrics().register(&mut registry);
+        tokio::spawn(holder.run(packet_ins));
+        tracing::info!(deadline = ?args.hold_deadline, timeout = ?args.hold_timeout,
+            "holding DNS responses until their grants are in br-int");
+        tokio::spawn(HoldFlows::new(engine.clone(), args.hold_timeout).run(stopped()))
+    });
+    let registry = Arc::new(registry);
     let api = tokio::spawn(api::serve(
         grpc,
         engine.clone(),
@@ -393,6 +406,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     .await;
     tracing::info!("shutting down");
     stop_tx.send_replace(true);
+    if let Some(holds) = holds {
+        // Removes the hold flows: DNS goes straight to the pods while flowd is away.
+        let _ = holds.await;
+    }
     api.await??;
     http.await??;
     Ok(())

@@ -15,7 +15,7 @@ mod metrics;
 mod state;
 
 pub use metrics::{Metrics, MetricsSnapshot, BATCH_SECONDS_BUCKETS};
-pub use state::{GrantView, MAX_BATCH_FLOWS, MAX_FLOWS, PENDING_MAX, PENDING_MAX_AGE};
+pub use state::{GrantView, HeldPod, MAX_BATCH_FLOWS, MAX_FLOWS, PENDING_MAX, PENDING_MAX_AGE};
 
 use crate::{
     config::EngineSettings,
@@ -274,6 +274,11 @@ impl<P: FlowProgrammer> Engine<P> {
     /// it (pod gone, rule changed) once they have been read.
     pub fn synced(&self) {
         self.change(Core::set_synced);
+    }
+
+    /// The pods whose DNS responses should be held (see [`crate::hold`]).
+    pub fn held_pods(&self) -> Vec<HeldPod> {
+        self.lock().held_pods()
     }
 
     /// The grants the engine holds, optionally for one pod or one namespace, sorted by pod then priority.

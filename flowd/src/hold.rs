@@ -6,11 +6,20 @@
 //! (not a DNS response, not NOERROR, no rule, already granted), after the grants otherwise, and at
 //! the deadline at the latest (counted), so that flowd never breaks DNS.
 
-use crate::{engine::Engine, metrics::Registry, ovs::FlowProgrammer};
+use crate::{
+    engine::Engine,
+    metrics::Registry,
+    ovs::{
+        flow::{POD_MASK, PREFIX_MASK},
+        native::CONTROLLER_ID,
+        Cookie, FlowOp, FlowProgrammer, HoldSpec, Native,
+    },
+};
 use dnsflow_dnstap::packet;
 use dnsflow_openflow::PacketIn2;
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use std::{
+    collections::BTreeSet,
     future::Future,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -30,8 +39,149 @@ pub trait Resumer: Send + Sync + 'static {
     fn resume(&self, held: &PacketIn2) -> impl Future<Output = Result<(), String>> + Send;
 }
 
+/// Where a hold flow sits in OVN's delivery table: above OVN's per-port flow (100), below anything
+/// OVN adds above it to block a port.
+pub const HOLD_PRIORITY: u16 = 110;
+/// Default hard timeout of a hold flow: a flowd that dies stops holding DNS within it.
+pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The hold flows' cookie prefix: the grants' with its low bits flipped ("dnsf" gives "dnsh"), so
+/// that the engine's dumps, monitor and reconcile, which read the grants' prefix only, never take a
+/// hold flow for a stale grant.
+pub fn hold_cookie_prefix(grant_prefix: u32) -> u32 {
+    grant_prefix ^ 0x0e
+}
+
+/// Keeps one hold flow per family for every pod [`Engine::held_pods`] names, in OVN's delivery
+/// table with OVN's own actions for the pod's port: written again every third of the hard timeout
+/// (which restarts it), so that a flowd that stops stops holding within the timeout, and an
+/// ovn-controller wipe is repaired by the next round; the pods no longer held lose theirs.
+#[derive(Debug)]
+pub struct HoldFlows {
+    engine: Engine<Native>,
+    hard_timeout: Duration,
+    /// The pod ids whose hold flows are in OVS.
+    written: BTreeSet<u16>,
+}
+
+impl HoldFlows {
+    pub fn new(engine: Engine<Native>, hard_timeout: Duration) -> Self {
+        Self {
+            engine,
+            hard_timeout,
+            written: BTreeSet::new(),
+        }
+    }
+
+    fn prefix(&self) -> u32 {
+        hold_cookie_prefix(self.engine.settings().cookie_prefix)
+    }
+
+    /// One round: every wanted hold flow written (again), the unwanted ones deleted, in one bundle.
+    /// Returns how many pods are held.
+    pub async fn refresh(&mut self) -> Result<usize, String> {
+        let Some(template) = self.engine.template() else {
+            return Ok(0);
+        };
+        let table = template
+            .delivery_table
+            .ok_or("OVN's flows name no delivery table (OFTABLE_LOG_TO_PHY): nothing is held")?;
+        let pods = self.engine.held_pods();
+        let deliveries = self
+            .engine
+            .programmer()
+            .deliveries(table)
+            .await
+            .map_err(|e| e.to_string())?;
+        let prefix = self.prefix();
+        let hard_timeout = u16::try_from(self.hard_timeout.as_secs().max(1)).unwrap_or(u16::MAX);
+        let mut ops = Vec::new();
+        let mut wanted = BTreeSet::new();
+        for pod in &pods {
+            let Some(delivery) = deliveries.get(&(pod.keys.metadata, pod.keys.reg14)) else {
+                continue;
+            };
+            wanted.insert(pod.id);
+            for (v6, has) in [(false, pod.v4), (true, pod.v6)] {
+                if has {
+                    ops.push(FlowOp::Hold(HoldSpec {
+                        cookie: Cookie::new(prefix, pod.id, HOLD_PRIORITY),
+                        table,
+                        priority: HOLD_PRIORITY,
+                        metadata: pod.keys.metadata,
+                        port: pod.keys.reg14,
+                        v6,
+                        controller: CONTROLLER_ID,
+                        userdata: pod.id,
+                        hard_timeout,
+                        delivery: delivery.clone(),
+                    }));
+                }
+            }
+        }
+        let gone: Vec<FlowOp> = self
+            .written
+            .difference(&wanted)
+            .map(|id| FlowOp::DeleteCookie {
+                table,
+                cookie: Cookie::pod(prefix, *id),
+                mask: POD_MASK,
+            })
+            .collect();
+        let ops: Vec<FlowOp> = gone.into_iter().chain(ops).collect();
+        self.engine
+            .programmer()
+            .apply(&ops)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.written = wanted;
+        Ok(self.written.len())
+    }
+
+    /// Deletes every hold flow (clean shutdown): DNS goes straight to the pods again.
+    pub async fn clear(&mut self) -> Result<(), String> {
+        self.written.clear();
+        let all = FlowOp::DeleteCookie {
+            table: dnsflow_openflow::OFPTT_ALL,
+            cookie: Cookie::new(self.prefix(), 0, 0),
+            mask: PREFIX_MASK,
+        };
+        self.engine
+            .programmer()
+            .apply(&[all])
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Refreshes every third of the hard timeout until `shutdown`, then clears.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let period = (self.hard_timeout / 3).max(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                _ = tick.tick() => {}
+            }
+            match self.refresh().await {
+                Ok(_) => failing = false,
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(%error, "hold flows not written; DNS responses go to pods unheld");
+                }
+                Err(_) => {}
+            }
+        }
+        if let Err(error) = self.clear().await {
+            tracing::warn!(%error, "hold flows not removed; their hard timeout ends them");
+        }
+    }
+}
+
 /// The engine's own native connection resumes what it held.
-impl Resumer for Engine<crate::ovs::Native> {
+impl Resumer for Engine<Native> {
     async fn resume(&self, held: &PacketIn2) -> Result<(), String> {
         Resumer::resume(self.programmer(), held).await
     }

@@ -110,6 +110,16 @@ pub struct GrantView {
     pub cookie: u64,
 }
 
+/// A pod whose DNS responses flowd holds ([`Core::held_pods`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldPod {
+    pub key: PodKey,
+    pub id: u16,
+    pub keys: PortKeys,
+    pub v4: bool,
+    pub v6: bool,
+}
+
 #[derive(Debug)]
 struct PodEntry {
     info: PodInfo,
@@ -939,6 +949,32 @@ impl Core {
             && self.delete_strict.is_empty()
             && self.delete_pods.is_empty()
             && self.delete_stale.is_empty())
+    }
+
+    /// The pods whose DNS responses should be held: of this node, with their OVN port keys, in a
+    /// namespace with a `dnsName` rule; with their id and address families.
+    pub fn held_pods(&self) -> Vec<HeldPod> {
+        let mut out: Vec<HeldPod> = self
+            .pods
+            .iter()
+            .filter(|(key, _)| {
+                self.rules
+                    .get(&key.namespace)
+                    .is_some_and(|r| r.rules.iter().any(|rule| rule.dns_pattern().is_some()))
+            })
+            .filter(|(_, p)| self.node.as_ref().is_none_or(|n| *n == p.info.node))
+            .filter_map(|(key, p)| {
+                Some(HeldPod {
+                    key: key.clone(),
+                    id: p.id,
+                    keys: p.keys?,
+                    v4: p.info.ips.iter().any(IpAddr::is_ipv4),
+                    v6: p.info.ips.iter().any(IpAddr::is_ipv6),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
     }
 
     /// Why nothing can be installed: the cluster's networks are unknown, or grants wait for a template

@@ -98,6 +98,11 @@ impl Native {
         rx
     }
 
+    /// OVN's own delivery flows' actions per (switch, port) in `table` (see [`Ofctl::deliveries`]).
+    pub async fn deliveries(&self, table: u8) -> Result<HashMap<(u64, u32), Actions>> {
+        self.ofctl.deliveries(table).await
+    }
+
     /// Batches written with `ovs-ofctl` although the native driver is on.
     pub fn fallbacks(&self) -> u64 {
         self.fallbacks.get()

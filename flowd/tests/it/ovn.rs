@@ -672,15 +672,14 @@ async fn a_removed_pods_flows_are_gone(ovn: Ovn) -> Result<()> {
 /// writes its grant, and only then is the reply sent on. The pod receives it exactly once, the
 /// grant is in br-int and forwards, no deadline was missed; a reply that grants nothing goes on too.
 async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()> {
-    use flowd::{
-        hold::Holder,
-        ovs::{native::CONTROLLER_ID, Actions, FlowOp, FlowProgrammer, HoldSpec},
-    };
+    use flowd::hold::{hold_cookie_prefix, HoldFlows, Holder};
     let rules = google();
-    let (sb, pod1, dns) = block_in_place(|| -> Result<_> {
+    let (sb, pod1, dns, other) = block_in_place(|| -> Result<_> {
         let (sb, pod1) = one_pod(ovn)?;
         let dns = sb.add_dns_server()?;
-        Ok((sb, pod1, dns))
+        // A pod in a namespace without EgressFirewall: never held.
+        let other = sb.add_pod("ns2", "free", 7)?;
+        Ok((sb, pod1, dns, other))
     })?;
     let native = sb.native();
     let packet_ins = native.packet_ins();
@@ -688,26 +687,23 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     engine.set_node(Sandbox::NODE);
     engine.set_rules(rules);
     engine.upsert_pod(pod1.info());
+    engine.upsert_pod(other.info());
     let task = tokio::spawn(engine.clone().run());
-    let ofctl = sb.ofctl();
-    let t = ofctl.learn_template(11000, None).await??;
-    let keys = ofctl.port_keys(&["ns1_pod1".into()]).await?["ns1_pod1"];
+    engine.flush().await?;
+    poll(Duration::from_secs(10), || {
+        engine.template().is_some() && engine.held_pods().len() == 1
+    })
+    .await?;
+    let mut holds = HoldFlows::new(engine.clone(), Duration::from_secs(2));
+    assert_eq!(holds.refresh().await.map_err(anyhow::Error::msg)?, 1);
     let prefix = settings().cookie_prefix;
-    engine
-        .programmer()
-        .apply(&[FlowOp::Hold(HoldSpec {
-            cookie: flowd::ovs::Cookie::new(prefix, 1, 110),
-            table: t.delivery_table.expect("OVN's delivery table"),
-            priority: 110,
-            metadata: keys.metadata,
-            port: keys.reg14,
-            v6: false,
-            controller: CONTROLLER_ID,
-            userdata: 1,
-            hard_timeout: 60,
-            delivery: Actions::new(&format!("output:{}", pod1.ofport))?,
-        })])
-        .await?;
+    let hold_flows = || block_in_place(|| sb.dnsflow_flows(hold_cookie_prefix(prefix)));
+    let held = hold_flows()?;
+    assert_eq!(held.len(), 2, "one per family, pod1 only: {held:#?}");
+    assert!(held.iter().all(|f| f.contains("table=65")
+        && f.contains("priority=110")
+        && f.contains("ct_state=+est+rpl+trk")
+        && f.contains(&format!("output:{}", pod1.ofport))));
     let holder = Holder::new(
         engine.clone(),
         Arc::new(engine.clone()),
@@ -753,6 +749,25 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
         src_port: 40000,
         dst_port: 53,
     };
+    // Sends the query and its reply; waits until the pod's port has transmitted the reply and
+    // `resumed` replies have been sent on by the holder.
+    let exchange = |qname: &'static str, answer: [u8; 4], resumed: u64| {
+        let (sb, pod1, dns, query, metrics) = (&sb, &pod1, &dns, &query, &metrics);
+        let reply = &reply;
+        async move {
+            let received = block_in_place(|| sb.port_stats(pod1))?.tx;
+            block_in_place(|| -> Result<()> {
+                sb.send_udp(pod1, query)?;
+                sb.send_frame(dns, &reply(qname, answer)?)
+            })?;
+            poll(Duration::from_secs(10), || {
+                metrics.resumed.get() == resumed
+                    && block_in_place(|| sb.port_stats(pod1)).is_ok_and(|s| s.tx == received + 1)
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{qname}: {e}; held {}", metrics.held.get()))
+        }
+    };
     for (i, (qname, answer, granted)) in [
         ("www.google.com.", [142, 250, 9, 9], true),
         ("www.other.test.", [198, 51, 100, 9], false),
@@ -760,17 +775,7 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     .into_iter()
     .enumerate()
     {
-        let received = block_in_place(|| sb.port_stats(&pod1))?.tx;
-        block_in_place(|| -> Result<()> {
-            sb.send_udp(&pod1, &query)?;
-            sb.send_frame(&dns, &reply(qname, answer)?)
-        })?;
-        poll(Duration::from_secs(10), || {
-            metrics.resumed.get() == i as u64 + 1
-                && block_in_place(|| sb.port_stats(&pod1)).is_ok_and(|s| s.tx == received + 1)
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{qname}: {e}; held {}", metrics.held.get()))?;
+        exchange(qname, answer, i as u64 + 1).await?;
         let dst = IpAddr::from(answer);
         let flows = block_in_place(|| sb.dnsflow_flows(prefix))?;
         assert_eq!(
@@ -804,6 +809,20 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
             .any(|l| l.contains("pinctrl") && l.contains("|WARN|")),
         "{log}"
     );
+
+    // Not renewed (a flowd that died), the hold flows end at their hard timeout, and DNS goes to
+    // the pod unheld.
+    poll(Duration::from_secs(10), || {
+        hold_flows().is_ok_and(|f| f.is_empty())
+    })
+    .await?;
+    exchange("www3.google.com.", [142, 250, 9, 10], 2).await?;
+    assert_eq!(metrics.held.get(), 2, "not held");
+    // Renewed, then cleared as at a clean shutdown.
+    holds.refresh().await.map_err(anyhow::Error::msg)?;
+    assert_eq!(hold_flows()?.len(), 2);
+    holds.clear().await.map_err(anyhow::Error::msg)?;
+    assert!(hold_flows()?.is_empty());
     task.abort();
     Ok(())
 }
