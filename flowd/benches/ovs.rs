@@ -7,6 +7,8 @@
 //! - DNS event → flow present in OVS (seen by an independent `ovs-ofctl monitor`), p50/p99, at 100 and
 //!   1,000 events/s;
 //! - 50,000 flows installed from cold (a restarted engine fed its whole answer cache at once);
+//! - DNS response hold time (packet-in arrived → resumed, grants written in between), p50/p99, at 1,
+//!   100 and 1,000 responses/s, real query/reply packets through the sandbox's datapath;
 //! - a full reconcile of 100,000 flows (nothing to change; then after a wipe of all of them);
 //! - the engine's peak RSS (VmHWM) holding 100,000 flows, in a child process of its own.
 //!
@@ -24,6 +26,7 @@ use flowd::{
     config::EngineSettings,
     egressfirewall::EgressFirewall,
     engine::Engine,
+    hold::{HoldFlows, Holder, Resumer},
     model::PodInfo,
     ovs::{flow, FlowEvent, Native, Ofctl},
     rules::FirewallRules,
@@ -240,6 +243,162 @@ fn rss_child(dir: &str) -> Result<()> {
     })
 }
 
+/// Records when each held packet arrived and how long it was held until resumed.
+struct Timed {
+    engine: Engine<Native>,
+    arrived: Arc<Mutex<HashMap<bytes::Bytes, Instant>>>,
+    held: Arc<Mutex<Vec<Duration>>>,
+}
+
+impl Resumer for Timed {
+    async fn resume(&self, held: &dnsflow_openflow::PacketIn2) -> Result<(), String> {
+        let result = Resumer::resume(&self.engine, held).await;
+        let key = held.continuation.clone().unwrap_or_default();
+        if let Some(t0) = self.arrived.lock().unwrap().remove(&key) {
+            self.held.lock().unwrap().push(t0.elapsed());
+        }
+        result
+    }
+}
+
+fn mac(m: &str) -> [u8; 6] {
+    let b: Vec<u8> = m
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    b.try_into().unwrap()
+}
+
+/// A UDP frame `from` → `to` (IPv4), source and destination port, carrying `payload`, in hex.
+fn frame(from: &sandbox::Pod, to: &sandbox::Pod, ports: (u16, u16), payload: &[u8]) -> String {
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (from.ipv4, to.ipv4) else {
+        unreachable!("IPv4 pods")
+    };
+    let b = etherparse::PacketBuilder::ethernet2(mac(&from.mac), mac(&to.mac))
+        .ipv4(src.octets(), dst.octets(), 64)
+        .udp(ports.0, ports.1);
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).unwrap();
+    out.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn dns_reply(k: u32) -> Vec<u8> {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{rdata, Name, RData, Record, RecordType},
+    };
+    let name: Name = format!("h{k}.example.com.").parse().unwrap();
+    let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+    m.add_query(Query::query(name.clone(), RecordType::A));
+    m.add_answer(Record::from_rdata(
+        name,
+        300,
+        RData::A(rdata::A(dst(900_000 + k))),
+    ));
+    m.to_vec().unwrap()
+}
+
+/// DNS response hold time at 1, 100 and 1,000 responses/s: queries and replies injected in groups
+/// every 20 ms (one `netdev-dummy/receive` per group and direction), each reply a new name and
+/// address, so each needs its grant written before it is resumed.
+async fn hold_times(sb: &Sandbox, pods: &[sandbox::Pod], dns: &sandbox::Pod) -> Result<()> {
+    let native = sb.native();
+    let mut packet_ins = native.packet_ins();
+    let e = engine(native);
+    let task = tokio::spawn(e.clone().run());
+    e.flush().await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(e.template().is_some() && e.held_pods().len() == usize::from(PODS)) {
+        anyhow::ensure!(Instant::now() < deadline, "pods never held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut holds = HoldFlows::new(e.clone(), Duration::from_secs(600));
+    holds.refresh().await.map_err(anyhow::Error::msg)?;
+    let arrived: Arc<Mutex<HashMap<bytes::Bytes, Instant>>> = Arc::default();
+    let held: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let (tx, rx) = tokio::sync::mpsc::channel(65_536);
+    {
+        let arrived = arrived.clone();
+        tokio::spawn(async move {
+            while let Some(p) = packet_ins.recv().await {
+                let key = p.continuation.clone().unwrap_or_default();
+                arrived.lock().unwrap().insert(key, Instant::now());
+                if tx.send(p).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let timed = Timed {
+        engine: e.clone(),
+        arrived,
+        held: held.clone(),
+    };
+    let holder = Holder::new(e.clone(), Arc::new(timed), Duration::from_millis(100));
+    let metrics = holder.metrics().clone();
+    tokio::spawn(holder.run(rx));
+    let mut k = 0u32;
+    for (rate, total) in [(1u32, 5u32), (100, 300), (1000, 2000)] {
+        held.lock().unwrap().clear();
+        let misses = metrics.deadline_misses.get();
+        // netdev-dummy queues at most 100 packets per port: 20 per call stays well inside it.
+        let per_group = (rate / 50).max(1);
+        let gap = Duration::from_secs_f64(f64::from(per_group) / f64::from(rate));
+        let start = tokio::time::Instant::now();
+        let mut sent = 0;
+        let mut group = 0u32;
+        while sent < total {
+            tokio::time::sleep_until(start + gap * group).await;
+            group += 1;
+            let n = per_group.min(total - sent);
+            let mut queries: HashMap<usize, Vec<String>> = HashMap::new();
+            let mut replies = Vec::new();
+            for _ in 0..n {
+                let pod = &pods[(k % u32::from(PODS)) as usize];
+                let port = 20_000 + (k % 40_000) as u16;
+                queries
+                    .entry((k % u32::from(PODS)) as usize)
+                    .or_default()
+                    .push(frame(pod, dns, (port, 53), &[0; 12]));
+                replies.push(frame(dns, pod, (53, port), &dns_reply(k)));
+                k += 1;
+            }
+            for (i, frames) in queries {
+                let mut args = vec!["netdev-dummy/receive", pods[i].port.as_str()];
+                args.extend(frames.iter().map(String::as_str));
+                sb.run("ovs-appctl", &args)?;
+            }
+            let mut args = vec!["netdev-dummy/receive", dns.port.as_str()];
+            args.extend(replies.iter().map(String::as_str));
+            sb.run("ovs-appctl", &args)?;
+            sent += n;
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        while held.lock().unwrap().len() < total as usize && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut v = held.lock().unwrap().clone();
+        anyhow::ensure!(
+            v.len() == total as usize,
+            "only {} of {total} held",
+            v.len()
+        );
+        v.sort();
+        println!(
+            "[  hold] DNS response hold time at {rate:>4} responses/s: p50 {}  p99 {}  max {}  ({} held, {} past the 100 ms deadline)",
+            ms(percentile(&v, 0.5)),
+            ms(percentile(&v, 0.99)),
+            ms(*v.last().unwrap()),
+            v.len(),
+            metrics.deadline_misses.get() - misses,
+        );
+    }
+    holds.clear().await.map_err(anyhow::Error::msg)?;
+    task.abort();
+    clear(sb)?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     if let Ok(dir) = std::env::var(RSS_CHILD_ENV) {
         return rss_child(&dir);
@@ -252,9 +411,11 @@ fn main() -> Result<()> {
     rt.block_on(async {
         let started = Instant::now();
         let sb = Sandbox::start(sandbox::Ovn::V23_03)?;
+        let mut pods = Vec::new();
         for i in 0..PODS {
-            sb.add_pod(NS, &format!("pod{i}"), 10 + i)?;
+            pods.push(sb.add_pod(NS, &format!("pod{i}"), 10 + i)?);
         }
+        let dns = sb.add_dns_server()?;
         sb.set_egress_firewall(&rules())?;
         println!("sandbox with {PODS} pods ready in {}", ms(started.elapsed()));
 
@@ -334,6 +495,9 @@ fn main() -> Result<()> {
             drop(e);
             clear(&sb)?;
         }
+        // 5 (here, before the bulk phases fill the bridge). Hold time.
+        hold_times(&sb, &pods, &dns).await?;
+
         let e = engine(sb.native());
         feed(&e, 0, 50_000);
         e.flush().await?;
