@@ -42,6 +42,8 @@ pub trait Resumer: Send + Sync + 'static {
 /// Where a hold flow sits in OVN's delivery table: above OVN's per-port flow (100), below anything
 /// OVN adds above it to block a port.
 pub const HOLD_PRIORITY: u16 = 110;
+/// How often the pods to hold are compared with those held: a new pod waits at most this.
+const CHANGE_CHECK: Duration = Duration::from_secs(1);
 /// Default hard timeout of a hold flow: a flowd that dies stops holding DNS within it.
 pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -53,9 +55,10 @@ pub fn hold_cookie_prefix(grant_prefix: u32) -> u32 {
 }
 
 /// Keeps one hold flow per family for every pod [`Engine::held_pods`] names, in OVN's delivery
-/// table with OVN's own actions for the pod's port: written again every third of the hard timeout
-/// (which restarts it), so that a flowd that stops stops holding within the timeout, and an
-/// ovn-controller wipe is repaired by the next round; the pods no longer held lose theirs.
+/// table with OVN's own actions for the pod's port: written when the pods to hold change, and again
+/// every third of the hard timeout (which restarts it), so that a flowd that stops stops holding
+/// within the timeout, and an ovn-controller wipe is repaired by the next round; the pods no longer
+/// held lose theirs.
 #[derive(Debug)]
 pub struct HoldFlows {
     engine: Engine<Native>,
@@ -153,20 +156,29 @@ impl HoldFlows {
             .map_err(|e| e.to_string())
     }
 
-    /// Refreshes every third of the hard timeout until `shutdown`, then clears.
+    /// Until `shutdown`: looks every second whether the pods to hold changed (a new pod is held
+    /// within a second), and rewrites everything every third of the hard timeout; then clears.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let period = (self.hard_timeout / 3).max(Duration::from_secs(1));
-        let mut tick = tokio::time::interval(period);
+        let mut tick = tokio::time::interval(CHANGE_CHECK.min(period));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         let mut failing = false;
+        let mut last: Option<Instant> = None;
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = tick.tick() => {}
             }
+            let wanted: BTreeSet<u16> = self.engine.held_pods().iter().map(|p| p.id).collect();
+            if last.is_some_and(|t| t.elapsed() < period) && wanted == self.written {
+                continue;
+            }
             match self.refresh().await {
-                Ok(_) => failing = false,
+                Ok(_) => {
+                    last = Some(Instant::now());
+                    failing = false;
+                }
                 Err(error) if !failing => {
                     failing = true;
                     tracing::warn!(%error, "hold flows not written; DNS responses go to pods unheld");

@@ -823,6 +823,30 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     assert_eq!(hold_flows()?.len(), 2);
     holds.clear().await.map_err(anyhow::Error::msg)?;
     assert!(hold_flows()?.is_empty());
+
+    // Running as in the daemon: a pod that appears is held within about a second (not at the next
+    // renewal, ten minutes away here), and a clean shutdown removes every hold flow.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(
+        HoldFlows::new(engine.clone(), Duration::from_secs(1800)).run(async {
+            let _ = stopped.await;
+        }),
+    );
+    poll(Duration::from_secs(10), || {
+        hold_flows().is_ok_and(|f| f.len() == 2)
+    })
+    .await?;
+    let pod3 = block_in_place(|| sb.add_pod(NS, "pod3", 8))?;
+    engine.upsert_pod(pod3.info());
+    engine.flush().await?;
+    poll(Duration::from_secs(10), || {
+        hold_flows().is_ok_and(|f| f.len() == 4)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("pod3 not held: {e}"))?;
+    let _ = stop.send(());
+    running.await?;
+    assert!(hold_flows()?.is_empty(), "cleared at shutdown");
     task.abort();
     Ok(())
 }
