@@ -98,8 +98,8 @@ impl Ofctl {
         }
     }
 
-    /// OVN's own per-port delivery flows in `table` (OFTABLE_LOG_TO_PHY): `(switch, port) ->` the
-    /// actions of the highest-priority flow matching exactly that port, OVN's cookies only.
+    /// OVN's own per-port delivery flows in `table` (OFTABLE_LOG_TO_PHY), see
+    /// [`template::deliveries`].
     pub async fn deliveries(&self, table: u8) -> Result<HashMap<(u64, u32), Actions>> {
         let dump = self
             .run(
@@ -113,32 +113,7 @@ impl Ofctl {
                 None,
             )
             .await?;
-        let mut best: HashMap<(u64, u32), (u16, Actions)> = HashMap::new();
-        for f in dump.lines().filter_map(flow::parse_flow_line) {
-            let (Some(x), Some(actions), Some(priority)) =
-                (f.fields.as_ref(), f.actions.as_deref(), f.priority)
-            else {
-                continue;
-            };
-            // OVN's cookies are 32 bits: a cookie with high bits is someone else's (flowd's).
-            if f.cookie.prefix() != 0 || x.foreign || x.reg14.is_some() || x.src.is_some() {
-                continue;
-            }
-            let (Some(metadata), Some(port)) = (x.metadata, x.reg15.and_then(|r| r.exact_value()))
-            else {
-                continue;
-            };
-            let Ok(actions) = Actions::new(actions) else {
-                continue;
-            };
-            let entry = best
-                .entry((metadata, port))
-                .or_insert((priority, actions.clone()));
-            if priority > entry.0 {
-                *entry = (priority, actions);
-            }
-        }
-        Ok(best.into_iter().map(|(k, (_, a))| (k, a)).collect())
+        Ok(template::deliveries(&dump))
     }
 
     /// Runs `program args`, feeding `stdin`, and returns its (bounded) stdout.
