@@ -261,41 +261,9 @@ impl Resumer for Timed {
     }
 }
 
-fn mac(m: &str) -> [u8; 6] {
-    let b: Vec<u8> = m
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).unwrap())
-        .collect();
-    b.try_into().unwrap()
-}
-
-/// A UDP frame `from` → `to` (IPv4), source and destination port, carrying `payload`, in hex.
-fn frame(from: &sandbox::Pod, to: &sandbox::Pod, ports: (u16, u16), payload: &[u8]) -> String {
-    let (IpAddr::V4(src), IpAddr::V4(dst)) = (from.ipv4, to.ipv4) else {
-        unreachable!("IPv4 pods")
-    };
-    let b = etherparse::PacketBuilder::ethernet2(mac(&from.mac), mac(&to.mac))
-        .ipv4(src.octets(), dst.octets(), 64)
-        .udp(ports.0, ports.1);
-    let mut out = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut out, payload).unwrap();
-    out.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn dns_reply(k: u32) -> Vec<u8> {
-    use hickory_proto::{
-        op::{Message, MessageType, OpCode, Query},
-        rr::{rdata, Name, RData, Record, RecordType},
-    };
-    let name: Name = format!("h{k}.example.com.").parse().unwrap();
-    let mut m = Message::new(1, MessageType::Response, OpCode::Query);
-    m.add_query(Query::query(name.clone(), RecordType::A));
-    m.add_answer(Record::from_rdata(
-        name,
-        300,
-        RData::A(rdata::A(dst(900_000 + k))),
-    ));
-    m.to_vec().unwrap()
+/// The reply for answer `k`: a new name and a new address each.
+fn dns_reply(k: u32) -> Result<Vec<u8>> {
+    sandbox::dns_answer(&format!("h{k}.example.com."), dst(900_000 + k))
 }
 
 /// DNS response hold time at 1, 100 and 1,000 responses/s: queries and replies injected in groups
@@ -351,26 +319,29 @@ async fn hold_times(sb: &Sandbox, pods: &[sandbox::Pod], dns: &sandbox::Pod) -> 
             tokio::time::sleep_until(start + gap * group).await;
             group += 1;
             let n = per_group.min(total - sent);
-            let mut queries: HashMap<usize, Vec<String>> = HashMap::new();
+            let mut queries: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
             let mut replies = Vec::new();
             for _ in 0..n {
-                let pod = &pods[(k % u32::from(PODS)) as usize];
+                let i = (k % u32::from(PODS)) as usize;
                 let port = 20_000 + (k % 40_000) as u16;
-                queries
-                    .entry((k % u32::from(PODS)) as usize)
-                    .or_default()
-                    .push(frame(pod, dns, (port, 53), &[0; 12]));
-                replies.push(frame(dns, pod, (53, port), &dns_reply(k)));
+                queries.entry(i).or_default().push(sandbox::udp_frame(
+                    &pods[i],
+                    dns,
+                    (port, 53),
+                    &[0; 12],
+                )?);
+                replies.push(sandbox::udp_frame(
+                    dns,
+                    &pods[i],
+                    (53, port),
+                    &dns_reply(k)?,
+                )?);
                 k += 1;
             }
             for (i, frames) in queries {
-                let mut args = vec!["netdev-dummy/receive", pods[i].port.as_str()];
-                args.extend(frames.iter().map(String::as_str));
-                sb.run("ovs-appctl", &args)?;
+                sb.send_frames(&pods[i], &frames)?;
             }
-            let mut args = vec!["netdev-dummy/receive", dns.port.as_str()];
-            args.extend(replies.iter().map(String::as_str));
-            sb.run("ovs-appctl", &args)?;
+            sb.send_frames(dns, &replies)?;
             sent += n;
         }
         let until = Instant::now() + Duration::from_secs(10);

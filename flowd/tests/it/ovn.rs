@@ -713,35 +713,8 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     tokio::spawn(holder.run(packet_ins));
 
     let reply = |qname: &str, answer: [u8; 4]| -> Result<Vec<u8>> {
-        use hickory_proto::{
-            op::{Message, MessageType, OpCode, Query},
-            rr::{rdata, Name, RData, Record, RecordType},
-        };
-        let name: Name = qname.parse()?;
-        let mut m = Message::new(9, MessageType::Response, OpCode::Query);
-        m.add_query(Query::query(name.clone(), RecordType::A));
-        m.add_answer(Record::from_rdata(
-            name,
-            300,
-            RData::A(rdata::A(answer.into())),
-        ));
-        let (IpAddr::V4(from), IpAddr::V4(to)) = (dns.ipv4, pod1.ipv4) else {
-            anyhow::bail!("IPv4 pods");
-        };
-        let mac = |m: &str| -> Result<[u8; 6]> {
-            let b: Vec<u8> = m
-                .split(':')
-                .map(|h| u8::from_str_radix(h, 16))
-                .collect::<Result<_, _>>()?;
-            b.try_into().map_err(|_| anyhow::anyhow!("MAC {m}"))
-        };
-        let builder = etherparse::PacketBuilder::ethernet2(mac(&dns.mac)?, mac(&pod1.mac)?)
-            .ipv4(from.octets(), to.octets(), 64)
-            .udp(53, 40000);
-        let payload = m.to_vec()?;
-        let mut frame = Vec::with_capacity(builder.size(payload.len()));
-        builder.write(&mut frame, &payload)?;
-        Ok(frame)
+        let payload = crate::sandbox::dns_answer(qname, answer.into())?;
+        crate::sandbox::udp_frame(&dns, &pod1, (53, 40000), &payload)
     };
     let query = crate::sandbox::Udp {
         dl_dst: &dns.mac,
@@ -758,7 +731,7 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
             let received = block_in_place(|| sb.port_stats(pod1))?.tx;
             block_in_place(|| -> Result<()> {
                 sb.send_udp(pod1, query)?;
-                sb.send_frame(dns, &reply(qname, answer)?)
+                sb.send_frames(dns, &[reply(qname, answer)?])
             })?;
             poll(Duration::from_secs(10), || {
                 metrics.resumed.get() == resumed

@@ -214,6 +214,40 @@ pub struct Pod {
     pub port: String,
 }
 
+/// An Ethernet/IPv4/UDP frame from `from` to `to` (their MACs and IPv4 addresses), checksums
+/// included, with source and destination `ports`, carrying `payload`; for [`Sandbox::send_frames`].
+pub fn udp_frame(from: &Pod, to: &Pod, ports: (u16, u16), payload: &[u8]) -> Result<Vec<u8>> {
+    let mac = |m: &str| -> Result<[u8; 6]> {
+        let b: Vec<u8> = m
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16))
+            .collect::<Result<_, _>>()?;
+        b.try_into().map_err(|_| anyhow::anyhow!("MAC {m}"))
+    };
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (from.ipv4, to.ipv4) else {
+        bail!("{} or {} has no IPv4 address", from.key, to.key);
+    };
+    let builder = etherparse::PacketBuilder::ethernet2(mac(&from.mac)?, mac(&to.mac)?)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .udp(ports.0, ports.1);
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload)?;
+    Ok(frame)
+}
+
+/// A DNS response: `qname` A `ip`, TTL 300.
+pub fn dns_answer(qname: &str, ip: std::net::Ipv4Addr) -> Result<Vec<u8>> {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{rdata, Name, RData, Record, RecordType},
+    };
+    let name: Name = qname.parse()?;
+    let mut m = Message::new(9, MessageType::Response, OpCode::Query);
+    m.add_query(Query::query(name.clone(), RecordType::A));
+    m.add_answer(Record::from_rdata(name, 300, RData::A(rdata::A(ip))));
+    Ok(m.to_vec()?)
+}
+
 /// A UDP packet a pod sends, for [`Sandbox::send_udp`]; its source IP is the pod's of `dst`'s family.
 #[derive(Clone, Debug)]
 pub struct Udp<'a> {
@@ -1103,11 +1137,16 @@ impl Sandbox {
         .map(drop)
     }
 
-    /// Puts the Ethernet frame `frame` on `pod`'s port, as if the pod had sent it.
-    pub fn send_frame(&self, pod: &Pod, frame: &[u8]) -> Result<()> {
-        let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
-        self.run("ovs-appctl", &["netdev-dummy/receive", &pod.port, &hex])
-            .map(drop)
+    /// Puts the Ethernet frames on `pod`'s port, in order, as if the pod had sent them: one call
+    /// (netdev-dummy queues at most 100 packets per port).
+    pub fn send_frames(&self, pod: &Pod, frames: &[Vec<u8>]) -> Result<()> {
+        let hex: Vec<String> = frames
+            .iter()
+            .map(|f| f.iter().map(|b| format!("{b:02x}")).collect())
+            .collect();
+        let mut args = vec!["netdev-dummy/receive", pod.port.as_str()];
+        args.extend(hex.iter().map(String::as_str));
+        self.run("ovs-appctl", &args).map(drop)
     }
 
     /// The packet counters of `pod`'s OVS port.
