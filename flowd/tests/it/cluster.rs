@@ -459,6 +459,21 @@ impl<P: FlowProgrammer> Node<P> {
             .unwrap();
     }
 
+    /// Serves the node loop's `/metrics`, `/healthz` and `/readyz` on a free loopback port, as
+    /// `flowd run` does; returns the address and the registry (the gRPC API shares it).
+    pub async fn serve_probes(&self) -> (SocketAddr, Arc<flowd::metrics::Registry>) {
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = http.local_addr().unwrap();
+        let registry = Arc::new(flowd::metrics::registry(&self.engine, &self.status));
+        let sources = flowd::metrics::Sources {
+            engine: self.engine.clone(),
+            status: self.status.clone(),
+            registry: registry.clone(),
+        };
+        tokio::spawn(flowd::metrics::serve(http, sources, std::future::pending()));
+        (addr, registry)
+    }
+
     pub fn tapd_connected(&self) -> u64 {
         self.status.upstream.connected.get()
     }
@@ -475,6 +490,13 @@ impl<P: FlowProgrammer> Drop for Node<P> {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// One HTTP GET of `path` at `addr`, without blocking the runtime: the whole response.
+async fn get(addr: SocketAddr, path: &'static str) -> String {
+    tokio::task::spawn_blocking(move || http_get(addr, path).unwrap())
+        .await
+        .unwrap()
 }
 
 /// Static subscriptions to `tapds`.
@@ -803,17 +825,9 @@ async fn ready_only_after_the_first_full_sync_on_probes_and_grpc_health() {
     let api = cluster_with_two_pods().await;
     api.set_failing(Resource::EgressFirewalls, true);
     let node = Node::start(&api, recording_engine(&[]), static_upstream(&[]));
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_addr = http.local_addr().unwrap();
+    let (http_addr, registry) = node.serve_probes().await;
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = grpc.local_addr().unwrap();
-    let registry = Arc::new(flowd::metrics::registry(&node.engine, &node.status));
-    let sources = flowd::metrics::Sources {
-        engine: node.engine.clone(),
-        status: node.status.clone(),
-        registry: registry.clone(),
-    };
-    let _http = tokio::spawn(flowd::metrics::serve(http, sources, std::future::pending()));
     let _grpc = tokio::spawn(flowd::api::serve(
         grpc,
         node.engine.clone(),
@@ -836,11 +850,7 @@ async fn ready_only_after_the_first_full_sync_on_probes_and_grpc_health() {
             .unwrap();
         resp.into_inner().status
     };
-    let readyz = || async move {
-        tokio::task::spawn_blocking(move || http_get(http_addr, "/readyz").unwrap())
-            .await
-            .unwrap()
-    };
+    let readyz = || get(http_addr, "/readyz");
 
     // Pods and the node are listed, the EgressFirewalls cannot be: not ready.
     eventually("pods and node listed", || {
@@ -861,9 +871,7 @@ async fn ready_only_after_the_first_full_sync_on_probes_and_grpc_health() {
     assert!(readyz().await.starts_with("HTTP/1.1 200"));
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
     eventually_async_health(health, serving).await;
-    let metrics = tokio::task::spawn_blocking(move || http_get(http_addr, "/metrics").unwrap())
-        .await
-        .unwrap();
+    let metrics = get(http_addr, "/metrics").await;
     assert!(metrics.lines().any(|l| l == "dnsflow_ready 1"), "{metrics}");
     assert!(metric(&metrics, "dnsflow_watch_errors_total").unwrap() >= 1);
 }
@@ -1453,20 +1461,8 @@ async fn nothing_is_installed_until_ovn_ks_configuration_names_the_service_subne
         recording_engine(&["client"]),
         static_upstream(&[&tapd]),
     );
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_addr = http.local_addr().unwrap();
-    let registry = Arc::new(flowd::metrics::registry(&node.engine, &node.status));
-    let sources = flowd::metrics::Sources {
-        engine: node.engine.clone(),
-        status: node.status.clone(),
-        registry,
-    };
-    let _http = tokio::spawn(flowd::metrics::serve(http, sources, std::future::pending()));
-    let get = move |path: &'static str| async move {
-        tokio::task::spawn_blocking(move || http_get(http_addr, path).unwrap())
-            .await
-            .unwrap()
-    };
+    let (http_addr, _) = node.serve_probes().await;
+    let get = |path| get(http_addr, path);
     node.ready().await;
     eventually("the tapd subscription", || node.tapd_connected() == 1).await;
     let client = Ipv4Addr::new(127, 0, 0, 11);
