@@ -368,20 +368,22 @@ impl Connection {
     /// Appends `message` with the next xid; a message the codec refuses is a refused batch.
     fn encode(&mut self, message: &Message, out: &mut BytesMut) -> Result<u32> {
         let xid = self.xid();
-        of::encode(xid, message, out).map_err(|e| OvsError::Refused {
-            program: PROGRAM,
-            error: format!("cannot encode {message:?}: {e}"),
-        })?;
+        encode(xid, message, out)?;
         Ok(xid)
     }
 }
 
+/// Appends `message`; one the codec cannot write refuses the batch it belongs to.
+fn encode(xid: u32, message: &Message, out: &mut BytesMut) -> Result<()> {
+    of::encode(xid, message, out).map_err(|e| OvsError::Refused {
+        program: PROGRAM,
+        error: format!("cannot encode {message:?}: {e}"),
+    })
+}
+
 async fn send(tx: &mpsc::Sender<Bytes>, xid: u32, message: &Message) -> Result<()> {
     let mut out = BytesMut::new();
-    of::encode(xid, message, &mut out).map_err(|e| OvsError::Refused {
-        program: PROGRAM,
-        error: format!("cannot encode: {e}"),
-    })?;
+    encode(xid, message, &mut out)?;
     tx.send(out.freeze()).await.map_err(|_| closed())
 }
 
