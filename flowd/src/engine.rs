@@ -262,12 +262,16 @@ impl<P: FlowProgrammer> Engine<P> {
         self.change(|c| c.remove_rules(namespace, Instant::now()));
     }
 
-    /// A DNS answer the pod received at `at` (its TTL runs from there).
-    pub fn on_dns(&self, resp: DnsResponse, at: Instant) {
+    /// A DNS answer the pod received at `at` (its TTL runs from there). Returns whether it justifies
+    /// any flow: only then can the pod's next packet depend on a batch (this answer's, or one in
+    /// flight for the same name), see [`Engine::flush`].
+    pub fn on_dns(&self, resp: DnsResponse, at: Instant) -> bool {
+        let mut justifies = false;
         self.change(|c| {
-            c.on_dns(resp, at, Instant::now());
+            justifies = c.on_dns(resp, at, Instant::now());
             true
         });
+        justifies
     }
 
     /// The Kubernetes state has been listed in full: the flows an earlier run left are judged against
@@ -291,7 +295,9 @@ impl<P: FlowProgrammer> Engine<P> {
         self.lock().has_pending_changes()
     }
 
-    /// Writes every pending change now (waiting for a batch in flight first).
+    /// Writes every pending change now, waiting for a batch in flight first: once it returns `Ok`,
+    /// every change made before the call is in OVS (or waits for what cannot be written yet: a pod's
+    /// port keys, a template), even one another task's batch took.
     pub async fn flush(&self) -> Result<(), EngineError> {
         let _guard = self.inner.apply_lock.lock().await;
         self.flush_locked().await

@@ -324,8 +324,10 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
         let started = Instant::now();
         match packet::response(&held.packet, IDENTITY, SystemTime::now()) {
             Ok((response, _)) => {
-                self.engine.on_dns(response, started);
-                if self.engine.has_pending_changes() {
+                // Not `has_pending_changes`: the flusher may have taken this answer's grants (or
+                // those of an earlier answer for the same name) into a batch still in flight, and
+                // only a flush, which waits for that batch, knows when they are in OVS.
+                if self.engine.on_dns(response, started) {
                     // The write goes on in its own task past the deadline: a batch dropped halfway
                     // would be lost (the engine's flush is not cancel-safe).
                     let engine = self.engine.clone();
@@ -526,6 +528,40 @@ mod tests {
             (m.resumed.get(), m.unreadable.get(), m.deadline_misses.get()),
             (3, 1, 0)
         );
+    }
+
+    /// The same answer came from tapd a moment earlier and its batch is still on its way to OVS:
+    /// nothing is pending any more, yet the held response waits for that batch.
+    #[tokio::test]
+    async fn a_response_waits_for_its_grant_in_a_batch_already_in_flight() {
+        let (holder, recorder, bridge) = setup(Duration::from_millis(50));
+        let (response, _) = packet::response(
+            &held([10, 244, 1, 5], "www.example.com.", [192, 0, 2, 7], 0).packet,
+            "tapd",
+            SystemTime::now(),
+        )
+        .unwrap();
+        bridge.on_dns(response, Instant::now());
+        let in_flight = tokio::spawn({
+            let bridge = bridge.clone();
+            async move { bridge.flush().await }
+        });
+        while bridge.has_pending_changes() {
+            tokio::task::yield_now().await;
+        }
+        holder
+            .handle(held([10, 244, 1, 5], "www.example.com.", [192, 0, 2, 7], 1))
+            .await;
+        in_flight.await.unwrap().unwrap();
+        let flows = bridge.programmer().flows().len();
+        assert!(flows >= 1);
+        let resumes = recorder.resumes.lock().unwrap().clone();
+        assert_eq!(
+            resumes,
+            [(Bytes::from(vec![1]), flows)],
+            "resumed after the batch in flight"
+        );
+        assert_eq!(holder.metrics().deadline_misses.get(), 0);
     }
 
     /// OVS slower than the deadline: the response goes on at the deadline (counted) and its grant

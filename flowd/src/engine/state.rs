@@ -683,14 +683,15 @@ impl Core {
     }
 
     /// A DNS answer that arrived at `at`: decides, remembers what the pod was told, and marks the
-    /// resulting flows for the next batch.
-    pub fn on_dns(&mut self, resp: DnsResponse, at: Instant, now: Instant) {
+    /// resulting flows for the next batch. Returns whether the answer justifies any flow (new, or
+    /// already there).
+    pub fn on_dns(&mut self, resp: DnsResponse, at: Instant, now: Instant) -> bool {
         let Some(key) = self.by_ip.get(&resp.client).cloned() else {
             self.hold(resp, at, now);
-            return;
+            return false;
         };
         let Some(pod) = self.pods.get(&key) else {
-            return;
+            return false;
         };
         let grants = match self.rules.get(&key.namespace) {
             Some(rules) => policy::decide(&resp, &pod.info, rules, &self.policy).grants,
@@ -710,9 +711,11 @@ impl Core {
                 );
             }
         }
+        let justifies = !grants.is_empty();
         for (g, reason) in share_reasons(grants) {
             self.grant(&g, reason, at, now);
         }
+        justifies
     }
 
     fn hold(&mut self, resp: DnsResponse, at: Instant, now: Instant) {
