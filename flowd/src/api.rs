@@ -154,6 +154,7 @@ impl<P: FlowProgrammer> Flowd for FlowdApi<P> {
         let names = request_names(&req)?;
         let answers = request_answers(&req)?;
         let key = PodKey::new(namespace, pod);
+        let (held, hold) = self.status.hold.explain(self.engine.hold_candidate(&key));
         let (pod, rules, invalid) = {
             let known = self.status.known();
             (
@@ -173,6 +174,8 @@ impl<P: FlowProgrammer> Flowd for FlowdApi<P> {
             };
             return Ok(Response::new(pb::ExplainResponse {
                 summary,
+                held,
+                hold,
                 ..pb::ExplainResponse::default()
             }));
         };
@@ -253,6 +256,8 @@ impl<P: FlowProgrammer> Flowd for FlowdApi<P> {
             summary,
             rules,
             excluded: excluded.iter().map(excluded_message).collect(),
+            held,
+            hold,
         }))
     }
 
@@ -327,8 +332,8 @@ pub async fn serve<P: FlowProgrammer>(
 mod tests {
     use super::*;
     use crate::{
-        config::EngineSettings, egressfirewall::EgressFirewall, model::PodInfo, ovs::Recording,
-        rules::FirewallRules,
+        config::EngineSettings, egressfirewall::EgressFirewall, hold::HoldReport, model::PodInfo,
+        ovs::Recording, rules::FirewallRules,
     };
     use serde_json::json;
 
@@ -508,6 +513,38 @@ mod tests {
                 .collect();
             assert_eq!(excluded, c.excluded, "{}", c.what);
         }
+    }
+
+    /// Explain says whether the pod's DNS responses are held, with the hold's own reason.
+    #[tokio::test]
+    async fn explain_says_whether_the_pods_dns_responses_are_held() {
+        async fn ask(api: &FlowdApi<Recording>) -> pb::ExplainResponse {
+            let req = request("abc", "client", "www.google.com", &[], &[]);
+            api.explain(Request::new(req))
+                .await
+                .expect("explains")
+                .into_inner()
+        }
+        let mut api = api();
+        let got = ask(&api).await;
+        assert_eq!(
+            (got.held, got.hold.as_str()),
+            (false, "DNS responses are not held: the hold is not running")
+        );
+        let status = Status::with_hold(Arc::new(HoldReport::on(std::time::Duration::from_millis(
+            100,
+        ))));
+        *status.known() = std::mem::take(&mut *api.status.known());
+        api.status = Arc::new(status);
+        let got = ask(&api).await;
+        // The engine has not been told of the pod (no port in br-int either).
+        assert_eq!(
+            (got.held, got.hold.as_str()),
+            (
+                false,
+                "its DNS responses are not held: flowd knows no such pod of this node with an IP"
+            )
+        );
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use crate::{
     cluster::{node_subnets, pod_info, NodeExclusions},
     config::{OvsDriver, RunArgs, UpstreamArgs},
     engine::Engine,
-    hold::{HoldFlows, Holder},
+    hold::{HoldFlows, HoldReport, Holder},
     metrics,
     model::PodKey,
     ovnkube::{self, ClusterNetworks, ConfigMapRef},
@@ -355,7 +355,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         },
     }
     let engine = Engine::new(args.engine.clone(), programmer);
-    let status = Arc::new(Status::default());
+    let hold = Arc::new(match (args.ovs_driver, args.hold) {
+        (OvsDriver::Ofctl, _) => {
+            HoldReport::off("ovs-ofctl cannot hold packets (--ovs-driver ofctl)")
+        }
+        (_, false) => HoldReport::off("flowd runs with --hold=false"),
+        (OvsDriver::Native, true) => HoldReport::on(args.hold_deadline),
+    });
+    let status = Arc::new(Status::with_hold(hold.clone()));
     tracing::info!(node = %args.node_name, grpc = %args.grpc_listen, metrics = %args.metrics_listen, "flowd starting");
     let (stop_tx, stop_rx) = signal::channel(false);
     let stopped = move || {
@@ -371,7 +378,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(holder.run(packet_ins));
         tracing::info!(deadline = ?args.hold_deadline, timeout = ?args.hold_timeout,
             "holding DNS responses until their grants are in br-int");
-        tokio::spawn(HoldFlows::new(engine.clone(), args.hold_timeout).run(stopped()))
+        tokio::spawn(
+            HoldFlows::new(engine.clone(), args.hold_timeout)
+                .reporting_to(hold)
+                .run(stopped()),
+        )
     });
     let registry = Arc::new(registry);
     let api = tokio::spawn(api::serve(

@@ -15,7 +15,9 @@ mod metrics;
 mod state;
 
 pub use metrics::{Metrics, MetricsSnapshot, BATCH_SECONDS_BUCKETS};
-pub use state::{GrantView, HeldPod, MAX_BATCH_FLOWS, MAX_FLOWS, PENDING_MAX, PENDING_MAX_AGE};
+pub use state::{
+    GrantView, HeldPod, NotHeld, MAX_BATCH_FLOWS, MAX_FLOWS, PENDING_MAX, PENDING_MAX_AGE,
+};
 
 use crate::{
     config::EngineSettings,
@@ -283,6 +285,11 @@ impl<P: FlowProgrammer> Engine<P> {
     /// The pods whose DNS responses should be held (see [`crate::hold`]).
     pub fn held_pods(&self) -> Vec<HeldPod> {
         self.lock().held_pods()
+    }
+
+    /// Whether `key`'s DNS responses should be held, or why not.
+    pub fn hold_candidate(&self, key: &PodKey) -> Result<HeldPod, NotHeld> {
+        self.lock().hold_candidate(key)
     }
 
     /// The grants the engine holds, optionally for one pod or one namespace, sorted by pod then priority.

@@ -7,7 +7,7 @@
 //! the deadline at the latest (counted), so that flowd never breaks DNS.
 
 use crate::{
-    engine::Engine,
+    engine::{Engine, HeldPod, NotHeld},
     metrics::Registry,
     ovs::{
         flow::{POD_MASK, PREFIX_MASK},
@@ -21,7 +21,7 @@ use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use std::{
     collections::BTreeSet,
     future::Future,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 use tokio::sync::{mpsc, Semaphore};
@@ -54,6 +54,97 @@ pub fn hold_cookie_prefix(grant_prefix: u32) -> u32 {
     grant_prefix ^ 0x0e
 }
 
+/// Whether and how flowd holds DNS responses now, for `Explain`: written by [`HoldFlows`], off with
+/// its reason when the daemon does not hold at all.
+#[derive(Debug)]
+pub struct HoldReport {
+    state: Mutex<HoldState>,
+}
+
+#[derive(Debug)]
+enum HoldState {
+    Off(String),
+    On {
+        deadline: Duration,
+        /// The pod ids whose hold flows are in OVS.
+        written: BTreeSet<u16>,
+        /// Why the last round of hold flows was not written.
+        failing: Option<String>,
+    },
+}
+
+impl Default for HoldReport {
+    fn default() -> Self {
+        Self::off("the hold is not running")
+    }
+}
+
+impl HoldReport {
+    /// flowd does not hold, for this reason (a flag, the driver).
+    pub fn off(why: impl Into<String>) -> Self {
+        Self {
+            state: Mutex::new(HoldState::Off(why.into())),
+        }
+    }
+
+    /// flowd holds for at most `deadline`; no hold flow is written yet.
+    pub fn on(deadline: Duration) -> Self {
+        Self {
+            state: Mutex::new(HoldState::On {
+                deadline,
+                written: BTreeSet::new(),
+                failing: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HoldState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn round(&self, result: Result<&BTreeSet<u16>, &str>) {
+        if let HoldState::On {
+            written, failing, ..
+        } = &mut *self.lock()
+        {
+            match result {
+                Ok(now) => {
+                    written.clone_from(now);
+                    *failing = None;
+                }
+                Err(why) => *failing = Some(why.to_owned()),
+            }
+        }
+    }
+
+    /// Whether `pod`'s DNS responses are held now ([`Engine::hold_candidate`]'s answer), and one
+    /// line saying why, or why not.
+    pub fn explain(&self, pod: Result<HeldPod, NotHeld>) -> (bool, String) {
+        match (&*self.lock(), pod) {
+            (HoldState::Off(why), _) => (false, format!("DNS responses are not held: {why}")),
+            (HoldState::On { .. }, Err(why)) => {
+                (false, format!("its DNS responses are not held: {why}"))
+            }
+            (HoldState::On { failing: Some(e), .. }, Ok(_)) => (
+                false,
+                format!("its DNS responses are not held: hold flows could not be written: {e}"),
+            ),
+            (HoldState::On { written, deadline, .. }, Ok(pod)) if written.contains(&pod.id) => (
+                true,
+                format!(
+                    "its DNS responses are held in br-int until their grants are in OVS, at most {} ms",
+                    deadline.as_millis()
+                ),
+            ),
+            (HoldState::On { .. }, Ok(_)) => (
+                false,
+                "its DNS responses are not held yet: its hold flow is written within a second"
+                    .to_owned(),
+            ),
+        }
+    }
+}
+
 /// Keeps one hold flow per family for every pod [`Engine::held_pods`] names, in OVN's delivery
 /// table with OVN's own actions for the pod's port: written when the pods to hold change, and again
 /// every third of the hard timeout (which restarts it), so that a flowd that stops stops holding
@@ -65,6 +156,7 @@ pub struct HoldFlows {
     hard_timeout: Duration,
     /// The pod ids whose hold flows are in OVS.
     written: BTreeSet<u16>,
+    report: Arc<HoldReport>,
 }
 
 impl HoldFlows {
@@ -73,7 +165,14 @@ impl HoldFlows {
             engine,
             hard_timeout,
             written: BTreeSet::new(),
+            report: Arc::new(HoldReport::on(DEFAULT_DEADLINE)),
         }
+    }
+
+    /// Tells `report` (which `Explain` reads) which pods are held after each round.
+    pub fn reporting_to(mut self, report: Arc<HoldReport>) -> Self {
+        self.report = report;
+        self
     }
 
     fn prefix(&self) -> u32 {
@@ -83,8 +182,19 @@ impl HoldFlows {
     /// One round: every wanted hold flow written (again), the unwanted ones deleted, in one bundle.
     /// Returns how many pods are held.
     pub async fn refresh(&mut self) -> Result<usize, String> {
+        let result = self.write_round().await;
+        self.report.round(
+            result
+                .as_ref()
+                .map(|()| &self.written)
+                .map_err(String::as_str),
+        );
+        result.map(|()| self.written.len())
+    }
+
+    async fn write_round(&mut self) -> Result<(), String> {
         let Some(template) = self.engine.template() else {
-            return Ok(0);
+            return Ok(());
         };
         let table = template
             .delivery_table
@@ -138,12 +248,13 @@ impl HoldFlows {
             .await
             .map_err(|e| e.to_string())?;
         self.written = wanted;
-        Ok(self.written.len())
+        Ok(())
     }
 
     /// Deletes every hold flow (clean shutdown): DNS goes straight to the pods again.
     pub async fn clear(&mut self) -> Result<(), String> {
         self.written.clear();
+        self.report.round(Ok(&self.written));
         let all = FlowOp::DeleteCookie {
             table: dnsflow_openflow::OFPTT_ALL,
             cookie: Cookie::new(self.prefix(), 0, 0),
@@ -562,6 +673,68 @@ mod tests {
             "resumed after the batch in flight"
         );
         assert_eq!(holder.metrics().deadline_misses.get(), 0);
+    }
+
+    /// Explain's line for each case: held, no dnsName rule, another node's or an unknown pod, no
+    /// port yet, a failing round, and a daemon that does not hold at all.
+    #[tokio::test]
+    async fn the_report_says_whether_a_pod_is_held_and_why_not() {
+        let (_, _, engine) = setup(Duration::ZERO);
+        engine.set_node("n1");
+        engine.flush().await.unwrap();
+        let pod1 = PodKey::new("ns1", "pod1");
+        let report = HoldReport::on(Duration::from_millis(100));
+        let id = engine.hold_candidate(&pod1).expect("held").id;
+        let line = |report: &HoldReport, key: &PodKey| report.explain(engine.hold_candidate(key));
+        assert_eq!(
+            line(&report, &pod1),
+            (
+                false,
+                "its DNS responses are not held yet: its hold flow is written within a second"
+                    .into()
+            )
+        );
+        report.round(Ok(&BTreeSet::from([id])));
+        assert_eq!(
+            line(&report, &pod1),
+            (true, "its DNS responses are held in br-int until their grants are in OVS, at most 100 ms".into())
+        );
+        report.round(Err("OVN's flows name no delivery table"));
+        assert!(!line(&report, &pod1).0);
+        assert!(line(&report, &pod1)
+            .1
+            .ends_with("could not be written: OVN's flows name no delivery table"));
+        report.round(Ok(&BTreeSet::from([id])));
+
+        for (pod, node, host, why) in [
+            (PodKey::new("ns2", "free"), "n1", 7, NotHeld::NoDnsRule),
+            (PodKey::new("ns1", "far"), "n2", 8, NotHeld::UnknownPod),
+            (PodKey::new("ns1", "new"), "n1", 9, NotHeld::NoPortKeys),
+        ] {
+            engine.upsert_pod(PodInfo {
+                uid: None,
+                key: pod.clone(),
+                ips: vec![IpAddr::from([10, 244, 1, host])],
+                node: node.into(),
+            });
+            assert_eq!(
+                line(&report, &pod),
+                (false, format!("its DNS responses are not held: {why}")),
+                "{pod}"
+            );
+        }
+        assert_eq!(
+            line(&report, &PodKey::new("ns1", "nobody")).1,
+            format!("its DNS responses are not held: {}", NotHeld::UnknownPod)
+        );
+        let off = HoldReport::off("flowd runs with --hold=false");
+        assert_eq!(
+            line(&off, &pod1),
+            (
+                false,
+                "DNS responses are not held: flowd runs with --hold=false".into()
+            )
+        );
     }
 
     /// OVS slower than the deadline: the response goes on at the deadline (counted) and its grant

@@ -3,6 +3,7 @@
 //! and the metrics endpoint ([`crate::metrics`]) read it.
 
 use crate::{
+    hold::HoldReport,
     metrics::Registry,
     model::{PodInfo, PodKey},
     rules::FirewallRules,
@@ -47,6 +48,8 @@ pub struct Status {
     /// Versions of OVN-K's ConfigMap flowd could not read the networks from.
     pub invalid_ovn_configs: Counter,
     pub known: Mutex<Known>,
+    /// Whether DNS responses are held, and for which pods.
+    pub hold: Arc<HoldReport>,
 }
 
 impl Default for Status {
@@ -61,11 +64,20 @@ impl Default for Status {
             networks_known: Gauge::default(),
             invalid_ovn_configs: Counter::default(),
             known: Mutex::default(),
+            hold: Arc::default(),
         }
     }
 }
 
 impl Status {
+    /// A new status whose hold is `hold` (off unless given).
+    pub fn with_hold(hold: Arc<HoldReport>) -> Self {
+        Self {
+            hold,
+            ..Self::default()
+        }
+    }
+
     /// Pods, EgressFirewalls and this node have each been listed in full.
     pub(crate) fn set_ready(&self) {
         self.ready_gauge.set(1);

@@ -110,6 +110,17 @@ pub struct GrantView {
     pub cookie: u64,
 }
 
+/// Why a pod's DNS responses are not held ([`Core::hold_candidate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotHeld {
+    #[error("flowd knows no such pod of this node with an IP")]
+    UnknownPod,
+    #[error("its namespace has no EgressFirewall rule with a dnsName")]
+    NoDnsRule,
+    #[error("its OVN port is not in br-int yet")]
+    NoPortKeys,
+}
+
 /// A pod whose DNS responses flowd holds ([`Core::held_pods`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeldPod {
@@ -954,30 +965,40 @@ impl Core {
             && self.delete_stale.is_empty())
     }
 
-    /// The pods whose DNS responses should be held: of this node, with their OVN port keys, in a
-    /// namespace with a `dnsName` rule; with their id and address families.
+    /// The pods whose DNS responses should be held (see [`Core::hold_candidate`]), with their id and
+    /// address families.
     pub fn held_pods(&self) -> Vec<HeldPod> {
         let mut out: Vec<HeldPod> = self
             .pods
-            .iter()
-            .filter(|(key, _)| {
-                self.rules
-                    .get(&key.namespace)
-                    .is_some_and(|r| r.rules.iter().any(|rule| rule.dns_pattern().is_some()))
-            })
-            .filter(|(_, p)| self.node.as_ref().is_none_or(|n| *n == p.info.node))
-            .filter_map(|(key, p)| {
-                Some(HeldPod {
-                    key: key.clone(),
-                    id: p.id,
-                    keys: p.keys?,
-                    v4: p.info.ips.iter().any(IpAddr::is_ipv4),
-                    v6: p.info.ips.iter().any(IpAddr::is_ipv6),
-                })
-            })
+            .keys()
+            .filter_map(|key| self.hold_candidate(key).ok())
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
         out
+    }
+
+    /// Whether `key`'s DNS responses should be held, or why not: it must be a pod of this node with
+    /// its OVN port keys, in a namespace with a `dnsName` rule.
+    pub fn hold_candidate(&self, key: &PodKey) -> Result<HeldPod, NotHeld> {
+        let p = self
+            .pods
+            .get(key)
+            .filter(|p| self.node.as_ref().is_none_or(|n| *n == p.info.node))
+            .ok_or(NotHeld::UnknownPod)?;
+        if !self
+            .rules
+            .get(&key.namespace)
+            .is_some_and(|r| r.rules.iter().any(|rule| rule.dns_pattern().is_some()))
+        {
+            return Err(NotHeld::NoDnsRule);
+        }
+        Ok(HeldPod {
+            key: key.clone(),
+            id: p.id,
+            keys: p.keys.ok_or(NotHeld::NoPortKeys)?,
+            v4: p.info.ips.iter().any(IpAddr::is_ipv4),
+            v6: p.info.ips.iter().any(IpAddr::is_ipv6),
+        })
     }
 
     /// Why nothing can be installed: the cluster's networks are unknown, or grants wait for a template

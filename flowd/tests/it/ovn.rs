@@ -672,7 +672,10 @@ async fn a_removed_pods_flows_are_gone(ovn: Ovn) -> Result<()> {
 /// writes its grant, and only then is the reply sent on. The pod receives it exactly once, the
 /// grant is in br-int and forwards, no deadline was missed; a reply that grants nothing goes on too.
 async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()> {
-    use flowd::hold::{hold_cookie_prefix, HoldFlows, Holder};
+    use flowd::{
+        engine::NotHeld,
+        hold::{hold_cookie_prefix, HoldFlows, HoldReport, Holder},
+    };
     let rules = google();
     let (sb, pod1, dns, other) = block_in_place(|| -> Result<_> {
         let (sb, pod1) = one_pod(ovn)?;
@@ -694,8 +697,20 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
         engine.template().is_some() && engine.held_pods().len() == 1
     })
     .await?;
-    let mut holds = HoldFlows::new(engine.clone(), Duration::from_secs(2));
+    let report = Arc::new(HoldReport::on(Duration::from_secs(2)));
+    let mut holds =
+        HoldFlows::new(engine.clone(), Duration::from_secs(2)).reporting_to(report.clone());
     assert_eq!(holds.refresh().await.map_err(anyhow::Error::msg)?, 1);
+    // What Explain says of each pod.
+    let (held, why) = report.explain(engine.hold_candidate(&pod1.key));
+    assert!(held, "{why}");
+    assert_eq!(
+        report.explain(engine.hold_candidate(&other.key)),
+        (
+            false,
+            format!("its DNS responses are not held: {}", NotHeld::NoDnsRule)
+        )
+    );
     let prefix = settings().cookie_prefix;
     let hold_flows = || block_in_place(|| sb.dnsflow_flows(hold_cookie_prefix(prefix)));
     let held = hold_flows()?;
