@@ -78,6 +78,8 @@ struct Inner<P> {
     wake: Notify,
     /// A foreign wipe was seen: reconcile (and rediscover) soon.
     wiped: Notify,
+    /// How many foreign wipes were seen, for others who keep flows in br-int (the hold flows).
+    wipes: tokio::sync::watch::Sender<u64>,
     /// The ACL table changed: the monitor must watch the new one.
     retarget: Notify,
     /// Held while a batch (or a reconcile) talks to OVS: at most one bundle in flight.
@@ -128,6 +130,7 @@ impl<P: FlowProgrammer> Engine<P> {
                 programmer,
                 wake: Notify::new(),
                 wiped: Notify::new(),
+                wipes: tokio::sync::watch::channel(0).0,
                 retarget: Notify::new(),
                 apply_lock: tokio::sync::Mutex::new(()),
                 metrics,
@@ -285,6 +288,12 @@ impl<P: FlowProgrammer> Engine<P> {
     /// The pods whose DNS responses should be held (see [`crate::hold`]).
     pub fn held_pods(&self) -> Vec<HeldPod> {
         self.lock().held_pods()
+    }
+
+    /// Changes whenever someone else (ovn-controller, reconnecting) deleted flowd's grants from
+    /// br-int: what else flowd keeps there is gone too.
+    pub fn wipes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.wipes.subscribe()
     }
 
     /// Whether `key`'s DNS responses should be held, or why not.
@@ -567,6 +576,7 @@ impl<P: FlowProgrammer> Engine<P> {
                             Monitored::Wiped => {
                                 self.inner.wake.notify_one();
                                 self.inner.wiped.notify_one();
+                                self.inner.wipes.send_modify(|n| *n += 1);
                             }
                         }
                     }

@@ -268,11 +268,14 @@ impl HoldFlows {
     }
 
     /// Until `shutdown`: looks every second whether the pods to hold changed (a new pod is held
-    /// within a second), and rewrites everything every third of the hard timeout; then clears.
+    /// within a second), rewrites everything every third of the hard timeout, and after a wipe of
+    /// br-int (ovn-controller reconnecting deletes every flow) until OVN's own flows are back; then
+    /// clears.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let period = (self.hard_timeout / 3).max(Duration::from_secs(1));
         let mut tick = tokio::time::interval(CHANGE_CHECK.min(period));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut wipes = self.engine.wipes();
         tokio::pin!(shutdown);
         let mut failing = false;
         let mut last: Option<Instant> = None;
@@ -280,6 +283,12 @@ impl HoldFlows {
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = tick.tick() => {}
+                Ok(()) = wipes.changed() => {
+                    // Gone with the rest: written again at the next tick (a pod whose delivery
+                    // flow ovn-controller has not put back yet is retried every second).
+                    self.written.clear();
+                    continue;
+                }
             }
             let wanted: BTreeSet<u16> = self.engine.held_pods().iter().map(|p| p.id).collect();
             if last.is_some_and(|t| t.elapsed() < period) && wanted == self.written {

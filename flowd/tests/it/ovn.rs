@@ -832,6 +832,14 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     })
     .await
     .map_err(|e| anyhow::anyhow!("pod3 not held: {e}"))?;
+    // ovn-controller reconnecting deletes every flow in br-int, the hold flows with the rest: they
+    // are back within seconds of OVN's own (seen through the grants' monitor), not at the renewal.
+    block_in_place(|| sb.restart_ovn_controller())?;
+    poll(Duration::from_secs(20), || {
+        hold_flows().is_ok_and(|f| f.len() == 4)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("hold flows not back after the wipe: {e}"))?;
     let _ = stop.send(());
     running.await?;
     assert!(hold_flows()?.is_empty(), "cleared at shutdown");
