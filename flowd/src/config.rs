@@ -25,7 +25,7 @@ use crate::policy::PolicySettings;
 use clap::{Parser, Subcommand};
 use dnsflow_runtime::LogFormat;
 use ipnet::IpNet;
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 /// Exit code for bad configuration (EX_USAGE), in every subcommand: nothing has been bound, read or
 /// started then.
@@ -128,6 +128,14 @@ pub struct RunArgs {
     /// DNS within it.
     #[arg(long, env = "FLOWD_HOLD_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub hold_timeout: Duration,
+    /// DNS responses held per second on this node; beyond it they go on at once, unheld (their
+    /// answers still reach the engine).
+    #[arg(long, env = "FLOWD_HOLD_RATE", default_value_t = crate::hold::DEFAULT_RATE.total)]
+    pub hold_rate: NonZeroU32,
+    /// DNS responses held per second for one pod: a pod flooding itself with DNS replies takes
+    /// nothing from the others.
+    #[arg(long, env = "FLOWD_HOLD_RATE_PER_POD", default_value_t = crate::hold::DEFAULT_RATE.per_pod)]
+    pub hold_rate_per_pod: NonZeroU32,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
     #[command(flatten)]
@@ -564,6 +572,10 @@ mod run_tests {
         assert!(cli.run.hold);
         assert_eq!(cli.run.hold_deadline, Duration::from_millis(100));
         assert_eq!(cli.run.hold_timeout, Duration::from_secs(30));
+        assert_eq!(
+            (cli.run.hold_rate.get(), cli.run.hold_rate_per_pod.get()),
+            (2000, 200)
+        );
         cli.run.validate().unwrap();
 
         let cli = RunCli::try_parse_from([
@@ -618,6 +630,9 @@ mod run_tests {
         }
         let off = RunCli::try_parse_from(["flowd", "--node-name", "n", "--hold", "false"]).unwrap();
         assert!(!off.run.hold);
+        for flag in ["--hold-rate", "--hold-rate-per-pod"] {
+            assert!(RunCli::try_parse_from(["flowd", "--node-name", "n", flag, "0"]).is_err());
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use crate::{
     cluster::{node_subnets, pod_info, NodeExclusions},
     config::{OvsDriver, RunArgs, UpstreamArgs},
     engine::Engine,
-    hold::{HoldFlows, HoldReport, Holder},
+    hold::{HoldFlows, HoldRate, HoldReport, Holder},
     metrics,
     model::PodKey,
     ovnkube::{self, ClusterNetworks, ConfigMapRef},
@@ -373,7 +373,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut registry = metrics::registry(&engine, &status);
     let holds = packet_ins.map(|packet_ins| {
-        let holder = Holder::new(engine.clone(), Arc::new(engine.clone()), args.hold_deadline);
+        let holder = Holder::new(engine.clone(), Arc::new(engine.clone()), args.hold_deadline)
+            .with_rate(HoldRate {
+                total: args.hold_rate,
+                per_pod: args.hold_rate_per_pod,
+            });
         holder.metrics().register(&mut registry);
         tokio::spawn(holder.run(packet_ins));
         tracing::info!(deadline = ?args.hold_deadline, timeout = ?args.hold_timeout,

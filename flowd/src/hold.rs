@@ -17,10 +17,12 @@ use crate::{
 };
 use dnsflow_dnstap::packet;
 use dnsflow_openflow::PacketIn2;
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use std::{
     collections::BTreeSet,
     future::Future,
+    num::NonZeroU32,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -30,6 +32,45 @@ use tokio::sync::{mpsc, Semaphore};
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(100);
 /// Responses held at once; beyond it a response is resumed at once, unheld (counted).
 pub const MAX_HELD: usize = 1024;
+/// Responses held per second by default, on the node and per pod (see [`HoldRate`]).
+pub const DEFAULT_RATE: HoldRate = HoldRate {
+    total: NonZeroU32::new(2000).unwrap(),
+    per_pod: NonZeroU32::new(200).unwrap(),
+};
+
+/// How many responses per second may be held, on the node and per pod (each a token bucket with a
+/// second's worth of burst). Beyond either, a response goes on at once, unheld (counted), and its
+/// answer still reaches the engine: a pod that floods itself with DNS replies costs others nothing,
+/// and nothing is ever dropped. (An OVS meter on the hold flow could only drop the excess: a lost
+/// DNS answer, which the hold must never cause.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HoldRate {
+    pub total: NonZeroU32,
+    pub per_pod: NonZeroU32,
+}
+
+/// [`HoldRate`]'s buckets.
+#[derive(Debug)]
+struct Limits {
+    total: DefaultDirectRateLimiter,
+    /// Keyed by the pod id the hold flow gives as userdata: at most 65,536 buckets.
+    per_pod: DefaultKeyedRateLimiter<u16>,
+}
+
+impl Limits {
+    fn new(rate: HoldRate) -> Self {
+        Self {
+            total: RateLimiter::direct(Quota::per_second(rate.total)),
+            per_pod: RateLimiter::keyed(Quota::per_second(rate.per_pod)),
+        }
+    }
+
+    /// Whether a response to `pod` may be held now (the pod's bucket first, so that a pod over its
+    /// own rate takes nothing from the node's).
+    fn admit(&self, pod: u16) -> bool {
+        self.per_pod.check_key(&pod).is_ok() && self.total.check().is_ok()
+    }
+}
 /// The server named in events from held responses: the packet tells only the server's address.
 const IDENTITY: &str = "br-int";
 
@@ -328,6 +369,8 @@ pub struct HoldMetrics {
     pub deadline_misses: Counter,
     /// Resumed at once because [`MAX_HELD`] were held already.
     pub unheld: Counter,
+    /// Resumed at once because their pod or the node was over its [`HoldRate`].
+    pub rate_limited: Counter,
     /// Paused packets that were not a DNS response flowd could read (resumed at once).
     pub unreadable: Counter,
     pub resume_failures: Counter,
@@ -341,6 +384,7 @@ impl HoldMetrics {
             resumed: Counter::default(),
             deadline_misses: Counter::default(),
             unheld: Counter::default(),
+            rate_limited: Counter::default(),
             unreadable: Counter::default(),
             resume_failures: Counter::default(),
             hold_seconds: Histogram::new([
@@ -363,6 +407,11 @@ impl HoldMetrics {
             &self.unheld,
         );
         registry.counter(
+            "dns_hold_rate_limited",
+            "Held DNS responses sent on at once because their pod or the node was over --hold-rate",
+            &self.rate_limited,
+        );
+        registry.counter(
             "dns_hold_unreadable",
             "Held packets that were not a readable DNS response (sent on at once)",
             &self.unreadable,
@@ -381,6 +430,12 @@ impl HoldMetrics {
     }
 }
 
+/// The pod a held packet is for: the hold flow's userdata (see [`HoldFlows`]); 0, no pod flowd
+/// names so, when it is not two bytes.
+fn pod_of(held: &PacketIn2) -> u16 {
+    <[u8; 2]>::try_from(held.userdata.as_ref()).map_or(0, u16::from_be_bytes)
+}
+
 /// Turns held responses into grants, then lets them go.
 #[derive(Debug)]
 pub struct Holder<P: FlowProgrammer, R: Resumer> {
@@ -388,6 +443,7 @@ pub struct Holder<P: FlowProgrammer, R: Resumer> {
     resumer: Arc<R>,
     deadline: Duration,
     slots: Arc<Semaphore>,
+    limits: Arc<Limits>,
     metrics: Arc<HoldMetrics>,
 }
 
@@ -398,6 +454,7 @@ impl<P: FlowProgrammer, R: Resumer> Clone for Holder<P, R> {
             resumer: self.resumer.clone(),
             deadline: self.deadline,
             slots: self.slots.clone(),
+            limits: self.limits.clone(),
             metrics: self.metrics.clone(),
         }
     }
@@ -410,8 +467,15 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
             resumer,
             deadline,
             slots: Arc::new(Semaphore::new(MAX_HELD)),
+            limits: Arc::new(Limits::new(DEFAULT_RATE)),
             metrics: Arc::new(HoldMetrics::new()),
         }
+    }
+
+    /// Holds at most `rate` responses per second (default [`DEFAULT_RATE`]).
+    pub fn with_rate(mut self, rate: HoldRate) -> Self {
+        self.limits = Arc::new(Limits::new(rate));
+        self
     }
 
     pub fn metrics(&self) -> &Arc<HoldMetrics> {
@@ -422,6 +486,11 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
     pub async fn run(self, mut packet_ins: mpsc::Receiver<PacketIn2>) {
         while let Some(held) = packet_ins.recv().await {
             self.metrics.held.inc();
+            if !self.limits.admit(pod_of(&held)) {
+                self.metrics.rate_limited.inc();
+                self.pass(held).await;
+                continue;
+            }
             match self.slots.clone().try_acquire_owned() {
                 Ok(slot) => {
                     let this = self.clone();
@@ -432,10 +501,20 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
                 }
                 Err(_) => {
                     self.metrics.unheld.inc();
-                    self.resume(&held, Instant::now()).await;
+                    self.pass(held).await;
                 }
             }
         }
+    }
+
+    /// A response not held: sent on at once, its answer to the engine all the same (its grants
+    /// follow with the next batch, as a tapd event's would).
+    async fn pass(&self, held: PacketIn2) {
+        let now = Instant::now();
+        if let Ok((response, _)) = packet::response(&held.packet, IDENTITY, SystemTime::now()) {
+            self.engine.on_dns(response, now);
+        }
+        self.resume(&held, now).await;
     }
 
     /// One held response: its answer to the engine, its grants written (within the deadline), then
@@ -684,6 +763,51 @@ mod tests {
         assert_eq!(holder.metrics().deadline_misses.get(), 0);
     }
 
+    /// A pod over its rate is not held (counted), and takes nothing from another pod's; every
+    /// response still goes on, and the answers of those not held still reach the engine.
+    #[tokio::test]
+    async fn a_pod_over_its_rate_goes_unheld_and_leaves_others_held() {
+        let (holder, recorder, bridge) = setup(Duration::ZERO);
+        let holder = holder.with_rate(HoldRate {
+            total: NonZeroU32::new(1000).unwrap(),
+            per_pod: NonZeroU32::new(100).unwrap(),
+        });
+        let (tx, rx) = mpsc::channel(1024);
+        let run = tokio::spawn(holder.clone().run(rx));
+        let flood = 500;
+        for i in 0..flood {
+            let ip = [192, 0, 2 + (i >> 8) as u8, i as u8];
+            let mut h = held([10, 244, 1, 5], &format!("n{i}.example.com."), ip, 0);
+            h.userdata = Bytes::from_static(&[0, 1]);
+            tx.send(h).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while holder.metrics().held.get() < flood && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let limited = holder.metrics().rate_limited.get();
+        // 100 admitted at once, a few more as the bucket refills while the test runs.
+        assert!((380..=400).contains(&limited), "{limited}");
+        for i in 0..10u8 {
+            let mut h = held([10, 244, 1, 5], "www.example.com.", [198, 51, 100, i], 0);
+            h.userdata = Bytes::from_static(&[0, 2]);
+            tx.send(h).await.unwrap();
+        }
+        drop(tx);
+        run.await.unwrap();
+        while holder.metrics().resumed.get() < flood + 10 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(holder.metrics().rate_limited.get(), limited, "pod 2 held");
+        assert_eq!(recorder.resumes.lock().unwrap().len() as u64, flood + 10);
+        bridge.flush().await.unwrap();
+        let granted = bridge.grants(None, None).len() as u64;
+        assert!(
+            granted >= flood,
+            "every answer reached the engine: {granted}"
+        );
+    }
+
     /// Explain's line for each case: held, no dnsName rule, another node's or an unknown pod, no
     /// port yet, a failing round, and a daemon that does not hold at all.
     #[tokio::test]
@@ -774,6 +898,11 @@ mod tests {
     #[tokio::test]
     async fn every_held_response_is_resumed_exactly_once_under_load() {
         let (holder, recorder, _bridge) = setup(Duration::from_millis(5));
+        let unlimited = NonZeroU32::new(1_000_000).unwrap();
+        let holder = holder.with_rate(HoldRate {
+            total: unlimited,
+            per_pod: unlimited,
+        });
         let (tx, rx) = mpsc::channel(4096);
         let n = MAX_HELD + 200;
         for i in 0..n {
