@@ -126,7 +126,7 @@ pub struct RunArgs {
     pub hold_deadline: Duration,
     /// Hard timeout of the hold flows, renewed every third of it: a flowd that dies stops holding
     /// DNS within it.
-    #[arg(long, env = "FLOWD_HOLD_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "FLOWD_HOLD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub hold_timeout: Duration,
     /// DNS responses held per second on this node; beyond it they go on at once, unheld (their
     /// answers still reach the engine).
@@ -571,7 +571,7 @@ mod run_tests {
         assert_eq!(cli.run.ovs_driver, OvsDriver::Native);
         assert!(cli.run.hold);
         assert_eq!(cli.run.hold_deadline, Duration::from_millis(100));
-        assert_eq!(cli.run.hold_timeout, Duration::from_secs(30));
+        assert_eq!(cli.run.hold_timeout, Duration::from_secs(10));
         assert_eq!(
             (cli.run.hold_rate.get(), cli.run.hold_rate_per_pod.get()),
             (2000, 200)

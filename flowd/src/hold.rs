@@ -86,7 +86,7 @@ pub const HOLD_PRIORITY: u16 = 110;
 /// How often the pods to hold are compared with those held: a new pod waits at most this.
 const CHANGE_CHECK: Duration = Duration::from_secs(1);
 /// Default hard timeout of a hold flow: a flowd that dies stops holding DNS within it.
-pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The hold flows' cookie prefix: the grants' with its low bits flipped ("dnsf" gives "dnsh"), so
 /// that the engine's dumps, monitor and reconcile, which read the grants' prefix only, never take a

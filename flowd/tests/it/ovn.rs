@@ -1324,6 +1324,7 @@ macro_rules! on_every_ovn {
         }
     };
 }
+pub(crate) use on_every_ovn;
 
 on_every_ovn!(
     a_wedged_ovs_ofctl_is_killed_at_its_timeout_and_the_revocation_goes_through,

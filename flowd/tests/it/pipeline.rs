@@ -60,7 +60,12 @@ pub struct Demo {
 }
 
 pub async fn demo() -> Demo {
-    let sb = block_in_place(|| Sandbox::start(crate::sandbox::Ovn::V25_03)).unwrap();
+    demo_on(crate::sandbox::Ovn::V25_03).await
+}
+
+/// [`demo`] on `ovn`.
+pub async fn demo_on(ovn: crate::sandbox::Ovn) -> Demo {
+    let sb = block_in_place(|| Sandbox::start(ovn)).unwrap();
     let client = block_in_place(|| sb.add_pod("demo", "client", 5)).unwrap();
     let other = block_in_place(|| sb.add_pod("demo", "other", 6)).unwrap();
     let ef = egress_firewall(

@@ -7,10 +7,11 @@
 use crate::{
     apiserver::{FakeApiServer, Resource},
     cluster::{dig_from, eventually, kubeconfig, Tapd, NODE},
-    sandbox::Sandbox,
+    sandbox::{dns_answer, udp_frame, Ovn, Sandbox, Udp},
 };
 use dnsflow_testkit::{free_port, http_get, Unbound, UnboundConfig};
 use flowd::config::EngineSettings;
+use flowd::hold::hold_cookie_prefix;
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
@@ -25,6 +26,17 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// `flowd run` against the sandbox's `br-int`, the fake API server and `tapd`; ready when it returns.
 async fn start_flowd(sb: &Sandbox, api: &FakeApiServer, tapd: &Tapd, dir: &Path) -> Child {
+    start_flowd_with(sb, api, tapd, dir, &[]).await.0
+}
+
+/// [`start_flowd`] with more settings (`FLOWD_*` variables); returns its metrics address too.
+async fn start_flowd_with(
+    sb: &Sandbox,
+    api: &FakeApiServer,
+    tapd: &Tapd,
+    dir: &Path,
+    settings: &[(&str, &str)],
+) -> (Child, SocketAddr) {
     let http = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -42,6 +54,7 @@ async fn start_flowd(sb: &Sandbox, api: &FakeApiServer, tapd: &Tapd, dir: &Path)
         .env("FLOWD_GRPC_LISTEN", format!("127.0.0.1:{}", free_port()))
         .env("FLOWD_METRICS_LISTEN", http.to_string())
         .env("FLOWD_TAPD_ENDPOINTS", tapd.grpc.to_string())
+        .envs(settings.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -51,7 +64,7 @@ async fn start_flowd(sb: &Sandbox, api: &FakeApiServer, tapd: &Tapd, dir: &Path)
         http_get(http, "/readyz").is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
     })
     .await;
-    child
+    (child, http)
 }
 
 fn signal(child: &mut Child, sig: &str) {
@@ -158,3 +171,97 @@ async fn flowd_restarted_by_sigterm_and_sigkill_never_drops_a_valid_flow() {
         logs()
     );
 }
+
+/// A flowd killed with DNS responses held: its hold flows stay in br-int until their hard timeout
+/// (`--hold-timeout`, 3 s here), and while they do, OVS has no controller to give a reply to; after
+/// it, DNS reaches the pods unheld. Before the kill, the same exchange was held and resumed by the
+/// real binary, on OVN 23.03 and 25.03.
+async fn a_killed_flowd_stops_holding_dns_within_the_hard_timeout(ovn: Ovn) -> anyhow::Result<()> {
+    const HOLD_TIMEOUT: Duration = Duration::from_secs(3);
+    let crate::pipeline::Demo {
+        sb, client, api, ..
+    } = crate::pipeline::demo_on(ovn).await;
+    let dns = block_in_place(|| sb.add_dns_server()).unwrap();
+    let tapd = Tapd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut flowd, http) = start_flowd_with(
+        &sb,
+        &api,
+        &tapd,
+        dir.path(),
+        &[("FLOWD_HOLD_TIMEOUT", "3s")],
+    )
+    .await;
+    let logs = || std::fs::read_to_string(dir.path().join("flowd.log")).unwrap_or_default();
+    let holds = hold_cookie_prefix(EngineSettings::default().cookie_prefix);
+    let hold_flows = || block_in_place(|| sb.dnsflow_flows(holds)).unwrap();
+    eventually("hold flows for the demo's two pods", || {
+        hold_flows().len() == 2
+    })
+    .await;
+
+    // One query from the client and its reply from the DNS pod; whether the client got the reply
+    // within `wait`.
+    let query = Udp {
+        dl_dst: &dns.mac,
+        dst: dns.ipv4,
+        src_port: 40000,
+        dst_port: 53,
+    };
+    let exchange = |n: u8, wait: Duration| {
+        let (sb, client, dns, query) = (&sb, &client, &dns, &query);
+        async move {
+            let before = block_in_place(|| sb.port_stats(client)).unwrap().tx;
+            let payload = dns_answer(
+                &format!("n{n}.example.com."),
+                Ipv4Addr::new(198, 51, 100, n),
+            )
+            .unwrap();
+            let reply = udp_frame(dns, client, (53, 40000), &payload).unwrap();
+            block_in_place(|| -> anyhow::Result<()> {
+                sb.send_udp(client, query)?;
+                sb.send_frames(dns, &[reply])
+            })
+            .unwrap();
+            let start = Instant::now();
+            while start.elapsed() < wait {
+                if block_in_place(|| sb.port_stats(client)).unwrap().tx > before {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            false
+        }
+    };
+    let held = || {
+        http_get(http, "/metrics")
+            .ok()
+            .and_then(|m| dnsflow_testkit::metric(&m, "dnsflow_dns_held_total"))
+            .unwrap_or(0)
+    };
+    assert!(exchange(1, Duration::from_secs(5)).await, "{}", logs());
+    assert_eq!(held(), 1, "held and resumed by flowd: {}", logs());
+
+    signal(&mut flowd, "-KILL");
+    let killed = Instant::now();
+    let mut n = 2;
+    let mut lost = 0;
+    while !exchange(n, Duration::from_millis(200)).await {
+        lost += 1;
+        n += 1;
+        assert!(
+            killed.elapsed() < HOLD_TIMEOUT + Duration::from_secs(3),
+            "DNS still held {:?} after the kill: {:#?}",
+            killed.elapsed(),
+            hold_flows()
+        );
+    }
+    let back = killed.elapsed();
+    assert!(hold_flows().is_empty(), "{:#?}", hold_flows());
+    eprintln!(
+        "{ovn:?}: DNS to a held pod back {back:?} after SIGKILL ({lost} replies lost before)"
+    );
+    Ok(())
+}
+
+crate::ovn::on_every_ovn!(a_killed_flowd_stops_holding_dns_within_the_hard_timeout);
