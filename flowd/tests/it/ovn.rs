@@ -847,6 +847,169 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     Ok(())
 }
 
+/// A DHCPDISCOVER from `pod`: broadcast from 0.0.0.0:68 to 255.255.255.255:67, its MAC as chaddr.
+fn dhcp_discover(pod: &Pod) -> Result<Vec<u8>> {
+    let mac: Vec<u8> = pod
+        .mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16))
+        .collect::<Result<_, _>>()?;
+    let mac: [u8; 6] = mac.try_into().map_err(|_| anyhow::anyhow!("MAC"))?;
+    // op, htype, hlen, hops; xid; secs; flags (broadcast); ciaddr, yiaddr, siaddr, giaddr.
+    let mut bootp = vec![1, 1, 6, 0, 0xd5, 0xf1, 0x00, 0x01, 0, 0, 0x80, 0];
+    bootp.extend([0; 16]);
+    bootp.extend(mac);
+    bootp.extend([0; 10 + 64 + 128]);
+    // The DHCP magic cookie, message type DISCOVER, end.
+    bootp.extend([99, 130, 83, 99, 53, 1, 1, 255]);
+    let builder = etherparse::PacketBuilder::ethernet2(mac, [0xff; 6])
+        .ipv4([0; 4], [255; 4], 64)
+        .udp(68, 67);
+    let mut frame = Vec::with_capacity(builder.size(bootp.len()));
+    builder.write(&mut frame, &bootp)?;
+    Ok(frame)
+}
+
+/// A DNS query for `qname` A.
+fn dns_query(qname: &str) -> Result<Vec<u8>> {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{Name, RecordType},
+    };
+    let mut m = Message::new(11, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(qname.parse::<Name>()?, RecordType::A));
+    Ok(m.to_vec()?)
+}
+
+/// ovn-controller's own `controller()` actions work while flowd holds the pod's DNS on the same
+/// bridge: its DHCP server answers the pod's DISCOVER, the router's `arp` resolves a next hop, and
+/// its native DNS (`dns_lookup`) answers a
+/// name from the switch's DNS records, an answer flowd holds like any reply from port 53, and grants.
+/// flowd's controller id keeps each side's packet-ins its own: ovn-controller's log has no
+/// complaint about a packet it did not expect.
+async fn ovn_controllers_own_packet_ins_work_beside_the_hold(ovn: Ovn) -> Result<()> {
+    use flowd::hold::{HoldFlows, Holder};
+    let (sb, pod1, dns, free) = block_in_place(|| -> Result<_> {
+        let (sb, pod1) = one_pod(ovn)?;
+        let dns = sb.add_dns_server()?;
+        // A pod without EgressFirewall, whose packets reach the router.
+        let free = sb.add_pod("ns2", "free", 7)?;
+        let dhcp = sb.nbctl(&[
+            "create",
+            "dhcp_options",
+            "cidr=10.244.1.0/24",
+            "options:lease_time=3600",
+            "options:router=10.244.1.1",
+            "options:server_id=10.244.1.1",
+            &format!("options:server_mac={}", crate::sandbox::ROUTER_MAC),
+        ])?;
+        sb.nbctl(&["lsp-set-dhcpv4-options", &pod1.key.iface_id(), dhcp.trim()])?;
+        // A port on the exit switch, to see what ovn-controller sends there.
+        sb.vsctl(&[
+            "add-port",
+            "br-int",
+            "pexit",
+            "--",
+            "set",
+            "interface",
+            "pexit",
+            "type=internal",
+            "external_ids:iface-id=exthost",
+        ])?;
+        let records = sb.nbctl(&["create", "dns", "records:db.google.com=142.250.77.1"])?;
+        sb.nbctl(&[
+            "add",
+            "logical_switch",
+            "node1",
+            "dns_records",
+            records.trim(),
+        ])?;
+        sb.sync()?;
+        Ok((sb, pod1, dns, free))
+    })?;
+    let native = sb.native();
+    let packet_ins = native.packet_ins();
+    let engine = Engine::new(settings(), native);
+    engine.set_node(Sandbox::NODE);
+    engine.set_rules(google());
+    engine.upsert_pod(pod1.info());
+    let task = tokio::spawn(engine.clone().run());
+    engine.flush().await?;
+    poll(Duration::from_secs(10), || {
+        engine.template().is_some() && engine.held_pods().len() == 1
+    })
+    .await?;
+    let mut holds = HoldFlows::new(engine.clone(), Duration::from_secs(60));
+    assert_eq!(holds.refresh().await.map_err(anyhow::Error::msg)?, 1);
+    let holder = Holder::new(
+        engine.clone(),
+        Arc::new(engine.clone()),
+        Duration::from_secs(2),
+    );
+    let metrics = holder.metrics().clone();
+    tokio::spawn(holder.run(packet_ins));
+    let delivered = |before: u64| {
+        let (sb, pod1) = (&sb, &pod1);
+        poll(Duration::from_secs(10), move || {
+            block_in_place(|| sb.port_stats(pod1)).is_ok_and(|s| s.tx > before)
+        })
+    };
+
+    let before = block_in_place(|| sb.port_stats(&pod1))?.tx;
+    block_in_place(|| sb.send_frames(&pod1, &[dhcp_discover(&pod1)?]))?;
+    delivered(before)
+        .await
+        .map_err(|e| anyhow::anyhow!("no DHCPOFFER reached the pod: {e}"))?;
+    let log = || std::fs::read_to_string(sb.path().join("ovn-controller.log"));
+    assert!(log()?.contains("DHCPOFFER"), "{}", log()?);
+
+    let before = block_in_place(|| sb.port_stats(&pod1))?.tx;
+    let query = crate::sandbox::udp_frame(&pod1, &dns, (40002, 53), &dns_query("db.google.com.")?)?;
+    block_in_place(|| sb.send_frames(&pod1, &[query]))?;
+    delivered(before)
+        .await
+        .map_err(|e| anyhow::anyhow!("OVN's DNS answer did not reach the pod: {e}"))?;
+    // The router resolving a next hop it has no MAC for (100.64.0.99 on the exit switch): OVN's
+    // `arp` action, a packet-in to ovn-controller, which broadcasts the request on that switch.
+    let exit_tx = || -> Result<u64> {
+        let n =
+            block_in_place(|| sb.vsctl(&["get", "interface", "pexit", "statistics:tx_packets"]))?;
+        Ok(n.trim().parse()?)
+    };
+    let before = exit_tx()?;
+    let to_unknown = crate::sandbox::Udp {
+        dl_dst: crate::sandbox::ROUTER_MAC,
+        dst: "100.64.0.99".parse()?,
+        src_port: 40003,
+        dst_port: 9,
+    };
+    block_in_place(|| sb.send_udp(&free, &to_unknown))?;
+    poll(Duration::from_secs(10), || {
+        exit_tx().is_ok_and(|n| n > before)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("no ARP request from ovn-controller: {e}"))?;
+    // OVN's own answer is a reply from port 53 to the pod's query like any other: held and granted.
+    assert_eq!(metrics.held.get(), 1);
+    let granted = block_in_place(|| sb.dnsflow_flows(settings().cookie_prefix))?;
+    assert!(
+        granted.iter().any(|f| f.contains("nw_dst=142.250.77.1")),
+        "{granted:#?}"
+    );
+
+    // No warning after start-up (where a sandbox without hardware warns of its VIF plug provider).
+    let log = log()?;
+    assert!(
+        !log.lines()
+            .any(|l| (l.contains("|WARN|") || l.contains("|ERR|"))
+                && !l.contains("|vif_plug_provider|")),
+        "{log}"
+    );
+    holds.clear().await.map_err(anyhow::Error::msg)?;
+    task.abort();
+    Ok(())
+}
+
 /// A sandbox with `ns1/pod1` and the namespace's EgressFirewall (google.com allowed).
 fn one_pod(ovn: Ovn) -> Result<(Sandbox, Pod)> {
     let sb = Sandbox::start(ovn)?;
@@ -1343,6 +1506,7 @@ on_every_ovn!(
     the_template_and_pod_keys_are_learned_from_ovn,
     the_native_driver_writes_what_ovs_ofctl_writes,
     a_held_dns_reply_reaches_the_pod_after_its_grant,
+    ovn_controllers_own_packet_ins_work_beside_the_hold,
     with_nothing_to_learn_from_nothing_is_installed,
     an_admin_network_policy_deny_wins_over_a_grant,
     a_grant_never_overrides_network_policy_on_the_same_switch,
