@@ -847,6 +847,165 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     Ok(())
 }
 
+/// The native driver with its writes stalled while `stall` is set: a flowd that cannot get its
+/// grants into OVS in time.
+struct Stalling {
+    inner: Native,
+    stall: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl flowd::ovs::FlowProgrammer for Stalling {
+    async fn apply(&self, ops: &[flowd::ovs::FlowOp]) -> flowd::ovs::Result<()> {
+        while self.stall.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.inner.apply(ops).await
+    }
+
+    async fn dump(&self, prefix: u32) -> flowd::ovs::Result<Vec<flowd::ovs::ParsedFlow>> {
+        self.inner.dump(prefix).await
+    }
+
+    async fn monitor(
+        &self,
+        table: u8,
+    ) -> flowd::ovs::Result<tokio::sync::mpsc::Receiver<flowd::ovs::FlowEvent>> {
+        self.inner.monitor(table).await
+    }
+
+    async fn learn_template(
+        &self,
+        priority_base: u16,
+        table: Option<u8>,
+    ) -> flowd::ovs::Result<Result<flowd::ovs::Template, flowd::ovs::LearnError>> {
+        self.inner.learn_template(priority_base, table).await
+    }
+
+    async fn port_keys(
+        &self,
+        iface_ids: &[String],
+    ) -> flowd::ovs::Result<std::collections::HashMap<String, flowd::ovs::PortKeys>> {
+        self.inner.port_keys(iface_ids).await
+    }
+}
+
+/// Resumes over the stalled engine's own connection (its writes stall, its resumes do not).
+struct ResumeVia(Engine<Stalling>);
+
+impl flowd::hold::Resumer for ResumeVia {
+    async fn resume(&self, held: &dnsflow_openflow::PacketIn2) -> Result<(), String> {
+        flowd::hold::Resumer::resume(&self.0.programmer().inner, held).await
+    }
+}
+
+/// A flowd whose grant cannot reach OVS in time still lets the held reply go at the deadline:
+/// the pod gets its answer about 100 ms late, the miss is counted, and the grant follows once
+/// OVS takes it.
+async fn a_stalled_grant_write_lets_the_held_reply_go_at_the_deadline(ovn: Ovn) -> Result<()> {
+    use flowd::{
+        hold::{hold_cookie_prefix, Holder, HOLD_PRIORITY},
+        ovs::{Cookie, FlowOp, FlowProgrammer, HoldSpec},
+    };
+    const DEADLINE: Duration = Duration::from_millis(100);
+    let (sb, pod1, dns) = block_in_place(|| -> Result<_> {
+        let (sb, pod1) = one_pod(ovn)?;
+        let dns = sb.add_dns_server()?;
+        Ok((sb, pod1, dns))
+    })?;
+    let native = sb.native();
+    let packet_ins = native.packet_ins();
+    let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let engine = Engine::new(
+        settings(),
+        Stalling {
+            inner: native,
+            stall: stall.clone(),
+        },
+    );
+    engine.set_node(Sandbox::NODE);
+    engine.set_rules(google());
+    engine.upsert_pod(pod1.info());
+    let task = tokio::spawn(engine.clone().run());
+    engine.flush().await?;
+    poll(Duration::from_secs(10), || {
+        engine.template().is_some() && engine.held_pods().len() == 1
+    })
+    .await?;
+    // The pod's hold flow, written beside the stalled connection as HoldFlows would write it.
+    let held = engine.held_pods().remove(0);
+    let ofctl = sb.ofctl();
+    let table = ovn.delivery_table();
+    let delivery = ofctl
+        .deliveries(table)
+        .await?
+        .remove(&(held.keys.metadata, held.keys.reg14))
+        .ok_or_else(|| anyhow::anyhow!("no OVN delivery flow for the pod"))?;
+    ofctl
+        .apply(&[FlowOp::Hold(HoldSpec {
+            cookie: Cookie::new(
+                hold_cookie_prefix(settings().cookie_prefix),
+                held.id,
+                HOLD_PRIORITY,
+            ),
+            table,
+            priority: HOLD_PRIORITY,
+            metadata: held.keys.metadata,
+            port: held.keys.reg14,
+            v6: false,
+            controller: flowd::ovs::native::CONTROLLER_ID,
+            userdata: held.id,
+            hard_timeout: 60,
+            delivery,
+        })])
+        .await?;
+    // The connection that takes the packet-ins (the daemon connects at start).
+    engine.programmer().inner.connect().await?;
+    let holder = Holder::new(
+        engine.clone(),
+        Arc::new(ResumeVia(engine.clone())),
+        DEADLINE,
+    );
+    let metrics = holder.metrics().clone();
+    tokio::spawn(holder.run(packet_ins));
+
+    stall.store(true, std::sync::atomic::Ordering::Relaxed);
+    let before = block_in_place(|| sb.port_stats(&pod1))?.tx;
+    let payload = crate::sandbox::dns_answer("www.google.com.", [142, 250, 9, 9].into())?;
+    let reply = crate::sandbox::udp_frame(&dns, &pod1, (53, 40000), &payload)?;
+    let query = crate::sandbox::Udp {
+        dl_dst: &dns.mac,
+        dst: dns.ipv4,
+        src_port: 40000,
+        dst_port: 53,
+    };
+    block_in_place(|| sb.send_udp(&pod1, &query))?;
+    let sent = Instant::now();
+    block_in_place(|| sb.send_frames(&dns, &[reply]))?;
+    poll(Duration::from_secs(5), || {
+        block_in_place(|| sb.port_stats(&pod1)).is_ok_and(|s| s.tx > before)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the held reply never reached the pod: {e}"))?;
+    let waited = sent.elapsed();
+    eprintln!("{ovn:?}: with the grant stalled, the reply reached the pod after {waited:?}");
+    assert!(
+        waited >= DEADLINE && waited < Duration::from_secs(1),
+        "{waited:?}"
+    );
+    assert_eq!((metrics.held.get(), metrics.deadline_misses.get()), (1, 1));
+    let granted = || {
+        block_in_place(|| sb.dnsflow_flows(settings().cookie_prefix))
+            .is_ok_and(|f| f.iter().any(|f| f.contains("nw_dst=142.250.9.9")))
+    };
+    assert!(!granted(), "nothing written while stalled");
+    stall.store(false, std::sync::atomic::Ordering::Relaxed);
+    poll(Duration::from_secs(10), granted)
+        .await
+        .map_err(|e| anyhow::anyhow!("the grant never followed: {e}"))?;
+    task.abort();
+    Ok(())
+}
+
 /// A DHCPDISCOVER from `pod`: broadcast from 0.0.0.0:68 to 255.255.255.255:67, its MAC as chaddr.
 fn dhcp_discover(pod: &Pod) -> Result<Vec<u8>> {
     let mac: Vec<u8> = pod
@@ -1507,6 +1666,7 @@ on_every_ovn!(
     the_native_driver_writes_what_ovs_ofctl_writes,
     a_held_dns_reply_reaches_the_pod_after_its_grant,
     ovn_controllers_own_packet_ins_work_beside_the_hold,
+    a_stalled_grant_write_lets_the_held_reply_go_at_the_deadline,
     with_nothing_to_learn_from_nothing_is_installed,
     an_admin_network_policy_deny_wins_over_a_grant,
     a_grant_never_overrides_network_policy_on_the_same_switch,
