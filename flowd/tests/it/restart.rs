@@ -2,7 +2,8 @@
 //! and Unbound: `dump-flows`, polled every 100 ms for 30 s after each restart, never misses a flow the
 //! cluster still allows — even one whose answer is past its TTL, so that tapd's replay cannot justify
 //! it again — and the flow of a pod deleted while flowd was down goes once flowd has listed the
-//! cluster.
+//! cluster. And, on OVN 23.03 and 25.03, a killed flowd stops holding DNS within its hold flows'
+//! hard timeout.
 
 use crate::{
     apiserver::{FakeApiServer, Resource},
