@@ -3,8 +3,13 @@
 //! the engine exactly as a tapd event would; when it needs grants that are not in OVS yet, they are
 //! written first, and only then is the packet resumed, so the pod's first packet to the answer finds
 //! its flow. The response is resumed exactly once, whatever happens: at once when it needs nothing
-//! (not a DNS response, not NOERROR, no rule, already granted), after the grants otherwise, and at
-//! the deadline at the latest (counted), so that flowd never breaks DNS.
+//! (not a DNS response, not NOERROR, no rule), after the grants otherwise (even when another batch
+//! already took them: an earlier answer for the same name), and at the deadline at the latest
+//! (counted), so that flowd never breaks DNS. Beyond [`HoldRate`] or [`MAX_HELD`] a response goes on
+//! at once, unheld, its answer given to the engine all the same.
+//!
+//! [`HoldFlows`] keeps the flows that hold, and tells a [`HoldReport`] (what `Explain` says) which
+//! pods are held.
 
 use crate::{
     engine::{Engine, HeldPod, NotHeld},
