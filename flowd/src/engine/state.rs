@@ -110,7 +110,7 @@ pub struct GrantView {
     pub cookie: u64,
 }
 
-/// Why a pod's DNS responses are not held ([`Core::hold_candidate`]).
+/// Why a pod's DNS responses are not held (see `Engine::hold_candidate`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NotHeld {
     #[error("flowd knows no such pod of this node with an IP")]
