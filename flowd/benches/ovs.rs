@@ -355,6 +355,13 @@ async fn hold_times(sb: &Sandbox, pods: &[sandbox::Pod], dns: &sandbox::Pod) -> 
             v.len()
         );
         v.sort();
+        // Responses over the rate limits go on unheld at once: they would flatter the figures.
+        anyhow::ensure!(
+            metrics.rate_limited.get() + metrics.unheld.get() == 0,
+            "{} rate-limited, {} unheld: not all were held",
+            metrics.rate_limited.get(),
+            metrics.unheld.get()
+        );
         println!(
             "[  hold] DNS response hold time at {rate:>4} responses/s: p50 {}  p99 {}  max {}  ({} held, {} past the 100 ms deadline)",
             ms(percentile(&v, 0.5)),
