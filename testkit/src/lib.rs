@@ -176,6 +176,10 @@ pub struct UnboundConfig {
     pub identity: String,
     /// `dnstap-bidirectional` (READY/ACCEPT handshake) or plain unidirectional.
     pub bidirectional: bool,
+    /// Where it answers, to any client; `None`: 127.0.0.1 on a [`free_port`], to loopback clients.
+    pub listen: Option<SocketAddr>,
+    /// The network namespace it runs in (`ip netns exec`), as a pod's DNS server would.
+    pub netns: Option<String>,
 }
 
 impl Default for UnboundConfig {
@@ -185,6 +189,8 @@ impl Default for UnboundConfig {
             local_data: Vec::new(),
             identity: "unbound-test".into(),
             bidirectional: true,
+            listen: None,
+            netns: None,
         }
     }
 }
@@ -193,7 +199,8 @@ impl Default for UnboundConfig {
 /// tests may serve names under them.
 const SPECIAL_USE_ZONES: &[&str] = &["test.", "invalid.", "onion.", "home.arpa."];
 
-/// An Unbound resolver on 127.0.0.1:`port`, sending `CLIENT_RESPONSE` dnstap to a socket.
+/// An Unbound resolver on 127.0.0.1:`port` (or where [`UnboundConfig::listen`] says), sending
+/// `CLIENT_RESPONSE` dnstap to a socket.
 #[derive(Debug)]
 pub struct Unbound {
     daemon: ChildDaemon,
@@ -208,11 +215,14 @@ impl Unbound {
         require_tool("unbound")?;
         let dir = tempfile::Builder::new().prefix("unbound-").tempdir()?;
         let d = dir.path().display().to_string();
-        let port = free_port();
+        let (ip, port, clients) = match config.listen {
+            Some(addr) => (addr.ip(), addr.port(), "0.0.0.0/0"),
+            None => (Ipv4Addr::LOCALHOST.into(), free_port(), "127.0.0.0/8"),
+        };
         let mut conf = format!(
-            "server:\n  interface: 127.0.0.1\n  port: {port}\n  do-ip6: no\n  chroot: \"\"\n  \
+            "server:\n  interface: {ip}\n  port: {port}\n  do-ip6: no\n  chroot: \"\"\n  \
              username: \"\"\n  directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n  use-syslog: no\n  \
-             logfile: \"\"\n  verbosity: 1\n  num-threads: 1\n  access-control: 127.0.0.0/8 allow\n  \
+             logfile: \"\"\n  verbosity: 1\n  num-threads: 1\n  access-control: {clients} allow\n  \
              module-config: \"iterator\"\n  do-not-query-localhost: yes\n"
         );
         for z in SPECIAL_USE_ZONES {
@@ -250,9 +260,17 @@ impl Unbound {
         );
         let conf_path = dir.path().join("unbound.conf");
         fs::write(&conf_path, conf)?;
+        let mut cmd = match &config.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "unbound"]);
+                c
+            }
+            None => Command::new("unbound"),
+        };
         let mut daemon = ChildDaemon::spawn(
             "unbound",
-            Command::new("unbound").arg("-d").arg("-c").arg(&conf_path),
+            cmd.arg("-d").arg("-c").arg(&conf_path),
             dir.path().join("unbound.log"),
         )?;
         daemon.wait_for_log("start of service")?;

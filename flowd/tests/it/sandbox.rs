@@ -8,7 +8,8 @@
 //! (packets recirculate through conntrack, as on OVN-K), a router port on it, a router with default
 //! routes (`0.0.0.0/0`, `::/0`) to an exit switch, one port group per namespace, and each namespace's
 //! EgressFirewall as OVN-K renders it: `to-lport` ACLs at `10000 - i` on `inport == @pg` in tier 2,
-//! `dnsName` rules on address sets (empty unless a test fills them, as OVN-K's own resolution would).
+//! a CIDR that covers the pod subnets without them, `dnsName` rules on address sets (empty unless a
+//! test fills them, as OVN-K's own resolution would).
 //! Beside it, as on a real node: NetworkPolicy ACLs in tier 2 (every namespace's pods may egress, a
 //! from-lport ACL after the load balancer; a namespace may deny ingress, to-lport on `outport`) and an
 //! AdminNetworkPolicy-like deny in tier 1. [`Sandbox::trace`] is the oracle: `ofproto/trace` of a
@@ -17,6 +18,11 @@
 //! All tools get the sandbox's `OVS_RUNDIR`/`OVN_RUNDIR` in their own environment (never this process's),
 //! and [`Sandbox::ofctl`] hands the same to flowd's programmer, which runs the host's `ovs-ofctl`
 //! against either version.
+//!
+//! [`Sandbox::start_netdev`] runs the same node on OVS's userspace (netdev) datapath instead, for real
+//! packets: pods are network namespaces attached by veth ([`Sandbox::add_netns_pod`]), and the exit
+//! switch's host is one too ([`Sandbox::add_exit_host`]). Such a sandbox touches the host (br-int's
+//! own port becomes a tap device named `br-int`), so only one runs at a time on the machine.
 
 use anyhow::{bail, Context, Result};
 use flowd::{
@@ -41,6 +47,17 @@ pub const ROUTER_MAC: &str = "0a:58:0a:f4:01:01";
 /// Pod IPs come from these node subnets (OVN-K's kind defaults), as the router port's networks.
 pub const NODE_SUBNET_V4: &str = "10.244.1.1/24";
 pub const NODE_SUBNET_V6: &str = "fd00:10:244:1::1/64";
+/// The router's address on the node switch: a netns pod's default route.
+const ROUTER_IPV4: &str = "10.244.1.1";
+/// The exit switch's one plain port, where the router's default routes lead (see
+/// [`Sandbox::add_exit_host`]).
+const EXIT_HOST_MAC: &str = "0a:58:64:40:00:02";
+const EXIT_HOST_CIDR: &str = "100.64.0.2/16";
+/// The router's address on the exit switch.
+const EXIT_ROUTER_IPV4: &str = "100.64.0.1";
+/// The pod subnets of the whole cluster (OVN-K's `ClusterSubnets`, kind's defaults).
+const CLUSTER_SUBNET_V4: &str = "10.244.0.0/16";
+const CLUSTER_SUBNET_V6: &str = "fd00:10:244::/48";
 /// The kube-dns Service's ClusterIP (kind's), a load balancer on the node switch...
 pub const KUBE_DNS_VIP: &str = "10.96.0.10";
 /// ...whose one backend is the pod [`Sandbox::add_dns_server`] adds, at `10.244.1.<this>`.
@@ -79,6 +96,149 @@ impl Drop for StartPermit {
         let (count, cv) = &STARTING;
         *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
         cv.notify_one();
+    }
+}
+
+/// Netdev sandboxes take this lock (`flock`, so across test processes too, and released by a crash):
+/// br-int's tap device has one name on the host.
+const NETDEV_LOCK: &str = "dnsflow-netdev-sandbox.lock";
+/// The tap devices ovs-vswitchd makes for a netdev br-int (its own port, and the datapath's). They
+/// outlive ovs-vswitchd, so a sandbox removes them when it ends, and stale ones when it starts.
+const NETDEV_TAPS: [&str; 2] = ["br-int", "ovs-netdev"];
+/// Network namespaces (and the host ends of their veths) are named `<this><k>`, k from 1 in each
+/// sandbox: the same names every run, so that those a crashed run left are found and removed.
+const NETNS_PREFIX: &str = "dnsflow";
+/// Network namespaces one netdev sandbox may attach.
+const NETNS_MAX: usize = 8;
+
+/// What a netdev sandbox holds on the host beside its daemons; see [`Sandbox::start_netdev`].
+#[derive(Debug)]
+struct Netdev {
+    /// Held for the sandbox's life (the lock is released when the file closes).
+    _lock: std::fs::File,
+    /// The network namespaces attached so far.
+    namespaces: Mutex<Vec<String>>,
+}
+
+impl Netdev {
+    /// Waits for the machine's netdev sandbox lock, then removes what a crashed run left behind.
+    fn acquire() -> Result<Self> {
+        for tool in ["ip", "ethtool"] {
+            dnsflow_testkit::require_tool(tool)?;
+        }
+        let path = std::env::temp_dir().join(NETDEV_LOCK);
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        lock.lock()
+            .with_context(|| format!("locking {}", path.display()))?;
+        for k in 1..=NETNS_MAX {
+            remove_netns(&format!("{NETNS_PREFIX}{k}"));
+        }
+        for tap in NETDEV_TAPS {
+            remove_tap(tap);
+        }
+        Ok(Self {
+            _lock: lock,
+            namespaces: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The next namespace's name, or `None` past [`NETNS_MAX`].
+    fn next_name(&self) -> Option<String> {
+        let mut names = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
+        (names.len() < NETNS_MAX).then(|| {
+            let name = format!("{NETNS_PREFIX}{}", names.len() + 1);
+            names.push(name.clone());
+            name
+        })
+    }
+
+    fn remove_namespaces(&self) {
+        for name in self
+            .namespaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            remove_netns(&name);
+        }
+    }
+}
+
+/// Runs `ip <args>`, failing with its stderr.
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Removes network namespace `name` if it exists: the processes in it (by pid: ours, or a crashed
+/// run's), its veth, the namespace.
+fn remove_netns(name: &str) {
+    if !Path::new("/run/netns").join(name).exists() {
+        return;
+    }
+    let pids = Command::new("ip")
+        .args(["netns", "pids", name])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for pid in pids.split_whitespace() {
+        let _ = Command::new("kill").args(["-9", pid]).output();
+    }
+    // Deleting the host end deletes the pair at once; the namespace itself goes asynchronously.
+    let _ = ip(&["link", "del", name]);
+    let _ = ip(&["netns", "del", name]);
+}
+
+/// Removes tap device `name` if there is one (never another kind of device of that name).
+fn remove_tap(name: &str) {
+    if Path::new("/sys/class/net")
+        .join(name)
+        .join("tun_flags")
+        .exists()
+    {
+        let _ = ip(&["link", "del", name]);
+    }
+}
+
+/// A network namespace attached to a netdev sandbox's br-int by a veth pair (its end inside is
+/// `eth0`); removed, with every process in it, when the sandbox ends.
+#[derive(Clone, Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `program` run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Runs `ip <args>` inside the namespace, failing with its stderr.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
     }
 }
 
@@ -210,7 +370,8 @@ pub struct Pod {
     pub ipv6: IpAddr,
     pub mac: String,
     pub ofport: u32,
-    /// Its OVS port's name: what `netdev-dummy/receive` takes (see [`Sandbox::send_udp`]).
+    /// Its OVS port's name: on the dummy datapath an internal port, what `netdev-dummy/receive`
+    /// takes (see [`Sandbox::send_udp`]); on netdev the host end of its veth.
     pub port: String,
 }
 
@@ -307,6 +468,8 @@ pub struct Sandbox {
     root: Option<PathBuf>,
     dir: tempfile::TempDir,
     next_port: AtomicU32,
+    /// `Some` on the netdev datapath.
+    netdev: Option<Netdev>,
 }
 
 fn check_tools() -> Result<()> {
@@ -341,6 +504,17 @@ impl Sandbox {
     /// Starts every daemon of `ovn` and builds the node's topology; fails (never skips) if that OVN is
     /// missing.
     pub fn start(ovn: Ovn) -> Result<Self> {
+        Self::start_on(ovn, None)
+    }
+
+    /// The same node on OVS's userspace datapath (`datapath_type=netdev`), for real packets from
+    /// pods in network namespaces ([`Sandbox::add_netns_pod`]) to a host behind the exit
+    /// ([`Sandbox::add_exit_host`]). Waits until no other netdev sandbox runs on the machine.
+    pub fn start_netdev(ovn: Ovn) -> Result<Self> {
+        Self::start_on(ovn, Some(Netdev::acquire()?))
+    }
+
+    fn start_on(ovn: Ovn, netdev: Option<Netdev>) -> Result<Self> {
         check_tools()?;
         let root = ovn.root();
         if let Some(root) = &root {
@@ -357,6 +531,7 @@ impl Sandbox {
             root,
             dir,
             next_port: AtomicU32::new(1),
+            netdev,
         };
         let d = sb.inner_path();
         let p = |s: &str| d.join(s).to_string_lossy().into_owned();
@@ -395,17 +570,19 @@ impl Sandbox {
             )?;
         }
         sb.vsctl(&["--no-wait", "init"])?;
-        sb.run(
-            "ovs-vswitchd",
-            &[
-                &format!("unix:{}", p("db.sock")),
-                "--enable-dummy=override",
-                "--detach",
-                "--no-chdir",
-                &format!("--pidfile={}", p("ovs-vswitchd.pid")),
-                &format!("--log-file={}", p("ovs-vswitchd.log")),
-            ],
-        )?;
+        let db = format!("unix:{}", p("db.sock"));
+        let pidfile = format!("--pidfile={}", p("ovs-vswitchd.pid"));
+        let logfile = format!("--log-file={}", p("ovs-vswitchd.log"));
+        let mut vswitchd = vec![db.as_str(), "--detach", "--no-chdir", &pidfile, &logfile];
+        if sb.netdev.is_none() {
+            vswitchd.push("--enable-dummy=override");
+        }
+        sb.run("ovs-vswitchd", &vswitchd)?;
+        let datapath = if sb.netdev.is_some() {
+            "datapath_type=netdev"
+        } else {
+            "datapath_type=dummy"
+        };
         sb.run(
             "ovn-northd",
             &[
@@ -424,7 +601,7 @@ impl Sandbox {
             "set",
             "bridge",
             "br-int",
-            "datapath_type=dummy",
+            datapath,
             "fail-mode=secure",
             "other-config:disable-in-band=true",
         ])?;
@@ -747,7 +924,7 @@ impl Sandbox {
             "--",
             "lsp-set-addresses",
             "exthost",
-            "0a:58:64:40:00:02 100.64.0.2 fd98::2",
+            &format!("{EXIT_HOST_MAC} 100.64.0.2 fd98::2"),
         ])?;
         nb(&[
             "lr-route-add",
@@ -776,7 +953,10 @@ impl Sandbox {
             "drop",
             ANP_TIER,
         )?;
-        self.add_ovs_port("exthost")?;
+        if self.netdev.is_none() {
+            // On netdev the exit host is a network namespace: see add_exit_host.
+            self.add_ovs_port("exthost")?;
+        }
         self.sync()
     }
 
@@ -828,17 +1008,18 @@ impl Sandbox {
     /// An internal OVS port bound to logical port `iface_id`; returns its name and ofport.
     fn add_ovs_port(&self, iface_id: &str) -> Result<(String, u32)> {
         let name = format!("p{}", self.next_port.fetch_add(1, Ordering::Relaxed));
-        self.vsctl(&[
-            "add-port",
-            "br-int",
-            &name,
-            "--",
-            "set",
-            "interface",
-            &name,
-            "type=internal",
-            &format!("external_ids:iface-id={iface_id}"),
-        ])?;
+        self.plug(&name, iface_id, Some("type=internal"))
+    }
+
+    /// Adds device `name` to br-int as an OVS port of `kind` (a `type=` setting; `None`: a system
+    /// device such as a veth), bound to logical port `iface_id`; returns its name and ofport.
+    fn plug(&self, name: &str, iface_id: &str, kind: Option<&str>) -> Result<(String, u32)> {
+        let name = name.to_owned();
+        let iface = format!("external_ids:iface-id={iface_id}");
+        let mut args = vec!["add-port", "br-int", &name, "--", "set", "interface", &name];
+        args.extend(kind);
+        args.push(&iface);
+        self.vsctl(&args)?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let ofport = self.vsctl(&["get", "interface", &name, "ofport"])?;
@@ -904,6 +1085,101 @@ impl Sandbox {
     /// Adds pod `namespace/name` with IPs `10.244.1.<host>` and `fd00:10:244:1::<host>` (hex), a
     /// logical port `<namespace>_<name>` in the namespace's port group, and its OVS port.
     pub fn add_pod(&self, namespace: &str, name: &str, host: u8) -> Result<Pod> {
+        if self.netdev.is_some() {
+            bail!("a netdev sandbox's pods are network namespaces: use Sandbox::add_netns_pod");
+        }
+        self.add_pod_plugged(namespace, name, host, |iface, _| self.add_ovs_port(iface))
+    }
+
+    /// [`Sandbox::add_pod`] on a netdev sandbox: the pod is a network namespace whose `eth0` has
+    /// the pod's MAC and IPv4 address (IPv4 only) and a default route via the router, attached to
+    /// br-int by a veth.
+    pub fn add_netns_pod(&self, namespace: &str, name: &str, host: u8) -> Result<(Pod, Netns)> {
+        let mut netns = None;
+        let pod = self.add_pod_plugged(namespace, name, host, |iface, mac| {
+            let cidr = format!("10.244.1.{host}/24");
+            let (ns, port) =
+                self.attach_netns(iface, mac, &cidr, &["default", "via", ROUTER_IPV4])?;
+            netns = Some(ns);
+            Ok(port)
+        })?;
+        Ok((pod, netns.context("no network namespace")?))
+    }
+
+    /// The host behind the exit on a netdev sandbox: a network namespace on the exit switch's plain
+    /// port (its MAC, `100.64.0.2/16`), routing the pod subnets back via the router. Give it the
+    /// addresses pods should reach (e.g. `ip route add local <net> dev lo`).
+    pub fn add_exit_host(&self) -> Result<Netns> {
+        let back = [CLUSTER_SUBNET_V4, "via", EXIT_ROUTER_IPV4];
+        let (netns, _) = self.attach_netns("exthost", EXIT_HOST_MAC, EXIT_HOST_CIDR, &back)?;
+        self.sync()?;
+        Ok(netns)
+    }
+
+    /// A new network namespace attached to br-int, bound to logical port `iface_id`: its `eth0` gets
+    /// `mac`, `cidr` and the route `route` (`ip route add` arguments). Returns it with the OVS port's
+    /// name and ofport.
+    fn attach_netns(
+        &self,
+        iface_id: &str,
+        mac: &str,
+        cidr: &str,
+        route: &[&str],
+    ) -> Result<(Netns, (String, u32))> {
+        let netdev = self
+            .netdev
+            .as_ref()
+            .context("network namespaces attach to a netdev sandbox only")?;
+        let name = netdev
+            .next_name()
+            .with_context(|| format!("more than {NETNS_MAX} network namespaces"))?;
+        let netns = Netns { name: name.clone() };
+        ip(&["netns", "add", &name])?;
+        ip(&[
+            "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &name,
+        ])?;
+        netns.ip(&["link", "set", "eth0", "address", mac])?;
+        netns.ip(&["addr", "add", cidr, "dev", "eth0"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.ip(&["link", "set", "lo", "up"])?;
+        let mut add = vec!["route", "add"];
+        add.extend_from_slice(route);
+        netns.ip(&add)?;
+        // The userspace datapath takes frames from the veth as the kernel hands them over: with
+        // checksum offload on, TCP/UDP checksums are left to a NIC that is not there and OVS's
+        // conntrack counts those packets invalid (OVN drops them: every connect times out); with
+        // TSO/GSO/GRO it would get frames above the MTU.
+        for (mut ethtool, dev) in [
+            (netns.command("ethtool"), "eth0"),
+            (Command::new("ethtool"), name.as_str()),
+        ] {
+            let out = ethtool
+                .args(["-K", dev])
+                .args([
+                    "tx", "off", "rx", "off", "tso", "off", "gso", "off", "gro", "off",
+                ])
+                .output()
+                .context("running ethtool")?;
+            if !out.status.success() {
+                bail!(
+                    "ethtool -K {dev} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        ip(&["link", "set", &name, "up"])?;
+        let port = self.plug(&name, iface_id, None)?;
+        Ok((netns, port))
+    }
+
+    /// [`Sandbox::add_pod`] with its OVS port made by `plug` (given the iface-id and the MAC).
+    fn add_pod_plugged(
+        &self,
+        namespace: &str,
+        name: &str,
+        host: u8,
+        plug: impl FnOnce(&str, &str) -> Result<(String, u32)>,
+    ) -> Result<Pod> {
         let key = PodKey::new(namespace, name);
         let iface = key.iface_id();
         let ipv4: IpAddr = format!("10.244.1.{host}").parse()?;
@@ -923,7 +1199,7 @@ impl Sandbox {
         for group in [pg, Self::policy_group(namespace), "anp_deny".to_owned()] {
             self.nbctl(&["add", "port_group", &group, "ports", lsp.trim()])?;
         }
-        let (port, ofport) = self.add_ovs_port(&iface)?;
+        let (port, ofport) = plug(&iface, &mac)?;
         self.sync()?;
         Ok(Pod {
             key,
@@ -987,8 +1263,22 @@ impl Sandbox {
             let mut matches = Vec::new();
             match &rule.destination {
                 Destination::Cidr(net) => {
-                    let ip = if net.addr().is_ipv4() { "ip4" } else { "ip6" };
-                    matches.push(format!("{ip}.dst == {net} && inport == @{pg}"));
+                    let (ip, cluster) = if net.addr().is_ipv4() {
+                        ("ip4", CLUSTER_SUBNET_V4)
+                    } else {
+                        ("ip6", CLUSTER_SUBNET_V6)
+                    };
+                    // An EgressFirewall is about traffic leaving the cluster: OVN-K leaves the pod
+                    // subnets out of a CIDR that covers them (`clusterSubnetIntersection`), so that
+                    // a Deny 0.0.0.0/0 does not cut pods off their DNS server.
+                    let cluster: ipnet::IpNet = cluster.parse()?;
+                    let exclusion =
+                        if net.contains(&cluster.network()) || cluster.contains(&net.network()) {
+                            format!(" && {ip}.dst != {cluster}")
+                        } else {
+                            String::new()
+                        };
+                    matches.push(format!("{ip}.dst == {net}{exclusion} && inport == @{pg}"));
                 }
                 Destination::DnsName(_) => {
                     // OVN-K's own resolution: an address set per family.
@@ -1235,6 +1525,9 @@ fn forwards(actions: &str) -> bool {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        if let Some(netdev) = &self.netdev {
+            netdev.remove_namespaces();
+        }
         for name in [
             "ovn-controller",
             "ovn-northd",
@@ -1244,6 +1537,11 @@ impl Drop for Sandbox {
             "ovsdb-server",
         ] {
             self.stop(name);
+        }
+        if self.netdev.is_some() {
+            for tap in NETDEV_TAPS {
+                remove_tap(tap);
+            }
         }
     }
 }

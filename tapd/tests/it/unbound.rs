@@ -22,6 +22,7 @@ fn config(bidirectional: bool) -> UnboundConfig {
         ],
         identity: "unbound-it".into(),
         bidirectional,
+        ..UnboundConfig::default()
     }
 }
 
