@@ -12,5 +12,6 @@ mod pipeline;
 mod replay;
 mod restart;
 mod sandbox;
+mod tcp;
 mod tls;
 mod workspace;

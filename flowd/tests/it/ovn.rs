@@ -209,7 +209,7 @@ fn expect_traces(sb: &Sandbox, cases: &[Case]) {
 }
 
 /// Polls `check` every 5 ms until it holds; returns how long that took.
-async fn poll(timeout: Duration, mut check: impl FnMut() -> bool) -> Result<Duration> {
+pub async fn poll(timeout: Duration, mut check: impl FnMut() -> bool) -> Result<Duration> {
     let start = Instant::now();
     loop {
         if check() {
@@ -1625,7 +1625,7 @@ async fn a_wedged_ovs_ofctl_is_killed_at_its_timeout_and_the_revocation_goes_thr
     Ok(())
 }
 
-/// Every test above, once per OVN version.
+/// Every test above, once per OVN version (and `tcp.rs`'s).
 macro_rules! on_every_ovn {
     ($($name:ident),* $(,)?) => {
         mod v23_03 {
