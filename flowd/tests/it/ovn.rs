@@ -674,7 +674,7 @@ async fn a_removed_pods_flows_are_gone(ovn: Ovn) -> Result<()> {
 async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()> {
     use flowd::{
         engine::NotHeld,
-        hold::{hold_cookie_prefix, HoldFlows, HoldReport, Holder},
+        hold::{hold_cookie_prefix, HoldFlows, HoldReport},
     };
     let rules = google();
     let (sb, pod1, dns, other) = block_in_place(|| -> Result<_> {
@@ -686,17 +686,7 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     })?;
     let native = sb.native();
     let packet_ins = native.packet_ins();
-    let engine = Engine::new(settings(), native);
-    engine.set_node(Sandbox::NODE);
-    engine.set_rules(rules);
-    engine.upsert_pod(pod1.info());
-    engine.upsert_pod(other.info());
-    let task = tokio::spawn(engine.clone().run());
-    engine.flush().await?;
-    poll(Duration::from_secs(10), || {
-        engine.template().is_some() && engine.held_pods().len() == 1
-    })
-    .await?;
+    let (engine, task) = holding_engine(native, rules, &[&pod1, &other]).await?;
     let report = Arc::new(HoldReport::on(Duration::from_secs(2)));
     let mut holds =
         HoldFlows::new(engine.clone(), Duration::from_secs(2)).reporting_to(report.clone());
@@ -719,13 +709,7 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
         && f.contains("priority=110")
         && f.contains("ct_state=+est+rpl+trk")
         && f.contains(&format!("output:{}", pod1.ofport))));
-    let holder = Holder::new(
-        engine.clone(),
-        Arc::new(engine.clone()),
-        Duration::from_secs(2),
-    );
-    let metrics = holder.metrics().clone();
-    tokio::spawn(holder.run(packet_ins));
+    let metrics = spawn_holder(&engine, packet_ins);
 
     let reply = |qname: &str, answer: [u8; 4]| -> Result<Vec<u8>> {
         let payload = crate::sandbox::dns_answer(qname, answer.into())?;
@@ -847,6 +831,44 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     Ok(())
 }
 
+/// An engine on this node's `pods` under `rules`, running, once it has learned the template and
+/// holds exactly one pod (the first).
+async fn holding_engine<P: flowd::ovs::FlowProgrammer>(
+    programmer: P,
+    rules: FirewallRules,
+    pods: &[&Pod],
+) -> Result<(Engine<P>, JoinHandle<()>)> {
+    let engine = Engine::new(settings(), programmer);
+    engine.set_node(Sandbox::NODE);
+    engine.set_rules(rules);
+    for pod in pods {
+        engine.upsert_pod(pod.info());
+    }
+    let task = tokio::spawn(engine.clone().run());
+    engine.flush().await?;
+    poll(Duration::from_secs(10), || {
+        engine.template().is_some() && engine.held_pods().len() == 1
+    })
+    .await?;
+    Ok((engine, task))
+}
+
+/// The holder of `engine`'s held packets, resuming over its own connection (deadline 2 s), running;
+/// returns what it counts.
+fn spawn_holder(
+    engine: &Engine<Native>,
+    packet_ins: tokio::sync::mpsc::Receiver<dnsflow_openflow::PacketIn2>,
+) -> Arc<flowd::hold::HoldMetrics> {
+    let holder = flowd::hold::Holder::new(
+        engine.clone(),
+        Arc::new(engine.clone()),
+        Duration::from_secs(2),
+    );
+    let metrics = holder.metrics().clone();
+    tokio::spawn(holder.run(packet_ins));
+    metrics
+}
+
 /// The native driver with its writes stalled while `stall` is set: a flowd that cannot get its
 /// grants into OVS in time.
 struct Stalling {
@@ -915,22 +937,11 @@ async fn a_stalled_grant_write_lets_the_held_reply_go_at_the_deadline(ovn: Ovn) 
     let native = sb.native();
     let packet_ins = native.packet_ins();
     let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let engine = Engine::new(
-        settings(),
-        Stalling {
-            inner: native,
-            stall: stall.clone(),
-        },
-    );
-    engine.set_node(Sandbox::NODE);
-    engine.set_rules(google());
-    engine.upsert_pod(pod1.info());
-    let task = tokio::spawn(engine.clone().run());
-    engine.flush().await?;
-    poll(Duration::from_secs(10), || {
-        engine.template().is_some() && engine.held_pods().len() == 1
-    })
-    .await?;
+    let stalling = Stalling {
+        inner: native,
+        stall: stall.clone(),
+    };
+    let (engine, task) = holding_engine(stalling, google(), &[&pod1]).await?;
     // The pod's hold flow, written beside the stalled connection as HoldFlows would write it.
     let held = engine.held_pods().remove(0);
     let ofctl = sb.ofctl();
@@ -1047,7 +1058,7 @@ fn dns_query(qname: &str) -> Result<Vec<u8>> {
 /// flowd's controller id keeps each side's packet-ins its own: ovn-controller's log has no
 /// complaint about a packet it did not expect.
 async fn ovn_controllers_own_packet_ins_work_beside_the_hold(ovn: Ovn) -> Result<()> {
-    use flowd::hold::{HoldFlows, Holder};
+    use flowd::hold::HoldFlows;
     let (sb, pod1, dns, free) = block_in_place(|| -> Result<_> {
         let (sb, pod1) = one_pod(ovn)?;
         let dns = sb.add_dns_server()?;
@@ -1088,25 +1099,10 @@ async fn ovn_controllers_own_packet_ins_work_beside_the_hold(ovn: Ovn) -> Result
     })?;
     let native = sb.native();
     let packet_ins = native.packet_ins();
-    let engine = Engine::new(settings(), native);
-    engine.set_node(Sandbox::NODE);
-    engine.set_rules(google());
-    engine.upsert_pod(pod1.info());
-    let task = tokio::spawn(engine.clone().run());
-    engine.flush().await?;
-    poll(Duration::from_secs(10), || {
-        engine.template().is_some() && engine.held_pods().len() == 1
-    })
-    .await?;
+    let (engine, task) = holding_engine(native, google(), &[&pod1]).await?;
     let mut holds = HoldFlows::new(engine.clone(), Duration::from_secs(60));
     assert_eq!(holds.refresh().await.map_err(anyhow::Error::msg)?, 1);
-    let holder = Holder::new(
-        engine.clone(),
-        Arc::new(engine.clone()),
-        Duration::from_secs(2),
-    );
-    let metrics = holder.metrics().clone();
-    tokio::spawn(holder.run(packet_ins));
+    let metrics = spawn_holder(&engine, packet_ins);
     let delivered = |before: u64| {
         let (sb, pod1) = (&sb, &pod1);
         poll(Duration::from_secs(10), move || {
