@@ -80,6 +80,8 @@ struct Inner<P> {
     wiped: Notify,
     /// How many foreign wipes were seen, for others who keep flows in br-int (the hold flows).
     wipes: tokio::sync::watch::Sender<u64>,
+    /// Bundles OVS took (see [`Engine::commits`]).
+    commits: std::sync::atomic::AtomicU64,
     /// The ACL table changed: the monitor must watch the new one.
     retarget: Notify,
     /// Held while a batch (or a reconcile) talks to OVS: at most one bundle in flight.
@@ -131,6 +133,7 @@ impl<P: FlowProgrammer> Engine<P> {
                 wake: Notify::new(),
                 wiped: Notify::new(),
                 wipes: tokio::sync::watch::channel(0).0,
+                commits: std::sync::atomic::AtomicU64::new(0),
                 retarget: Notify::new(),
                 apply_lock: tokio::sync::Mutex::new(()),
                 metrics,
@@ -279,6 +282,12 @@ impl<P: FlowProgrammer> Engine<P> {
         justifies
     }
 
+    /// [`Engine::on_dns`] for a caller that writes the changes itself ([`Engine::flush`]) right
+    /// after: the flusher is not woken for them (see [`crate::hold`]).
+    pub fn on_dns_then_flush(&self, resp: DnsResponse, at: Instant) -> bool {
+        self.lock().on_dns(resp, at, Instant::now())
+    }
+
     /// The Kubernetes state has been listed in full: the flows an earlier run left are judged against
     /// it (pod gone, rule changed) once they have been read.
     pub fn synced(&self) {
@@ -288,6 +297,13 @@ impl<P: FlowProgrammer> Engine<P> {
     /// The pods whose DNS responses should be held (see [`crate::hold`]).
     pub fn held_pods(&self) -> Vec<HeldPod> {
         self.lock().held_pods()
+    }
+
+    /// How many bundles OVS has taken from this engine: a change means its flow tables changed.
+    pub fn commits(&self) -> u64 {
+        self.inner
+            .commits
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Changes whenever someone else (ovn-controller, reconnecting) deleted flowd's grants from
@@ -470,6 +486,11 @@ impl<P: FlowProgrammer> Engine<P> {
         let started = Instant::now();
         let result = self.inner.programmer.apply(ops).await;
         self.inner.metrics.batch(started.elapsed(), result.is_ok());
+        if result.is_ok() {
+            self.inner
+                .commits
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
         // A refused flow is OVS answering: only an OVS that does not answer makes flowd not alive.
         let reached = match &result {
             Ok(()) => Ok(()),

@@ -1,8 +1,9 @@
 //! Held DNS responses: what flowd does with a pod's DNS response that OVS paused on its way to the
 //! pod (an `NXT_PACKET_IN2` with a continuation, from flowd's own controller id). The answer goes to
 //! the engine exactly as a tapd event would; when it needs grants that are not in OVS yet, they are
-//! written first, and only then is the packet resumed, so the pod's first packet to the answer finds
-//! its flow. The response is resumed exactly once, whatever happens: at once when it needs nothing
+//! written first, then ovs-vswitchd's revalidators finish a round over the datapath's cached flows
+//! (a drop cached for that traffic before the grant would catch the pod's next packet until then),
+//! and only then is the packet resumed, so the pod's first packet to the answer finds its flow. The response is resumed exactly once, whatever happens: at once when it needs nothing
 //! (not a DNS response, not NOERROR, no rule), after the grants otherwise (even when another batch
 //! already took them: an earlier answer for the same name), and at the deadline at the latest
 //! (counted), so that flowd never breaks DNS. Beyond [`HoldRate`] or [`MAX_HELD`] a response goes on
@@ -17,6 +18,7 @@ use crate::{
     ovs::{
         flow::{POD_MASK, PREFIX_MASK},
         native::CONTROLLER_ID,
+        unixctl::Revalidation,
         Cookie, FlowOp, FlowProgrammer, HoldSpec, Native,
     },
 };
@@ -83,6 +85,12 @@ const IDENTITY: &str = "br-int";
 /// holder's ordering can be tested against the recording bridge).
 pub trait Resumer: Send + Sync + 'static {
     fn resume(&self, held: &PacketIn2) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// Asks OVS to say when its datapath has been revalidated against the flow tables as they are
+    /// from now on ([`Revalidation`]); `None` where there is no such thing to wait for.
+    fn revalidation(&self) -> impl Future<Output = Option<Revalidation>> + Send {
+        std::future::ready(None)
+    }
 }
 
 /// Where a hold flow sits in OVN's delivery table: above OVN's per-port flow (100), below anything
@@ -363,6 +371,10 @@ impl Resumer for Engine<Native> {
     async fn resume(&self, held: &PacketIn2) -> Result<(), String> {
         Resumer::resume(self.programmer(), held).await
     }
+
+    async fn revalidation(&self) -> Option<Revalidation> {
+        Resumer::revalidation(self.programmer()).await
+    }
 }
 
 /// What the holder counts.
@@ -522,33 +534,28 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
         self.resume(&held, now).await;
     }
 
-    /// One held response: its answer to the engine, its grants written (within the deadline), then
-    /// the resume, exactly once.
+    /// One held response: its answer to the engine, its grants written and in effect in the
+    /// datapath (within the deadline), then the resume, exactly once.
     pub async fn handle(&self, held: PacketIn2) {
         let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + self.deadline);
         match packet::response(&held.packet, IDENTITY, SystemTime::now()) {
             Ok((response, _)) => {
+                let commits = self.engine.commits();
                 // Not `has_pending_changes`: the flusher may have taken this answer's grants (or
                 // those of an earlier answer for the same name) into a batch still in flight, and
                 // only a flush, which waits for that batch, knows when they are in OVS.
-                if self.engine.on_dns(response, started) {
-                    // The write goes on in its own task past the deadline: a batch dropped halfway
-                    // would be lost (the engine's flush is not cancel-safe).
-                    let engine = self.engine.clone();
-                    let writing = tokio::spawn(async move { engine.flush().await });
-                    match tokio::time::timeout(self.deadline, writing).await {
-                        Ok(Ok(Ok(()))) => {}
-                        Ok(Ok(Err(error))) => {
-                            tracing::debug!(%error, "held response's grants not written; sending it on")
-                        }
-                        Ok(Err(error)) => {
-                            tracing::warn!(%error, "writing a held response's grants failed; sending it on")
-                        }
-                        Err(_) => {
-                            self.metrics.deadline_misses.inc();
-                            tracing::debug!(deadline = ?self.deadline,
-                                "held response's grants not in OVS at the deadline; sending it on");
-                        }
+                if self.engine.on_dns_then_flush(response, started) {
+                    // Asked before this flush commits the grants, so that the round it waits
+                    // for is one that saw them. (The flusher, not woken for this answer, may
+                    // still commit them first in a batch of its own: then the wait may last
+                    // until OVS's next periodic round, which the deadline cuts short.)
+                    let revalidation = self.resumer.revalidation().await;
+                    let in_time = self.write(deadline).await
+                        && (self.engine.commits() == commits
+                            || Self::revalidated(revalidation, deadline).await);
+                    if !in_time {
+                        self.metrics.deadline_misses.inc();
                     }
                 }
             }
@@ -558,6 +565,51 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
             }
         }
         self.resume(&held, started).await;
+    }
+
+    /// Writes what is pending, by `deadline` at the latest; whether that was in time (a failed
+    /// write is: there is nothing more to wait for).
+    async fn write(&self, deadline: tokio::time::Instant) -> bool {
+        // The write goes on in its own task past the deadline: a batch dropped halfway would be
+        // lost (the engine's flush is not cancel-safe).
+        let engine = self.engine.clone();
+        let writing = tokio::spawn(async move { engine.flush().await });
+        match tokio::time::timeout_at(deadline, writing).await {
+            Ok(Ok(Ok(()))) => true,
+            Ok(Ok(Err(error))) => {
+                tracing::debug!(%error, "held response's grants not written; sending it on");
+                true
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "writing a held response's grants failed; sending it on");
+                true
+            }
+            Err(_) => {
+                tracing::debug!(deadline = ?self.deadline,
+                    "held response's grants not in OVS at the deadline; sending it on");
+                false
+            }
+        }
+    }
+
+    /// Waits, by `deadline` at the latest, until OVS's revalidators have checked the datapath's
+    /// cached flows against the new tables: a drop cached for this traffic a moment ago would
+    /// otherwise catch the pod's first packet though its grant is in. Whether that was in time.
+    async fn revalidated(
+        revalidation: Option<Revalidation>,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let Some(revalidation) = revalidation else {
+            return true;
+        };
+        match tokio::time::timeout_at(deadline, revalidation.done()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "cannot wait for OVS to revalidate; sending the held response on");
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     async fn resume(&self, held: &PacketIn2, since: Instant) {

@@ -13,6 +13,7 @@ mod ofctl;
 #[cfg(any(test, feature = "test-support"))]
 mod recording;
 pub mod template;
+pub mod unixctl;
 
 pub use discovery::PortKeys;
 pub use dryrun::DryRun;

@@ -162,6 +162,23 @@ impl crate::hold::Resumer for Native {
             .ok_or_else(|| "no OpenFlow connection to the bridge".to_string())?;
         resume(&tx, held).await.map_err(|e| e.to_string())
     }
+
+    /// `revalidator/wait` on ovs-vswitchd's control socket, beside the bridge's management socket.
+    async fn revalidation(&self) -> Option<super::unixctl::Revalidation> {
+        let rundir = self.socket.parent()?;
+        let started = async {
+            let socket = super::unixctl::vswitchd_socket(rundir)?;
+            super::unixctl::Revalidation::start(&socket).await
+        };
+        match started.await {
+            Ok(r) => Some(r),
+            Err(error) => {
+                tracing::debug!(%error, rundir = %rundir.display(),
+                    "cannot ask ovs-vswitchd to tell when it has revalidated");
+                None
+            }
+        }
+    }
 }
 
 fn io_error(error: std::io::Error) -> OvsError {
