@@ -384,6 +384,9 @@ pub struct HoldMetrics {
     pub resumed: Counter,
     /// Resumed at the deadline, before their grants were in OVS.
     pub deadline_misses: Counter,
+    /// Resumed at the deadline with their grants in OVS, before a revalidation round was seen to
+    /// end (the datapath may still hold a drop cached for the traffic).
+    pub revalidation_timeouts: Counter,
     /// Resumed at once because [`MAX_HELD`] were held already.
     pub unheld: Counter,
     /// Resumed at once because their pod or the node was over its [`HoldRate`].
@@ -400,6 +403,7 @@ impl HoldMetrics {
             held: Counter::default(),
             resumed: Counter::default(),
             deadline_misses: Counter::default(),
+            revalidation_timeouts: Counter::default(),
             unheld: Counter::default(),
             rate_limited: Counter::default(),
             unreadable: Counter::default(),
@@ -417,6 +421,11 @@ impl HoldMetrics {
             "dns_hold_deadline_misses",
             "Held DNS responses sent on at the deadline, before their grants were in OVS",
             &self.deadline_misses,
+        );
+        registry.counter(
+            "dns_hold_revalidation_timeouts",
+            "Held DNS responses sent on at the deadline with their grants in OVS, before OVS was seen to revalidate its datapath",
+            &self.revalidation_timeouts,
         );
         registry.counter(
             "dns_unheld",
@@ -551,11 +560,12 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
                     // still commit them first in a batch of its own: then the wait may last
                     // until OVS's next periodic round, which the deadline cuts short.)
                     let revalidation = self.resumer.revalidation().await;
-                    let in_time = self.write(deadline).await
-                        && (self.engine.commits() == commits
-                            || Self::revalidated(revalidation, deadline).await);
-                    if !in_time {
+                    if !self.write(deadline).await {
                         self.metrics.deadline_misses.inc();
+                    } else if self.engine.commits() != commits
+                        && !Self::revalidated(revalidation, deadline).await
+                    {
+                        self.metrics.revalidation_timeouts.inc();
                     }
                 }
             }
