@@ -282,10 +282,20 @@ impl<P: FlowProgrammer> Engine<P> {
         justifies
     }
 
-    /// [`Engine::on_dns`] for a caller that writes the changes itself ([`Engine::flush`]) right
-    /// after: the flusher is not woken for them (see [`crate::hold`]).
+    /// [`Engine::on_dns`] for a caller that writes the changes itself right after, with
+    /// [`Engine::flush_then_hand_over`]: the flusher is not woken for them (see [`crate::hold`]).
     pub fn on_dns_then_flush(&self, resp: DnsResponse, at: Instant) -> bool {
         self.lock().on_dns(resp, at, Instant::now())
+    }
+
+    /// [`Engine::flush`], then what it left pending (OVS failed, no port keys yet) goes to the
+    /// flusher: for changes made without waking it ([`Engine::on_dns_then_flush`]).
+    pub async fn flush_then_hand_over(&self) -> Result<(), EngineError> {
+        let result = self.flush().await;
+        if self.has_pending_changes() {
+            self.inner.wake.notify_one();
+        }
+        result
     }
 
     /// The Kubernetes state has been listed in full: the flows an earlier run left are judged against

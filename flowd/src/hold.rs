@@ -583,7 +583,7 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
         // The write goes on in its own task past the deadline: a batch dropped halfway would be
         // lost (the engine's flush is not cancel-safe).
         let engine = self.engine.clone();
-        let writing = tokio::spawn(async move { engine.flush().await });
+        let writing = tokio::spawn(async move { engine.flush_then_hand_over().await });
         match tokio::time::timeout_at(deadline, writing).await {
             Ok(Ok(Ok(()))) => true,
             Ok(Ok(Err(error))) => {
@@ -934,6 +934,32 @@ mod tests {
                 false,
                 "DNS responses are not held: flowd runs with --hold=false".into()
             )
+        );
+    }
+
+    /// The holder's own write fails (OVS refuses the bundle once): the grant is not lost, the
+    /// engine's flusher, which the held answer did not wake, writes it.
+    #[tokio::test]
+    async fn a_grant_the_holders_write_could_not_make_goes_to_the_flusher() {
+        let (holder, _recorder, bridge) = setup(Duration::ZERO);
+        let running = tokio::spawn(bridge.clone().run());
+        let until = Instant::now() + Duration::from_secs(5);
+        // The first reconcile (which flushes too) is behind; the flusher waits for a change.
+        while bridge.metrics_snapshot().reconciles == 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        bridge.programmer().fail_next(1);
+        holder
+            .handle(held([10, 244, 1, 5], "www.example.com.", [192, 0, 2, 7], 1))
+            .await;
+        while bridge.programmer().flows().is_empty() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        running.abort();
+        assert!(
+            !bridge.programmer().flows().is_empty(),
+            "the grant stayed pending"
         );
     }
 
