@@ -404,9 +404,23 @@ pub fn tapd_tls_args(dir: &Path) -> Vec<String> {
 /// The tapd binary of this workspace, built (or found up to date) once per test run. Another
 /// package's tests cannot name it with `CARGO_BIN_EXE_tapd`, so cargo is asked for it: the same
 /// profile as the running test, in the same target directory.
+///
+/// `DNSFLOW_TAPD_BIN` names a binary to use instead. `scripts/test` sets it to the tapd that its
+/// `cargo test --workspace` has just built for tapd's own tests: `cargo build -p tapd` alone resolves
+/// other features for tapd's dependencies and would build most of them a second time, which costs
+/// a CI machine minutes and gigabytes.
 pub fn tapd_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("DNSFLOW_TAPD_BIN") {
+            let bin = PathBuf::from(bin);
+            assert!(
+                bin.is_file(),
+                "DNSFLOW_TAPD_BIN names no file: {}",
+                bin.display()
+            );
+            return bin;
+        }
         let exe = std::env::current_exe().unwrap();
         // target/<profile>/deps/<test>-<hash>
         let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
