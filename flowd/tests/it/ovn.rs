@@ -831,6 +831,79 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     Ok(())
 }
 
+/// CoreDNS on another node: the query leaves through the Geneve tunnel, the load balancer's DNAT
+/// committed in the pod's conntrack zone here; the reply comes back in Geneve straight into this
+/// node's switch's egress pipeline (node2 ran the ingress ones), is un-NATed in that zone, and meets
+/// the same hold flow in the delivery table as a local CoreDNS's reply: held, granted, resumed.
+async fn a_dns_reply_from_another_node_over_geneve_is_held_too(ovn: Ovn) -> Result<()> {
+    use crate::sandbox::{dns_answer, Udp, KUBE_DNS_VIP, ROUTER_MAC};
+    let (sb, pod1, dns) = block_in_place(|| -> Result<_> {
+        let (sb, pod1) = one_pod(ovn)?;
+        let dns = sb.add_remote_dns_server()?;
+        Ok((sb, pod1, dns))
+    })?;
+    let native = sb.native();
+    let packet_ins = native.packet_ins();
+    let (engine, task) = holding_engine(native, google(), &[&pod1]).await?;
+    let mut holds = flowd::hold::HoldFlows::new(engine.clone(), Duration::from_secs(30));
+    assert_eq!(holds.refresh().await.map_err(anyhow::Error::msg)?, 1);
+    let metrics = spawn_holder(&engine, packet_ins);
+
+    let vip = ip(KUBE_DNS_VIP);
+    let query = Udp {
+        dl_dst: ROUTER_MAC,
+        dst: vip,
+        src_port: 40000,
+        dst_port: 53,
+    };
+    let (sent, received) = block_in_place(|| -> Result<_> {
+        let sent = sb.underlay_sent(&dns)?;
+        let received = sb.port_stats(&pod1)?.tx;
+        sb.send_udp(&pod1, &query)?;
+        Ok((sent, received))
+    })?;
+    poll(Duration::from_secs(10), || {
+        block_in_place(|| sb.underlay_sent(&dns)).is_ok_and(|n| n == sent + 1)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the query did not leave through the tunnel: {e}"))?;
+
+    let answer = IpAddr::from([142, 250, 9, 9]);
+    assert_eq!(block_in_place(|| sb.trace(&pod1, answer, TCP443))?, Dropped);
+    block_in_place(|| {
+        let payload = dns_answer("www.google.com.", [142, 250, 9, 9].into())?;
+        sb.send_from_remote_dns(&dns, &pod1, 40000, &payload)
+    })?;
+    poll(Duration::from_secs(10), || {
+        metrics.resumed.get() == 1
+            && block_in_place(|| sb.port_stats(&pod1)).is_ok_and(|s| s.tx == received + 1)
+    })
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "the reply was not held and delivered: {e}; held {}, resumed {}",
+            metrics.held.get(),
+            metrics.resumed.get()
+        )
+    })?;
+    assert_eq!(
+        (
+            metrics.held.get(),
+            metrics.deadline_misses.get(),
+            metrics.unreadable.get()
+        ),
+        (1, 0, 0)
+    );
+    assert_eq!(
+        block_in_place(|| sb.trace(&pod1, answer, TCP443))?,
+        Forwarded,
+        "granted before the pod had its answer"
+    );
+    holds.clear().await.map_err(anyhow::Error::msg)?;
+    task.abort();
+    Ok(())
+}
+
 /// An engine on this node's `pods` under `rules`, running, once it has learned the template and
 /// holds exactly one pod (the first).
 async fn holding_engine<P: flowd::ovs::FlowProgrammer>(
@@ -1661,6 +1734,7 @@ on_every_ovn!(
     the_template_and_pod_keys_are_learned_from_ovn,
     the_native_driver_writes_what_ovs_ofctl_writes,
     a_held_dns_reply_reaches_the_pod_after_its_grant,
+    a_dns_reply_from_another_node_over_geneve_is_held_too,
     ovn_controllers_own_packet_ins_work_beside_the_hold,
     a_stalled_grant_write_lets_the_held_reply_go_at_the_deadline,
     with_nothing_to_learn_from_nothing_is_installed,

@@ -13,7 +13,9 @@
 //! Beside it, as on a real node: NetworkPolicy ACLs in tier 2 (every namespace's pods may egress, a
 //! from-lport ACL after the load balancer; a namespace may deny ingress, to-lport on `outport`) and an
 //! AdminNetworkPolicy-like deny in tier 1. [`Sandbox::trace`] is the oracle: `ofproto/trace` of a
-//! packet from a pod, read from the last conntrack pass.
+//! packet from a pod, read from the last conntrack pass. [`Sandbox::add_remote_dns_server`] adds a
+//! second node, known to this one only through the southbound database, whose CoreDNS answers in
+//! Geneve through a real (userspace) tunnel port.
 //!
 //! All tools get the sandbox's `OVS_RUNDIR`/`OVN_RUNDIR` in their own environment (never this process's),
 //! and [`Sandbox::ofctl`] hands the same to flowd's programmer, which runs the host's `ovs-ofctl`
@@ -60,6 +62,20 @@ const CLUSTER_SUBNET_V4: &str = "10.244.0.0/16";
 const CLUSTER_SUBNET_V6: &str = "fd00:10:244::/48";
 /// The kube-dns Service's ClusterIP (kind's), a load balancer on the node switch...
 pub const KUBE_DNS_VIP: &str = "10.96.0.10";
+/// The second node of [`Sandbox::add_remote_dns_server`]: its chassis, its switch's router port
+/// and pod subnet, and its address on the underlay (this node's is [`UNDERLAY_LOCAL`]).
+const NODE2: &str = "node2";
+const NODE2_ROUTER_MAC: &str = "0a:58:0a:f4:02:01";
+const NODE2_SUBNET_V4: &str = "10.244.2.1/24";
+const NODE2_SUBNET_V6: &str = "fd00:10:244:2::1/64";
+const UNDERLAY_LOCAL: &str = "192.168.0.1";
+const UNDERLAY_REMOTE: &str = "192.168.0.2";
+const UNDERLAY_PREFIX: &str = "192.168.0.0/24";
+const UNDERLAY_REMOTE_MAC: &str = "0a:58:c0:a8:00:02";
+/// Geneve's UDP port, and OVN's option in it: class 0x0102, type 0x80 (critical), 4 bytes.
+const GENEVE_PORT: u16 = 6081;
+const OVN_GENEVE_CLASS: u16 = 0x0102;
+const OVN_GENEVE_TYPE: u8 = 0x80;
 /// ...whose one backend is the pod [`Sandbox::add_dns_server`] adds, at `10.244.1.<this>`.
 pub const KUBE_DNS_HOST: u8 = 250;
 /// How long to wait for a daemon or ovn-controller to catch up before failing the test.
@@ -378,22 +394,24 @@ pub struct Pod {
 /// An Ethernet/IPv4/UDP frame from `from` to `to` (their MACs and IPv4 addresses), checksums
 /// included, with source and destination `ports`, carrying `payload`; for [`Sandbox::send_frames`].
 pub fn udp_frame(from: &Pod, to: &Pod, ports: (u16, u16), payload: &[u8]) -> Result<Vec<u8>> {
-    let mac = |m: &str| -> Result<[u8; 6]> {
-        let b: Vec<u8> = m
-            .split(':')
-            .map(|h| u8::from_str_radix(h, 16))
-            .collect::<Result<_, _>>()?;
-        b.try_into().map_err(|_| anyhow::anyhow!("MAC {m}"))
-    };
     let (IpAddr::V4(src), IpAddr::V4(dst)) = (from.ipv4, to.ipv4) else {
         bail!("{} or {} has no IPv4 address", from.key, to.key);
     };
-    let builder = etherparse::PacketBuilder::ethernet2(mac(&from.mac)?, mac(&to.mac)?)
+    let builder = etherparse::PacketBuilder::ethernet2(mac_bytes(&from.mac)?, mac_bytes(&to.mac)?)
         .ipv4(src.octets(), dst.octets(), 64)
         .udp(ports.0, ports.1);
     let mut frame = Vec::with_capacity(builder.size(payload.len()));
     builder.write(&mut frame, payload)?;
     Ok(frame)
+}
+
+/// `0a:58:...` as bytes.
+fn mac_bytes(m: &str) -> Result<[u8; 6]> {
+    let b: Vec<u8> = m
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16))
+        .collect::<Result<_, _>>()?;
+    b.try_into().map_err(|_| anyhow::anyhow!("MAC {m}"))
 }
 
 /// A DNS response: `qname` A `ip`, TTL 300.
@@ -459,6 +477,18 @@ impl Pod {
             node: Sandbox::NODE.into(),
         }
     }
+}
+
+/// A CoreDNS pod on a second node ([`Sandbox::add_remote_dns_server`]): the kube-dns load balancer's
+/// only backend, reached from this node's pods through a Geneve tunnel.
+#[derive(Debug)]
+pub struct RemoteDns {
+    pub key: PodKey,
+    pub ipv4: IpAddr,
+    /// br-phys's MAC, where the remote node sends this node's tunnel packets.
+    local_mac: String,
+    /// The underlay wire's port on br-phys.
+    wire_ofport: u32,
 }
 
 /// One OVN node; see the module doc.
@@ -575,7 +605,8 @@ impl Sandbox {
         let logfile = format!("--log-file={}", p("ovs-vswitchd.log"));
         let mut vswitchd = vec![db.as_str(), "--detach", "--no-chdir", &pidfile, &logfile];
         if sb.netdev.is_none() {
-            vswitchd.push("--enable-dummy=override");
+            // Dummy datapath and ports, but real (userspace) tunnel ports: see add_remote_dns_server.
+            vswitchd.push("--enable-dummy");
         }
         sb.run("ovs-vswitchd", &vswitchd)?;
         let datapath = if sb.netdev.is_some() {
@@ -1216,6 +1247,196 @@ impl Sandbox {
         self.add_pod("kube-system", "coredns", KUBE_DNS_HOST)
     }
 
+    /// Makes a second node and a CoreDNS pod on it, `kube-system/coredns-node2`, the kube-dns load
+    /// balancer's only backend from then on; queries to [`KUBE_DNS_VIP`] leave this node in Geneve.
+    ///
+    /// As OVN-K builds it: `node2`'s switch on the cluster router, the pod's logical port bound to
+    /// chassis `node2`. That chassis is only a row in the southbound database (no ovn-controller runs
+    /// for it); this node's ovn-controller makes the tunnel to it, a real (userspace) Geneve port whose
+    /// underlay is `br-phys` ([`UNDERLAY_LOCAL`]) with one dummy port for the wire. What node2 sends
+    /// back, [`Sandbox::send_from_remote_dns`] puts on that wire. Dummy datapath only.
+    pub fn add_remote_dns_server(&self) -> Result<RemoteDns> {
+        if self.netdev.is_some() {
+            bail!("a remote node is made on the dummy datapath only");
+        }
+        let appctl = |args: &[&str]| self.run("ovs-appctl", args);
+        self.vsctl(&[
+            "add-br",
+            "br-phys",
+            "--",
+            "set",
+            "bridge",
+            "br-phys",
+            "datapath_type=dummy",
+            "--",
+            "add-port",
+            "br-phys",
+            "wire",
+            "--",
+            "set",
+            "interface",
+            "wire",
+            "type=dummy",
+        ])?;
+        appctl(&[
+            "netdev-dummy/ip4addr",
+            "br-phys",
+            &format!("{UNDERLAY_LOCAL}/24"),
+        ])?;
+        appctl(&["ovs/route/add", UNDERLAY_PREFIX, "br-phys"])?;
+        appctl(&[
+            "tnl/neigh/set",
+            "br-phys",
+            UNDERLAY_REMOTE,
+            UNDERLAY_REMOTE_MAC,
+        ])?;
+        self.vsctl(&[
+            "set",
+            "open_vswitch",
+            ".",
+            &format!("external_ids:ovn-encap-ip={UNDERLAY_LOCAL}"),
+        ])?;
+
+        let key = PodKey::new("kube-system", "coredns-node2");
+        let iface = key.iface_id();
+        let ipv4: IpAddr = format!("10.244.2.{KUBE_DNS_HOST}").parse()?;
+        let nb = |args: &[&str]| self.nbctl(args);
+        let rtos = format!("rtos-{NODE2}");
+        let stor = format!("stor-{NODE2}");
+        nb(&["ls-add", NODE2])?;
+        nb(&[
+            "lrp-add",
+            "ovn_cluster_router",
+            &rtos,
+            NODE2_ROUTER_MAC,
+            NODE2_SUBNET_V4,
+            NODE2_SUBNET_V6,
+        ])?;
+        nb(&[
+            "lsp-add",
+            NODE2,
+            &stor,
+            "--",
+            "lsp-set-type",
+            &stor,
+            "router",
+            "--",
+            "lsp-set-addresses",
+            &stor,
+            "router",
+            "--",
+            "lsp-set-options",
+            &stor,
+            &format!("router-port={rtos}"),
+        ])?;
+        nb(&[
+            "lsp-add",
+            NODE2,
+            &iface,
+            "--",
+            "lsp-set-addresses",
+            &iface,
+            &format!("0a:58:0a:f4:02:{KUBE_DNS_HOST:02x} {ipv4}"),
+        ])?;
+        nb(&[
+            "set",
+            "load_balancer",
+            "kube-dns",
+            &format!("vips:\"{KUBE_DNS_VIP}:53\"=\"{ipv4}:53\""),
+        ])?;
+        self.sync()?;
+        self.sbctl(&["chassis-add", NODE2, "geneve", UNDERLAY_REMOTE])?;
+        self.sbctl(&["lsp-bind", &iface, NODE2])?;
+        self.sync()?;
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while self
+            .vsctl(&[
+                "--bare",
+                "--columns=ofport",
+                "find",
+                "interface",
+                "type=geneve",
+            ])?
+            .trim()
+            .parse::<i64>()
+            .map_or(true, |p| p <= 0)
+        {
+            if Instant::now() > deadline {
+                bail!(
+                    "ovn-controller made no tunnel to {NODE2}\n{}",
+                    self.diagnosis()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let local_mac = self
+            .vsctl(&["get", "interface", "br-phys", "mac_in_use"])?
+            .trim()
+            .trim_matches('"')
+            .to_owned();
+        let wire_ofport = self
+            .vsctl(&["get", "interface", "wire", "ofport"])?
+            .trim()
+            .parse()?;
+        Ok(RemoteDns {
+            key,
+            ipv4,
+            local_mac,
+            wire_ofport,
+        })
+    }
+
+    /// Packets this node has put on the underlay's wire: what it sent node2 through the tunnel.
+    pub fn underlay_sent(&self, dns: &RemoteDns) -> Result<u64> {
+        Ok(self.bridge_port_stats("br-phys", dns.wire_ofport)?.tx)
+    }
+
+    /// Node2's CoreDNS answers `to` (from UDP port 53 to `to_port`) with `payload`, as OVN on node2
+    /// sends it: through node2's switch, the router and this node's switch there (so from the router's
+    /// MAC), then in Geneve to this node, the VNI naming this node's switch and OVN's option its
+    /// logical ingress (the router port) and egress (`to`'s) ports; received on the underlay's wire.
+    pub fn send_from_remote_dns(
+        &self,
+        dns: &RemoteDns,
+        to: &Pod,
+        to_port: u16,
+        payload: &[u8],
+    ) -> Result<()> {
+        let (IpAddr::V4(src), IpAddr::V4(dst)) = (dns.ipv4, to.ipv4) else {
+            bail!("{} or {} has no IPv4 address", dns.key, to.key);
+        };
+        let inner =
+            etherparse::PacketBuilder::ethernet2(mac_bytes(ROUTER_MAC)?, mac_bytes(&to.mac)?)
+                .ipv4(src.octets(), dst.octets(), 63)
+                .udp(53, to_port);
+        let ingress = self.port_key(&format!("stor-{}", Self::NODE))?;
+        let egress = self.port_key(&to.key.iface_id())?;
+        let mut geneve = Vec::with_capacity(16 + inner.size(payload.len()));
+        // Version 0, 2 words of options; the critical-option flag; Transparent Ethernet Bridging.
+        geneve.extend_from_slice(&[0x02, 0x40, 0x65, 0x58]);
+        geneve.extend_from_slice(&(self.switch_key()? << 8).to_be_bytes());
+        geneve.extend_from_slice(&OVN_GENEVE_CLASS.to_be_bytes());
+        geneve.extend_from_slice(&[OVN_GENEVE_TYPE, 1]);
+        geneve.extend_from_slice(&((ingress << 16) | egress).to_be_bytes());
+        inner.write(&mut geneve, payload)?;
+        let outer = etherparse::PacketBuilder::ethernet2(
+            mac_bytes(UNDERLAY_REMOTE_MAC)?,
+            mac_bytes(&dns.local_mac)?,
+        )
+        .ipv4(
+            UNDERLAY_REMOTE.parse::<std::net::Ipv4Addr>()?.octets(),
+            UNDERLAY_LOCAL.parse::<std::net::Ipv4Addr>()?.octets(),
+            64,
+        )
+        .udp(49152, GENEVE_PORT);
+        let mut frame = Vec::with_capacity(outer.size(geneve.len()));
+        outer.write(&mut frame, &geneve)?;
+        let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+        self.run("ovs-appctl", &["netdev-dummy/receive", "wire", &hex])
+            .map(drop)
+    }
+
     /// Deletes a pod's logical and OVS ports and makes them again, as a pod recreated under the same
     /// name: same iface-id and addresses, a new OVS port and a new logical port key (a filler port
     /// takes the old key first).
@@ -1441,7 +1662,11 @@ impl Sandbox {
 
     /// The packet counters of `pod`'s OVS port.
     pub fn port_stats(&self, pod: &Pod) -> Result<PortStats> {
-        let out = self.ofctl_cmd(&["dump-ports", "br-int", &pod.ofport.to_string()])?;
+        self.bridge_port_stats("br-int", pod.ofport)
+    }
+
+    fn bridge_port_stats(&self, bridge: &str, ofport: u32) -> Result<PortStats> {
+        let out = self.ofctl_cmd(&["dump-ports", bridge, &ofport.to_string()])?;
         let count = |dir: &str| {
             out.split(&format!("{dir} pkts="))
                 .nth(1)
