@@ -343,9 +343,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let rundir = std::env::var_os("OVS_RUNDIR").map(std::path::PathBuf::from);
     let socket = Native::socket_path(rundir.as_deref(), bridge);
     let programmer = Native::new(ofctl, socket.clone(), args.engine.ovs_timeout);
-    // Held responses reach the holder from the first connection on.
-    let packet_ins =
-        (args.ovs_driver == OvsDriver::Native && args.hold).then(|| programmer.packet_ins());
+    // Whether flowd holds DNS responses, decided once; held responses reach the holder from the
+    // first connection on.
+    let hold_off = match (args.ovs_driver, args.hold) {
+        (OvsDriver::Ofctl, _) => Some("ovs-ofctl cannot hold packets (--ovs-driver ofctl)"),
+        (_, false) => Some("flowd runs with --hold=false"),
+        (OvsDriver::Native, true) => None,
+    };
+    let packet_ins = hold_off.is_none().then(|| programmer.packet_ins());
     match args.ovs_driver {
         OvsDriver::Ofctl => programmer.disable(),
         OvsDriver::Native => match programmer.connect().await {
@@ -355,13 +360,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         },
     }
     let engine = Engine::new(args.engine.clone(), programmer);
-    let hold = Arc::new(match (args.ovs_driver, args.hold) {
-        (OvsDriver::Ofctl, _) => {
-            HoldReport::off("ovs-ofctl cannot hold packets (--ovs-driver ofctl)")
-        }
-        (_, false) => HoldReport::off("flowd runs with --hold=false"),
-        (OvsDriver::Native, true) => HoldReport::on(args.hold_deadline),
-    });
+    let hold =
+        Arc::new(hold_off.map_or_else(|| HoldReport::on(args.hold_deadline), HoldReport::off));
     let status = Arc::new(Status::with_hold(hold.clone()));
     tracing::info!(node = %args.node_name, grpc = %args.grpc_listen, metrics = %args.metrics_listen, "flowd starting");
     let (stop_tx, stop_rx) = signal::channel(false);
