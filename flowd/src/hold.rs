@@ -3,7 +3,8 @@
 //! the engine exactly as a tapd event would; when it needs grants that are not in OVS yet, they are
 //! written first, then ovs-vswitchd's revalidators finish a round over the datapath's cached flows
 //! (a drop cached for that traffic before the grant would catch the pod's next packet until then),
-//! and only then is the packet resumed, so the pod's first packet to the answer finds its flow. The response is resumed exactly once, whatever happens: at once when it needs nothing
+//! and only then is the packet resumed, so the pod's first packet to the answer finds its flow. The
+//! response is resumed exactly once, whatever happens: at once when it needs nothing
 //! (not a DNS response, not NOERROR, no rule), after the grants otherwise (even when another batch
 //! already took them: an earlier answer for the same name), and at the deadline at the latest
 //! (counted), so that flowd never breaks DNS. Beyond [`HoldRate`] or [`MAX_HELD`] a response goes on

@@ -604,16 +604,14 @@ impl Sandbox {
         let pidfile = format!("--pidfile={}", p("ovs-vswitchd.pid"));
         let logfile = format!("--log-file={}", p("ovs-vswitchd.log"));
         let mut vswitchd = vec![db.as_str(), "--detach", "--no-chdir", &pidfile, &logfile];
-        if sb.netdev.is_none() {
-            // Dummy datapath and ports, but real (userspace) tunnel ports: see add_remote_dns_server.
-            vswitchd.push("--enable-dummy");
-        }
-        sb.run("ovs-vswitchd", &vswitchd)?;
         let datapath = if sb.netdev.is_some() {
             "datapath_type=netdev"
         } else {
+            // Dummy datapath and ports, but real (userspace) tunnel ports: see add_remote_dns_server.
+            vswitchd.push("--enable-dummy");
             "datapath_type=dummy"
         };
+        sb.run("ovs-vswitchd", &vswitchd)?;
         sb.run(
             "ovn-northd",
             &[
@@ -896,58 +894,20 @@ impl Sandbox {
         let nb = |args: &[&str]| self.nbctl(args);
         nb(&["ls-add", "node1"])?;
         nb(&["lr-add", "ovn_cluster_router"])?;
-        nb(&[
-            "lrp-add",
-            "ovn_cluster_router",
-            "rtos-node1",
-            ROUTER_MAC,
-            NODE_SUBNET_V4,
-            NODE_SUBNET_V6,
-        ])?;
-        nb(&[
-            "lsp-add",
+        self.attach_to_router(
             "node1",
-            "stor-node1",
-            "--",
-            "lsp-set-type",
-            "stor-node1",
-            "router",
-            "--",
-            "lsp-set-addresses",
-            "stor-node1",
-            "router",
-            "--",
-            "lsp-set-options",
-            "stor-node1",
-            "router-port=rtos-node1",
-        ])?;
+            ("rtos-node1", "stor-node1"),
+            ROUTER_MAC,
+            &[NODE_SUBNET_V4, NODE_SUBNET_V6],
+        )?;
         // The exit: a second switch with one plain port the default routes point at.
         nb(&["ls-add", "ext"])?;
-        nb(&[
-            "lrp-add",
-            "ovn_cluster_router",
-            "rtoe",
-            "0a:58:64:40:00:01",
-            "100.64.0.1/16",
-            "fd98::1/64",
-        ])?;
-        nb(&[
-            "lsp-add",
+        self.attach_to_router(
             "ext",
-            "etor",
-            "--",
-            "lsp-set-type",
-            "etor",
-            "router",
-            "--",
-            "lsp-set-addresses",
-            "etor",
-            "router",
-            "--",
-            "lsp-set-options",
-            "etor",
-            "router-port=rtoe",
-        ])?;
+            ("rtoe", "etor"),
+            "0a:58:64:40:00:01",
+            &["100.64.0.1/16", "fd98::1/64"],
+        )?;
         nb(&[
             "lsp-add",
             "ext",
@@ -989,6 +949,39 @@ impl Sandbox {
             self.add_ovs_port("exthost")?;
         }
         self.sync()
+    }
+
+    /// Puts `switch` on the cluster router: router port `ports.0` with `mac` and `networks`, and its
+    /// peer `ports.1` on the switch.
+    fn attach_to_router(
+        &self,
+        switch: &str,
+        (lrp, lsp): (&str, &str),
+        mac: &str,
+        networks: &[&str],
+    ) -> Result<()> {
+        let mut add = vec!["lrp-add", "ovn_cluster_router", lrp, mac];
+        add.extend_from_slice(networks);
+        self.nbctl(&add)?;
+        let peer = format!("router-port={lrp}");
+        self.nbctl(&[
+            "lsp-add",
+            switch,
+            lsp,
+            "--",
+            "lsp-set-type",
+            lsp,
+            "router",
+            "--",
+            "lsp-set-addresses",
+            lsp,
+            "router",
+            "--",
+            "lsp-set-options",
+            lsp,
+            &peer,
+        ])
+        .map(drop)
     }
 
     /// Adds an ACL to a port group with `options` (`--tier=N` first, dropped where this OVN has no
@@ -1051,16 +1044,27 @@ impl Sandbox {
         args.extend(kind);
         args.push(&iface);
         self.vsctl(&args)?;
+        let ofport = self.ofport(&["get", "interface", &name, "ofport"])?;
+        Ok((name, ofport))
+    }
+
+    /// The OpenFlow port of the interface `query` (`ovs-vsctl` arguments printing its `ofport`)
+    /// names, once ovs-vswitchd has given it one.
+    fn ofport(&self, query: &[&str]) -> Result<u32> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let ofport = self.vsctl(&["get", "interface", &name, "ofport"])?;
+            let ofport = self.vsctl(query)?;
             if let Ok(p) = ofport.trim().parse::<i64>() {
                 if p > 0 {
-                    return Ok((name, u32::try_from(p)?));
+                    return Ok(u32::try_from(p)?);
                 }
             }
             if Instant::now() > deadline {
-                bail!("no ofport for {name}");
+                bail!(
+                    "no ofport for `ovs-vsctl {}`\n{}",
+                    query.join(" "),
+                    self.diagnosis()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -1304,31 +1308,12 @@ impl Sandbox {
         let rtos = format!("rtos-{NODE2}");
         let stor = format!("stor-{NODE2}");
         nb(&["ls-add", NODE2])?;
-        nb(&[
-            "lrp-add",
-            "ovn_cluster_router",
-            &rtos,
-            NODE2_ROUTER_MAC,
-            NODE2_SUBNET_V4,
-            NODE2_SUBNET_V6,
-        ])?;
-        nb(&[
-            "lsp-add",
+        self.attach_to_router(
             NODE2,
-            &stor,
-            "--",
-            "lsp-set-type",
-            &stor,
-            "router",
-            "--",
-            "lsp-set-addresses",
-            &stor,
-            "router",
-            "--",
-            "lsp-set-options",
-            &stor,
-            &format!("router-port={rtos}"),
-        ])?;
+            (&rtos, &stor),
+            NODE2_ROUTER_MAC,
+            &[NODE2_SUBNET_V4, NODE2_SUBNET_V6],
+        )?;
         nb(&[
             "lsp-add",
             NODE2,
@@ -1349,36 +1334,20 @@ impl Sandbox {
         self.sbctl(&["lsp-bind", &iface, NODE2])?;
         self.sync()?;
 
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while self
-            .vsctl(&[
-                "--bare",
-                "--columns=ofport",
-                "find",
-                "interface",
-                "type=geneve",
-            ])?
-            .trim()
-            .parse::<i64>()
-            .map_or(true, |p| p <= 0)
-        {
-            if Instant::now() > deadline {
-                bail!(
-                    "ovn-controller made no tunnel to {NODE2}\n{}",
-                    self.diagnosis()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        // The tunnel ovn-controller makes to node2.
+        self.ofport(&[
+            "--bare",
+            "--columns=ofport",
+            "find",
+            "interface",
+            "type=geneve",
+        ])?;
         let local_mac = self
             .vsctl(&["get", "interface", "br-phys", "mac_in_use"])?
             .trim()
             .trim_matches('"')
             .to_owned();
-        let wire_ofport = self
-            .vsctl(&["get", "interface", "wire", "ofport"])?
-            .trim()
-            .parse()?;
+        let wire_ofport = self.ofport(&["get", "interface", "wire", "ofport"])?;
         Ok(RemoteDns {
             key,
             ipv4,
@@ -1432,9 +1401,7 @@ impl Sandbox {
         .udp(49152, GENEVE_PORT);
         let mut frame = Vec::with_capacity(outer.size(geneve.len()));
         outer.write(&mut frame, &geneve)?;
-        let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
-        self.run("ovs-appctl", &["netdev-dummy/receive", "wire", &hex])
-            .map(drop)
+        self.receive("wire", &[frame])
     }
 
     /// Deletes a pod's logical and OVS ports and makes them again, as a pod recreated under the same
@@ -1651,11 +1618,16 @@ impl Sandbox {
     /// Puts the Ethernet frames on `pod`'s port, in order, as if the pod had sent them: one call
     /// (netdev-dummy queues at most 100 packets per port).
     pub fn send_frames(&self, pod: &Pod, frames: &[Vec<u8>]) -> Result<()> {
+        self.receive(&pod.port, frames)
+    }
+
+    /// `netdev-dummy/receive` of `frames` on OVS port `port`.
+    fn receive(&self, port: &str, frames: &[Vec<u8>]) -> Result<()> {
         let hex: Vec<String> = frames
             .iter()
             .map(|f| f.iter().map(|b| format!("{b:02x}")).collect())
             .collect();
-        let mut args = vec!["netdev-dummy/receive", pod.port.as_str()];
+        let mut args = vec!["netdev-dummy/receive", port];
         args.extend(hex.iter().map(String::as_str));
         self.run("ovs-appctl", &args).map(drop)
     }
