@@ -11,7 +11,10 @@ use crate::{
     event::DnsResponse,
 };
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use std::{net::IpAddr, time::SystemTime};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::SystemTime,
+};
 
 /// The DNS port: a response comes from it.
 pub const DNS_PORT: u16 = 53;
@@ -33,6 +36,17 @@ pub enum PacketError {
     Dns(#[from] DecodeError),
 }
 
+/// A DNS response read from a frame, with who sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub response: DnsResponse,
+    /// Addresses left out beyond the cap.
+    pub addresses_cut: usize,
+    /// The packet's source: the server that answered, as the pod sees it (after conntrack undid
+    /// a Service's DNAT, the Service's address and port).
+    pub server: SocketAddr,
+}
+
 /// The DNS response in `frame` and how many of its addresses were left out beyond the cap;
 /// `server_identity` names the responder (the packet says only its address), `now` is stamped as
 /// both the response and the decode time.
@@ -41,15 +55,22 @@ pub fn response(
     server_identity: &str,
     now: SystemTime,
 ) -> Result<(DnsResponse, usize), PacketError> {
+    reply(frame, server_identity, now).map(|r| (r.response, r.addresses_cut))
+}
+
+/// [`response`], with the address it came from.
+pub fn reply(frame: &[u8], server_identity: &str, now: SystemTime) -> Result<Reply, PacketError> {
     let sliced =
         SlicedPacket::from_ethernet(frame).map_err(|e| PacketError::Frame(e.to_string()))?;
-    let (client, fragmented) = match &sliced.net {
+    let (client, server, fragmented) = match &sliced.net {
         Some(NetSlice::Ipv4(ip)) => (
             IpAddr::V4(ip.header().destination_addr()),
+            IpAddr::V4(ip.header().source_addr()),
             ip.payload().fragmented,
         ),
         Some(NetSlice::Ipv6(ip)) => (
             IpAddr::V6(ip.header().destination_addr()),
+            IpAddr::V6(ip.header().source_addr()),
             ip.payload().fragmented,
         ),
         _ => return Err(PacketError::NotIp),
@@ -66,7 +87,11 @@ pub fn response(
     let (mut response, addresses_cut) = parse_response(udp.payload(), client, now)?;
     response.response_time = Some(now);
     response.server_identity = server_identity.to_owned();
-    Ok((response, addresses_cut))
+    Ok(Reply {
+        response,
+        addresses_cut,
+        server: SocketAddr::new(server, udp.source_port()),
+    })
 }
 
 #[cfg(test)]
@@ -114,6 +139,11 @@ mod tests {
         let now = SystemTime::now();
         let (r, cut) = response(&frame, "ovs", now).unwrap();
         assert_eq!(cut, 0);
+        assert_eq!(
+            reply(&frame, "ovs", now).unwrap().server,
+            "10.96.0.10:53".parse().unwrap(),
+            "the server is the packet's source"
+        );
         assert_eq!(r.client, IpAddr::from([10, 244, 1, 5]));
         assert_eq!(r.qname.as_str(), "www.example.com");
         assert_eq!(r.answers[0].ip, IpAddr::from([192, 0, 2, 7]));
@@ -135,8 +165,9 @@ mod tests {
             .udp(53, 40000);
         let mut frame = Vec::new();
         b.write(&mut frame, &payload).unwrap();
-        let (r, _) = response(&frame, "ovs", SystemTime::now()).unwrap();
-        assert_eq!(r.client, IpAddr::from([0xfe; 16]));
+        let r = reply(&frame, "ovs", SystemTime::now()).unwrap();
+        assert_eq!(r.response.client, IpAddr::from([0xfe; 16]));
+        assert_eq!(r.server, SocketAddr::new(IpAddr::from([0xfd; 16]), 53));
     }
 
     #[test]
