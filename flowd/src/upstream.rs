@@ -150,7 +150,9 @@ impl ClientTls {
 /// Why one subscription ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("connect: {0}")]
+    /// With every cause below tonic's own ("transport error" alone does not tell a wrong CA from
+    /// a tapd that proves another name).
+    #[error("connect: {}", causes(.0))]
     Connect(#[from] tonic::transport::Error),
     #[error("subscribe: {0}")]
     Status(#[from] tonic::Status),
@@ -158,6 +160,21 @@ pub enum SessionError {
     Timeout,
     #[error("TLS: {0}")]
     Tls(String),
+}
+
+/// `error` and each of its sources, `: `-separated, repeats left out.
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = e.source();
+    }
+    out
 }
 
 /// The subscriptions, one per tapd endpoint.
