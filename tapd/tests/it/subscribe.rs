@@ -144,6 +144,8 @@ async fn replay_subscribers_share_the_cache_instead_of_copying_it() {
         assert!(collect(&mut sub, 1).await[0].replayed);
         subs.push(sub);
     }
+    // Time, not an event: the replays run on as far as the slow readers let them, so that a copy
+    // made along the way, not at the subscription, would show too.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let grown = rss_kib().saturating_sub(before);
     assert!(
