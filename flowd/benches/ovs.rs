@@ -10,9 +10,14 @@
 //! - DNS response hold time (packet-in arrived → resumed, grants written in between), p50/p99, at 1,
 //!   100 and 1,000 responses/s, real query/reply packets through the sandbox's datapath;
 //! - a full reconcile of 100,000 flows (nothing to change; then after a wipe of all of them);
-//! - the engine's peak RSS (VmHWM) holding 100,000 flows, in a child process of its own.
+//! - the engine's peak RSS (VmHWM) holding 100,000 flows, in a child process of its own;
+//! - answer memory (`memory`, no sandbox needed): one pod resolves 100,000 distinct names its rule
+//!   allows, so past the per-pod cap every answer evicts a remembered one, while a second pod's
+//!   answers arrive on another thread; `Engine::on_dns` latency of each pod, p50/p99, lock wait
+//!   included.
 //!
-//! Run: `cargo bench -p flowd --bench ovs` (release build; prints the figures).
+//! Run: `cargo bench -p flowd --bench ovs` (release build; prints the figures). Arguments select
+//! cases by name: `-- memory` runs only the answer memory case, `-- sandbox` only the OVS ones.
 
 #![allow(clippy::unwrap_used)]
 
@@ -28,7 +33,7 @@ use flowd::{
     engine::Engine,
     hold::{HoldFlows, Holder, Resumer},
     model::PodInfo,
-    ovs::{flow, FlowEvent, Native, Ofctl},
+    ovs::{flow, FlowEvent, Native, Ofctl, Recording},
     rules::FirewallRules,
 };
 use sandbox::Sandbox;
@@ -38,7 +43,10 @@ use std::{
     io::{BufRead, BufReader},
     net::{IpAddr, Ipv4Addr},
     process::{Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -280,7 +288,9 @@ async fn hold_times(sb: &Sandbox, pods: &[sandbox::Pod], dns: &sandbox::Pod) -> 
         anyhow::ensure!(Instant::now() < deadline, "pods never held");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut holds = HoldFlows::new(e.clone(), Duration::from_secs(600));
+    // The replies come straight from the DNS pod: it is the one resolver trusted.
+    let resolvers = || flowd::resolvers::fixed([std::net::SocketAddr::new(dns.ipv4, 53)]);
+    let mut holds = HoldFlows::new(e.clone(), Duration::from_secs(600), resolvers());
     holds.refresh().await.map_err(anyhow::Error::msg)?;
     let arrived: Arc<Mutex<HashMap<bytes::Bytes, Instant>>> = Arc::default();
     let held: Arc<Mutex<Vec<Duration>>> = Arc::default();
@@ -302,7 +312,12 @@ async fn hold_times(sb: &Sandbox, pods: &[sandbox::Pod], dns: &sandbox::Pod) -> 
         arrived,
         held: held.clone(),
     };
-    let holder = Holder::new(e.clone(), Arc::new(timed), Duration::from_millis(100));
+    let holder = Holder::new(
+        e.clone(),
+        Arc::new(timed),
+        Duration::from_millis(100),
+        resolvers(),
+    );
     let metrics = holder.metrics().clone();
     tokio::spawn(holder.run(rx));
     let mut k = 0u32;
@@ -377,11 +392,88 @@ async fn hold_times(sb: &Sandbox, pods: &[sandbox::Pod], dns: &sandbox::Pod) -> 
     Ok(())
 }
 
+/// One pod floods the engine with distinct allowed names while another resolves a few names on a
+/// second thread, as two pods of a node would through tapd and the packet path: the latency of each
+/// `Engine::on_dns` call, the wait for the engine's lock included. The per-pod cap is the default one,
+/// so past it every answer of the flooding pod evicts a remembered answer.
+fn answer_memory() -> Result<()> {
+    /// Distinct names the flooding pod resolves.
+    const FLOOD: u32 = 100_000;
+    /// Names the other pod resolves again and again.
+    const OTHER_NAMES: u32 = 1_000;
+    /// The other pod's pace: one answer, then a sleep of this, for as long as the flood lasts.
+    const OTHER_GAP: Duration = Duration::from_micros(100);
+    let e = Engine::new(EngineSettings::default(), Recording::new(None));
+    e.set_node(Sandbox::NODE);
+    e.set_rules(rules());
+    e.upsert_pod(pod_info(0));
+    e.upsert_pod(pod_info(1));
+    let done = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let flooder = {
+        let (e, done) = (e.clone(), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let mut v = Vec::with_capacity(FLOOD as usize);
+            for k in 0..FLOOD {
+                let resp = answer(0, k, std::iter::once(dst(k)));
+                let t0 = Instant::now();
+                e.on_dns(resp, t0);
+                v.push(t0.elapsed());
+            }
+            done.store(true, Ordering::Relaxed);
+            v
+        })
+    };
+    let mut other = Vec::new();
+    let mut k = 0u32;
+    while !done.load(Ordering::Relaxed) {
+        let name = 1_000_000 + k % OTHER_NAMES;
+        let resp = answer(1, name, std::iter::once(dst(name)));
+        let t0 = Instant::now();
+        e.on_dns(resp, t0);
+        other.push(t0.elapsed());
+        k += 1;
+        std::thread::sleep(OTHER_GAP);
+    }
+    let mut flood = flooder.join().unwrap();
+    let took = started.elapsed();
+    anyhow::ensure!(!other.is_empty(), "the other pod sent nothing");
+    let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
+    for (who, v) in [("other pod", &mut other), ("flooding pod", &mut flood)] {
+        v.sort();
+        println!(
+            "[memory] on_dns of the {who:<12} while one pod resolves {FLOOD} names: p50 {}  p99 {}  max {}  ({} answers)",
+            us(percentile(v, 0.5)),
+            us(percentile(v, 0.99)),
+            us(*v.last().unwrap()),
+            v.len(),
+        );
+    }
+    println!(
+        "[memory] the flood took {} ({:.0} answers/s)",
+        ms(took),
+        f64::from(FLOOD) / took.as_secs_f64()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     if let Ok(dir) = std::env::var(RSS_CHILD_ENV) {
         return rss_child(&dir);
     }
-    // `cargo bench` passes `--bench`; nothing else to parse.
+    // `cargo bench` adds `--bench`; any other argument selects cases by name.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wants =
+        |case: &str| filters.is_empty() || filters.iter().any(|f| case.contains(f.as_str()));
+    if wants("memory") {
+        answer_memory()?;
+    }
+    if !wants("sandbox") {
+        return Ok(());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

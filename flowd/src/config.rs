@@ -73,10 +73,16 @@ pub enum OvsDriver {
 pub enum ConfigError {
     #[error("--node-name is empty")]
     NoNodeName,
-    #[error("--hold-deadline must be between 1ms and 5s (a held DNS response waits at most that), is {0:?}")]
+    #[error(
+        "--hold-deadline must be between 1ms and 5s (a held DNS response waits at most that), is {0:?}"
+    )]
     HoldDeadline(Duration),
     #[error("--hold-timeout must be between 3s and 1h, is {0:?}")]
     HoldTimeout(Duration),
+    #[error("--sync-timeout must be between 1s and 1h, is {0:?}")]
+    SyncTimeout(Duration),
+    #[error("--trusted-resolver names {0} resolvers; at most {max} are trusted", max = crate::resolvers::MAX_RESOLVERS)]
+    TooManyResolvers(usize),
     #[error("--tapd-port must not be 0")]
     TapdPort,
     #[error("--node is empty")]
@@ -111,7 +117,27 @@ pub struct RunArgs {
     /// (`net_cidr`, `svc_cidr`; or OpenShift's `ovnkube.conf`). flowd installs nothing and is not
     /// ready until it has read them; OpenShift's is openshift-ovn-kubernetes/ovnkube-config.
     #[arg(long, env = "FLOWD_OVN_CONFIG", default_value = crate::ovnkube::UPSTREAM_CONFIG)]
-    pub ovn_config: crate::ovnkube::ConfigMapRef,
+    pub ovn_config: crate::ovnkube::ObjectRef,
+    /// The cluster's DNS Service (namespace/name), read by name. Replies from its ClusterIPs on its
+    /// UDP ports are the only DNS replies flowd holds and learns from in br-int: a pod asking a DNS
+    /// server of its own gets its answer, and flowd grants nothing for it. OpenShift's is
+    /// openshift-dns/dns-default.
+    #[arg(long, env = "FLOWD_DNS_SERVICE", default_value = crate::resolvers::UPSTREAM_DNS_SERVICE)]
+    pub dns_service: crate::ovnkube::ObjectRef,
+    /// More DNS servers whose replies flowd trusts, as IP (port 53) or IP:PORT (repeat or
+    /// comma-separate), e.g. NodeLocal DNSCache's 169.254.20.10. Name only the cluster's own
+    /// resolvers: whatever such a server answers, the pods it answers may reach.
+    #[arg(
+        long = "trusted-resolver",
+        env = "FLOWD_TRUSTED_RESOLVERS",
+        value_delimiter = ','
+    )]
+    pub trusted_resolvers: Vec<crate::resolvers::Resolver>,
+    /// How long flowd waits for the first full list of pods, EgressFirewalls, nodes, OVN-K's
+    /// ConfigMap and the DNS Service (an RBAC error, a missing CRD) before it removes the flows an
+    /// earlier run left, which it cannot judge without them (fail closed); /readyz says why.
+    #[arg(long, env = "FLOWD_SYNC_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub sync_timeout: Duration,
     /// How batches of flows reach the bridge: `native`, flowd's own OpenFlow connection to
     /// `<OVS_RUNDIR>/<bridge>.mgmt` (a batch goes through ovs-ofctl while it cannot connect), or
     /// `ofctl`, one `ovs-ofctl --bundle` process per batch. Reading OVS always uses ovs-ofctl.
@@ -157,6 +183,12 @@ impl RunArgs {
         }
         if !(Duration::from_secs(3)..=Duration::from_secs(3600)).contains(&self.hold_timeout) {
             return Err(ConfigError::HoldTimeout(self.hold_timeout));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.sync_timeout) {
+            return Err(ConfigError::SyncTimeout(self.sync_timeout));
+        }
+        if self.trusted_resolvers.len() > crate::resolvers::MAX_RESOLVERS {
+            return Err(ConfigError::TooManyResolvers(self.trusted_resolvers.len()));
         }
         self.engine.validate()?;
         Ok(())
@@ -624,6 +656,8 @@ mod run_tests {
             ("--hold-deadline", "0s"),
             ("--hold-deadline", "10s"),
             ("--hold-timeout", "1s"),
+            ("--sync-timeout", "0s"),
+            ("--sync-timeout", "2h"),
         ] {
             let cli = RunCli::try_parse_from(["flowd", "--node-name", "n", flag, value]).unwrap();
             assert!(cli.run.validate().is_err(), "{flag} {value}");
@@ -633,6 +667,47 @@ mod run_tests {
         for flag in ["--hold-rate", "--hold-rate-per-pod"] {
             assert!(RunCli::try_parse_from(["flowd", "--node-name", "n", flag, "0"]).is_err());
         }
+        let many = (1..=17)
+            .map(|i| format!("10.0.0.{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cli =
+            RunCli::try_parse_from(["flowd", "--node-name", "n", "--trusted-resolver", &many])
+                .unwrap();
+        assert!(matches!(
+            cli.run.validate(),
+            Err(ConfigError::TooManyResolvers(17))
+        ));
+        assert!(
+            RunCli::try_parse_from(["flowd", "--node-name", "n", "--trusted-resolver", "x"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_trusted_dns_servers_are_the_dns_service_and_the_flag() {
+        let cli = RunCli::try_parse_from(["flowd", "--node-name", "n"]).unwrap();
+        assert_eq!(cli.run.dns_service.to_string(), "kube-system/kube-dns");
+        assert!(cli.run.trusted_resolvers.is_empty());
+        assert_eq!(cli.run.sync_timeout, Duration::from_secs(120));
+        let cli = RunCli::try_parse_from([
+            "flowd",
+            "--node-name",
+            "n",
+            "--dns-service",
+            crate::resolvers::OPENSHIFT_DNS_SERVICE,
+            "--trusted-resolver",
+            "169.254.20.10,[fd00::a]:5353",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.dns_service.namespace, "openshift-dns");
+        let given: Vec<String> = cli
+            .run
+            .trusted_resolvers
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(given, ["169.254.20.10:53", "[fd00::a]:5353"]);
     }
 }
 

@@ -11,8 +11,9 @@ use crate::{
     hold::{HoldFlows, HoldRate, HoldReport, Holder},
     metrics,
     model::PodKey,
-    ovnkube::{self, ClusterNetworks, ConfigMapRef},
+    ovnkube::{self, ClusterNetworks, ObjectRef},
     ovs::{FlowProgrammer, Native, Ofctl},
+    resolvers::{service_resolvers, TrustedResolvers},
     rules::{FirewallRules, EGRESS_FIREWALL_NAME},
     status::Status,
     upstream::{DnsPods, Upstreams},
@@ -22,7 +23,12 @@ use futures::StreamExt as _;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
-use std::{future::Future, process::ExitCode, sync::Arc, time::Instant};
+use std::{
+    future::Future,
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 use tokio::sync::{mpsc, watch as signal};
 
 /// DNS answers queued from the tapd subscriptions to the engine; beyond this the gRPC streams wait.
@@ -35,28 +41,97 @@ pub struct NodeConfig {
     /// Overrides the node's own pod subnets when not empty.
     pub pod_subnets: Vec<IpNet>,
     /// OVN-K's ConfigMap with the cluster's networks.
-    pub ovn_config: ConfigMapRef,
+    pub ovn_config: ObjectRef,
+    /// The cluster's DNS Service: its ClusterIPs are the DNS servers flowd believes.
+    pub dns_service: ObjectRef,
+    /// How long the first full list may take before the flows of an earlier run are removed.
+    pub sync_timeout: Duration,
     pub upstream: UpstreamArgs,
 }
 
-/// The cluster's own addresses flowd discovers, none of which an answer may open: every Node's
-/// subnets and addresses, and the networks OVN-K's configuration names.
+/// What flowd discovers about the cluster: its own addresses, none of which an answer may open
+/// (every Node's subnets and addresses, and the networks OVN-K's configuration names), and the DNS
+/// servers it believes (the DNS Service's addresses).
 #[derive(Debug)]
 pub struct Discovered {
-    source: ConfigMapRef,
+    source: ObjectRef,
     nodes: NodeExclusions,
     config: Option<ClusterNetworks>,
     /// The ConfigMap has been seen (valid or not) since the last list.
     seen: bool,
+    dns_service: ObjectRef,
+    resolvers: TrustedResolvers,
+    /// The DNS Service has been seen since the last list.
+    dns_seen: bool,
 }
 
 impl Discovered {
-    pub fn new(source: ConfigMapRef) -> Self {
+    /// Reads the networks from OVN-K's ConfigMap `source`; trusts no DNS server until
+    /// [`Discovered::trusting`] says which.
+    pub fn new(source: ObjectRef) -> Self {
         Self {
             source,
             nodes: NodeExclusions::default(),
             config: None,
             seen: false,
+            dns_service: crate::resolvers::UPSTREAM_DNS_SERVICE
+                .parse()
+                .expect("a valid namespace/name"),
+            resolvers: TrustedResolvers::new(&[]),
+            dns_seen: false,
+        }
+    }
+
+    /// Trusts the addresses of the DNS Service `dns_service` too, as they change, into `resolvers`.
+    pub fn trusting(mut self, dns_service: ObjectRef, resolvers: TrustedResolvers) -> Self {
+        self.dns_service = dns_service;
+        self.resolvers = resolvers;
+        self
+    }
+
+    /// Applies a change of the DNS Service: its addresses are trusted from now on, instead of the
+    /// ones before. A Service that is gone, or whose replies cannot be told apart (headless), leaves
+    /// only `--trusted-resolver`'s: replies are then learned from tapd only.
+    fn apply_dns_service(
+        &mut self,
+        status: &Status,
+        change: Change<k8s_openapi::api::core::v1::Service>,
+    ) {
+        let service = &self.dns_service;
+        let addrs = match change {
+            Change::Applied(svc) => {
+                self.dns_seen = true;
+                match service_resolvers(&svc) {
+                    Ok(addrs) => addrs,
+                    Err(error) => {
+                        tracing::error!(%service, %error,
+                            "the DNS Service gives no address flowd can trust; DNS replies in br-int are neither held nor learned from it");
+                        Vec::new()
+                    }
+                }
+            }
+            Change::Deleted(_) => {
+                self.dns_seen = false;
+                tracing::warn!(%service, "the DNS Service was deleted; its addresses are no longer trusted");
+                Vec::new()
+            }
+            Change::Synced if !self.dns_seen => {
+                tracing::error!(%service,
+                    "the DNS Service does not exist (--dns-service names it); DNS replies in br-int are neither held nor learned from it");
+                Vec::new()
+            }
+            Change::Synced => return,
+        };
+        let (changed, beyond) = self.resolvers.set_service(addrs);
+        if let Some(warning) = beyond {
+            tracing::warn!(%service, "{warning}");
+        }
+        let trusted = self.resolvers.current();
+        status
+            .trusted_resolvers
+            .set(i64::try_from(trusted.len()).unwrap_or(i64::MAX));
+        if changed {
+            tracing::info!(%service, resolvers = %trusted, "trusted DNS resolvers");
         }
     }
 
@@ -152,6 +227,7 @@ fn apply_cluster_event<P: FlowProgrammer>(
     }
     match event {
         ClusterEvent::OvnConfig(change) => discovered.apply_config(engine, status, change),
+        ClusterEvent::DnsService(change) => discovered.apply_dns_service(status, change),
         ClusterEvent::Pod(Change::Applied(pod)) => match pod_info(&pod) {
             Ok(info) => {
                 status.known().pods.insert(info.key.clone(), info.clone());
@@ -242,16 +318,22 @@ fn pod_key(pod: &Pod) -> PodKey {
 }
 
 /// Runs the node loop until `shutdown`: the engine, the Kubernetes watches, tapd discovery and the
-/// subscriptions. Every change goes to the engine as it arrives.
+/// subscriptions. Every change goes to the engine as it arrives; the DNS Service's addresses go to
+/// `resolvers`.
 pub async fn run_node<P: FlowProgrammer>(
     config: NodeConfig,
     client: kube::Client,
     engine: Engine<P>,
     status: Arc<Status>,
+    resolvers: TrustedResolvers,
     shutdown: impl Future<Output = ()>,
 ) {
     engine.set_node(config.node.clone());
-    let mut discovered = Discovered::new(config.ovn_config.clone());
+    status
+        .trusted_resolvers
+        .set(i64::try_from(resolvers.current().len()).unwrap_or(i64::MAX));
+    let mut discovered =
+        Discovered::new(config.ovn_config.clone()).trusting(config.dns_service.clone(), resolvers);
     engine.set_networks_unknown(Some(discovered.waiting()));
     let (subnets_tx, subnets_rx) = signal::channel(config.pod_subnets.clone());
     if !config.pod_subnets.is_empty() {
@@ -277,12 +359,32 @@ pub async fn run_node<P: FlowProgrammer>(
         upstreams.set_endpoints(&config.upstream.endpoints.iter().copied().collect());
         futures::stream::pending().boxed()
     };
-    let mut cluster = watch::cluster(&client, &config.node, &config.ovn_config, &status.watch);
+    let mut cluster = watch::cluster(
+        &client,
+        &config.node,
+        &config.ovn_config,
+        &config.dns_service,
+        &status.watch,
+    );
     let mut sync = SyncState::default();
-    tokio::pin!(shutdown);
+    let sync_deadline = tokio::time::sleep(config.sync_timeout);
+    let mut gave_up = false;
+    tokio::pin!(shutdown, sync_deadline);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            () = &mut sync_deadline, if !gave_up && !sync.complete() => {
+                gave_up = true;
+                let missing = sync.missing().join(", ");
+                let removed = engine.abandon_adopted();
+                let why = format!(
+                    "not listed within --sync-timeout={:?}: {missing}; flows an earlier run left \
+                     cannot be judged and were removed ({removed})",
+                    config.sync_timeout
+                );
+                tracing::error!(node = %config.node, "{why}");
+                status.set_unsynced(why);
+            }
             Some(event) = cluster.next() => {
                 let synced = !sync.complete() && sync.note(&event);
                 if let Some(subnets) =
@@ -295,7 +397,7 @@ pub async fn run_node<P: FlowProgrammer>(
                     }
                 }
                 if synced {
-                    tracing::info!(node = %config.node, "pods, EgressFirewalls, nodes and OVN-K's configuration listed");
+                    tracing::info!(node = %config.node, "pods, EgressFirewalls, nodes, OVN-K's configuration and the DNS Service listed");
                     // Now the flows an earlier run left can be judged against the cluster.
                     engine.synced();
                     status.set_ready();
@@ -360,6 +462,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         },
     }
     let engine = Engine::new(args.engine.clone(), programmer);
+    let resolvers = TrustedResolvers::new(&args.trusted_resolvers);
     let hold =
         Arc::new(hold_off.map_or_else(|| HoldReport::on(args.hold_deadline), HoldReport::off));
     let status = Arc::new(Status::with_hold(hold.clone()));
@@ -372,18 +475,25 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let mut registry = metrics::registry(&engine, &status);
+    hold.register(&mut registry);
     let holds = packet_ins.map(|packet_ins| {
-        let holder = Holder::new(engine.clone(), Arc::new(engine.clone()), args.hold_deadline)
-            .with_rate(HoldRate {
-                total: args.hold_rate,
-                per_pod: args.hold_rate_per_pod,
-            });
+        let holder = Holder::new(
+            engine.clone(),
+            Arc::new(engine.clone()),
+            args.hold_deadline,
+            resolvers.subscribe(),
+        )
+        .with_rate(HoldRate {
+            total: args.hold_rate,
+            per_pod: args.hold_rate_per_pod,
+        })
+        .reporting_to(hold.clone());
         holder.metrics().register(&mut registry);
         tokio::spawn(holder.run(packet_ins));
         tracing::info!(deadline = ?args.hold_deadline, timeout = ?args.hold_timeout,
             "holding DNS responses until their grants are in br-int");
         tokio::spawn(
-            HoldFlows::new(engine.clone(), args.hold_timeout)
+            HoldFlows::new(engine.clone(), args.hold_timeout, resolvers.subscribe())
                 .reporting_to(hold)
                 .run(stopped()),
         )
@@ -409,13 +519,18 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         node: args.node_name.clone(),
         pod_subnets: args.pod_subnets.clone(),
         ovn_config: args.ovn_config.clone(),
+        dns_service: args.dns_service.clone(),
+        sync_timeout: args.sync_timeout,
         upstream: args.upstream.clone(),
     };
+    tracing::info!(dns_service = %args.dns_service, trusted = %resolvers.current(),
+        "DNS replies in br-int are believed from the DNS Service's addresses and --trusted-resolver only");
     run_node(
         config,
         client,
         engine,
         status,
+        resolvers,
         dnsflow_runtime::shutdown_signal(),
     )
     .await;

@@ -58,6 +58,17 @@ const FIRST_RECONCILE_RETRY: Duration = Duration::from_secs(1);
 /// Batches failing for this long make flowd not alive: a restart may help, and someone should look.
 pub const STALL_LIMIT: Duration = Duration::from_secs(120);
 
+/// The flows one DNS answer justifies (see [`Engine::on_dns_then_flush`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Justified(Vec<FlowId>);
+
+impl Justified {
+    /// The answer justifies no flow.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Errors of the engine's OVS side.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -276,7 +287,7 @@ impl<P: FlowProgrammer> Engine<P> {
     pub fn on_dns(&self, resp: DnsResponse, at: Instant) -> bool {
         let mut justifies = false;
         self.change(|c| {
-            justifies = c.on_dns(resp, at, Instant::now());
+            justifies = !c.on_dns(resp, at, Instant::now()).is_empty();
             true
         });
         justifies
@@ -284,8 +295,14 @@ impl<P: FlowProgrammer> Engine<P> {
 
     /// [`Engine::on_dns`] for a caller that writes the changes itself right after, with
     /// [`Engine::flush_then_hand_over`]: the flusher is not woken for them (see [`crate::hold`]).
-    pub fn on_dns_then_flush(&self, resp: DnsResponse, at: Instant) -> bool {
-        self.lock().on_dns(resp, at, Instant::now())
+    /// Returns the flows the answer justifies, for [`Engine::in_ovs`].
+    pub fn on_dns_then_flush(&self, resp: DnsResponse, at: Instant) -> Justified {
+        Justified(self.lock().on_dns(resp, at, Instant::now()))
+    }
+
+    /// Whether every flow of `justified` is in OVS (as far as the engine knows).
+    pub fn in_ovs(&self, justified: &Justified) -> bool {
+        self.lock().installed(&justified.0)
     }
 
     /// [`Engine::flush`], then what it left pending (OVS failed, no port keys yet) goes to the
@@ -302,6 +319,17 @@ impl<P: FlowProgrammer> Engine<P> {
     /// it (pod gone, rule changed) once they have been read.
     pub fn synced(&self) {
         self.change(Core::set_synced);
+    }
+
+    /// The Kubernetes state could not be listed in time: the flows an earlier run left are removed
+    /// (see `Core::abandon_adopted`). Returns how many.
+    pub fn abandon_adopted(&self) -> usize {
+        let mut removed = 0;
+        self.change(|c| {
+            removed = c.abandon_adopted();
+            removed > 0
+        });
+        removed
     }
 
     /// The pods whose DNS responses should be held (see [`crate::hold`]).

@@ -1,17 +1,20 @@
 //! Held DNS responses: what flowd does with a pod's DNS response that OVS paused on its way to the
-//! pod (an `NXT_PACKET_IN2` with a continuation, from flowd's own controller id). The answer goes to
-//! the engine exactly as a tapd event would; when it needs grants that are not in OVS yet, they are
-//! written first, then ovs-vswitchd's revalidators finish a round over the datapath's cached flows
-//! (a drop cached for that traffic before the grant would catch the pod's next packet until then),
-//! and only then is the packet resumed, so the pod's first packet to the answer finds its flow. The
-//! response is resumed exactly once, whatever happens: at once when it needs nothing
+//! pod (an `NXT_PACKET_IN2` with a continuation, from flowd's own controller id). Only replies from
+//! the cluster's own resolvers are held and learned (see [`crate::resolvers`]): a pod that asks a
+//! DNS server of its own gets its answer, and flowd learns nothing from it. A trusted answer goes
+//! to the engine exactly as a tapd event would; when it needs grants that are not in OVS yet, they
+//! are written first, then ovs-vswitchd's revalidators finish a round over the datapath's cached
+//! flows (a drop cached for that traffic before the grant would catch the pod's next packet until
+//! then), and only then is the packet resumed, so the pod's first packet to the answer finds its
+//! flow. The response is resumed exactly once, whatever happens: at once when it needs nothing
 //! (not a DNS response, not NOERROR, no rule), after the grants otherwise (even when another batch
-//! already took them: an earlier answer for the same name), and at the deadline at the latest
-//! (counted), so that flowd never breaks DNS. Beyond [`HoldRate`] or [`MAX_HELD`] a response goes on
-//! at once, unheld, its answer given to the engine all the same.
+//! already took them: an earlier answer for the same name), and at the deadline at the latest, so
+//! that flowd never breaks DNS; each outcome has its own counter ([`HoldMetrics`]). Beyond
+//! [`HoldRate`] or [`MAX_HELD`] a response goes on at once, unheld, its answer given to the engine
+//! all the same.
 //!
-//! [`HoldFlows`] keeps the flows that hold, and tells a [`HoldReport`] (what `Explain` says) which
-//! pods are held.
+//! [`HoldFlows`] keeps the flows that hold and count, only while flowd's own OpenFlow connection is
+//! up, and tells a [`HoldReport`] (what `Explain` says) which pods are held.
 
 use crate::{
     engine::{Engine, HeldPod, NotHeld},
@@ -20,21 +23,23 @@ use crate::{
         flow::{POD_MASK, PREFIX_MASK},
         native::CONTROLLER_ID,
         unixctl::Revalidation,
-        Cookie, FlowOp, FlowProgrammer, HoldSpec, Native,
+        Cookie, FlowOp, FlowProgrammer, HoldKind, HoldSpec, Native,
     },
+    resolvers::ResolverSet,
 };
-use dnsflow_dnstap::packet;
+use dnsflow_dnstap::{packet, DnsName, DnsResponse};
 use dnsflow_openflow::PacketIn2;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt::Write as _,
     future::Future,
     num::NonZeroU32,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 /// How long a held response may wait for its grants by default (Cilium's proxy holds as long).
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(100);
@@ -97,7 +102,11 @@ pub trait Resumer: Send + Sync + 'static {
 /// Where a hold flow sits in OVN's delivery table: above OVN's per-port flow (100), below anything
 /// OVN adds above it to block a port.
 pub const HOLD_PRIORITY: u16 = 110;
-/// How often the pods to hold are compared with those held: a new pod waits at most this.
+/// Where the counting flow sits: below the hold flows (replies from a trusted resolver never reach
+/// it), above OVN's per-port flow.
+pub const COUNT_PRIORITY: u16 = 105;
+/// How often the pods to hold are compared with those held, and the counting flows read: a new
+/// pod waits at most this.
 const CHANGE_CHECK: Duration = Duration::from_secs(1);
 /// Default hard timeout of a hold flow: a flowd that dies stops holding DNS within it.
 pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,10 +119,17 @@ pub fn hold_cookie_prefix(grant_prefix: u32) -> u32 {
 }
 
 /// Whether and how flowd holds DNS responses now, for `Explain`: written by [`HoldFlows`], off with
-/// its reason when the daemon does not hold at all.
+/// its reason when the daemon does not hold at all. It also keeps what the counting flows told:
+/// how many DNS replies each pod received from servers flowd does not trust.
 #[derive(Debug)]
 pub struct HoldReport {
     state: Mutex<HoldState>,
+    /// Replies from untrusted servers per pod id, since the pod was first held.
+    untrusted: Mutex<BTreeMap<u16, u64>>,
+    /// How each pod's last held response ended, with its question name.
+    last: Mutex<BTreeMap<u16, (Outcome, Option<String>)>>,
+    /// `dnsflow_dns_untrusted_total`: the same, for the node, plus those the holder itself saw.
+    untrusted_total: Counter,
 }
 
 #[derive(Debug)]
@@ -123,6 +139,8 @@ enum HoldState {
         deadline: Duration,
         /// The pod ids whose hold flows are in OVS.
         written: BTreeSet<u16>,
+        /// The resolvers the written hold flows trust.
+        resolvers: ResolverSet,
         /// Why the last round of hold flows was not written.
         failing: Option<String>,
     },
@@ -135,36 +153,58 @@ impl Default for HoldReport {
 }
 
 impl HoldReport {
+    fn with(state: HoldState) -> Self {
+        Self {
+            state: Mutex::new(state),
+            untrusted: Mutex::default(),
+            last: Mutex::default(),
+            untrusted_total: Counter::default(),
+        }
+    }
+
     /// flowd does not hold, for this reason (a flag, the driver).
     pub fn off(why: impl Into<String>) -> Self {
-        Self {
-            state: Mutex::new(HoldState::Off(why.into())),
-        }
+        Self::with(HoldState::Off(why.into()))
     }
 
     /// flowd holds for at most `deadline`; no hold flow is written yet.
     pub fn on(deadline: Duration) -> Self {
-        Self {
-            state: Mutex::new(HoldState::On {
-                deadline,
-                written: BTreeSet::new(),
-                failing: None,
-            }),
-        }
+        Self::with(HoldState::On {
+            deadline,
+            written: BTreeSet::new(),
+            resolvers: ResolverSet::default(),
+            failing: None,
+        })
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        registry.counter(
+            "dns_untrusted",
+            "DNS replies to held pods from servers flowd does not trust (not the cluster's DNS Service nor --trusted-resolver): neither held nor learned",
+            &self.untrusted_total,
+        );
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HoldState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn round(&self, result: Result<&BTreeSet<u16>, &str>) {
+    fn untrusted(&self) -> std::sync::MutexGuard<'_, BTreeMap<u16, u64>> {
+        self.untrusted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn round(&self, result: Result<(&BTreeSet<u16>, &ResolverSet), &str>) {
         if let HoldState::On {
-            written, failing, ..
+            written,
+            resolvers,
+            failing,
+            ..
         } = &mut *self.lock()
         {
             match result {
-                Ok(now) => {
+                Ok((now, trusted)) => {
                     written.clone_from(now);
+                    resolvers.clone_from(trusted);
                     *failing = None;
                 }
                 Err(why) => *failing = Some(why.to_owned()),
@@ -172,22 +212,108 @@ impl HoldReport {
         }
     }
 
+    /// Every hold flow is gone (the connection that took their packets was lost): no pod is held
+    /// until the next round writes them again.
+    fn lost(&self, why: &str) {
+        if let HoldState::On {
+            written, failing, ..
+        } = &mut *self.lock()
+        {
+            written.clear();
+            *failing = Some(why.to_owned());
+        }
+    }
+
+    /// `n` more replies from untrusted servers reached `pod` (`None`: a pod flowd no longer holds).
+    pub(crate) fn count_untrusted(&self, pod: Option<u16>, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.untrusted_total.inc_by(n);
+        if let Some(pod) = pod {
+            *self.untrusted().entry(pod).or_default() += n;
+        }
+    }
+
+    /// Forgets what it knows of pods no longer held (their ids may be reused).
+    fn keep_untrusted(&self, pods: &BTreeSet<u16>) {
+        self.untrusted().retain(|id, _| pods.contains(id));
+        self.lasts().retain(|id, _| pods.contains(id));
+    }
+
+    fn lasts(&self) -> std::sync::MutexGuard<'_, BTreeMap<u16, (Outcome, Option<String>)>> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `pod`'s last held response, asking `qname`, ended so.
+    pub(crate) fn ended(&self, pod: u16, outcome: Outcome, qname: Option<String>) {
+        self.lasts().insert(pod, (outcome, qname));
+    }
+
+    /// The node's count of replies from untrusted servers.
+    pub fn untrusted_total(&self) -> u64 {
+        self.untrusted_total.get()
+    }
+
     /// Whether `pod`'s DNS responses are held now ([`Engine::hold_candidate`]'s answer), and one
-    /// line saying why, or why not.
+    /// line saying why, or why not; with how many replies from untrusted servers it received.
     pub fn explain(&self, pod: Result<HeldPod, NotHeld>) -> (bool, String) {
+        let untrusted = pod
+            .as_ref()
+            .ok()
+            .and_then(|p| self.untrusted().get(&p.id).copied())
+            .unwrap_or(0);
+        let last = pod
+            .as_ref()
+            .ok()
+            .and_then(|p| self.lasts().get(&p.id).cloned());
+        let (held, mut line) = self.held(pod);
+        if let Some((outcome, qname)) = last {
+            let asked = qname.map(|q| format!(" ({q})")).unwrap_or_default();
+            let _ = write!(line, "; its last held response{asked} {}", outcome.says());
+        }
+        if untrusted > 0 {
+            let resolvers = match &*self.lock() {
+                HoldState::On { resolvers, .. } => resolvers.to_string(),
+                HoldState::Off(_) => "none".to_owned(),
+            };
+            let _ = write!(
+                line,
+                "; {untrusted} DNS replies from servers other than the trusted resolvers \
+                 ({resolvers}) reached it and taught flowd nothing"
+            );
+        }
+        (held, line)
+    }
+
+    fn held(&self, pod: Result<HeldPod, NotHeld>) -> (bool, String) {
         match (&*self.lock(), pod) {
             (HoldState::Off(why), _) => (false, format!("DNS responses are not held: {why}")),
             (HoldState::On { .. }, Err(why)) => {
                 (false, format!("its DNS responses are not held: {why}"))
             }
-            (HoldState::On { failing: Some(e), .. }, Ok(_)) => (
+            (
+                HoldState::On {
+                    failing: Some(e), ..
+                },
+                Ok(_),
+            ) => (
                 false,
                 format!("its DNS responses are not held: hold flows could not be written: {e}"),
             ),
-            (HoldState::On { written, deadline, .. }, Ok(pod)) if written.contains(&pod.id) => (
+            (
+                HoldState::On {
+                    written,
+                    deadline,
+                    resolvers,
+                    ..
+                },
+                Ok(pod),
+            ) if written.contains(&pod.id) => (
                 true,
                 format!(
-                    "its DNS responses are held in br-int until their grants are in OVS, at most {} ms",
+                    "its DNS responses from {resolvers} are held in br-int until their grants are \
+                     in OVS, at most {} ms",
                     deadline.as_millis()
                 ),
             ),
@@ -200,26 +326,46 @@ impl HoldReport {
     }
 }
 
-/// Keeps one hold flow per family for every pod [`Engine::held_pods`] names, in OVN's delivery
-/// table with OVN's own actions for the pod's port: written when the pods to hold change, and again
-/// every third of the hard timeout (which restarts it), so that a flowd that stops stops holding
-/// within the timeout, and an ovn-controller wipe is repaired by the next round; the pods no longer
-/// held lose theirs.
+/// Keeps the flows that hold and count in OVN's delivery table, with OVN's own actions for the
+/// pod's port, for every pod [`Engine::held_pods`] names: per family, one hold flow per trusted
+/// resolver of that family and one counting flow below them. They are written when the pods to hold
+/// or the trusted resolvers change, and again every third of the hard timeout (which restarts it),
+/// so that a flowd that stops stops holding within the timeout, and an ovn-controller wipe is
+/// repaired by the next round; the pods no longer held lose theirs.
+///
+/// Hold flows exist only while flowd's own OpenFlow connection is up: they are written over it and
+/// never through `ovs-ofctl` (see [`Native`]'s `apply`), and the moment it ends they are all
+/// deleted (through `ovs-ofctl` if need be): a packet paused for a connection that is gone would be
+/// lost.
 #[derive(Debug)]
 pub struct HoldFlows {
     engine: Engine<Native>,
     hard_timeout: Duration,
+    resolvers: watch::Receiver<ResolverSet>,
     /// The pod ids whose hold flows are in OVS.
     written: BTreeSet<u16>,
+    /// The resolvers the written flows trust.
+    written_resolvers: ResolverSet,
+    /// Packets each counting flow (pod id, IPv6) had counted when last read.
+    counted: HashMap<(u16, bool), u64>,
     report: Arc<HoldReport>,
 }
 
 impl HoldFlows {
-    pub fn new(engine: Engine<Native>, hard_timeout: Duration) -> Self {
+    /// Holds replies from `resolvers` only (see [`crate::resolvers`]); replies from anyone else are
+    /// counted.
+    pub fn new(
+        engine: Engine<Native>,
+        hard_timeout: Duration,
+        resolvers: watch::Receiver<ResolverSet>,
+    ) -> Self {
         Self {
             engine,
             hard_timeout,
+            resolvers,
             written: BTreeSet::new(),
+            written_resolvers: ResolverSet::default(),
+            counted: HashMap::new(),
             report: Arc::new(HoldReport::on(DEFAULT_DEADLINE)),
         }
     }
@@ -230,6 +376,11 @@ impl HoldFlows {
         self
     }
 
+    /// What this writes into (and `Explain` reads).
+    pub fn report(&self) -> &Arc<HoldReport> {
+        &self.report
+    }
+
     fn prefix(&self) -> u32 {
         hold_cookie_prefix(self.engine.settings().cookie_prefix)
     }
@@ -238,22 +389,23 @@ impl HoldFlows {
     /// Returns how many pods are held.
     pub async fn refresh(&mut self) -> Result<usize, String> {
         let result = self.write_round().await;
-        self.report.round(
-            result
-                .as_ref()
-                .map(|()| &self.written)
-                .map_err(String::as_str),
-        );
+        match &result {
+            Ok(()) => self
+                .report
+                .round(Ok((&self.written, &self.written_resolvers))),
+            Err(e) => self.report.round(Err(e)),
+        }
         result.map(|()| self.written.len())
     }
 
     async fn write_round(&mut self) -> Result<(), String> {
-        let Some(template) = self.engine.template() else {
-            return Ok(());
-        };
+        let template = self.engine.template().ok_or(
+            "OVN's flows have not taught flowd what a grant looks like yet: nothing is held",
+        )?;
         let table = template
             .delivery_table
             .ok_or("OVN's flows name no delivery table (OFTABLE_LOG_TO_PHY): nothing is held")?;
+        let resolvers = self.resolvers.borrow_and_update().clone();
         let pods = self.engine.held_pods();
         let deliveries = self
             .engine
@@ -263,58 +415,118 @@ impl HoldFlows {
             .map_err(|e| e.to_string())?;
         let prefix = self.prefix();
         let hard_timeout = u16::try_from(self.hard_timeout.as_secs().max(1)).unwrap_or(u16::MAX);
-        let mut ops = Vec::new();
-        let mut wanted = BTreeSet::new();
-        for pod in &pods {
-            let Some(delivery) = deliveries.get(&(pod.keys.metadata, pod.keys.reg14)) else {
-                continue;
-            };
-            wanted.insert(pod.id);
-            for (v6, has) in [(false, pod.v4), (true, pod.v6)] {
-                if has {
-                    ops.push(FlowOp::Hold(HoldSpec {
-                        cookie: Cookie::new(prefix, pod.id, HOLD_PRIORITY),
-                        table,
-                        priority: HOLD_PRIORITY,
-                        metadata: pod.keys.metadata,
-                        port: pod.keys.reg14,
-                        v6,
-                        controller: CONTROLLER_ID,
-                        userdata: pod.id,
-                        hard_timeout,
-                        delivery: delivery.clone(),
-                    }));
-                }
-            }
-        }
-        let gone: Vec<FlowOp> = self
+        let mut ops: Vec<FlowOp> = self
             .written
-            .difference(&wanted)
+            .iter()
             .map(|id| FlowOp::DeleteCookie {
                 table,
                 cookie: Cookie::pod(prefix, *id),
                 mask: POD_MASK,
             })
             .collect();
-        let ops: Vec<FlowOp> = gone.into_iter().chain(ops).collect();
+        let mut wanted = BTreeSet::new();
+        for pod in &pods {
+            let Some(delivery) = deliveries.get(&(pod.keys.metadata, pod.keys.reg14)) else {
+                continue;
+            };
+            wanted.insert(pod.id);
+            let flow = |v6: bool, priority: u16, kind: HoldKind| {
+                FlowOp::Hold(HoldSpec {
+                    cookie: Cookie::new(prefix, pod.id, priority),
+                    table,
+                    priority,
+                    metadata: pod.keys.metadata,
+                    port: pod.keys.reg14,
+                    v6,
+                    kind,
+                    hard_timeout,
+                    delivery: delivery.clone(),
+                })
+            };
+            for (v6, has) in [(false, pod.v4), (true, pod.v6)] {
+                if !has {
+                    continue;
+                }
+                for from in resolvers.iter().filter(|r| r.is_ipv6() == v6) {
+                    ops.push(flow(
+                        v6,
+                        HOLD_PRIORITY,
+                        HoldKind::Pause {
+                            from,
+                            controller: CONTROLLER_ID,
+                            userdata: pod.id,
+                        },
+                    ));
+                }
+                ops.push(flow(v6, COUNT_PRIORITY, HoldKind::Count));
+            }
+        }
+        // The counts so far, before the flows are written again.
+        self.read_counts(table).await;
+        // One atomic bundle: the deletes and the adds that replace them take effect together, so a
+        // pod held before and after is never unheld in between.
         self.engine
             .programmer()
             .apply(&ops)
             .await
             .map_err(|e| e.to_string())?;
+        self.counted.retain(|(id, _), _| wanted.contains(id));
+        self.report.keep_untrusted(&wanted);
         self.written = wanted;
+        self.written_resolvers = resolvers;
         Ok(())
     }
 
-    /// Deletes every hold flow (clean shutdown): DNS goes straight to the pods again.
+    /// Reads the counting flows' packets and reports what is new since the last reading. A flow
+    /// that counts fewer than before was written anew (a wipe): all it counts is new.
+    async fn read_counts(&mut self, table: u8) {
+        if self.written.is_empty() {
+            return;
+        }
+        let prefix = self.prefix();
+        let flows = match self
+            .engine
+            .programmer()
+            .flow_stats(
+                table,
+                Cookie::new(prefix, 0, COUNT_PRIORITY).0,
+                PREFIX_MASK | u64::from(u16::MAX),
+            )
+            .await
+        {
+            Ok(flows) => flows,
+            Err(error) => {
+                tracing::debug!(%error, "counting flows not read");
+                return;
+            }
+        };
+        for flow in flows {
+            let Some(packets) = flow.counters.packets else {
+                continue;
+            };
+            let pod = Cookie(flow.cookie).pod_id();
+            let v6 = flow.matches.fields.eth_type == Some(dnsflow_openflow::ETH_TYPE_IPV6);
+            let last = self.counted.insert((pod, v6), packets).unwrap_or(0);
+            let new = if packets >= last {
+                packets - last
+            } else {
+                packets
+            };
+            self.report
+                .count_untrusted(self.written.contains(&pod).then_some(pod), new);
+        }
+    }
+
+    /// Deletes every hold and counting flow: DNS goes straight to the pods again.
     pub async fn clear(&mut self) -> Result<(), String> {
         self.written.clear();
-        self.report.round(Ok(&self.written));
+        self.counted.clear();
         let all = FlowOp::DeleteCookie {
             table: dnsflow_openflow::OFPTT_ALL,
             cookie: Cookie::new(self.prefix(), 0, 0),
             mask: PREFIX_MASK,
         };
+        // No hold flow in it: it may go through ovs-ofctl when the connection is gone.
         self.engine
             .programmer()
             .apply(&[all])
@@ -323,14 +535,16 @@ impl HoldFlows {
     }
 
     /// Until `shutdown`: looks every second whether the pods to hold changed (a new pod is held
-    /// within a second), rewrites everything every third of the hard timeout, and after a wipe of
-    /// br-int (ovn-controller reconnecting deletes every flow) until OVN's own flows are back; then
-    /// clears.
+    /// within a second) and reads the counting flows, rewrites everything every third of the hard
+    /// timeout, when the trusted resolvers change, and after a wipe of br-int (ovn-controller
+    /// reconnecting deletes every flow) until OVN's own flows are back; removes every hold flow the
+    /// moment flowd's OpenFlow connection ends; then clears.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let period = (self.hard_timeout / 3).max(Duration::from_secs(1));
         let mut tick = tokio::time::interval(CHANGE_CHECK.min(period));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut wipes = self.engine.wipes();
+        let mut lost = self.engine.programmer().connection_lost();
         tokio::pin!(shutdown);
         let mut failing = false;
         let mut last: Option<Instant> = None;
@@ -344,9 +558,28 @@ impl HoldFlows {
                     self.written.clear();
                     continue;
                 }
+                Ok(()) = lost.changed() => {
+                    lost.borrow_and_update();
+                    if !self.written.is_empty() {
+                        let why = "flowd's OpenFlow connection to the bridge ended: what it held is lost";
+                        tracing::warn!("{why}; removing the hold flows, DNS responses go to pods unheld until it is back");
+                        self.report.lost(why);
+                        if let Err(error) = self.clear().await {
+                            tracing::warn!(%error, "hold flows not removed; their hard timeout ends them");
+                        }
+                        last = None;
+                    }
+                    continue;
+                }
+                Ok(()) = self.resolvers.changed() => {
+                    last = None;
+                }
             }
             let wanted: BTreeSet<u16> = self.engine.held_pods().iter().map(|p| p.id).collect();
             if last.is_some_and(|t| t.elapsed() < period) && wanted == self.written {
+                if let Some(table) = self.engine.template().and_then(|t| t.delivery_table) {
+                    self.read_counts(table).await;
+                }
                 continue;
             }
             match self.refresh().await {
@@ -378,16 +611,31 @@ impl Resumer for Engine<Native> {
     }
 }
 
-/// What the holder counts.
+/// What the holder counts. Every response it sees ends in exactly one of: `granted`, `no_grant`,
+/// `deadline_misses`, `revalidation_timeouts`, `write_failures`, `grants_pending`, `untrusted`,
+/// `unreadable`, `unheld`, `rate_limited`; `resumed` counts them all once more as they go on.
 #[derive(Debug)]
 pub struct HoldMetrics {
     pub held: Counter,
     pub resumed: Counter,
+    /// Held until their grants were committed to OVS and its datapath revalidated: the only outcome
+    /// that protects the pod's first packet.
+    pub granted: Counter,
+    /// The answer justifies no grant (no rule matches, not NOERROR): sent on at once.
+    pub no_grant: Counter,
     /// Resumed at the deadline, before their grants were in OVS.
     pub deadline_misses: Counter,
     /// Resumed at the deadline with their grants in OVS, before a revalidation round was seen to
     /// end (the datapath may still hold a drop cached for the traffic).
     pub revalidation_timeouts: Counter,
+    /// Resumed because writing their grants failed (OVS refused or is away, no template, the
+    /// cluster's networks unknown).
+    pub write_failures: Counter,
+    /// Resumed with their grants still waiting (no port keys yet, a grant cap).
+    pub grants_pending: Counter,
+    /// From a server flowd does not trust: sent on at once, not learned (a hold flow written for a
+    /// resolver that is no longer trusted).
+    pub untrusted: Counter,
     /// Resumed at once because [`MAX_HELD`] were held already.
     pub unheld: Counter,
     /// Resumed at once because their pod or the node was over its [`HoldRate`].
@@ -398,13 +646,74 @@ pub struct HoldMetrics {
     pub hold_seconds: Histogram,
 }
 
+/// How one held response ended: each has its counter in [`HoldMetrics`], and `Explain` tells a
+/// pod's last one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Granted,
+    NoGrant,
+    DeadlineMiss,
+    RevalidationTimeout,
+    WriteFailed,
+    GrantsPending,
+    Untrusted,
+    Unreadable,
+    Unheld,
+    RateLimited,
+}
+
+impl Outcome {
+    /// What happened, for people.
+    pub fn says(self) -> &'static str {
+        match self {
+            Self::Granted => "went on after its grants were in OVS and its datapath revalidated",
+            Self::NoGrant => "went on at once: it justified no grant",
+            Self::DeadlineMiss => "went on at the deadline, before its grants were in OVS",
+            Self::RevalidationTimeout => {
+                "went on at the deadline with its grants in OVS, before OVS was seen to revalidate its datapath"
+            }
+            Self::WriteFailed => "went on without its grants: writing them failed",
+            Self::GrantsPending => {
+                "went on without its grants: they wait (its port keys not known yet, or a grant cap)"
+            }
+            Self::Untrusted => "went on at once, not learned: its server is not trusted",
+            Self::Unreadable => "went on at once: not a DNS response flowd reads",
+            Self::Unheld => "went on at once, unheld: too many responses were held",
+            Self::RateLimited => {
+                "went on at once, unheld: its pod or the node was over --hold-rate"
+            }
+        }
+    }
+}
+
 impl HoldMetrics {
+    /// The counter of `outcome`.
+    fn of(&self, outcome: Outcome) -> &Counter {
+        match outcome {
+            Outcome::Granted => &self.granted,
+            Outcome::NoGrant => &self.no_grant,
+            Outcome::DeadlineMiss => &self.deadline_misses,
+            Outcome::RevalidationTimeout => &self.revalidation_timeouts,
+            Outcome::WriteFailed => &self.write_failures,
+            Outcome::GrantsPending => &self.grants_pending,
+            Outcome::Untrusted => &self.untrusted,
+            Outcome::Unreadable => &self.unreadable,
+            Outcome::Unheld => &self.unheld,
+            Outcome::RateLimited => &self.rate_limited,
+        }
+    }
+
     fn new() -> Self {
         Self {
             held: Counter::default(),
             resumed: Counter::default(),
+            granted: Counter::default(),
+            no_grant: Counter::default(),
             deadline_misses: Counter::default(),
             revalidation_timeouts: Counter::default(),
+            write_failures: Counter::default(),
+            grants_pending: Counter::default(),
+            untrusted: Counter::default(),
             unheld: Counter::default(),
             rate_limited: Counter::default(),
             unreadable: Counter::default(),
@@ -419,6 +728,16 @@ impl HoldMetrics {
         registry.counter("dns_held", "DNS responses OVS held for flowd", &self.held);
         registry.counter("dns_resumed", "Held DNS responses sent on", &self.resumed);
         registry.counter(
+            "dns_hold_granted",
+            "Held DNS responses sent on after their grants were committed to OVS and its datapath revalidated",
+            &self.granted,
+        );
+        registry.counter(
+            "dns_hold_no_grant",
+            "Held DNS responses that justified no grant (sent on at once)",
+            &self.no_grant,
+        );
+        registry.counter(
             "dns_hold_deadline_misses",
             "Held DNS responses sent on at the deadline, before their grants were in OVS",
             &self.deadline_misses,
@@ -427,6 +746,21 @@ impl HoldMetrics {
             "dns_hold_revalidation_timeouts",
             "Held DNS responses sent on at the deadline with their grants in OVS, before OVS was seen to revalidate its datapath",
             &self.revalidation_timeouts,
+        );
+        registry.counter(
+            "dns_hold_write_failures",
+            "Held DNS responses sent on because their grants could not be written (OVS, no template, networks unknown)",
+            &self.write_failures,
+        );
+        registry.counter(
+            "dns_hold_grants_pending",
+            "Held DNS responses sent on with their grants still waiting (no port keys yet, a grant cap)",
+            &self.grants_pending,
+        );
+        registry.counter(
+            "dns_hold_untrusted",
+            "Held packets from a DNS server flowd no longer trusts (sent on at once, not learned)",
+            &self.untrusted,
         );
         registry.counter(
             "dns_unheld",
@@ -463,15 +797,27 @@ fn pod_of(held: &PacketIn2) -> u16 {
     <[u8; 2]>::try_from(held.userdata.as_ref()).map_or(0, u16::from_be_bytes)
 }
 
+/// How the write of a held answer's grants ended.
+enum Written {
+    /// Committed (or nothing was left to write), by the deadline.
+    InTime,
+    /// It failed, by the deadline: nothing more to wait for.
+    Failed,
+    /// Still going at the deadline.
+    Late,
+}
+
 /// Turns held responses into grants, then lets them go.
 #[derive(Debug)]
 pub struct Holder<P: FlowProgrammer, R: Resumer> {
     engine: Engine<P>,
     resumer: Arc<R>,
     deadline: Duration,
+    resolvers: watch::Receiver<ResolverSet>,
     slots: Arc<Semaphore>,
     limits: Arc<Limits>,
     metrics: Arc<HoldMetrics>,
+    report: Option<Arc<HoldReport>>,
 }
 
 impl<P: FlowProgrammer, R: Resumer> Clone for Holder<P, R> {
@@ -480,22 +826,32 @@ impl<P: FlowProgrammer, R: Resumer> Clone for Holder<P, R> {
             engine: self.engine.clone(),
             resumer: self.resumer.clone(),
             deadline: self.deadline,
+            resolvers: self.resolvers.clone(),
             slots: self.slots.clone(),
             limits: self.limits.clone(),
             metrics: self.metrics.clone(),
+            report: self.report.clone(),
         }
     }
 }
 
 impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
-    pub fn new(engine: Engine<P>, resumer: Arc<R>, deadline: Duration) -> Self {
+    /// Learns only from responses whose source is one of `resolvers` (see [`crate::resolvers`]).
+    pub fn new(
+        engine: Engine<P>,
+        resumer: Arc<R>,
+        deadline: Duration,
+        resolvers: watch::Receiver<ResolverSet>,
+    ) -> Self {
         Self {
             engine,
             resumer,
             deadline,
+            resolvers,
             slots: Arc::new(Semaphore::new(MAX_HELD)),
             limits: Arc::new(Limits::new(DEFAULT_RATE)),
             metrics: Arc::new(HoldMetrics::new()),
+            report: None,
         }
     }
 
@@ -505,8 +861,23 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
         self
     }
 
+    /// Counts the untrusted responses it sees into `report` too (the node's
+    /// `dnsflow_dns_untrusted_total` and Explain's count per pod).
+    pub fn reporting_to(mut self, report: Arc<HoldReport>) -> Self {
+        self.report = Some(report);
+        self
+    }
+
     pub fn metrics(&self) -> &Arc<HoldMetrics> {
         &self.metrics
+    }
+
+    /// Counts how a held response ended, and tells the report (for `Explain`).
+    fn ended(&self, held: &PacketIn2, outcome: Outcome, qname: Option<&DnsName>) {
+        self.metrics.of(outcome).inc();
+        if let Some(report) = &self.report {
+            report.ended(pod_of(held), outcome, qname.map(ToString::to_string));
+        }
     }
 
     /// Handles every held packet `packet_ins` delivers, each on its own task, until it closes.
@@ -514,7 +885,7 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
         while let Some(held) = packet_ins.recv().await {
             self.metrics.held.inc();
             if !self.limits.admit(pod_of(&held)) {
-                self.metrics.rate_limited.inc();
+                self.ended(&held, Outcome::RateLimited, None);
                 self.pass(held).await;
                 continue;
             }
@@ -527,78 +898,105 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
                     });
                 }
                 Err(_) => {
-                    self.metrics.unheld.inc();
+                    self.ended(&held, Outcome::Unheld, None);
                     self.pass(held).await;
                 }
             }
         }
     }
 
+    /// The response in `held`, if it is one and comes from a trusted resolver (anything else is
+    /// counted and never reaches the engine).
+    fn trusted_response(&self, held: &PacketIn2) -> Option<DnsResponse> {
+        match packet::reply(&held.packet, IDENTITY, SystemTime::now()) {
+            Ok(reply) if self.resolvers.borrow().trusts(reply.server) => Some(reply.response),
+            Ok(reply) => {
+                self.ended(held, Outcome::Untrusted, Some(&reply.response.qname));
+                if let Some(report) = &self.report {
+                    report.count_untrusted(Some(pod_of(held)), 1);
+                }
+                tracing::debug!(server = %reply.server, client = %reply.response.client,
+                    "held DNS response from a server flowd does not trust; sending it on, learning nothing");
+                None
+            }
+            Err(error) => {
+                self.ended(held, Outcome::Unreadable, None);
+                tracing::debug!(%error, "held packet is not a DNS response flowd reads; sending it on");
+                None
+            }
+        }
+    }
+
     /// A response not held: sent on at once, its answer to the engine all the same (its grants
-    /// follow with the next batch, as a tapd event's would).
+    /// follow with the next batch, as a tapd event's would) when its server is trusted.
     async fn pass(&self, held: PacketIn2) {
         let now = Instant::now();
-        if let Ok((response, _)) = packet::response(&held.packet, IDENTITY, SystemTime::now()) {
-            self.engine.on_dns(response, now);
+        if let Ok(reply) = packet::reply(&held.packet, IDENTITY, SystemTime::now()) {
+            if self.resolvers.borrow().trusts(reply.server) {
+                self.engine.on_dns(reply.response, now);
+            }
         }
         self.resume(&held, now).await;
     }
 
     /// One held response: its answer to the engine, its grants written and in effect in the
-    /// datapath (within the deadline), then the resume, exactly once.
+    /// datapath (within the deadline), then the resume, exactly once; what happened counted once.
     pub async fn handle(&self, held: PacketIn2) {
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + self.deadline);
-        match packet::response(&held.packet, IDENTITY, SystemTime::now()) {
-            Ok((response, _)) => {
-                let commits = self.engine.commits();
-                // Not `has_pending_changes`: the flusher may have taken this answer's grants (or
-                // those of an earlier answer for the same name) into a batch still in flight, and
-                // only a flush, which waits for that batch, knows when they are in OVS.
-                if self.engine.on_dns_then_flush(response, started) {
-                    // Asked before this flush commits the grants, so that the round it waits
-                    // for is one that saw them. (The flusher, not woken for this answer, may
-                    // still commit them first in a batch of its own: then the wait may last
-                    // until OVS's next periodic round, which the deadline cuts short.)
-                    let revalidation = self.resumer.revalidation().await;
-                    if !self.write(deadline).await {
-                        self.metrics.deadline_misses.inc();
-                    } else if self.engine.commits() != commits
-                        && !Self::revalidated(revalidation, deadline).await
+        if let Some(response) = self.trusted_response(&held) {
+            let commits = self.engine.commits();
+            // Not `has_pending_changes`: the flusher may have taken this answer's grants (or those
+            // of an earlier answer for the same name) into a batch still in flight, and only a
+            // flush, which waits for that batch, knows when they are in OVS.
+            let qname = response.qname.clone();
+            let justified = self.engine.on_dns_then_flush(response, started);
+            if justified.is_empty() {
+                self.ended(&held, Outcome::NoGrant, Some(&qname));
+            } else {
+                // Asked before this flush commits the grants, so that the round it waits for is
+                // one that saw them. (The flusher, not woken for this answer, may still commit
+                // them first in a batch of its own: then the wait may last until OVS's next
+                // periodic round, which the deadline cuts short.)
+                let revalidation = self.resumer.revalidation().await;
+                let outcome = match self.write(deadline).await {
+                    Written::Late => Outcome::DeadlineMiss,
+                    Written::Failed => Outcome::WriteFailed,
+                    Written::InTime if !self.engine.in_ovs(&justified) => Outcome::GrantsPending,
+                    Written::InTime
+                        if self.engine.commits() != commits
+                            && !Self::revalidated(revalidation, deadline).await =>
                     {
-                        self.metrics.revalidation_timeouts.inc();
+                        Outcome::RevalidationTimeout
                     }
-                }
-            }
-            Err(error) => {
-                self.metrics.unreadable.inc();
-                tracing::debug!(%error, "held packet is not a DNS response flowd reads; sending it on");
+                    Written::InTime => Outcome::Granted,
+                };
+                self.ended(&held, outcome, Some(&qname));
             }
         }
         self.resume(&held, started).await;
     }
 
-    /// Writes what is pending, by `deadline` at the latest; whether that was in time (a failed
-    /// write is: there is nothing more to wait for).
-    async fn write(&self, deadline: tokio::time::Instant) -> bool {
+    /// Writes what is pending, by `deadline` at the latest.
+    async fn write(&self, deadline: tokio::time::Instant) -> Written {
         // The write goes on in its own task past the deadline: a batch dropped halfway would be
         // lost (the engine's flush is not cancel-safe).
         let engine = self.engine.clone();
         let writing = tokio::spawn(async move { engine.flush_then_hand_over().await });
         match tokio::time::timeout_at(deadline, writing).await {
-            Ok(Ok(Ok(()))) => true,
+            Ok(Ok(Ok(()))) => Written::InTime,
             Ok(Ok(Err(error))) => {
                 tracing::debug!(%error, "held response's grants not written; sending it on");
-                true
+                Written::Failed
             }
             Ok(Err(error)) => {
                 tracing::warn!(%error, "writing a held response's grants failed; sending it on");
-                true
+                Written::Failed
             }
             Err(_) => {
                 tracing::debug!(deadline = ?self.deadline,
                     "held response's grants not in OVS at the deadline; sending it on");
-                false
+                Written::Late
             }
         }
     }
@@ -659,6 +1057,8 @@ mod tests {
     struct Recorder {
         bridge: Mutex<Option<Engine<Recording>>>,
         resumes: Mutex<Vec<(Bytes, usize)>>,
+        /// An ovs-vswitchd control socket stand-in that takes `revalidator/wait` and never answers.
+        revalidator: Mutex<Option<std::path::PathBuf>>,
     }
 
     impl Resumer for Recorder {
@@ -675,6 +1075,11 @@ mod tests {
                 .push((held.continuation.clone().unwrap_or_default(), flows));
             Ok(())
         }
+
+        async fn revalidation(&self) -> Option<Revalidation> {
+            let socket = self.revalidator.lock().unwrap().clone()?;
+            Revalidation::start(&socket).await.ok()
+        }
     }
 
     fn dns(qname: &str, ip: [u8; 4]) -> Vec<u8> {
@@ -688,8 +1093,15 @@ mod tests {
         m.to_vec().unwrap()
     }
 
-    /// An Ethernet/IPv4/UDP frame from 10.96.0.10:53 to `client`:40000 carrying `payload`.
-    fn frame(client: [u8; 4], payload: &[u8]) -> Bytes {
+    /// The kube-dns Service's address the tests' replies come from.
+    const KUBE_DNS: [u8; 4] = [10, 96, 0, 10];
+
+    fn trusted() -> watch::Receiver<ResolverSet> {
+        crate::resolvers::fixed(["10.96.0.10:53".parse().unwrap()])
+    }
+
+    /// An Ethernet/IPv4/UDP frame from `server`:53 to `client`:40000 carrying `payload`.
+    fn frame(server: [u8; 4], client: [u8; 4], payload: &[u8]) -> Bytes {
         let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
         let total = 20 + 8 + payload.len();
         let mut ip = vec![
@@ -706,7 +1118,7 @@ mod tests {
             0,
             0,
         ];
-        ip.extend([10, 96, 0, 10]);
+        ip.extend(server);
         ip.extend(client);
         f.extend(ip);
         let udp_len = 8 + payload.len();
@@ -715,16 +1127,21 @@ mod tests {
         Bytes::from(f)
     }
 
+    /// A reply from kube-dns, paused by pod 1's hold flow.
     fn held(client: [u8; 4], qname: &str, ip: [u8; 4], id: u8) -> PacketIn2 {
+        held_from(KUBE_DNS, client, qname, ip, id)
+    }
+
+    fn held_from(server: [u8; 4], client: [u8; 4], qname: &str, ip: [u8; 4], id: u8) -> PacketIn2 {
         PacketIn2 {
-            packet: frame(client, &dns(qname, ip)),
+            packet: frame(server, client, &dns(qname, ip)),
             full_len: None,
             buffer_id: None,
             table_id: 65,
             cookie: Some(1),
             reason: 1,
             metadata: RawMatch::default(),
-            userdata: Bytes::new(),
+            userdata: Bytes::from_static(&[0, 1]),
             continuation: Some(Bytes::from(vec![id])),
         }
     }
@@ -760,7 +1177,12 @@ mod tests {
         });
         let recorder = Arc::new(Recorder::default());
         *recorder.bridge.lock().unwrap() = Some(engine.clone());
-        let holder = Holder::new(engine.clone(), recorder.clone(), Duration::from_millis(100));
+        let holder = Holder::new(
+            engine.clone(),
+            recorder.clone(),
+            Duration::from_millis(100),
+            trusted(),
+        );
         (holder, recorder, engine)
     }
 
@@ -792,9 +1214,153 @@ mod tests {
         );
         let m = holder.metrics();
         assert_eq!(
-            (m.resumed.get(), m.unreadable.get(), m.deadline_misses.get()),
-            (3, 1, 0)
+            (
+                m.resumed.get(),
+                m.granted.get(),
+                m.no_grant.get(),
+                m.unreadable.get(),
+                m.deadline_misses.get()
+            ),
+            (3, 1, 1, 1, 0)
         );
+    }
+
+    /// A pod asked a DNS server of its own (another pod) for an allowed name and got an address of
+    /// the server's choosing: the reply goes on at once, the engine learns nothing, nothing is
+    /// granted, and the reply is counted for the pod; held or passed unheld alike. The same answer
+    /// from kube-dns is granted.
+    #[tokio::test]
+    async fn a_reply_from_a_server_flowd_does_not_trust_teaches_nothing() {
+        let (holder, recorder, bridge) = setup(Duration::ZERO);
+        let report = Arc::new(HoldReport::on(Duration::from_millis(100)));
+        let holder = holder.reporting_to(report.clone());
+        let own_server = [10, 244, 1, 9];
+        holder
+            .handle(held_from(
+                own_server,
+                [10, 244, 1, 5],
+                "www.example.com.",
+                [192, 0, 2, 66],
+                1,
+            ))
+            .await;
+        holder
+            .pass(held_from(
+                own_server,
+                [10, 244, 1, 5],
+                "api.example.com.",
+                [192, 0, 2, 67],
+                2,
+            ))
+            .await;
+        bridge.flush().await.unwrap();
+        assert_eq!(recorder.resumes.lock().unwrap().len(), 2, "both went on");
+        assert!(bridge.grants(None, None).is_empty(), "nothing learned");
+        assert!(bridge.programmer().flows().is_empty());
+        let m = holder.metrics();
+        assert_eq!(
+            (m.untrusted.get(), m.granted.get(), m.no_grant.get()),
+            (1, 0, 0)
+        );
+        assert_eq!(report.untrusted_total(), 1);
+        assert_eq!(report.untrusted().get(&1), Some(&1));
+
+        holder
+            .handle(held(
+                [10, 244, 1, 5],
+                "www.example.com.",
+                [192, 0, 2, 66],
+                3,
+            ))
+            .await;
+        let granted: Vec<IpAddr> = bridge
+            .grants(None, None)
+            .iter()
+            .map(|g| g.key.dst)
+            .collect();
+        assert_eq!(granted, [IpAddr::from([192, 0, 2, 66])]);
+        assert_eq!(m.granted.get(), 1);
+    }
+
+    /// A held answer whose grant cannot be written yet (the pod's port is not in br-int) goes on
+    /// with its grant pending, counted as such; with no template, as a failed write.
+    #[tokio::test]
+    async fn a_response_whose_grant_is_not_in_ovs_is_not_counted_as_granted() {
+        let (holder, _recorder, engine) = setup(Duration::ZERO);
+        engine.upsert_pod(PodInfo {
+            uid: None,
+            key: PodKey::new("ns1", "portless"),
+            ips: vec![IpAddr::from([10, 244, 1, 6])],
+            node: "n1".into(),
+        });
+        holder
+            .handle(held([10, 244, 1, 6], "www.example.com.", [192, 0, 2, 7], 1))
+            .await;
+        let m = holder.metrics();
+        assert_eq!((m.grants_pending.get(), m.granted.get()), (1, 0));
+
+        let bridge = Recording::new(None);
+        let engine = Engine::new(EngineSettings::for_kind(), bridge);
+        let ef = EgressFirewall::inline(
+            "ns1",
+            json!([{"type": "Allow", "to": {"dnsName": "example.com"}}]),
+        )
+        .unwrap();
+        engine.set_rules(FirewallRules::from_egress_firewall(&ef).unwrap());
+        engine.upsert_pod(PodInfo {
+            uid: None,
+            key: PodKey::new("ns1", "pod1"),
+            ips: vec![IpAddr::from([10, 244, 1, 5])],
+            node: "n1".into(),
+        });
+        let holder = Holder::new(
+            engine,
+            Arc::new(Recorder::default()),
+            Duration::from_millis(100),
+            trusted(),
+        );
+        holder
+            .handle(held([10, 244, 1, 5], "www.example.com.", [192, 0, 2, 7], 1))
+            .await;
+        let m = holder.metrics();
+        assert_eq!(
+            (m.write_failures.get(), m.granted.get()),
+            (1, 0),
+            "no template"
+        );
+    }
+
+    /// The grant is committed but ovs-vswitchd never says it revalidated its datapath: the response
+    /// goes on at the deadline, counted as such and not as held until its grants.
+    #[tokio::test]
+    async fn a_revalidation_that_never_ends_is_counted_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("ovs-vswitchd.1.ctl");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let silent = tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                kept.push(conn);
+            }
+        });
+        let (holder, recorder, bridge) = setup(Duration::ZERO);
+        *recorder.revalidator.lock().unwrap() = Some(socket);
+        let started = Instant::now();
+        holder
+            .handle(held([10, 244, 1, 5], "www.example.com.", [192, 0, 2, 7], 1))
+            .await;
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        assert!(!bridge.programmer().flows().is_empty(), "committed");
+        let m = holder.metrics();
+        assert_eq!(
+            (
+                m.revalidation_timeouts.get(),
+                m.granted.get(),
+                m.deadline_misses.get()
+            ),
+            (1, 0, 0)
+        );
+        silent.abort();
     }
 
     /// The same answer came from tapd a moment earlier and its batch is still on its way to OVS:
@@ -895,17 +1461,35 @@ mod tests {
                     .into()
             )
         );
-        report.round(Ok(&BTreeSet::from([id])));
+        let resolvers = trusted().borrow().clone();
+        report.round(Ok((&BTreeSet::from([id]), &resolvers)));
         assert_eq!(
             line(&report, &pod1),
-            (true, "its DNS responses are held in br-int until their grants are in OVS, at most 100 ms".into())
+            (true, "its DNS responses from 10.96.0.10:53 are held in br-int until their grants are in OVS, at most 100 ms".into())
         );
+        report.ended(id, Outcome::DeadlineMiss, Some("www.example.com".into()));
+        assert_eq!(
+            line(&report, &pod1).1,
+            "its DNS responses from 10.96.0.10:53 are held in br-int until their grants are in \
+             OVS, at most 100 ms; its last held response (www.example.com) went on at the \
+             deadline, before its grants were in OVS"
+        );
+        report.ended(id, Outcome::Granted, Some("www.example.com".into()));
+        report.count_untrusted(Some(id), 3);
+        assert_eq!(
+            line(&report, &pod1).1,
+            "its DNS responses from 10.96.0.10:53 are held in br-int until their grants are in \
+             OVS, at most 100 ms; its last held response (www.example.com) went on after its \
+             grants were in OVS and its datapath revalidated; 3 DNS replies from servers other \
+             than the trusted resolvers (10.96.0.10:53) reached it and taught flowd nothing"
+        );
+        assert_eq!(report.untrusted_total(), 3);
         report.round(Err("OVN's flows name no delivery table"));
         assert!(!line(&report, &pod1).0);
         assert!(line(&report, &pod1)
             .1
-            .ends_with("could not be written: OVN's flows name no delivery table"));
-        report.round(Ok(&BTreeSet::from([id])));
+            .contains("could not be written: OVN's flows name no delivery table; its last held"));
+        report.round(Ok((&BTreeSet::from([id]), &resolvers)));
 
         for (pod, node, host, why) in [
             (PodKey::new("ns2", "free"), "n1", 7, NotHeld::NoDnsRule),
@@ -962,6 +1546,12 @@ mod tests {
             !bridge.programmer().flows().is_empty(),
             "the grant stayed pending"
         );
+        let m = holder.metrics();
+        assert_eq!(
+            (m.write_failures.get(), m.granted.get()),
+            (1, 0),
+            "a failed write is not counted as held until its grants"
+        );
     }
 
     /// OVS slower than the deadline: the response goes on at the deadline (counted) and its grant
@@ -983,7 +1573,8 @@ mod tests {
             0,
             "resumed before the grant"
         );
-        assert_eq!(holder.metrics().deadline_misses.get(), 1);
+        let m = holder.metrics();
+        assert_eq!((m.deadline_misses.get(), m.granted.get()), (1, 0));
         holder.engine.flush().await.unwrap();
         assert!(!bridge.programmer().flows().is_empty(), "the grant follows");
     }
@@ -1008,8 +1599,9 @@ mod tests {
         drop(tx);
         let run = tokio::spawn(holder.clone().run(rx));
         run.await.unwrap();
+        // Every handler done: all slots back, so a late second resume would be in by now.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while (holder.metrics().resumed.get() as usize) < n && Instant::now() < deadline {
+        while holder.slots.available_permits() < MAX_HELD && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let mut ids: Vec<Bytes> = recorder
@@ -1019,9 +1611,10 @@ mod tests {
             .iter()
             .map(|r| r.0.clone())
             .collect();
+        let resumes = ids.len();
         ids.sort();
         ids.dedup();
-        assert_eq!(ids.len(), n, "each exactly once");
+        assert_eq!((resumes, ids.len()), (n, n), "each exactly once");
         assert_eq!(holder.metrics().resumed.get() as usize, n);
         assert!(holder.metrics().unheld.get() > 0);
     }

@@ -13,6 +13,7 @@ pub mod ovnkube;
 pub mod ovs;
 pub mod policy;
 pub mod replay;
+pub mod resolvers;
 pub mod rules;
 pub mod snapshot;
 pub mod status;

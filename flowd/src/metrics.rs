@@ -114,10 +114,11 @@ impl<P: FlowProgrammer> dnsflow_runtime::http::Exposition for Sources<P> {
             return Err(format!("grants wait, installing nothing: {why}"));
         }
         if !self.status.is_ready() {
-            return Err(
-                "waiting for the first list of pods, EgressFirewalls, nodes and OVN-K's ConfigMap"
-                    .into(),
-            );
+            return Err(self.status.unsynced().unwrap_or_else(|| {
+                "waiting for the first list of pods, EgressFirewalls, nodes, OVN-K's ConfigMap and \
+                 the DNS Service"
+                    .into()
+            }));
         }
         Ok(())
     }

@@ -33,21 +33,21 @@ const DEFAULT_JOIN: [&str; 2] = ["100.64.0.0/16", "fd98::/64"];
 const DEFAULT_TRANSIT: [&str; 2] = ["100.88.0.0/16", "fd97::/64"];
 const DEFAULT_MASQUERADE: [&str; 2] = ["169.254.169.0/29", "fd69::/112"];
 
-/// Where the configuration lives: `namespace/name` of a ConfigMap.
+/// One namespaced object flowd reads by name (`namespace/name`): OVN-K's ConfigMap, the DNS Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigMapRef {
+pub struct ObjectRef {
     pub namespace: String,
     pub name: String,
 }
 
-impl FromStr for ConfigMapRef {
+impl FromStr for ObjectRef {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (namespace, name) = s
             .split_once('/')
             .ok_or_else(|| format!("{s:?} is not namespace/name"))?;
-        // DNS-1123 labels and subdomains: nothing else is a namespace or a ConfigMap name.
+        // DNS-1123 labels and subdomains: nothing else is a namespace or an object's name.
         let valid = |part: &str, max: usize| {
             !part.is_empty()
                 && part.len() <= max
@@ -67,7 +67,7 @@ impl FromStr for ConfigMapRef {
     }
 }
 
-impl fmt::Display for ConfigMapRef {
+impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
     }
@@ -320,14 +320,14 @@ mod tests {
 
     #[test]
     fn config_map_refs_are_checked() {
-        let r: ConfigMapRef = UPSTREAM_CONFIG.parse().expect("ref");
+        let r: ObjectRef = UPSTREAM_CONFIG.parse().expect("ref");
         assert_eq!(r.namespace, "ovn-kubernetes");
         assert_eq!(r.to_string(), UPSTREAM_CONFIG);
-        assert!(OPENSHIFT_CONFIG.parse::<ConfigMapRef>().is_ok());
+        assert!(OPENSHIFT_CONFIG.parse::<ObjectRef>().is_ok());
         for bad in [
             "", "x", "/x", "x/", "A/b", "a.b/c", "a/b/c", "a/-b", "a/b c",
         ] {
-            assert!(bad.parse::<ConfigMapRef>().is_err(), "{bad}");
+            assert!(bad.parse::<ObjectRef>().is_err(), "{bad}");
         }
     }
 }

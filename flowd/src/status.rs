@@ -50,6 +50,11 @@ pub struct Status {
     pub known: Mutex<Known>,
     /// Whether DNS responses are held, and for which pods.
     pub hold: Arc<HoldReport>,
+    /// Why flowd is not ready although it has waited long enough (the cluster could not be listed
+    /// within `--sync-timeout`).
+    unsynced: Mutex<Option<String>>,
+    /// How many DNS servers flowd trusts now (the DNS Service's addresses and `--trusted-resolver`).
+    pub trusted_resolvers: Gauge,
 }
 
 impl Default for Status {
@@ -65,6 +70,8 @@ impl Default for Status {
             invalid_ovn_configs: Counter::default(),
             known: Mutex::default(),
             hold: Arc::default(),
+            unsynced: Mutex::default(),
+            trusted_resolvers: Gauge::default(),
         }
     }
 }
@@ -78,13 +85,29 @@ impl Status {
         }
     }
 
-    /// Pods, EgressFirewalls and this node have each been listed in full.
+    /// Pods, EgressFirewalls, nodes, OVN-K's ConfigMap and the DNS Service have each been listed in
+    /// full.
     pub(crate) fn set_ready(&self) {
+        *self.unsynced.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.ready_gauge.set(1);
         self.ready.send_replace(true);
     }
 
-    /// True once pods, EgressFirewalls, nodes and OVN-K's ConfigMap have each been listed in full.
+    /// The cluster has not been listed within the time flowd gives it, for this reason.
+    pub(crate) fn set_unsynced(&self, why: String) {
+        *self.unsynced.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    /// Why flowd gave up waiting for the first full list, if it did.
+    pub fn unsynced(&self) -> Option<String> {
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// True once pods, EgressFirewalls, nodes, OVN-K's ConfigMap and the DNS Service have each been
+    /// listed in full.
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
     }
@@ -98,8 +121,13 @@ impl Status {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "ready",
-            "1 once pods, EgressFirewalls, nodes and OVN-Kubernetes's ConfigMap are listed",
+            "1 once pods, EgressFirewalls, nodes, OVN-Kubernetes's ConfigMap and the DNS Service are listed",
             self.ready_gauge.clone(),
+        );
+        registry.register(
+            "trusted_resolvers",
+            "DNS servers whose replies flowd holds and learns from (the DNS Service's ClusterIPs and ports, --trusted-resolver)",
+            self.trusted_resolvers.clone(),
         );
         registry.counter(
             "dns_events",

@@ -6,9 +6,9 @@
 //! what it has reported and turns every object missing from a relist into a [`Change::Deleted`], so the
 //! consumer sees one consistent stream of applies and deletes whatever happened on the wire.
 
-use crate::{egressfirewall::EgressFirewall, metrics::Registry, ovnkube::ConfigMapRef};
+use crate::{egressfirewall::EgressFirewall, metrics::Registry, ovnkube::ObjectRef};
 use futures::{stream, Stream, StreamExt as _};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use kube::{
     runtime::{watcher, WatchStreamExt as _},
     Api, Client, Resource, ResourceExt as _,
@@ -54,6 +54,15 @@ pub const REQUIRED_ACCESS: &[ApiAccess] = &[
 pub const OVN_CONFIG_ACCESS: ApiAccess = ApiAccess {
     group: "",
     resource: "configmaps",
+    verbs: &["list", "watch"],
+};
+
+/// The other namespaced call: the cluster's DNS Service (`--dns-service`), listed and watched by
+/// name, whose ClusterIPs are the only DNS servers flowd believes (see [`crate::resolvers`]). A
+/// Role in the Service's namespace grants it for that name only, in each overlay of `deploy/`.
+pub const DNS_SERVICE_ACCESS: ApiAccess = ApiAccess {
+    group: "",
+    resource: "services",
     verbs: &["list", "watch"],
 };
 
@@ -167,6 +176,8 @@ pub enum ClusterEvent {
     Node(Change<Node>),
     /// OVN-K's ConfigMap, the one `--ovn-config` names.
     OvnConfig(Change<ConfigMap>),
+    /// The cluster's DNS Service, the one `--dns-service` names.
+    DnsService(Change<Service>),
 }
 
 /// Which of the watches have delivered their first full list.
@@ -176,6 +187,7 @@ pub struct SyncState {
     pub firewalls: bool,
     pub node: bool,
     pub ovn_config: bool,
+    pub dns_service: bool,
 }
 
 impl SyncState {
@@ -186,25 +198,42 @@ impl SyncState {
             ClusterEvent::Firewall(Change::Synced) => self.firewalls = true,
             ClusterEvent::Node(Change::Synced) => self.node = true,
             ClusterEvent::OvnConfig(Change::Synced) => self.ovn_config = true,
+            ClusterEvent::DnsService(Change::Synced) => self.dns_service = true,
             _ => {}
         }
         self.complete()
     }
 
     pub fn complete(&self) -> bool {
-        self.pods && self.firewalls && self.node && self.ovn_config
+        self.pods && self.firewalls && self.node && self.ovn_config && self.dns_service
+    }
+
+    /// The watches that have not listed yet, for people.
+    pub fn missing(&self) -> Vec<&'static str> {
+        [
+            (self.pods, "this node's pods"),
+            (self.firewalls, "EgressFirewalls"),
+            (self.node, "nodes"),
+            (self.ovn_config, "OVN-Kubernetes's ConfigMap"),
+            (self.dns_service, "the DNS Service"),
+        ]
+        .into_iter()
+        .filter_map(|(done, what)| (!done).then_some(what))
+        .collect()
     }
 }
 
-/// The merged stream of pod, EgressFirewall, node and OVN-K configuration changes.
+/// The merged stream of pod, EgressFirewall, node, OVN-K configuration and DNS Service changes.
 pub type ClusterStream = Pin<Box<dyn Stream<Item = ClusterEvent> + Send>>;
 
 /// Watches the pods scheduled to `node` (field selector `spec.nodeName`), the EgressFirewalls of every
-/// namespace, every Node, and OVN-K's ConfigMap `ovn_config` (field selector `metadata.name`).
+/// namespace, every Node, OVN-K's ConfigMap `ovn_config` and the DNS Service `dns_service` (each by
+/// name, field selector `metadata.name`).
 pub fn cluster(
     client: &Client,
     node: &str,
-    ovn_config: &ConfigMapRef,
+    ovn_config: &ObjectRef,
+    dns_service: &ObjectRef,
     stats: &Arc<WatchStats>,
 ) -> ClusterStream {
     let pods = changes(
@@ -238,11 +267,19 @@ pub fn cluster(
         stats.clone(),
     )
     .map(ClusterEvent::OvnConfig);
+    let dns = changes(
+        Api::<Service>::namespaced(client.clone(), &dns_service.namespace),
+        watcher::Config::default().fields(&format!("metadata.name={}", dns_service.name)),
+        "dns-service",
+        stats.clone(),
+    )
+    .map(ClusterEvent::DnsService);
     Box::pin(stream::select_all([
         pods.boxed(),
         firewalls.boxed(),
         nodes.boxed(),
         config.boxed(),
+        dns.boxed(),
     ]))
 }
 

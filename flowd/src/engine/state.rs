@@ -8,7 +8,7 @@
 //! found in `br-int` at start are adopted and judged once the Kubernetes state has been listed.
 
 use super::{
-    memory::AnswerMemory,
+    memory::{AnswerMemory, RecentAnswers},
     metrics::{Metrics, MetricsSnapshot},
 };
 use crate::{
@@ -200,6 +200,8 @@ pub struct Core {
     by_ip: HashMap<IpAddr, PodKey>,
     by_id: HashMap<u16, PodKey>,
     rules: HashMap<String, Arc<FirewallRules>>,
+    /// What the pods of namespaces without a `dnsName` rule were told lately (see [`super::memory`]).
+    recent: RecentAnswers,
     flows: HashMap<FlowId, FlowState>,
     per_namespace: HashMap<String, usize>,
     /// Flows to write in the next batch.
@@ -232,6 +234,16 @@ pub struct Core {
     failing: Option<(Instant, String)>,
     /// Why the cluster's own networks are not known yet: nothing is written meanwhile.
     pub(super) networks_unknown: Option<String>,
+}
+
+/// Whether a namespace's pods keep answer memories of their own: only a `dnsName` rule grants from an
+/// answer, so without one their answers go to the node's recent window.
+fn keeps_answers(rules: Option<&FirewallRules>) -> bool {
+    rules.is_some_and(|r| {
+        r.rules
+            .iter()
+            .any(|r| matches!(r.destination, Destination::DnsName(_)))
+    })
 }
 
 /// FNV-1a of the iface-id: a pod keeps its id (and so its flows' cookies) across flowd restarts.
@@ -318,6 +330,7 @@ impl Core {
             by_ip: HashMap::new(),
             by_id: HashMap::new(),
             rules: HashMap::new(),
+            recent: RecentAnswers::default(),
             flows: HashMap::new(),
             per_namespace: HashMap::new(),
             dirty: HashSet::new(),
@@ -563,6 +576,7 @@ impl Core {
             }
         }
         self.by_id.remove(&entry.id);
+        self.recent.forget(entry.id);
         if let Some(n) = self.per_namespace.get_mut(&key.namespace) {
             *n = n.saturating_sub(entry.grants);
         }
@@ -633,12 +647,19 @@ impl Core {
             .filter(|k| k.namespace == namespace)
             .cloned()
             .collect();
+        // A namespace that gains its first dnsName rule takes its pods' answers out of the node's
+        // window; one that loses its last puts them back there.
+        let keeps = keeps_answers(rules.as_deref());
+        let cap = self.settings.max_grants_per_pod;
         for key in pods {
             let Some(id) = self.pods.get(&key).map(|p| p.id) else {
                 continue;
             };
             let mut grants = Vec::new();
             if let Some(pod) = self.pods.get_mut(&key) {
+                if keeps {
+                    self.recent.restore(id, &mut pod.memory, now, cap);
+                }
                 let dsts = &pod.dsts;
                 pod.memory.prune(now, |ip| dsts.contains_key(&ip));
                 // The flow's source is the pod's address of the answer's family, whichever of the
@@ -675,6 +696,11 @@ impl Core {
             for (g, reason, at) in grants {
                 self.grant(&g, reason, at, now);
             }
+            if !keeps {
+                if let Some(pod) = self.pods.get_mut(&key) {
+                    self.recent.keep(id, &mut pod.memory, now);
+                }
+            }
         }
     }
 
@@ -694,15 +720,15 @@ impl Core {
     }
 
     /// A DNS answer that arrived at `at`: decides, remembers what the pod was told, and marks the
-    /// resulting flows for the next batch. Returns whether the answer justifies any flow (new, or
-    /// already there).
-    pub fn on_dns(&mut self, resp: DnsResponse, at: Instant, now: Instant) -> bool {
+    /// resulting flows for the next batch. Returns the flows the answer justifies (new, or already
+    /// there; none when it justifies nothing).
+    pub fn on_dns(&mut self, resp: DnsResponse, at: Instant, now: Instant) -> Vec<FlowId> {
         let Some(key) = self.by_ip.get(&resp.client).cloned() else {
             self.hold(resp, at, now);
-            return false;
+            return Vec::new();
         };
         let Some(pod) = self.pods.get(&key) else {
-            return false;
+            return Vec::new();
         };
         let grants = match self.rules.get(&key.namespace) {
             Some(rules) => policy::decide(&resp, &pod.info, rules, &self.policy).grants,
@@ -711,22 +737,30 @@ impl Core {
         if resp.is_noerror() && !resp.answers.is_empty() {
             let settings = &self.settings;
             let cap = settings.max_grants_per_pod;
+            let until = |ttl| at + Duration::from_secs(settings.idle_timeout(ttl).into());
+            let keeps = keeps_answers(self.rules.get(&key.namespace).map(|r| &**r));
             if let Some(pod) = self.pods.get_mut(&key) {
-                let dsts = &pod.dsts;
-                pod.memory.remember(
-                    &resp,
-                    at,
-                    |ttl| at + Duration::from_secs(settings.idle_timeout(ttl).into()),
-                    cap,
-                    |ip| dsts.contains_key(&ip),
-                );
+                if keeps {
+                    let dsts = &pod.dsts;
+                    pod.memory
+                        .remember(&resp, at, until, cap, |ip| dsts.contains_key(&ip));
+                } else {
+                    self.recent.remember(pod.id, &resp, at, until);
+                }
             }
         }
-        let justifies = !grants.is_empty();
+        let justified: Vec<FlowId> = grants.iter().filter_map(|g| self.flow_id(&g.key)).collect();
         for (g, reason) in share_reasons(grants) {
             self.grant(&g, reason, at, now);
         }
-        justifies
+        justified
+    }
+
+    /// Whether every one of `ids` is in OVS as far as the engine knows: written since it last
+    /// changed (a flow refused by a cap, or still waiting for port keys or a template, is not).
+    pub fn installed(&self, ids: &[FlowId]) -> bool {
+        ids.iter()
+            .all(|id| self.flows.get(id).is_some_and(|f| f.installed))
     }
 
     fn hold(&mut self, resp: DnsResponse, at: Instant, now: Instant) {
@@ -902,6 +936,26 @@ impl Core {
             self.drop_flow(*id);
         }
         !wrong.is_empty()
+    }
+
+    /// The Kubernetes state could not be listed in time: the flows an earlier run left cannot be
+    /// judged, so none of them is kept (fail closed). Flows not read yet are treated as stale when
+    /// they are. Returns how many were removed.
+    pub fn abandon_adopted(&mut self) -> usize {
+        let adopting = self.adoption;
+        self.adoption = Adoption::Done;
+        if adopting != Adoption::Adopted {
+            return 0;
+        }
+        let adopted: Vec<FlowId> = self
+            .flows
+            .iter()
+            .filter_map(|(id, f)| f.adopted.is_some().then_some(*id))
+            .collect();
+        for id in &adopted {
+            self.drop_flow(*id);
+        }
+        adopted.len()
     }
 
     /// The grants the engine holds, optionally for one pod or one namespace, sorted by pod then priority.
@@ -1375,6 +1429,7 @@ impl Core {
             let dsts = &pod.dsts;
             pod.memory.prune(now, |ip| dsts.contains_key(&ip));
         }
+        self.recent.prune(now);
     }
 
     /// Takes a flow found in OVS at start as ours, when it has a shape the template produces for some
@@ -1435,6 +1490,7 @@ impl Core {
 #[cfg(test)]
 mod tests {
     //! The core on an injected clock: no test here sleeps.
+    use super::super::memory::RECENT_MAX;
     use super::*;
     use crate::{
         config::DEFAULT_MAX_GRANTS_PER_POD,
@@ -1723,6 +1779,81 @@ mod tests {
     }
 
     #[test]
+    fn a_namespace_without_an_egressfirewall_is_granted_later_from_answers_within_their_ttl() {
+        let t0 = Instant::now();
+        let mut c = core(EngineSettings::default(), t0);
+        c.remove_rules(NS, t0);
+        c.on_dns(
+            answer("10.244.1.5", "www.google.com", &["142.250.1.1"], 300),
+            t0,
+            t0,
+        );
+        assert!(dsts(&c).is_empty());
+        // Nothing can earn a flow from it yet: it waits in the node's window, not in the pod's memory.
+        assert_eq!(c.pods[&PodKey::new(NS, "pod1")].memory.len(), 0);
+        assert_eq!(c.recent.len(), 1);
+        // An allowing EgressFirewall arrives within the TTL: the grant appears.
+        let t1 = t0 + MINUTE;
+        c.set_rules(google(), t1);
+        let (_, added) = write(&mut c);
+        assert_eq!(added, [ip("142.250.1.1")]);
+        assert_eq!(c.pods[&PodKey::new(NS, "pod1")].memory.len(), 1);
+        // The namespace loses its dnsName rule and regains it within the TTL: the grant comes back.
+        let deny_all = rules(json!([{"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}]));
+        c.set_rules(deny_all.clone(), t1 + MINUTE);
+        assert!(dsts(&c).is_empty());
+        assert_eq!(c.pods[&PodKey::new(NS, "pod1")].memory.len(), 0);
+        assert_eq!(c.recent.len(), 1, "back in the window");
+        c.set_rules(google(), t1 + 2 * MINUTE);
+        assert_eq!(dsts(&c), [ip("142.250.1.1")]);
+        // Past the TTL, a rule added later grants nothing from it.
+        c.set_rules(deny_all, t0 + 5 * MINUTE);
+        c.set_rules(google(), t0 + 6 * MINUTE);
+        assert!(dsts(&c).is_empty());
+    }
+
+    #[test]
+    fn pods_without_a_dns_name_rule_share_one_bounded_window() {
+        let t0 = Instant::now();
+        let mut c = core(EngineSettings::default(), t0);
+        let deny_all = rules(json!([{"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}]));
+        c.set_rules(deny_all, t0);
+        for i in 0..RECENT_MAX as u32 + 1_000 {
+            let [_, _, a, b] = i.to_be_bytes();
+            let client = ["10.244.1.5", "10.244.1.6"][i as usize % 2];
+            let (name, addr) = (format!("h{i}.google.com"), format!("142.251.{a}.{b}"));
+            c.on_dns(answer(client, &name, &[&addr], 300), t0, t0);
+        }
+        assert_eq!(c.recent.len(), RECENT_MAX);
+        assert!(c.pods.values().all(|p| p.memory.len() == 0));
+        // The answers still within their TTL are there for a rule that comes later, as many as each
+        // pod's cap takes.
+        c.set_rules(google(), t0 + MINUTE);
+        assert_eq!(c.flows.len(), 2 * DEFAULT_MAX_GRANTS_PER_POD);
+    }
+
+    #[test]
+    fn a_pod_recreated_under_its_name_inherits_nothing_from_the_window() {
+        let t0 = Instant::now();
+        let mut c = core(EngineSettings::default(), t0);
+        c.remove_rules(NS, t0);
+        c.on_dns(
+            answer("10.244.1.5", "www.google.com", &["142.250.1.1"], 300),
+            t0,
+            t0,
+        );
+        let old = c.pods[&PodKey::new(NS, "pod1")].id;
+        c.upsert_pod(pod("pod1", &["10.244.1.5"], "new-uid"), t0);
+        assert_eq!(
+            c.pods[&PodKey::new(NS, "pod1")].id,
+            old,
+            "same name, same id"
+        );
+        c.set_rules(google(), t0);
+        assert!(dsts(&c).is_empty());
+    }
+
+    #[test]
     fn adopted_flows_are_judged_once_the_cluster_is_listed() {
         let t0 = Instant::now();
         let mut c = core(EngineSettings::default(), t0);
@@ -1780,5 +1911,55 @@ mod tests {
         );
         assert!(c.flows.values().all(|f| f.adopted.is_none()));
         assert_eq!(c.pods[&PodKey::new(NS, "pod1")].grants, 1);
+    }
+
+    /// The cluster is not listed in time: every flow an earlier run left goes (fail closed), the
+    /// valid-looking one too; the ones a new answer justified stay. Before they were read, they
+    /// are not adopted at all.
+    #[test]
+    fn flows_of_an_earlier_run_go_when_the_cluster_cannot_be_listed_in_time() {
+        let t0 = Instant::now();
+        let t = template();
+        let keys = PortKeys {
+            metadata: 1,
+            reg14: 2,
+        };
+        let earlier = |c: &Core, dst: &str| {
+            let pod = c.pods[&PodKey::new(NS, "pod1")].id;
+            let id = FlowId {
+                pod,
+                priority: 11000,
+                src: ip("10.244.1.5"),
+                dst: ip(dst),
+                l4: None,
+            };
+            let (m, _) = physical(&t, keys, &id, Verdict::Allow).unwrap().remove(0);
+            parsed(
+                Cookie::new(c.settings.cookie_prefix, pod, 11000),
+                &m,
+                100,
+                Some(11000),
+            )
+        };
+        let mut c = core(EngineSettings::default(), t0);
+        let dump = vec![earlier(&c, "142.250.1.1"), earlier(&c, "142.250.1.2")];
+        c.reconcile(&dump, &t, t0);
+        c.on_dns(
+            answer("10.244.1.5", "www.google.com", &["142.250.1.2"], 300),
+            t0,
+            t0,
+        );
+        assert_eq!(c.abandon_adopted(), 1);
+        let (deletes, _) = write(&mut c);
+        assert_eq!(deletes.len(), 1, "{deletes:?}");
+        assert_eq!(dsts(&c), [ip("142.250.1.2")]);
+        assert!(!c.set_synced(), "nothing left to judge once listed");
+
+        let mut c = core(EngineSettings::default(), t0);
+        assert_eq!(c.abandon_adopted(), 0);
+        let dump = vec![earlier(&c, "142.250.1.1")];
+        c.reconcile(&dump, &t, t0);
+        assert!(c.flows.is_empty(), "not adopted: stale");
+        assert!(c.has_pending_changes(), "and removed");
     }
 }

@@ -216,11 +216,13 @@ pub struct FlowSpec {
     pub action: FlowAction,
 }
 
-/// The flow that holds a pod's DNS responses for flowd: in OVN's delivery table (the last before
-/// the pod), above OVN's own flow for the pod's port, UDP from port 53 that answers a query the pod
-/// sent (`ct_state=+trk+est+rpl`, so nobody can make flowd hold made-up packets), paused to flowd's
-/// controller id with the pod's id as userdata, then OVN's own actions for the port: the resumed
-/// packet does exactly what OVN would have done. The hard timeout ends it if flowd stops renewing it.
+/// A flow in OVN's delivery table (the last before the pod), above OVN's own flow for the pod's
+/// port, for UDP from a DNS server that answers a query the pod sent (`ct_state=+trk+est+rpl`, so
+/// nobody can make flowd hold made-up packets), then OVN's own actions for the port: the packet does
+/// exactly what OVN would have done. Either it holds (replies from one trusted resolver, paused to
+/// flowd's controller id with the pod's id as userdata), or it only counts (every other reply from
+/// port 53, below the holding flows: OVS's flow statistics say how many a pod received). The hard
+/// timeout ends it if flowd stops renewing it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HoldSpec {
     pub cookie: Cookie,
@@ -230,14 +232,29 @@ pub struct HoldSpec {
     pub metadata: u64,
     pub port: u32,
     pub v6: bool,
-    /// flowd's controller id: OVS sends the packet-in to flowd's connection only.
-    pub controller: u16,
-    /// Tells the holder which pod, without parsing the packet first.
-    pub userdata: u16,
+    pub kind: HoldKind,
     pub hard_timeout: u16,
     /// OVN's own actions for the port (`output:N`).
     pub delivery: Actions,
 }
+
+/// What a [`HoldSpec`] does before OVN's delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldKind {
+    /// Pauses replies from `from` (the resolver's address, of the flow's family, and port).
+    Pause {
+        from: std::net::SocketAddr,
+        /// flowd's controller id: OVS sends the packet-in to flowd's connection only.
+        controller: u16,
+        /// Tells the holder which pod, without parsing the packet first.
+        userdata: u16,
+    },
+    /// Nothing: replies from any other server on port 53 are only counted.
+    Count,
+}
+
+/// The DNS port replies come from, for [`HoldKind::Count`].
+pub const DNS_PORT: u16 = 53;
 
 /// One line of an `ovs-ofctl --bundle add-flows` file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -318,21 +335,41 @@ pub fn render_op(out: &mut String, op: &FlowOp) {
         FlowOp::Hold(h) => {
             let _ = write!(
                 out,
-                "add cookie={},table={},priority={},hard_timeout={},{},tp_src=53,\
-                 ct_state=+est+rpl+trk,reg15={:#x},metadata={:#x},\
-                 actions=controller(userdata={:02x}.{:02x},pause,id={}),{}",
+                "add cookie={},table={},priority={},hard_timeout={},{}",
                 h.cookie,
                 h.table,
                 h.priority,
                 h.hard_timeout,
                 if h.v6 { "udp6" } else { "udp" },
-                h.port,
-                h.metadata,
-                h.userdata >> 8,
-                h.userdata & 0xff,
-                h.controller,
-                h.delivery
             );
+            match h.kind {
+                HoldKind::Pause { from, .. } => {
+                    let field = if from.is_ipv4() { "nw_src" } else { "ipv6_src" };
+                    let _ = write!(out, ",{field}={},tp_src={}", from.ip(), from.port());
+                }
+                HoldKind::Count => {
+                    let _ = write!(out, ",tp_src={DNS_PORT}");
+                }
+            }
+            let _ = write!(
+                out,
+                ",ct_state=+est+rpl+trk,reg15={:#x},metadata={:#x},actions=",
+                h.port, h.metadata
+            );
+            if let HoldKind::Pause {
+                controller,
+                userdata,
+                ..
+            } = h.kind
+            {
+                let _ = write!(
+                    out,
+                    "controller(userdata={:02x}.{:02x},pause,id={controller}),",
+                    userdata >> 8,
+                    userdata & 0xff,
+                );
+            }
+            let _ = write!(out, "{}", h.delivery);
         }
         FlowOp::DeleteStrict { cookie, matches } => {
             let _ = write!(

@@ -10,7 +10,10 @@
 
 use super::{
     discovery::PortKeys,
-    flow::{render_op, Actions, FlowAction, FlowEvent, FlowMatch, FlowOp, ParsedFlow},
+    flow::{
+        render_op, Actions, FlowAction, FlowEvent, FlowMatch, FlowOp, HoldKind, ParsedFlow,
+        DNS_PORT,
+    },
     template::{LearnError, Template},
     FlowProgrammer, Ofctl, OvsError, Result,
 };
@@ -34,7 +37,7 @@ use std::{
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{unix::OwnedWriteHalf, UnixStream},
-    sync::{mpsc, Mutex},
+    sync::{mpsc, watch, Mutex},
 };
 
 /// flowd's controller id on the bridge: "dn". ovn-controller's is 0.
@@ -61,6 +64,9 @@ pub struct Native {
     resumes: StdMutex<Option<mpsc::Sender<Bytes>>>,
     /// Off: every batch goes through `ovs-ofctl` (`--ovs-driver ofctl`, or no connection at start).
     enabled: AtomicBool,
+    /// Counts the connections that ended (closed by either side, or dropped by flowd): what OVS
+    /// paused for a connection that ended is lost, so whoever pauses packets must stop at once.
+    lost: watch::Sender<u64>,
     enabled_gauge: Gauge,
     connects: Counter,
     fallbacks: Counter,
@@ -77,6 +83,7 @@ impl Native {
             packet_ins: StdMutex::new(None),
             resumes: StdMutex::new(None),
             enabled: AtomicBool::new(true),
+            lost: watch::channel(0).0,
             enabled_gauge: Gauge::default(),
             connects: Counter::default(),
             fallbacks: Counter::default(),
@@ -101,6 +108,43 @@ impl Native {
     /// OVN's own delivery flows' actions per (switch, port) in `table` (see [`Ofctl::deliveries`]).
     pub async fn deliveries(&self, table: u8) -> Result<HashMap<(u64, u32), Actions>> {
         self.ofctl.deliveries(table).await
+    }
+
+    /// Changes whenever a connection ends: packets paused for it are lost, and hold flows must go
+    /// until a new one is up (see [`crate::hold::HoldFlows`]).
+    pub fn connection_lost(&self) -> watch::Receiver<u64> {
+        self.lost.subscribe()
+    }
+
+    /// The statistics of the flows in `table` whose cookie matches `cookie` under `mask`, over
+    /// flowd's own connection (opened if needed; never `ovs-ofctl`).
+    pub async fn flow_stats(
+        &self,
+        table: u8,
+        cookie: u64,
+        mask: u64,
+    ) -> Result<Vec<of::FlowStats>> {
+        let mut conn = self.conn.lock().await;
+        if conn.as_ref().is_none_or(|c| !c.alive()) {
+            *conn = Some(self.open().await?);
+        }
+        let c = conn.as_mut().ok_or_else(closed)?;
+        let request = of::FlowStatsRequest {
+            table,
+            cookie,
+            cookie_mask: mask,
+        };
+        match tokio::time::timeout(self.timeout, c.flow_stats(request)).await {
+            Ok(Ok(flows)) => Ok(flows),
+            Ok(Err(e)) => {
+                *conn = None;
+                Err(e)
+            }
+            Err(_) => {
+                *conn = None;
+                Err(timeout_error(self.timeout, "flow stats"))
+            }
+        }
     }
 
     /// Batches written with `ovs-ofctl` although the native driver is on.
@@ -133,13 +177,36 @@ impl Native {
 
     async fn open(&self) -> Result<Connection> {
         let packet_ins = lock(&self.packet_ins).clone();
-        let c = tokio::time::timeout(self.timeout, Connection::open(&self.socket, packet_ins))
-            .await
-            .map_err(|_| timeout_error(self.timeout, "connect"))??;
+        let ended = Ended(self.lost.clone());
+        let c = tokio::time::timeout(
+            self.timeout,
+            Connection::open(&self.socket, packet_ins, ended),
+        )
+        .await
+        .map_err(|_| timeout_error(self.timeout, "connect"))??;
         *lock(&self.resumes) = Some(c.tx.clone());
         self.connects.inc();
         tracing::info!(socket = %self.socket.display(), "OpenFlow connection to the bridge open");
         Ok(c)
+    }
+}
+
+/// Counts a connection's end when its reader task ends (returns or is aborted).
+#[derive(Debug)]
+struct Ended(watch::Sender<u64>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n += 1);
+    }
+}
+
+/// Clears a flag when dropped.
+struct Cleared(std::sync::Arc<AtomicBool>);
+
+impl Drop for Cleared {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
     }
 }
 
@@ -201,6 +268,8 @@ fn timeout_error(after: Duration, what: &str) -> OvsError {
 #[derive(Debug)]
 struct Connection {
     tx: mpsc::Sender<Bytes>,
+    /// Cleared by the reader when it ends.
+    alive: std::sync::Arc<AtomicBool>,
     replies: mpsc::Receiver<(u32, Message)>,
     next_xid: u32,
     tasks: [tokio::task::JoinHandle<()>; 2],
@@ -215,14 +284,23 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    async fn open(socket: &Path, packet_ins: Option<mpsc::Sender<PacketIn2>>) -> Result<Self> {
+    async fn open(
+        socket: &Path,
+        packet_ins: Option<mpsc::Sender<PacketIn2>>,
+        ended: Ended,
+    ) -> Result<Self> {
         let stream = UnixStream::connect(socket).await.map_err(io_error)?;
+        let alive = std::sync::Arc::new(AtomicBool::new(true));
+        let reader_alive = alive.clone();
         let (mut read, write) = stream.into_split();
         let (tx, rx) = mpsc::channel::<Bytes>(REPLY_QUEUE);
         let (reply_tx, replies) = mpsc::channel(REPLY_QUEUE);
         let writer = tokio::spawn(write_loop(write, rx));
         let echo = tx.clone();
         let reader = tokio::spawn(async move {
+            // Says so when this task ends, however: returned, or aborted with the connection.
+            let _ended = ended;
+            let _alive = Cleared(reader_alive);
             let mut buf = BytesMut::with_capacity(READ_CHUNK);
             loop {
                 match of::decode(&buf) {
@@ -235,7 +313,8 @@ impl Connection {
                             Message::Hello
                             | Message::Error { .. }
                             | Message::BarrierReply
-                            | Message::BundleControl(_) => {
+                            | Message::BundleControl(_)
+                            | Message::FlowStatsReply { .. } => {
                                 reply_tx.send((xid, message)).await.is_ok()
                             }
                             Message::PacketIn2(held) => {
@@ -271,6 +350,7 @@ impl Connection {
         });
         let mut c = Self {
             tx,
+            alive,
             replies,
             next_xid: 1,
             tasks: [reader, writer],
@@ -295,6 +375,34 @@ impl Connection {
             });
         }
         Ok(c)
+    }
+
+    fn alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    /// One flow stats request, its reply parts collected.
+    async fn flow_stats(&mut self, request: of::FlowStatsRequest) -> Result<Vec<of::FlowStats>> {
+        let xid = self.send(&Message::FlowStatsRequest(request)).await?;
+        let mut flows = Vec::new();
+        loop {
+            match self.replies.recv().await {
+                None => return Err(closed()),
+                Some((x, Message::FlowStatsReply { flows: part, more })) if x == xid => {
+                    flows.extend(part);
+                    if !more {
+                        return Ok(flows);
+                    }
+                }
+                Some((x, Message::Error { kind, code, .. })) if x == xid => {
+                    return Err(OvsError::Refused {
+                        program: PROGRAM,
+                        error: format!("flow stats: {}", describe(kind, code)),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
     }
 
     fn xid(&mut self) -> u32 {
@@ -412,6 +520,13 @@ async fn write_loop(mut write: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
     }
 }
 
+fn no_hold_without_connection(why: &str) -> OvsError {
+    io_error(std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        format!("hold flows are written only over flowd's own OpenFlow connection: {why}"),
+    ))
+}
+
 fn closed() -> OvsError {
     io_error(std::io::Error::new(
         std::io::ErrorKind::ConnectionReset,
@@ -472,7 +587,6 @@ pub fn flow_mod(op: &FlowOp) -> Result<FlowMod, TranslateError> {
                     of::ETH_TYPE_IPV4
                 }),
                 ip_proto: Some(of::IPPROTO_UDP),
-                udp_src: Some(53),
                 ct_state: Some(Masked {
                     value: HOLD_CT_STATE,
                     mask: HOLD_CT_STATE,
@@ -481,10 +595,26 @@ pub fn flow_mod(op: &FlowOp) -> Result<FlowMod, TranslateError> {
                 ..Match::default()
             };
             m.regs[15] = Some(Masked::exact(h.port));
-            let mut actions = vec![Action::pause_to_controller(
-                h.controller,
-                Bytes::copy_from_slice(&h.userdata.to_be_bytes()),
-            )];
+            let mut actions = Vec::new();
+            match h.kind {
+                HoldKind::Pause {
+                    from,
+                    controller,
+                    userdata,
+                } => {
+                    match (from.ip(), h.v6) {
+                        (IpAddr::V4(ip), false) => m.ipv4_src = Some(Masked::exact(ip)),
+                        (IpAddr::V6(ip), true) => m.ipv6_src = Some(Masked::exact(ip)),
+                        _ => return Err(TranslateError::Family),
+                    }
+                    m.udp_src = Some(from.port());
+                    actions.push(Action::pause_to_controller(
+                        controller,
+                        Bytes::copy_from_slice(&userdata.to_be_bytes()),
+                    ));
+                }
+                HoldKind::Count => m.udp_src = Some(DNS_PORT),
+            }
             actions.extend(delivery_actions(&h.delivery)?);
             FlowMod {
                 hard_timeout: h.hard_timeout,
@@ -661,11 +791,23 @@ impl FlowProgrammer for Native {
         if ops.is_empty() {
             return Ok(());
         }
+        // A hold flow pauses packets for this connection: written by anyone else, it would pause
+        // them for nobody, and every DNS reply it catches would be lost.
+        let holds = ops.iter().any(|op| matches!(op, FlowOp::Hold(_)));
         if !self.enabled() {
+            if holds {
+                return Err(no_hold_without_connection("the native driver is off"));
+            }
             return self.ofctl.apply(ops).await;
         }
         let mods = match ops.iter().map(flow_mod).collect::<Result<Vec<_>, _>>() {
             Ok(mods) => mods,
+            Err(error) if holds => {
+                return Err(OvsError::Refused {
+                    program: PROGRAM,
+                    error: format!("a hold flow cannot be written: {error}"),
+                });
+            }
             Err(error) => {
                 self.fallbacks.inc();
                 tracing::warn!(%error, "batch written with ovs-ofctl instead");
@@ -676,12 +818,19 @@ impl FlowProgrammer for Native {
         // A connection found dead is opened again once; a batch is idempotent (adds replace,
         // deletes of absent flows do nothing), so one that died mid-commit may be sent again.
         for attempt in 0..2 {
+            if conn.as_ref().is_some_and(|c| !c.alive()) {
+                // Its reader saw the end: no need to find out with this batch.
+                *conn = None;
+            }
             let c = match conn.as_mut() {
                 Some(c) => c,
                 None => match self.open().await {
                     Ok(c) => conn.insert(c),
                     // No connection (OVS restarting, the socket not there yet): this batch goes
                     // through ovs-ofctl, the next one tries again.
+                    Err(error) if holds => {
+                        return Err(no_hold_without_connection(&error.to_string()));
+                    }
                     Err(error) => {
                         self.fallbacks.inc();
                         tracing::warn!(%error, "no OpenFlow connection to the bridge; batch written with ovs-ofctl");

@@ -26,7 +26,8 @@ struct State {
     monitors: Vec<mpsc::Sender<FlowEvent>>,
     refused: std::collections::HashSet<std::net::IpAddr>,
     /// Hold flows by (switch, port, IPv6).
-    holds: BTreeMap<(u64, u32, bool), super::flow::HoldSpec>,
+    /// By cookie, family and the resolver held (none for a counting flow).
+    holds: BTreeMap<(u64, bool, Option<std::net::SocketAddr>), super::flow::HoldSpec>,
 }
 
 /// A fake bridge; see the module doc.
@@ -186,7 +187,11 @@ impl FlowProgrammer for Recording {
                     events.push(FlowEvent::Added(as_event_flow(f)));
                 }
                 FlowOp::Hold(h) => {
-                    s.holds.insert((h.metadata, h.port, h.v6), h.clone());
+                    let from = match h.kind {
+                        super::flow::HoldKind::Pause { from, .. } => Some(from),
+                        super::flow::HoldKind::Count => None,
+                    };
+                    s.holds.insert((h.cookie.0, h.v6, from), h.clone());
                 }
                 FlowOp::DeleteStrict { cookie, matches } => {
                     if s.flows.get(matches).is_some_and(|f| f.cookie == *cookie) {

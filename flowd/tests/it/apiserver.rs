@@ -31,12 +31,13 @@ pub enum Resource {
     Nodes,
     EgressFirewalls,
     ConfigMaps,
+    Services,
 }
 
 impl Resource {
     fn api_version(self) -> &'static str {
         match self {
-            Resource::Pods | Resource::Nodes | Resource::ConfigMaps => "v1",
+            Resource::Pods | Resource::Nodes | Resource::ConfigMaps | Resource::Services => "v1",
             Resource::EgressFirewalls => "k8s.ovn.org/v1",
         }
     }
@@ -46,6 +47,7 @@ impl Resource {
             Resource::Nodes => "Node",
             Resource::EgressFirewalls => "EgressFirewall",
             Resource::ConfigMaps => "ConfigMap",
+            Resource::Services => "Service",
         }
     }
     /// `(api group, resource)` as RBAC names them.
@@ -55,6 +57,7 @@ impl Resource {
             Resource::Nodes => ("", "nodes"),
             Resource::EgressFirewalls => ("k8s.ovn.org", "egressfirewalls"),
             Resource::ConfigMaps => ("", "configmaps"),
+            Resource::Services => ("", "services"),
         }
     }
     fn of(value: &Value) -> Resource {
@@ -63,6 +66,7 @@ impl Resource {
             Some("Node") => Resource::Nodes,
             Some("EgressFirewall") => Resource::EgressFirewalls,
             Some("ConfigMap") => Resource::ConfigMaps,
+            Some("Service") => Resource::Services,
             other => panic!("the fake API server does not serve {other:?}"),
         }
     }
@@ -290,6 +294,7 @@ fn route(path: &str) -> Option<(Resource, Option<String>)> {
         ("", "nodes") if ns.is_none() => Resource::Nodes,
         ("k8s.ovn.org", "egressfirewalls") => Resource::EgressFirewalls,
         ("", "configmaps") if ns.is_some() => Resource::ConfigMaps,
+        ("", "services") if ns.is_some() => Resource::Services,
         _ => return None,
     };
     Some((resource, ns))

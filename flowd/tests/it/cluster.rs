@@ -33,6 +33,7 @@ fn describe(event: &ClusterEvent) -> String {
         ClusterEvent::Firewall(c) => change("ef", c),
         ClusterEvent::Node(c) => change("node", c),
         ClusterEvent::OvnConfig(c) => change("ovn-config", c),
+        ClusterEvent::DnsService(c) => change("dns-service", c),
     }
 }
 
@@ -83,6 +84,11 @@ pub async fn cluster_with_two_pods() -> FakeApiServer {
                {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}]),
     ));
     api.apply(ovn_config("10.244.0.0/16/24", SERVICE_SUBNET));
+    api.apply(kube_dns_service(crate::sandbox::KUBE_DNS_VIP));
+    // Another Service beside it: flowd asks for the DNS Service by name only.
+    let mut other = kube_dns_service("172.30.0.11");
+    other["metadata"]["name"] = json!("metrics-server");
+    api.apply(other);
     // Another ConfigMap in the same namespace: flowd asks for its own by name only.
     api.apply(json!({
         "kind": "ConfigMap",
@@ -95,20 +101,49 @@ pub async fn cluster_with_two_pods() -> FakeApiServer {
 /// The cluster's service subnet, as its OVN-K ConfigMap tells.
 pub const SERVICE_SUBNET: &str = "172.30.0.0/16";
 
-fn upstream_config() -> flowd::ovnkube::ConfigMapRef {
+fn upstream_config() -> flowd::ovnkube::ObjectRef {
     flowd::ovnkube::UPSTREAM_CONFIG.parse().unwrap()
+}
+
+fn dns_service() -> flowd::ovnkube::ObjectRef {
+    flowd::resolvers::UPSTREAM_DNS_SERVICE.parse().unwrap()
+}
+
+/// `kube-system/kube-dns` with `cluster_ip`, its ports as kubeadm and kind write them.
+pub fn kube_dns_service(cluster_ip: &str) -> serde_json::Value {
+    json!({
+        "kind": "Service",
+        "metadata": {"name": "kube-dns", "namespace": "kube-system"},
+        "spec": {
+            "clusterIP": cluster_ip,
+            "clusterIPs": [cluster_ip],
+            "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+                {"name": "metrics", "port": 9153, "protocol": "TCP", "targetPort": 9153},
+            ],
+        },
+    })
 }
 
 #[tokio::test]
 async fn watchers_list_this_nodes_pods_every_firewall_and_every_node_then_follow_changes() {
     let api = cluster_with_two_pods().await;
     let stats = Arc::new(WatchStats::default());
-    let mut events = watch::cluster(&api.client(), NODE, &upstream_config(), &stats);
+    let mut events = watch::cluster(
+        &api.client(),
+        NODE,
+        &upstream_config(),
+        &dns_service(),
+        &stats,
+    );
     let mut seen = until_synced(&mut events).await;
     seen.sort();
     assert_eq!(
         seen,
         [
+            "dns-service applied kube-system/kube-dns",
+            "dns-service synced",
             "ef applied demo/default",
             "ef synced",
             "node applied node1",
@@ -145,7 +180,13 @@ async fn watchers_list_this_nodes_pods_every_firewall_and_every_node_then_follow
 async fn after_410_gone_the_relist_reports_what_was_deleted_while_away() {
     let api = cluster_with_two_pods().await;
     let stats = Arc::new(WatchStats::default());
-    let mut events = watch::cluster(&api.client(), NODE, &upstream_config(), &stats);
+    let mut events = watch::cluster(
+        &api.client(),
+        NODE,
+        &upstream_config(),
+        &dns_service(),
+        &stats,
+    );
     until_synced(&mut events).await;
     let lists = api.count(Resource::Pods, "list");
 
@@ -170,11 +211,35 @@ async fn after_410_gone_the_relist_reports_what_was_deleted_while_away() {
 async fn bookmarks_move_the_watch_on_without_a_relist() {
     let api = cluster_with_two_pods().await;
     let stats = Arc::new(WatchStats::default());
-    let mut events = watch::cluster(&api.client(), NODE, &upstream_config(), &stats);
+    let mut events = watch::cluster(
+        &api.client(),
+        NODE,
+        &upstream_config(),
+        &dns_service(),
+        &stats,
+    );
     until_synced(&mut events).await;
     let lists = api.count(Resource::Pods, "list");
-    // Let the watches start, then bookmark them.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every watch open (the fake server logs it and subscribes it to changes at once), then
+    // bookmark them. Watchers only watch while polled: poll them meanwhile (they have nothing to say).
+    let unwatched = || {
+        let requests = api.requests();
+        requests.iter().filter(|l| l.verb == "list").any(|l| {
+            !requests
+                .iter()
+                .any(|w| w.verb == "watch" && w.resource == l.resource)
+        })
+    };
+    tokio::time::timeout(WAIT, async {
+        while unwatched() {
+            tokio::select! {
+                ev = events.next() => panic!("{:?} before any change", ev.as_ref().map(describe)),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    })
+    .await
+    .expect("every watch open");
     api.bookmark();
     api.apply(pod("demo", "next", NODE, "127.0.0.15"));
     assert_eq!(
@@ -223,7 +288,8 @@ async fn tapd_discovery_watches_dns_pods_by_label_in_one_namespace() {
 }
 
 /// Every request flowd's watchers sent is one that `REQUIRED_ACCESS` (and so the ClusterRole) allows,
-/// or OVN-K's ConfigMap read by name in its namespace (`OVN_CONFIG_ACCESS`, the overlays' Role).
+/// or OVN-K's ConfigMap or the DNS Service read by name in its namespace (`OVN_CONFIG_ACCESS`,
+/// `DNS_SERVICE_ACCESS`, the overlays' Roles).
 pub fn assert_requests_within_rbac(api: &FakeApiServer) {
     let requests = api.requests();
     assert!(!requests.is_empty());
@@ -232,6 +298,17 @@ pub fn assert_requests_within_rbac(api: &FakeApiServer) {
             .resource
             .unwrap_or_else(|| panic!("flowd called an unknown API: {r:?}"));
         let (group, plural) = resource.rbac();
+        if resource == Resource::Services {
+            let a = watch::DNS_SERVICE_ACCESS;
+            assert!(
+                a.verbs.contains(&r.verb.as_str())
+                    && r.namespace.as_deref() == Some("kube-system")
+                    && r.query.get("fieldSelector").map(String::as_str)
+                        == Some("metadata.name=kube-dns"),
+                "{r:?} is not the DNS Service read by name"
+            );
+            continue;
+        }
         if resource == Resource::ConfigMaps {
             let a = watch::OVN_CONFIG_ACCESS;
             assert!(
@@ -254,7 +331,13 @@ pub fn assert_requests_within_rbac(api: &FakeApiServer) {
 async fn every_call_the_watchers_make_is_in_required_access() {
     let api = cluster_with_two_pods().await;
     let stats = Arc::new(WatchStats::default());
-    let mut events = watch::cluster(&api.client(), NODE, &upstream_config(), &stats);
+    let mut events = watch::cluster(
+        &api.client(),
+        NODE,
+        &upstream_config(),
+        &dns_service(),
+        &stats,
+    );
     until_synced(&mut events).await;
     let mut dns = watch::dns_pods(&api.client(), "kube-system", "k8s-app=kube-dns", &stats);
     while !matches!(
@@ -426,12 +509,24 @@ pub struct Node<P: FlowProgrammer> {
 
 impl<P: FlowProgrammer> Node<P> {
     pub fn start(api: &FakeApiServer, engine: Engine<P>, upstream: UpstreamArgs) -> Node<P> {
+        Self::start_with(api, engine, upstream, Duration::from_secs(120))
+    }
+
+    /// [`Node::start`], giving up on the first full list after `sync_timeout`.
+    pub fn start_with(
+        api: &FakeApiServer,
+        engine: Engine<P>,
+        upstream: UpstreamArgs,
+        sync_timeout: Duration,
+    ) -> Node<P> {
         let status = Arc::new(Status::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let config = NodeConfig {
             node: NODE.to_string(),
             pod_subnets: Vec::new(),
             ovn_config: upstream_config(),
+            dns_service: dns_service(),
+            sync_timeout,
             upstream,
         };
         let task = tokio::spawn(run_node(
@@ -439,6 +534,7 @@ impl<P: FlowProgrammer> Node<P> {
             api.client(),
             engine.clone(),
             status.clone(),
+            flowd::resolvers::TrustedResolvers::new(&[]),
             async {
                 let _ = stopped.await;
             },
@@ -824,7 +920,12 @@ async fn a_pod_that_queried_dns_before_flowd_saw_it_gets_its_grant_when_it_shows
 async fn ready_only_after_the_first_full_sync_on_probes_and_grpc_health() {
     let api = cluster_with_two_pods().await;
     api.set_failing(Resource::EgressFirewalls, true);
-    let node = Node::start(&api, recording_engine(&[]), static_upstream(&[]));
+    let node = Node::start_with(
+        &api,
+        recording_engine(&[]),
+        static_upstream(&[]),
+        Duration::from_secs(1),
+    );
     let (http_addr, registry) = node.serve_probes().await;
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = grpc.local_addr().unwrap();
@@ -863,6 +964,13 @@ async fn ready_only_after_the_first_full_sync_on_probes_and_grpc_health() {
     .await;
     assert!(!node.status.is_ready());
     assert!(readyz().await.starts_with("HTTP/1.1 503"));
+    // Past --sync-timeout, /readyz says which list is missing and what that cost.
+    eventually("the sync timeout", || node.status.unsynced().is_some()).await;
+    let said = readyz().await;
+    assert!(
+        said.contains("not listed within --sync-timeout=1s: EgressFirewalls; flows an earlier run left cannot be judged and were removed (0)"),
+        "{said}"
+    );
     let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
     assert_eq!(health().await, not_serving);
 

@@ -2,6 +2,7 @@
 //! passes `kubernetes-validate`, and the pieces agree with each other and with the code (socket path,
 //! environment variable names, RBAC, images, the files the Containerfiles copy).
 
+use flowd::watch::ApiAccess;
 use serde_yaml::Value;
 use std::{
     collections::BTreeSet,
@@ -392,12 +393,29 @@ fn check_discovery(objects: &[Value], dns: &Value) {
 }
 
 /// The Role in OVN-K's namespace grants flowd exactly `OVN_CONFIG_ACCESS` on the one ConfigMap its
-/// `FLOWD_OVN_CONFIG` names, and is bound to flowd's ServiceAccount.
+/// `FLOWD_OVN_CONFIG` names, and the Role in the DNS Service's namespace exactly
+/// `DNS_SERVICE_ACCESS` on the one Service its `FLOWD_DNS_SERVICE` names; both bound to flowd's
+/// ServiceAccount.
 fn check_ovn_config_access(objects: &[Value]) {
+    check_role_by_name(
+        objects,
+        "FLOWD_OVN_CONFIG",
+        "dnsflow-flowd-ovn-config",
+        flowd::watch::OVN_CONFIG_ACCESS,
+    );
+    check_role_by_name(
+        objects,
+        "FLOWD_DNS_SERVICE",
+        "dnsflow-flowd-dns-service",
+        flowd::watch::DNS_SERVICE_ACCESS,
+    );
+}
+
+/// The Role `role` grants flowd exactly `access` on the one object flowd's `env` names.
+fn check_role_by_name(objects: &[Value], env: &str, role_name: &str, access: ApiAccess) {
     let flowd = container(find(objects, "DaemonSet", "flowd"), "flowd");
-    let source: flowd::ovnkube::ConfigMapRef =
-        env_value(flowd, "FLOWD_OVN_CONFIG").parse().unwrap();
-    let role = find(objects, "Role", "dnsflow-flowd-ovn-config");
+    let source: flowd::ovnkube::ObjectRef = env_value(flowd, env).parse().unwrap();
+    let role = find(objects, "Role", role_name);
     assert_eq!(role["metadata"]["namespace"], source.namespace.as_str());
     let rules = role["rules"].as_sequence().unwrap();
     assert_eq!(rules.len(), 1, "{rules:?}");
@@ -409,15 +427,14 @@ fn check_ovn_config_access(objects: &[Value]) {
             .map(|s| s.as_str().unwrap().to_string())
             .collect()
     };
-    let access = flowd::watch::OVN_CONFIG_ACCESS;
     assert_eq!(strings("apiGroups"), [access.group]);
     assert_eq!(strings("resources"), [access.resource]);
     assert_eq!(strings("resourceNames"), [source.name.as_str()]);
     assert_eq!(strings("verbs"), access.verbs);
-    let binding = find(objects, "RoleBinding", "dnsflow-flowd-ovn-config");
+    let binding = find(objects, "RoleBinding", role_name);
     assert_eq!(binding["metadata"]["namespace"], source.namespace.as_str());
     assert_eq!(binding["roleRef"]["kind"], "Role");
-    assert_eq!(binding["roleRef"]["name"], "dnsflow-flowd-ovn-config");
+    assert_eq!(binding["roleRef"]["name"], role_name);
     assert_eq!(binding["subjects"][0]["name"], "flowd");
     assert_eq!(binding["subjects"][0]["namespace"], "dnsflow");
 }

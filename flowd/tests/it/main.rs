@@ -14,4 +14,5 @@ mod restart;
 mod sandbox;
 mod tcp;
 mod tls;
+mod trust;
 mod workspace;

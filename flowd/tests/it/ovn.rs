@@ -669,8 +669,10 @@ async fn a_removed_pods_flows_are_gone(ovn: Ovn) -> Result<()> {
 
 /// The first packet passes, on real packets: flowd's hold flow in OVN's delivery table pauses the
 /// pod's DNS reply to flowd's own OpenFlow connection; the holder reads the answer, the engine
-/// writes its grant, and only then is the reply sent on. The pod receives it exactly once, the
-/// grant is in br-int and forwards, no deadline was missed; a reply that grants nothing goes on too.
+/// writes its grant, and only then is the reply sent on: at the instant of the resume, before the
+/// pod has the reply, every flow of the grant is in br-int and a packet to the answer is traced
+/// forwarded. The pod receives it exactly once, no deadline was missed; a reply that grants
+/// nothing goes on too.
 async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()> {
     use flowd::{
         engine::NotHeld,
@@ -682,14 +684,18 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
         let dns = sb.add_dns_server()?;
         // A pod in a namespace without EgressFirewall: never held.
         let other = sb.add_pod("ns2", "free", 7)?;
-        Ok((sb, pod1, dns, other))
+        Ok((Arc::new(sb), pod1, dns, other))
     })?;
     let native = sb.native();
     let packet_ins = native.packet_ins();
     let (engine, task) = holding_engine(native, rules, &[&pod1, &other]).await?;
     let report = Arc::new(HoldReport::on(Duration::from_secs(2)));
-    let mut holds =
-        HoldFlows::new(engine.clone(), Duration::from_secs(2)).reporting_to(report.clone());
+    let mut holds = HoldFlows::new(
+        engine.clone(),
+        Duration::from_secs(2),
+        crate::sandbox::kube_dns(),
+    )
+    .reporting_to(report.clone());
     assert_eq!(holds.refresh().await.map_err(anyhow::Error::msg)?, 1);
     // What Explain says of each pod.
     let (held, why) = report.explain(engine.hold_candidate(&pod1.key));
@@ -704,25 +710,42 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     let prefix = settings().cookie_prefix;
     let hold_flows = || block_in_place(|| sb.dnsflow_flows(hold_cookie_prefix(prefix)));
     let held = hold_flows()?;
-    assert_eq!(held.len(), 2, "one per family, pod1 only: {held:#?}");
+    // Pod1 only: replies from kube-dns's address (IPv4 only here) held; every other reply from
+    // port 53 counted, per family.
+    assert_eq!(held.len(), 3, "pod1 only: {held:#?}");
     assert!(held.iter().all(|f| f.contains("table=65")
-        && f.contains("priority=110")
         && f.contains("ct_state=+est+rpl+trk")
         && f.contains(&format!("output:{}", pod1.ofport))));
-    let metrics = spawn_holder(&engine, packet_ins);
+    let holding: Vec<&String> = held.iter().filter(|f| f.contains("priority=110")).collect();
+    assert_eq!(holding.len(), 1, "{held:#?}");
+    assert!(
+        holding[0].contains("nw_src=10.96.0.10") && holding[0].contains("tp_src=53"),
+        "{held:#?}"
+    );
+    assert_eq!(
+        held.iter()
+            .filter(|f| f.contains("priority=105") && !f.contains("controller"))
+            .count(),
+        2,
+        "{held:#?}"
+    );
+    let (metrics, witness) = spawn_holder(&engine, packet_ins, &sb, &pod1);
+    let variants = engine.template().map(|t| t.variants(true).len());
 
     let reply = |qname: &str, answer: [u8; 4]| -> Result<Vec<u8>> {
         let payload = crate::sandbox::dns_answer(qname, answer.into())?;
         crate::sandbox::udp_frame(&dns, &pod1, (53, 40000), &payload)
     };
+    // To the kube-dns Service: the reply reaches the pod from its address, after conntrack's
+    // un-DNAT, and only such replies are held.
     let query = crate::sandbox::Udp {
-        dl_dst: &dns.mac,
-        dst: dns.ipv4,
+        dl_dst: crate::sandbox::ROUTER_MAC,
+        dst: ip(crate::sandbox::KUBE_DNS_VIP),
         src_port: 40000,
         dst_port: 53,
     };
     // Sends the query and its reply; waits until the pod's port has transmitted the reply and
-    // `resumed` replies have been sent on by the holder.
+    // `resumed` replies have been sent on by the holder. Returns what the pod had received before.
     let exchange = |qname: &'static str, answer: [u8; 4], resumed: u64| {
         let (sb, pod1, dns, query, metrics) = (&sb, &pod1, &dns, &query, &metrics);
         let reply = &reply;
@@ -737,7 +760,8 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
                     && block_in_place(|| sb.port_stats(pod1)).is_ok_and(|s| s.tx == received + 1)
             })
             .await
-            .map_err(|e| anyhow::anyhow!("{qname}: {e}; held {}", metrics.held.get()))
+            .map_err(|e| anyhow::anyhow!("{qname}: {e}; held {}", metrics.held.get()))?;
+            Ok::<_, anyhow::Error>(received)
         }
     };
     for (i, (qname, answer, granted)) in [
@@ -747,8 +771,17 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     .into_iter()
     .enumerate()
     {
-        exchange(qname, answer, i as u64 + 1).await?;
+        let received = exchange(qname, answer, i as u64 + 1).await?;
         let dst = IpAddr::from(answer);
+        // Seen at the resume, not after the delivery: the pod had not had the reply yet, and the
+        // grant was already whole in br-int and forwarding.
+        let variants = variants.ok_or_else(|| anyhow::anyhow!("no template"))?;
+        assert_eq!(
+            witness.seen().get(i).cloned(),
+            Some(resumed_after_grant(dst, granted, variants, received)),
+            "{qname}: br-int at the instant the held reply was sent on; granted before the pod \
+             had its answer"
+        );
         let flows = block_in_place(|| sb.dnsflow_flows(prefix))?;
         assert_eq!(
             flows.iter().any(|f| f.contains(&format!("nw_dst={dst}"))),
@@ -790,9 +823,10 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     .await?;
     exchange("www3.google.com.", [142, 250, 9, 10], 2).await?;
     assert_eq!(metrics.held.get(), 2, "not held");
+    assert_eq!(witness.seen().len(), 2, "not resumed either");
     // Renewed, then cleared as at a clean shutdown.
     holds.refresh().await.map_err(anyhow::Error::msg)?;
-    assert_eq!(hold_flows()?.len(), 2);
+    assert_eq!(hold_flows()?.len(), 3);
     holds.clear().await.map_err(anyhow::Error::msg)?;
     assert!(hold_flows()?.is_empty());
 
@@ -800,19 +834,24 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     // renewal, ten minutes away here), and a clean shutdown removes every hold flow.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(
-        HoldFlows::new(engine.clone(), Duration::from_secs(1800)).run(async {
+        HoldFlows::new(
+            engine.clone(),
+            Duration::from_secs(1800),
+            crate::sandbox::kube_dns(),
+        )
+        .run(async {
             let _ = stopped.await;
         }),
     );
     poll(Duration::from_secs(10), || {
-        hold_flows().is_ok_and(|f| f.len() == 2)
+        hold_flows().is_ok_and(|f| f.len() == 3)
     })
     .await?;
     let pod3 = block_in_place(|| sb.add_pod(NS, "pod3", 8))?;
     engine.upsert_pod(pod3.info());
     engine.flush().await?;
     poll(Duration::from_secs(10), || {
-        hold_flows().is_ok_and(|f| f.len() == 4)
+        hold_flows().is_ok_and(|f| f.len() == 6)
     })
     .await
     .map_err(|e| anyhow::anyhow!("pod3 not held: {e}"))?;
@@ -820,7 +859,7 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     // are back within seconds of OVN's own (seen through the grants' monitor), not at the renewal.
     block_in_place(|| sb.restart_ovn_controller())?;
     poll(Duration::from_secs(20), || {
-        hold_flows().is_ok_and(|f| f.len() == 4)
+        hold_flows().is_ok_and(|f| f.len() == 6)
     })
     .await
     .map_err(|e| anyhow::anyhow!("hold flows not back after the wipe: {e}"))?;
@@ -834,20 +873,25 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
 /// CoreDNS on another node: the query leaves through the Geneve tunnel, the load balancer's DNAT
 /// committed in the pod's conntrack zone here; the reply comes back in Geneve straight into this
 /// node's switch's egress pipeline (node2 ran the ingress ones), is un-NATed in that zone, and meets
-/// the same hold flow in the delivery table as a local CoreDNS's reply: held, granted, resumed.
+/// the same hold flow in the delivery table as a local CoreDNS's reply: held, granted, resumed,
+/// and granted already at the instant it was resumed, before the pod had it.
 async fn a_dns_reply_from_another_node_over_geneve_is_held_too(ovn: Ovn) -> Result<()> {
     use crate::sandbox::{dns_answer, Udp, KUBE_DNS_VIP, ROUTER_MAC};
     let (sb, pod1, dns) = block_in_place(|| -> Result<_> {
         let (sb, pod1) = one_pod(ovn)?;
         let dns = sb.add_remote_dns_server()?;
-        Ok((sb, pod1, dns))
+        Ok((Arc::new(sb), pod1, dns))
     })?;
     let native = sb.native();
     let packet_ins = native.packet_ins();
     let (engine, task) = holding_engine(native, google(), &[&pod1]).await?;
-    let mut holds = flowd::hold::HoldFlows::new(engine.clone(), Duration::from_secs(30));
+    let mut holds = flowd::hold::HoldFlows::new(
+        engine.clone(),
+        Duration::from_secs(30),
+        crate::sandbox::kube_dns(),
+    );
     assert_eq!(holds.refresh().await.map_err(anyhow::Error::msg)?, 1);
-    let metrics = spawn_holder(&engine, packet_ins);
+    let (metrics, witness) = spawn_holder(&engine, packet_ins, &sb, &pod1);
 
     let vip = ip(KUBE_DNS_VIP);
     let query = Udp {
@@ -894,10 +938,14 @@ async fn a_dns_reply_from_another_node_over_geneve_is_held_too(ovn: Ovn) -> Resu
         ),
         (1, 0, 0)
     );
+    let variants = engine
+        .template()
+        .map(|t| t.variants(true).len())
+        .ok_or_else(|| anyhow::anyhow!("no template"))?;
     assert_eq!(
-        block_in_place(|| sb.trace(&pod1, answer, TCP443))?,
-        Forwarded,
-        "granted before the pod had its answer"
+        witness.seen(),
+        [resumed_after_grant(answer, true, variants, received)],
+        "br-int at the instant the held reply was sent on: granted before the pod had its answer"
     );
     holds.clear().await.map_err(anyhow::Error::msg)?;
     task.abort();
@@ -926,20 +974,216 @@ async fn holding_engine<P: flowd::ovs::FlowProgrammer>(
     Ok((engine, task))
 }
 
-/// The holder of `engine`'s held packets, resuming over its own connection (deadline 2 s), running;
-/// returns what it counts.
+/// The holder of `engine`'s held packets, resuming over its own connection (deadline 2 s) through
+/// a [`Witness`] of `pod`'s side, running; returns what it counts and the witness.
 fn spawn_holder(
     engine: &Engine<Native>,
     packet_ins: tokio::sync::mpsc::Receiver<dnsflow_openflow::PacketIn2>,
-) -> Arc<flowd::hold::HoldMetrics> {
+    sb: &Arc<Sandbox>,
+    pod: &Pod,
+) -> (
+    Arc<flowd::hold::HoldMetrics>,
+    Arc<Witness<Engine<Native>, Native>>,
+) {
+    let witness = Arc::new(Witness::new(engine.clone(), engine, sb, pod).unwrap());
     let holder = flowd::hold::Holder::new(
         engine.clone(),
-        Arc::new(engine.clone()),
+        witness.clone(),
         Duration::from_secs(2),
+        crate::sandbox::kube_dns(),
     );
     let metrics = holder.metrics().clone();
     tokio::spawn(holder.run(packet_ins));
-    metrics
+    (metrics, witness)
+}
+
+/// What br-int looked like for one answer of a held reply at the instant the holder sent the reply
+/// on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct AnswerAtResume {
+    dst: IpAddr,
+    /// OVS had acknowledged the bundle with the grant: read from the engine at the very instant of
+    /// the resume, before anything else (a grant written a millisecond after the resume is in
+    /// br-int by the time `ovs-ofctl` below has looked).
+    written: bool,
+    /// A TCP/443 packet from the pod to `dst`, traced at once over ovs-vswitchd's control socket
+    /// (well under a millisecond after the resume), met one of flowd's grant flows.
+    met_grant: bool,
+    /// The pod's flows to `dst` in br-int (one per variant of the template when granted).
+    flows: usize,
+    /// A TCP/443 packet from the pod to `dst`, traced.
+    trace: Trace,
+}
+
+/// One resume as [`Witness`] saw it, before it let the reply go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct AtResume {
+    answers: Vec<AnswerAtResume>,
+    /// Packets br-int had delivered to the pod by then: the reply still held is not among them.
+    delivered: u64,
+}
+
+/// The holder's resumer, wrapped: at each resume, before passing it on to `inner`, it records
+/// whether each answer's grant was written at that instant, what a packet from the pod to it
+/// meets in br-int while the reply is still held, and how many packets the pod had received. A
+/// holder that sends a reply on before its grant is in OVS is caught in the act, whatever OVS
+/// holds a moment later.
+struct Witness<R, P: flowd::ovs::FlowProgrammer> {
+    inner: R,
+    engine: Engine<P>,
+    sb: Arc<Sandbox>,
+    appctl: std::sync::Mutex<Appctl>,
+    pod: Pod,
+    seen: std::sync::Mutex<Vec<Result<AtResume, String>>>,
+}
+
+impl<R, P: flowd::ovs::FlowProgrammer> Witness<R, P> {
+    fn new(inner: R, engine: &Engine<P>, sb: &Arc<Sandbox>, pod: &Pod) -> Result<Self> {
+        Ok(Self {
+            inner,
+            engine: engine.clone(),
+            sb: sb.clone(),
+            appctl: std::sync::Mutex::new(Appctl::connect(sb)?),
+            pod: pod.clone(),
+            seen: std::sync::Mutex::default(),
+        })
+    }
+
+    fn look(&self, held: &dnsflow_openflow::PacketIn2) -> Result<AtResume> {
+        let written: Vec<IpAddr> = self
+            .engine
+            .grants(Some(&self.pod.key), None)
+            .into_iter()
+            .filter(|g| g.installed)
+            .map(|g| g.key.dst)
+            .collect();
+        let (reply, _) = dnsflow_dnstap::packet::response(
+            &held.packet,
+            "witness",
+            std::time::SystemTime::now(),
+        )?;
+        let grant_cookie = format!("cookie {:#x}", u64::from(settings().cookie_prefix) << 32);
+        let grant_cookie = &grant_cookie[..grant_cookie.len() - 8];
+        let met_grant = {
+            let mut appctl = self.appctl.lock().unwrap();
+            reply
+                .answers
+                .iter()
+                .map(|a| {
+                    let trace = appctl.trace(&self.pod, a.ip)?;
+                    Ok(trace.contains(grant_cookie))
+                })
+                .collect::<Result<Vec<bool>>>()?
+        };
+        let flows = self.sb.dnsflow_flows(settings().cookie_prefix)?;
+        let src = format!("nw_src={},", self.pod.ipv4);
+        let answers = reply
+            .answers
+            .iter()
+            .zip(met_grant)
+            .map(|(a, met_grant)| {
+                let dst = format!("nw_dst={}", a.ip);
+                Ok(AnswerAtResume {
+                    dst: a.ip,
+                    written: written.contains(&a.ip),
+                    met_grant,
+                    flows: flows
+                        .iter()
+                        .filter(|f| f.contains(&src) && f.contains(&dst))
+                        .count(),
+                    trace: self.sb.trace(&self.pod, a.ip, TCP443)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(AtResume {
+            answers,
+            delivered: self.sb.port_stats(&self.pod)?.tx,
+        })
+    }
+
+    /// What it saw at each resume so far, in order (or why it could not look).
+    fn seen(&self) -> Vec<Result<AtResume, String>> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl<R: flowd::hold::Resumer, P: flowd::ovs::FlowProgrammer> flowd::hold::Resumer
+    for Witness<R, P>
+{
+    async fn resume(&self, held: &dnsflow_openflow::PacketIn2) -> Result<(), String> {
+        // The reply goes on in any case: a look that failed fails the test, not the exchange.
+        let seen = block_in_place(|| self.look(held)).map_err(|e| format!("{e:#}"));
+        self.seen.lock().unwrap().push(seen);
+        self.inner.resume(held).await
+    }
+
+    async fn revalidation(&self) -> Option<flowd::ovs::unixctl::Revalidation> {
+        self.inner.revalidation().await
+    }
+}
+
+/// ovs-vswitchd's control socket, connected once: what `ovs-appctl` speaks, without starting a
+/// process per call, so that a trace is taken well under a millisecond after it is asked for.
+struct Appctl {
+    stream: std::os::unix::net::UnixStream,
+    id: u64,
+}
+
+impl Appctl {
+    fn connect(sb: &Sandbox) -> Result<Self> {
+        let socket = flowd::ovs::unixctl::vswitchd_socket(sb.path())?;
+        Ok(Self {
+            stream: std::os::unix::net::UnixStream::connect(socket)?,
+            id: 0,
+        })
+    }
+
+    /// `ovs-appctl ofproto/trace` of a TCP/443 packet from `pod` to `dst` (IPv4), as
+    /// [`Sandbox::trace`] traces it: its whole text.
+    fn trace(&mut self, pod: &Pod, dst: IpAddr) -> Result<String> {
+        use std::io::Write as _;
+        let flow = format!(
+            "in_port={},dl_src={},dl_dst={},tcp,nw_src={},nw_dst={dst},nw_ttl=64,tcp_src=40000,tcp_dst=443",
+            pod.ofport,
+            pod.mac,
+            crate::sandbox::ROUTER_MAC,
+            pod.ipv4
+        );
+        let ct = ["--ct-next", "trk,new"];
+        let params = [&["br-int", &flow][..], &ct, &ct, &ct].concat();
+        self.id += 1;
+        let request = json!({"id": self.id, "method": "ofproto/trace", "params": params});
+        self.stream.write_all(request.to_string().as_bytes())?;
+        let reply = serde_json::Deserializer::from_reader(std::io::BufReader::new(&self.stream))
+            .into_iter::<serde_json::Value>()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("ovs-vswitchd closed its control socket"))??;
+        match (&reply["result"], &reply["error"]) {
+            (serde_json::Value::String(text), serde_json::Value::Null) => Ok(text.clone()),
+            _ => anyhow::bail!("ofproto/trace {flow}: {reply}"),
+        }
+    }
+}
+
+/// A witnessed resume of a reply that granted `dst` (`granted`: written, all `variants` flows,
+/// traced forwarded) or nothing (no flow, dropped), while the pod had received `delivered`
+/// packets.
+fn resumed_after_grant(
+    dst: IpAddr,
+    granted: bool,
+    variants: usize,
+    delivered: u64,
+) -> Result<AtResume, String> {
+    Ok(AtResume {
+        answers: vec![AnswerAtResume {
+            dst,
+            written: granted,
+            met_grant: granted,
+            flows: if granted { variants } else { 0 },
+            trace: if granted { Forwarded } else { Dropped },
+        }],
+        delivered,
+    })
 }
 
 /// The native driver with its writes stalled while `stall` is set: a flowd that cannot get its
@@ -952,6 +1196,7 @@ struct Stalling {
 impl flowd::ovs::FlowProgrammer for Stalling {
     async fn apply(&self, ops: &[flowd::ovs::FlowOp]) -> flowd::ovs::Result<()> {
         while self.stall.load(std::sync::atomic::Ordering::Relaxed) {
+            // A poll of the test's switch: the write waits for as long as the test stalls it.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         self.inner.apply(ops).await
@@ -1005,7 +1250,7 @@ async fn a_stalled_grant_write_lets_the_held_reply_go_at_the_deadline(ovn: Ovn) 
     let (sb, pod1, dns) = block_in_place(|| -> Result<_> {
         let (sb, pod1) = one_pod(ovn)?;
         let dns = sb.add_dns_server()?;
-        Ok((sb, pod1, dns))
+        Ok((Arc::new(sb), pod1, dns))
     })?;
     let native = sb.native();
     let packet_ins = native.packet_ins();
@@ -1036,18 +1281,28 @@ async fn a_stalled_grant_write_lets_the_held_reply_go_at_the_deadline(ovn: Ovn) 
             metadata: held.keys.metadata,
             port: held.keys.reg14,
             v6: false,
-            controller: flowd::ovs::native::CONTROLLER_ID,
-            userdata: held.id,
+            kind: flowd::ovs::HoldKind::Pause {
+                from: std::net::SocketAddr::new(ip(crate::sandbox::KUBE_DNS_VIP), 53),
+                controller: flowd::ovs::native::CONTROLLER_ID,
+                userdata: held.id,
+            },
             hard_timeout: 60,
             delivery,
         })])
         .await?;
     // The connection that takes the packet-ins (the daemon connects at start).
     engine.programmer().inner.connect().await?;
+    let witness = Arc::new(Witness::new(
+        ResumeVia(engine.clone()),
+        &engine,
+        &sb,
+        &pod1,
+    )?);
     let holder = Holder::new(
         engine.clone(),
-        Arc::new(ResumeVia(engine.clone())),
+        witness.clone(),
         DEADLINE,
+        crate::sandbox::kube_dns(),
     );
     let metrics = holder.metrics().clone();
     tokio::spawn(holder.run(packet_ins));
@@ -1056,9 +1311,11 @@ async fn a_stalled_grant_write_lets_the_held_reply_go_at_the_deadline(ovn: Ovn) 
     let before = block_in_place(|| sb.port_stats(&pod1))?.tx;
     let payload = crate::sandbox::dns_answer("www.google.com.", [142, 250, 9, 9].into())?;
     let reply = crate::sandbox::udp_frame(&dns, &pod1, (53, 40000), &payload)?;
+    // To the kube-dns Service: the reply reaches the pod from its address, after conntrack's
+    // un-DNAT, and only such replies are held.
     let query = crate::sandbox::Udp {
-        dl_dst: &dns.mac,
-        dst: dns.ipv4,
+        dl_dst: crate::sandbox::ROUTER_MAC,
+        dst: ip(crate::sandbox::KUBE_DNS_VIP),
         src_port: 40000,
         dst_port: 53,
     };
@@ -1077,6 +1334,11 @@ async fn a_stalled_grant_write_lets_the_held_reply_go_at_the_deadline(ovn: Ovn) 
         "{waited:?}"
     );
     assert_eq!((metrics.held.get(), metrics.deadline_misses.get()), (1, 1));
+    assert_eq!(
+        witness.seen(),
+        [resumed_after_grant(ip("142.250.9.9"), false, 0, before)],
+        "br-int at the instant the held reply was sent on: no grant yet"
+    );
     let granted = || {
         block_in_place(|| sb.dnsflow_flows(settings().cookie_prefix))
             .is_ok_and(|f| f.iter().any(|f| f.contains("nw_dst=142.250.9.9")))
@@ -1126,10 +1388,10 @@ fn dns_query(qname: &str) -> Result<Vec<u8>> {
 
 /// ovn-controller's own `controller()` actions work while flowd holds the pod's DNS on the same
 /// bridge: its DHCP server answers the pod's DISCOVER, the router's `arp` resolves a next hop, and
-/// its native DNS (`dns_lookup`) answers a
-/// name from the switch's DNS records, an answer flowd holds like any reply from port 53, and grants.
-/// flowd's controller id keeps each side's packet-ins its own: ovn-controller's log has no
-/// complaint about a packet it did not expect.
+/// its native DNS (`dns_lookup`) answers a name from the switch's DNS records, from the address the
+/// pod asked: not the kube-dns Service, so flowd neither holds nor grants it, and counts it. flowd's
+/// controller id keeps each side's packet-ins its own: ovn-controller's log has no complaint about a
+/// packet it did not expect.
 async fn ovn_controllers_own_packet_ins_work_beside_the_hold(ovn: Ovn) -> Result<()> {
     use flowd::hold::HoldFlows;
     let (sb, pod1, dns, free) = block_in_place(|| -> Result<_> {
@@ -1168,14 +1430,18 @@ async fn ovn_controllers_own_packet_ins_work_beside_the_hold(ovn: Ovn) -> Result
             records.trim(),
         ])?;
         sb.sync()?;
-        Ok((sb, pod1, dns, free))
+        Ok((Arc::new(sb), pod1, dns, free))
     })?;
     let native = sb.native();
     let packet_ins = native.packet_ins();
     let (engine, task) = holding_engine(native, google(), &[&pod1]).await?;
-    let mut holds = HoldFlows::new(engine.clone(), Duration::from_secs(60));
+    let mut holds = HoldFlows::new(
+        engine.clone(),
+        Duration::from_secs(60),
+        crate::sandbox::kube_dns(),
+    );
     assert_eq!(holds.refresh().await.map_err(anyhow::Error::msg)?, 1);
-    let metrics = spawn_holder(&engine, packet_ins);
+    let (metrics, witness) = spawn_holder(&engine, packet_ins, &sb, &pod1);
     let delivered = |before: u64| {
         let (sb, pod1) = (&sb, &pod1);
         poll(Duration::from_secs(10), move || {
@@ -1191,10 +1457,10 @@ async fn ovn_controllers_own_packet_ins_work_beside_the_hold(ovn: Ovn) -> Result
     let log = || std::fs::read_to_string(sb.path().join("ovn-controller.log"));
     assert!(log()?.contains("DHCPOFFER"), "{}", log()?);
 
-    let before = block_in_place(|| sb.port_stats(&pod1))?.tx;
+    let before_dns = block_in_place(|| sb.port_stats(&pod1))?.tx;
     let query = crate::sandbox::udp_frame(&pod1, &dns, (40002, 53), &dns_query("db.google.com.")?)?;
     block_in_place(|| sb.send_frames(&pod1, &[query]))?;
-    delivered(before)
+    delivered(before_dns)
         .await
         .map_err(|e| anyhow::anyhow!("OVN's DNS answer did not reach the pod: {e}"))?;
     // The router resolving a next hop it has no MAC for (100.64.0.99 on the exit switch): OVN's
@@ -1217,12 +1483,25 @@ async fn ovn_controllers_own_packet_ins_work_beside_the_hold(ovn: Ovn) -> Result
     })
     .await
     .map_err(|e| anyhow::anyhow!("no ARP request from ovn-controller: {e}"))?;
-    // OVN's own answer is a reply from port 53 to the pod's query like any other: held and granted.
-    assert_eq!(metrics.held.get(), 1);
+    // OVN's own answer comes from the address the pod asked (the DNS pod's own, not the kube-dns
+    // Service's): a server flowd does not trust. It reached the pod untouched (above), was neither
+    // held nor granted, and the pod's counting flow counted it.
+    assert_eq!(metrics.held.get(), 0);
+    assert!(witness.seen().is_empty());
     let granted = block_in_place(|| sb.dnsflow_flows(settings().cookie_prefix))?;
     assert!(
-        granted.iter().any(|f| f.contains("nw_dst=142.250.77.1")),
+        !granted.iter().any(|f| f.contains("nw_dst=142.250.77.1")),
         "{granted:#?}"
+    );
+    holds.refresh().await.map_err(anyhow::Error::msg)?;
+    assert_eq!(holds.report().untrusted_total(), 1);
+    let (_, why) = holds.report().explain(engine.hold_candidate(&pod1.key));
+    assert!(
+        why.ends_with(
+            "; 1 DNS replies from servers other than the trusted resolvers (10.96.0.10:53) \
+             reached it and taught flowd nothing"
+        ),
+        "{why}"
     );
 
     // No warning after start-up (where a sandbox without hardware warns of its VIF plug provider).
@@ -1300,20 +1579,32 @@ async fn the_native_driver_writes_what_ovs_ofctl_writes(ovn: Ovn) -> Result<()> 
             }));
         }
     }
-    // The hold flow, both families, in OVN's delivery table with OVN's own actions for the port.
-    for v6 in [false, true] {
-        ops.push(FlowOp::Hold(flowd::ovs::HoldSpec {
-            cookie: Cookie::new(prefix, 7, 110),
-            table: t.delivery_table.expect("OVN's delivery table"),
-            priority: 110,
-            metadata: keys.metadata,
-            port: keys.reg14,
-            v6,
-            controller: flowd::ovs::native::CONTROLLER_ID,
-            userdata: 7,
-            hard_timeout: 30,
-            delivery: flowd::ovs::Actions::new(&format!("output:{}", pod1.ofport))?,
-        }));
+    // The hold flows, both families, in OVN's delivery table with OVN's own actions for the port:
+    // one holding a resolver's replies, one counting the rest.
+    for (v6, resolver) in [(false, "10.96.0.10:53"), (true, "[fd00:10:96::a]:5353")] {
+        for (priority, kind) in [
+            (
+                110,
+                flowd::ovs::HoldKind::Pause {
+                    from: resolver.parse()?,
+                    controller: flowd::ovs::native::CONTROLLER_ID,
+                    userdata: 7,
+                },
+            ),
+            (105, flowd::ovs::HoldKind::Count),
+        ] {
+            ops.push(FlowOp::Hold(flowd::ovs::HoldSpec {
+                cookie: Cookie::new(prefix, 7, priority),
+                table: t.delivery_table.expect("OVN's delivery table"),
+                priority,
+                metadata: keys.metadata,
+                port: keys.reg14,
+                v6,
+                kind,
+                hard_timeout: 30,
+                delivery: flowd::ovs::Actions::new(&format!("output:{}", pod1.ofport))?,
+            }));
+        }
     }
     ops.push(FlowOp::Add(FlowSpec {
         cookie: Cookie::new(prefix, 7, 10999),

@@ -96,6 +96,9 @@ pub async fn demo_on(ovn: crate::sandbox::Ovn) -> Demo {
         "10.244.0.0/16/24",
         crate::cluster::SERVICE_SUBNET,
     ));
+    api.apply(crate::cluster::kube_dns_service(
+        crate::sandbox::KUBE_DNS_VIP,
+    ));
     Demo {
         sb,
         client,

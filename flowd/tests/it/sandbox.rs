@@ -509,7 +509,9 @@ fn check_tools() -> Result<()> {
             .unwrap_or(false)
             || Path::new("/usr/sbin").join(tool).is_file();
         if !found {
-            bail!("{tool} is not installed: run scripts/test, which installs openvswitch-switch, ovn-central and ovn-host");
+            bail!(
+                "{tool} is not installed: run scripts/test, which installs openvswitch-switch, ovn-central and ovn-host"
+            );
         }
     }
     Ok(())
@@ -795,7 +797,7 @@ impl Sandbox {
             match self.run("ovn-nbctl", &[&db, SYNC_TIMEOUT, "--wait=hv", "sync"]) {
                 Ok(_) => return Ok(()),
                 Err(e) if attempt == SYNC_ATTEMPTS => {
-                    return Err(e).with_context(|| self.diagnosis())
+                    return Err(e).with_context(|| self.diagnosis());
                 }
                 Err(_) if !self.running("ovn-controller") => {
                     eprintln!(
@@ -1745,8 +1747,19 @@ impl Drop for Sandbox {
 
 #[test]
 fn datapath_actions_are_read_as_the_oracle_expects() {
-    assert!(forwards("ct(commit,zone=5,mark=0/0x1,nat(src)),set(eth(src=0a:58:64:40:00:01,dst=0a:58:64:40:00:02)),set(ipv4(ttl=63)),4"));
+    assert!(forwards(
+        "ct(commit,zone=5,mark=0/0x1,nat(src)),set(eth(src=0a:58:64:40:00:01,dst=0a:58:64:40:00:02)),set(ipv4(ttl=63)),4"
+    ));
     assert!(!forwards("ct(commit,zone=5,mark=0/0x1,nat(src))"));
     assert!(!forwards("ct(zone=5,nat),recirc(0x1)"));
     assert!(!forwards("drop"));
+}
+
+/// The resolvers a node of this sandbox trusts: the kube-dns Service's address, as flowd reads it
+/// from the Service.
+pub fn kube_dns() -> tokio::sync::watch::Receiver<flowd::resolvers::ResolverSet> {
+    flowd::resolvers::fixed([std::net::SocketAddr::new(
+        KUBE_DNS_VIP.parse().expect("an IPv4 address"),
+        53,
+    )])
 }

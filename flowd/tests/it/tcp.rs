@@ -161,18 +161,18 @@ with ThreadPoolExecutor(workers) as pool:
 "#;
 
 /// The answer to `n<i>.allowed.test`.
-fn answer(i: u8) -> Ipv4Addr {
+pub(crate) fn answer(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 51, 100, i)
 }
 
 /// One name the client resolved and connected to.
 #[derive(Debug)]
-struct Attempt {
-    name: String,
-    ip: Option<IpAddr>,
-    dns: Option<Duration>,
-    connect: Option<Duration>,
-    error: Option<String>,
+pub(crate) struct Attempt {
+    pub name: String,
+    pub ip: Option<IpAddr>,
+    pub dns: Option<Duration>,
+    pub connect: Option<Duration>,
+    pub error: Option<String>,
     /// How the client's own attempt at the address before asking ended (`dropped-first`).
     dropped_first: Option<String>,
 }
@@ -193,22 +193,34 @@ impl Attempt {
     }
 
     /// Connected, on the first SYN.
-    fn first_syn(&self) -> bool {
+    pub fn first_syn(&self) -> bool {
         self.error.is_none() && self.connect.is_some_and(|c| c < FIRST_SYN)
     }
 }
 
-/// Runs the client in `pod` for names `first..=last`, `workers` at a time.
+/// Runs the client in `pod` for names `first..=last`, `workers` at a time, asking kube-dns.
 async fn connect_all(
     pod: &Netns,
+    names: (u8, u8),
+    workers: usize,
+    dropped_first: bool,
+) -> Result<Vec<Attempt>> {
+    connect_all_via(pod, KUBE_DNS_VIP, names, workers, dropped_first, answer).await
+}
+
+/// [`connect_all`], asking `server`, whose answer to `n<i>.allowed.test` must be `expected(i)`.
+pub(crate) async fn connect_all_via(
+    pod: &Netns,
+    server: &str,
     (first, last): (u8, u8),
     workers: usize,
     dropped_first: bool,
+    expected: impl Fn(u8) -> Ipv4Addr,
 ) -> Result<Vec<Attempt>> {
     let mut cmd = tokio::process::Command::from(pod.command("python3"));
     cmd.arg("-c")
         .arg(CLIENT)
-        .arg(KUBE_DNS_VIP)
+        .arg(server)
         .arg(first.to_string())
         .arg(last.to_string())
         .arg(workers.to_string())
@@ -235,7 +247,7 @@ async fn connect_all(
     );
     for (a, i) in attempts.iter().zip(first..=last) {
         if let Some(ip) = a.ip {
-            ensure!(ip == answer(i), "{}: answered {ip}", a.name);
+            ensure!(ip == expected(i), "{}: answered {ip}", a.name);
         }
     }
     Ok(attempts)
@@ -258,7 +270,7 @@ fn distribution(times: &[Duration]) -> String {
 }
 
 /// Prints both distributions of one mode and how many connects the first SYN made.
-fn report(ovn: Ovn, mode: &str, attempts: &[Attempt]) {
+pub(crate) fn report(ovn: Ovn, mode: &str, attempts: &[Attempt]) {
     let dns: Vec<Duration> = attempts.iter().filter_map(|a| a.dns).collect();
     let connect: Vec<Duration> = attempts.iter().filter_map(|a| a.connect).collect();
     let failed = attempts.iter().filter(|a| a.error.is_some()).count();
@@ -273,7 +285,10 @@ fn report(ovn: Ovn, mode: &str, attempts: &[Attempt]) {
 }
 
 /// Unbound's dnstap, read as tapd reads it: each client response, decoded, goes to `events`.
-async fn receive_dnstap(listener: UnixListener, events: mpsc::UnboundedSender<DnsResponse>) {
+pub(crate) async fn receive_dnstap(
+    listener: UnixListener,
+    events: mpsc::UnboundedSender<DnsResponse>,
+) {
     while let Ok((stream, _)) = listener.accept().await {
         tokio::spawn(read_dnstap(stream, events.clone()));
     }
@@ -310,18 +325,18 @@ async fn read_dnstap(mut stream: UnixStream, events: mpsc::UnboundedSender<DnsRe
 
 /// The node: client `ns1/pod1` under "Allow `*.allowed.test`, Deny 0.0.0.0/0", kube-dns's backend
 /// running Unbound, the listener behind the exit, and Unbound's dnstap as events.
-struct Node {
+pub(crate) struct Node {
     // Fields drop in order: the daemons in the namespaces stop before the sandbox removes them.
     _unbound: Unbound,
     _listener: ChildDaemon,
     receiving: JoinHandle<()>,
     /// Unbound's answers, for the mode that learns from dnstap.
     dnstap: Option<mpsc::UnboundedReceiver<DnsResponse>>,
-    sb: Sandbox,
-    client: Pod,
-    client_ns: Netns,
-    rules: FirewallRules,
-    _dir: tempfile::TempDir,
+    pub sb: Sandbox,
+    pub client: Pod,
+    pub client_ns: Netns,
+    pub rules: FirewallRules,
+    pub dir: tempfile::TempDir,
 }
 
 impl Drop for Node {
@@ -330,7 +345,7 @@ impl Drop for Node {
     }
 }
 
-async fn node(ovn: Ovn) -> Result<Node> {
+pub(crate) async fn node(ovn: Ovn) -> Result<Node> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("dnstap.sock");
     let (events, dnstap) = mpsc::unbounded_channel();
@@ -386,7 +401,7 @@ async fn node(ovn: Ovn) -> Result<Node> {
             client,
             client_ns,
             rules,
-            _dir: dir,
+            dir,
         })
     })
 }
@@ -416,21 +431,32 @@ async fn with_the_hold(
     engine.set_rules(n.rules.clone());
     engine.upsert_pod(n.client.info());
     let task = tokio::spawn(engine.clone().run());
-    let holder = Holder::new(engine.clone(), Arc::new(engine.clone()), DEFAULT_DEADLINE);
+    let holder = Holder::new(
+        engine.clone(),
+        Arc::new(engine.clone()),
+        DEFAULT_DEADLINE,
+        crate::sandbox::kube_dns(),
+    );
     let metrics = holder.metrics().clone();
     let holding = tokio::spawn(holder.run(packet_ins));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let hold_flows = tokio::spawn(HoldFlows::new(engine.clone(), DEFAULT_HOLD_TIMEOUT).run(
-        async {
+    let hold_flows = tokio::spawn(
+        HoldFlows::new(
+            engine.clone(),
+            DEFAULT_HOLD_TIMEOUT,
+            crate::sandbox::kube_dns(),
+        )
+        .run(async {
             let _ = stopped.await;
-        },
-    ));
+        }),
+    );
     let prefix = hold_cookie_prefix(settings.cookie_prefix);
     let held = poll(READY, || {
-        block_in_place(|| n.sb.dnsflow_flows(prefix)).is_ok_and(|f| f.len() == 2)
+        block_in_place(|| n.sb.dnsflow_flows(prefix))
+            .is_ok_and(|f| f.iter().any(|f| f.contains("priority=110")))
     })
     .await
-    .context("the client's hold flows (IPv4, IPv6)");
+    .context("the client's hold flow for kube-dns");
     let attempts = match held {
         Ok(_) => connect_all(&n.client_ns, names, 1, dropped_first).await,
         Err(e) => Err(e),
