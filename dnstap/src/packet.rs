@@ -30,6 +30,8 @@ pub enum PacketError {
     Fragment,
     #[error("not UDP")]
     NotUdp,
+    #[error("not TCP")]
+    NotTcp,
     #[error("UDP from port {0}, not 53")]
     NotFromDns(u16),
     #[error(transparent)]
@@ -94,6 +96,71 @@ pub fn reply(frame: &[u8], server_identity: &str, now: SystemTime) -> Result<Rep
     })
 }
 
+/// One TCP segment from a DNS server (source port 53) to a client, as a packet carries it: what
+/// following a DNS-over-TCP stream needs. The payload is the segment's bytes, not a message: DNS over
+/// TCP frames each message with a two-byte length, and a message may span segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpSegment {
+    pub server: SocketAddr,
+    pub client: SocketAddr,
+    pub seq: u32,
+    pub syn: bool,
+    pub fin: bool,
+    pub rst: bool,
+    pub payload: Vec<u8>,
+}
+
+/// The TCP segment in `frame`, from port 53.
+pub fn tcp_segment(frame: &[u8]) -> Result<TcpSegment, PacketError> {
+    let sliced =
+        SlicedPacket::from_ethernet(frame).map_err(|e| PacketError::Frame(e.to_string()))?;
+    let (client, server, fragmented) = match &sliced.net {
+        Some(NetSlice::Ipv4(ip)) => (
+            IpAddr::V4(ip.header().destination_addr()),
+            IpAddr::V4(ip.header().source_addr()),
+            ip.payload().fragmented,
+        ),
+        Some(NetSlice::Ipv6(ip)) => (
+            IpAddr::V6(ip.header().destination_addr()),
+            IpAddr::V6(ip.header().source_addr()),
+            ip.payload().fragmented,
+        ),
+        _ => return Err(PacketError::NotIp),
+    };
+    if fragmented {
+        return Err(PacketError::Fragment);
+    }
+    let Some(TransportSlice::Tcp(tcp)) = &sliced.transport else {
+        return Err(PacketError::NotTcp);
+    };
+    if tcp.source_port() != DNS_PORT {
+        return Err(PacketError::NotFromDns(tcp.source_port()));
+    }
+    Ok(TcpSegment {
+        server: SocketAddr::new(server, tcp.source_port()),
+        client: SocketAddr::new(client, tcp.destination_port()),
+        seq: tcp.sequence_number(),
+        syn: tcp.syn(),
+        fin: tcp.fin(),
+        rst: tcp.rst(),
+        payload: tcp.payload().to_vec(),
+    })
+}
+
+/// The DNS response message `wire` (one message of a DNS-over-TCP stream, without its length) sent
+/// to `client`, read as [`response`] reads one from a UDP packet.
+pub fn tcp_response(
+    wire: &[u8],
+    client: IpAddr,
+    server_identity: &str,
+    now: SystemTime,
+) -> Result<(DnsResponse, usize), PacketError> {
+    let (mut response, addresses_cut) = parse_response(wire, client, now)?;
+    response.response_time = Some(now);
+    response.server_identity = server_identity.to_owned();
+    Ok((response, addresses_cut))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +218,30 @@ mod tests {
             (r.response_time, r.server_identity.as_str()),
             (Some(now), "ovs")
         );
+    }
+
+    #[test]
+    fn a_tcp_segment_from_port_53_is_read_with_its_sequence_number() {
+        let b = PacketBuilder::ethernet2([1; 6], [2; 6])
+            .ipv4([10, 96, 0, 10], [10, 244, 1, 5], 64)
+            .tcp(53, 40000, 1_000, 64_000)
+            .ack(7)
+            .psh();
+        let mut frame = Vec::new();
+        b.write(&mut frame, b"\x00\x02ab").unwrap();
+        let s = tcp_segment(&frame).unwrap();
+        assert_eq!(s.server, "10.96.0.10:53".parse().unwrap());
+        assert_eq!(s.client, "10.244.1.5:40000".parse().unwrap());
+        assert_eq!((s.seq, s.syn, s.fin, s.rst), (1_000, false, false, false));
+        assert_eq!(s.payload, b"\x00\x02ab");
+        assert_eq!(tcp_segment(&udp4(53, b"x")), Err(PacketError::NotTcp));
+        let b = PacketBuilder::ethernet2([1; 6], [2; 6])
+            .ipv4([10, 96, 0, 10], [10, 244, 1, 5], 64)
+            .tcp(80, 40000, 1, 64_000)
+            .syn();
+        let mut frame = Vec::new();
+        b.write(&mut frame, &[]).unwrap();
+        assert_eq!(tcp_segment(&frame), Err(PacketError::NotFromDns(80)));
     }
 
     #[test]
@@ -216,6 +307,8 @@ mod tests {
         fn any_bytes_are_read_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             let _ = response(&bytes, "ovs", SystemTime::now());
             let _ = response(&udp4(53, &bytes), "ovs", SystemTime::now());
+            let _ = tcp_segment(&bytes);
+            let _ = tcp_response(&bytes, IpAddr::from([10, 244, 1, 5]), "ovs", SystemTime::now());
         }
     }
 }

@@ -67,6 +67,11 @@ impl Justified {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Adds the flows another answer justifies.
+    pub fn extend(&mut self, other: Justified) {
+        self.0.extend(other.0);
+    }
 }
 
 /// Errors of the engine's OVS side.

@@ -17,7 +17,7 @@
 //! up, and tells a [`HoldReport`] (what `Explain` says) which pods are held.
 
 use crate::{
-    engine::{Engine, HeldPod, NotHeld},
+    engine::{Engine, HeldPod, Justified, NotHeld},
     metrics::Registry,
     ovs::{
         flow::{POD_MASK, PREFIX_MASK},
@@ -26,8 +26,12 @@ use crate::{
         Cookie, FlowOp, FlowProgrammer, HoldKind, HoldSpec, Native,
     },
     resolvers::ResolverSet,
+    tcpdns::Streams,
 };
-use dnsflow_dnstap::{packet, DnsName, DnsResponse};
+use dnsflow_dnstap::{
+    packet::{self, PacketError},
+    DnsName, DnsResponse,
+};
 use dnsflow_openflow::PacketIn2;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
@@ -35,6 +39,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Write as _,
     future::Future,
+    net::IpAddr,
     num::NonZeroU32,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -447,16 +452,20 @@ impl HoldFlows {
                 if !has {
                     continue;
                 }
+                // A resolver answers over TCP on the same port (a truncated answer is asked again).
                 for from in resolvers.iter().filter(|r| r.is_ipv6() == v6) {
-                    ops.push(flow(
-                        v6,
-                        HOLD_PRIORITY,
-                        HoldKind::Pause {
-                            from,
-                            controller: CONTROLLER_ID,
-                            userdata: pod.id,
-                        },
-                    ));
+                    for tcp in [false, true] {
+                        ops.push(flow(
+                            v6,
+                            HOLD_PRIORITY,
+                            HoldKind::Pause {
+                                from,
+                                tcp,
+                                controller: CONTROLLER_ID,
+                                userdata: pod.id,
+                            },
+                        ));
+                    }
                 }
                 ops.push(flow(v6, COUNT_PRIORITY, HoldKind::Count));
             }
@@ -642,6 +651,11 @@ pub struct HoldMetrics {
     pub rate_limited: Counter,
     /// Paused packets that were not a DNS response flowd could read (resumed at once).
     pub unreadable: Counter,
+    /// TCP segments from a trusted resolver that complete no DNS message (handshake, acks, the
+    /// first parts of a message): resumed at once.
+    pub tcp_partial: Counter,
+    /// TCP segments of a stream flowd does not follow (see [`crate::tcpdns::Unfollowed`]).
+    pub tcp_unfollowed: Counter,
     pub resume_failures: Counter,
     pub hold_seconds: Histogram,
 }
@@ -660,6 +674,8 @@ pub enum Outcome {
     Unreadable,
     Unheld,
     RateLimited,
+    TcpPartial,
+    TcpUnfollowed,
 }
 
 impl Outcome {
@@ -682,6 +698,10 @@ impl Outcome {
             Self::RateLimited => {
                 "went on at once, unheld: its pod or the node was over --hold-rate"
             }
+            Self::TcpPartial => "went on at once: a TCP segment that completes no DNS message",
+            Self::TcpUnfollowed => {
+                "went on at once: a DNS-over-TCP stream flowd does not follow (its start unseen, or beyond its bounds)"
+            }
         }
     }
 }
@@ -700,6 +720,8 @@ impl HoldMetrics {
             Outcome::Unreadable => &self.unreadable,
             Outcome::Unheld => &self.unheld,
             Outcome::RateLimited => &self.rate_limited,
+            Outcome::TcpPartial => &self.tcp_partial,
+            Outcome::TcpUnfollowed => &self.tcp_unfollowed,
         }
     }
 
@@ -717,6 +739,8 @@ impl HoldMetrics {
             unheld: Counter::default(),
             rate_limited: Counter::default(),
             unreadable: Counter::default(),
+            tcp_partial: Counter::default(),
+            tcp_unfollowed: Counter::default(),
             resume_failures: Counter::default(),
             hold_seconds: Histogram::new([
                 0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -778,6 +802,16 @@ impl HoldMetrics {
             &self.unreadable,
         );
         registry.counter(
+            "dns_hold_tcp_partial",
+            "Held TCP segments from a trusted resolver that complete no DNS message (sent on at once)",
+            &self.tcp_partial,
+        );
+        registry.counter(
+            "dns_hold_tcp_unfollowed",
+            "Held TCP segments of a DNS-over-TCP stream flowd does not follow: its start unseen, or beyond its bounds (sent on at once)",
+            &self.tcp_unfollowed,
+        );
+        registry.counter(
             "dns_resume_failures",
             "Held DNS responses OVS did not take back (lost connection)",
             &self.resume_failures,
@@ -818,6 +852,8 @@ pub struct Holder<P: FlowProgrammer, R: Resumer> {
     limits: Arc<Limits>,
     metrics: Arc<HoldMetrics>,
     report: Option<Arc<HoldReport>>,
+    /// The DNS-over-TCP connections followed, shared by every held segment.
+    tcp: Arc<Mutex<Streams>>,
 }
 
 impl<P: FlowProgrammer, R: Resumer> Clone for Holder<P, R> {
@@ -831,6 +867,7 @@ impl<P: FlowProgrammer, R: Resumer> Clone for Holder<P, R> {
             limits: self.limits.clone(),
             metrics: self.metrics.clone(),
             report: self.report.clone(),
+            tcp: self.tcp.clone(),
         }
     }
 }
@@ -852,6 +889,7 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
             limits: Arc::new(Limits::new(DEFAULT_RATE)),
             metrics: Arc::new(HoldMetrics::new()),
             report: None,
+            tcp: Arc::default(),
         }
     }
 
@@ -905,73 +943,121 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
         }
     }
 
-    /// The response in `held`, if it is one and comes from a trusted resolver (anything else is
-    /// counted and never reaches the engine).
-    fn trusted_response(&self, held: &PacketIn2) -> Option<DnsResponse> {
-        match packet::reply(&held.packet, IDENTITY, SystemTime::now()) {
-            Ok(reply) if self.resolvers.borrow().trusts(reply.server) => Some(reply.response),
-            Ok(reply) => {
-                self.ended(held, Outcome::Untrusted, Some(&reply.response.qname));
-                if let Some(report) = &self.report {
-                    report.count_untrusted(Some(pod_of(held)), 1);
-                }
-                tracing::debug!(server = %reply.server, client = %reply.response.client,
-                    "held DNS response from a server flowd does not trust; sending it on, learning nothing");
-                None
+    /// The responses `held` gives the engine: the one of a UDP reply, or the messages a TCP
+    /// segment completes (see [`crate::tcpdns`]), only from a trusted resolver. Otherwise how it
+    /// ends (counted by the caller), with the question name when there is one.
+    fn read(&self, held: &PacketIn2) -> Result<Vec<DnsResponse>, (Outcome, Option<DnsName>)> {
+        let now = SystemTime::now();
+        let untrusted = |server: std::net::SocketAddr, client: IpAddr| {
+            if let Some(report) = &self.report {
+                report.count_untrusted(Some(pod_of(held)), 1);
             }
+            tracing::debug!(%server, %client,
+                "held DNS response from a server flowd does not trust; sending it on, learning nothing");
+        };
+        let segment = match packet::reply(&held.packet, IDENTITY, now) {
+            Ok(reply) if self.resolvers.borrow().trusts(reply.server) => {
+                return Ok(vec![reply.response])
+            }
+            Ok(reply) => {
+                untrusted(reply.server, reply.response.client);
+                return Err((Outcome::Untrusted, Some(reply.response.qname)));
+            }
+            Err(PacketError::NotUdp) => match packet::tcp_segment(&held.packet) {
+                Ok(segment) => segment,
+                Err(error) => {
+                    tracing::debug!(%error, "held packet is not a DNS response flowd reads; sending it on");
+                    return Err((Outcome::Unreadable, None));
+                }
+            },
             Err(error) => {
-                self.ended(held, Outcome::Unreadable, None);
                 tracing::debug!(%error, "held packet is not a DNS response flowd reads; sending it on");
-                None
+                return Err((Outcome::Unreadable, None));
+            }
+        };
+        if !self.resolvers.borrow().trusts(segment.server) {
+            untrusted(segment.server, segment.client.ip());
+            return Err((Outcome::Untrusted, None));
+        }
+        let followed = self
+            .tcp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .on_segment(&segment, Instant::now());
+        if let Some(why) = followed.unfollowed {
+            tracing::debug!(server = %segment.server, client = %segment.client, ?why,
+                "a DNS-over-TCP stream flowd does not follow; its segments go on untouched");
+            return Err((Outcome::TcpUnfollowed, None));
+        }
+        if followed.messages.is_empty() {
+            return Err((Outcome::TcpPartial, None));
+        }
+        let mut responses = Vec::new();
+        for message in followed.messages {
+            match packet::tcp_response(&message, segment.client.ip(), IDENTITY, now) {
+                Ok((response, _)) => responses.push(response),
+                Err(error) => {
+                    tracing::debug!(%error, "a DNS-over-TCP message flowd cannot read; sending it on")
+                }
             }
         }
+        if responses.is_empty() {
+            return Err((Outcome::Unreadable, None));
+        }
+        Ok(responses)
     }
 
-    /// A response not held: sent on at once, its answer to the engine all the same (its grants
+    /// A response not held: sent on at once, its answers to the engine all the same (their grants
     /// follow with the next batch, as a tapd event's would) when its server is trusted.
     async fn pass(&self, held: PacketIn2) {
         let now = Instant::now();
-        if let Ok(reply) = packet::reply(&held.packet, IDENTITY, SystemTime::now()) {
-            if self.resolvers.borrow().trusts(reply.server) {
-                self.engine.on_dns(reply.response, now);
-            }
+        for response in self.read(&held).unwrap_or_default() {
+            self.engine.on_dns(response, now);
         }
         self.resume(&held, now).await;
     }
 
-    /// One held response: its answer to the engine, its grants written and in effect in the
+    /// One held response: its answers to the engine, their grants written and in effect in the
     /// datapath (within the deadline), then the resume, exactly once; what happened counted once.
     pub async fn handle(&self, held: PacketIn2) {
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + self.deadline);
-        if let Some(response) = self.trusted_response(&held) {
-            let commits = self.engine.commits();
-            // Not `has_pending_changes`: the flusher may have taken this answer's grants (or those
-            // of an earlier answer for the same name) into a batch still in flight, and only a
-            // flush, which waits for that batch, knows when they are in OVS.
-            let qname = response.qname.clone();
-            let justified = self.engine.on_dns_then_flush(response, started);
-            if justified.is_empty() {
-                self.ended(&held, Outcome::NoGrant, Some(&qname));
-            } else {
-                // Asked before this flush commits the grants, so that the round it waits for is
-                // one that saw them. (The flusher, not woken for this answer, may still commit
-                // them first in a batch of its own: then the wait may last until OVS's next
-                // periodic round, which the deadline cuts short.)
-                let revalidation = self.resumer.revalidation().await;
-                let outcome = match self.write(deadline).await {
-                    Written::Late => Outcome::DeadlineMiss,
-                    Written::Failed => Outcome::WriteFailed,
-                    Written::InTime if !self.engine.in_ovs(&justified) => Outcome::GrantsPending,
-                    Written::InTime
-                        if self.engine.commits() != commits
-                            && !Self::revalidated(revalidation, deadline).await =>
-                    {
-                        Outcome::RevalidationTimeout
+        match self.read(&held) {
+            Err((outcome, qname)) => self.ended(&held, outcome, qname.as_ref()),
+            Ok(responses) => {
+                let commits = self.engine.commits();
+                // Not `has_pending_changes`: the flusher may have taken these answers' grants (or
+                // those of an earlier answer for the same name) into a batch still in flight, and
+                // only a flush, which waits for that batch, knows when they are in OVS.
+                let qname = responses.last().map(|r| r.qname.clone());
+                let mut justified = Justified::default();
+                for response in responses {
+                    justified.extend(self.engine.on_dns_then_flush(response, started));
+                }
+                let outcome = if justified.is_empty() {
+                    Outcome::NoGrant
+                } else {
+                    // Asked before this flush commits the grants, so that the round it waits for
+                    // is one that saw them. (The flusher, not woken for this answer, may still
+                    // commit them first in a batch of its own: then the wait may last until OVS's
+                    // next periodic round, which the deadline cuts short.)
+                    let revalidation = self.resumer.revalidation().await;
+                    match self.write(deadline).await {
+                        Written::Late => Outcome::DeadlineMiss,
+                        Written::Failed => Outcome::WriteFailed,
+                        Written::InTime if !self.engine.in_ovs(&justified) => {
+                            Outcome::GrantsPending
+                        }
+                        Written::InTime
+                            if self.engine.commits() != commits
+                                && !Self::revalidated(revalidation, deadline).await =>
+                        {
+                            Outcome::RevalidationTimeout
+                        }
+                        Written::InTime => Outcome::Granted,
                     }
-                    Written::InTime => Outcome::Granted,
                 };
-                self.ended(&held, outcome, Some(&qname));
+                self.ended(&held, outcome, qname.as_ref());
             }
         }
         self.resume(&held, started).await;
@@ -1262,8 +1348,9 @@ mod tests {
             (m.untrusted.get(), m.granted.get(), m.no_grant.get()),
             (1, 0, 0)
         );
-        assert_eq!(report.untrusted_total(), 1);
-        assert_eq!(report.untrusted().get(&1), Some(&1));
+        // Both reached the pod from an untrusted server, held or not.
+        assert_eq!(report.untrusted_total(), 2);
+        assert_eq!(report.untrusted().get(&1), Some(&2));
 
         holder
             .handle(held(

@@ -17,6 +17,7 @@ pub mod resolvers;
 pub mod rules;
 pub mod snapshot;
 pub mod status;
+pub mod tcpdns;
 pub mod upstream;
 pub mod watch;
 

@@ -28,6 +28,7 @@ const OFPXMT_OFB_ETH_TYPE: u8 = 5;
 const OFPXMT_OFB_IP_PROTO: u8 = 10;
 const OFPXMT_OFB_IPV4_SRC: u8 = 11;
 const OFPXMT_OFB_IPV4_DST: u8 = 12;
+const OFPXMT_OFB_TCP_SRC: u8 = 13;
 const OFPXMT_OFB_TCP_DST: u8 = 14;
 const OFPXMT_OFB_UDP_SRC: u8 = 15;
 const OFPXMT_OFB_UDP_DST: u8 = 16;
@@ -186,6 +187,7 @@ pub struct Match {
     pub ipv6_src: Option<Masked<Ipv6Addr>>,
     pub ipv6_dst: Option<Masked<Ipv6Addr>>,
     pub ip_proto: Option<u8>,
+    pub tcp_src: Option<u16>,
     pub tcp_dst: Option<u16>,
     pub udp_src: Option<u16>,
     pub udp_dst: Option<u16>,
@@ -268,6 +270,13 @@ impl Match {
             OFPXMT_OFB_IP_PROTO,
             1,
             self.ip_proto.map(u128::from),
+        );
+        put_exact(
+            out,
+            basic,
+            OFPXMT_OFB_TCP_SRC,
+            2,
+            self.tcp_src.map(u128::from),
         );
         put_exact(
             out,
@@ -387,6 +396,9 @@ impl Match {
             }
             (OFPXMC_OPENFLOW_BASIC, OFPXMT_OFB_IP_PROTO, 1, false) => {
                 self.ip_proto = Some(value as u8);
+            }
+            (OFPXMC_OPENFLOW_BASIC, OFPXMT_OFB_TCP_SRC, 2, false) => {
+                self.tcp_src = Some(value as u16);
             }
             (OFPXMC_OPENFLOW_BASIC, OFPXMT_OFB_TCP_DST, 2, false) => {
                 self.tcp_dst = Some(value as u16);

@@ -192,19 +192,21 @@ fn typed_match() -> impl Strategy<Value = Match> {
             proptest::option::of(any::<u8>()),
             proptest::option::of(any::<u16>()),
             proptest::option::of(any::<u16>()),
+            proptest::option::of(any::<u16>()),
         ),
         proptest::collection::vec(masked32(), 16),
         masked32(),
         proptest::option::of((any::<u64>(), 1..=u64::MAX)),
     )
         .prop_map(
-            |((in_port, eth_type, v4, v6, proto, tcp, udp), regs, ct, md)| {
+            |((in_port, eth_type, v4, v6, proto, tcp_src, tcp, udp), regs, ct, md)| {
                 let mut m = Match {
                     in_port,
                     eth_type,
                     ipv4_src: v4.map(|(a, len)| Masked::<Ipv4Addr>::prefix(a.into(), len.max(1))),
                     ipv6_dst: v6.map(|(a, len)| Masked::<Ipv6Addr>::prefix(a.into(), len.max(1))),
                     ip_proto: proto,
+                    tcp_src,
                     tcp_dst: tcp,
                     udp_src: udp,
                     ct_state: ct,

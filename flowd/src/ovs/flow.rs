@@ -241,9 +241,11 @@ pub struct HoldSpec {
 /// What a [`HoldSpec`] does before OVN's delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HoldKind {
-    /// Pauses replies from `from` (the resolver's address, of the flow's family, and port).
+    /// Pauses replies from `from` (the resolver's address, of the flow's family, and port), over
+    /// UDP, or every TCP segment from it with `tcp` (DNS over TCP, followed by [`crate::tcpdns`]).
     Pause {
         from: std::net::SocketAddr,
+        tcp: bool,
         /// flowd's controller id: OVS sends the packet-in to flowd's connection only.
         controller: u16,
         /// Tells the holder which pod, without parsing the packet first.
@@ -333,6 +335,7 @@ pub fn render_op(out: &mut String, op: &FlowOp) {
             }
         }
         FlowOp::Hold(h) => {
+            let tcp = matches!(h.kind, HoldKind::Pause { tcp: true, .. });
             let _ = write!(
                 out,
                 "add cookie={},table={},priority={},hard_timeout={},{}",
@@ -340,7 +343,12 @@ pub fn render_op(out: &mut String, op: &FlowOp) {
                 h.table,
                 h.priority,
                 h.hard_timeout,
-                if h.v6 { "udp6" } else { "udp" },
+                match (tcp, h.v6) {
+                    (false, false) => "udp",
+                    (false, true) => "udp6",
+                    (true, false) => "tcp",
+                    (true, true) => "tcp6",
+                },
             );
             match h.kind {
                 HoldKind::Pause { from, .. } => {

@@ -586,7 +586,6 @@ pub fn flow_mod(op: &FlowOp) -> Result<FlowMod, TranslateError> {
                 } else {
                     of::ETH_TYPE_IPV4
                 }),
-                ip_proto: Some(of::IPPROTO_UDP),
                 ct_state: Some(Masked {
                     value: HOLD_CT_STATE,
                     mask: HOLD_CT_STATE,
@@ -599,6 +598,7 @@ pub fn flow_mod(op: &FlowOp) -> Result<FlowMod, TranslateError> {
             match h.kind {
                 HoldKind::Pause {
                     from,
+                    tcp,
                     controller,
                     userdata,
                 } => {
@@ -607,13 +607,22 @@ pub fn flow_mod(op: &FlowOp) -> Result<FlowMod, TranslateError> {
                         (IpAddr::V6(ip), true) => m.ipv6_src = Some(Masked::exact(ip)),
                         _ => return Err(TranslateError::Family),
                     }
-                    m.udp_src = Some(from.port());
+                    if tcp {
+                        m.ip_proto = Some(of::IPPROTO_TCP);
+                        m.tcp_src = Some(from.port());
+                    } else {
+                        m.ip_proto = Some(of::IPPROTO_UDP);
+                        m.udp_src = Some(from.port());
+                    }
                     actions.push(Action::pause_to_controller(
                         controller,
                         Bytes::copy_from_slice(&userdata.to_be_bytes()),
                     ));
                 }
-                HoldKind::Count => m.udp_src = Some(DNS_PORT),
+                HoldKind::Count => {
+                    m.ip_proto = Some(of::IPPROTO_UDP);
+                    m.udp_src = Some(DNS_PORT);
+                }
             }
             actions.extend(delivery_actions(&h.delivery)?);
             FlowMod {

@@ -710,16 +710,24 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     let prefix = settings().cookie_prefix;
     let hold_flows = || block_in_place(|| sb.dnsflow_flows(hold_cookie_prefix(prefix)));
     let held = hold_flows()?;
-    // Pod1 only: replies from kube-dns's address (IPv4 only here) held; every other reply from
-    // port 53 counted, per family.
-    assert_eq!(held.len(), 3, "pod1 only: {held:#?}");
+    // Pod1 only: replies from kube-dns's address (IPv4 only here) held, over UDP and TCP; every
+    // other reply from port 53 counted, per family.
+    assert_eq!(held.len(), 4, "pod1 only: {held:#?}");
     assert!(held.iter().all(|f| f.contains("table=65")
         && f.contains("ct_state=+est+rpl+trk")
         && f.contains(&format!("output:{}", pod1.ofport))));
     let holding: Vec<&String> = held.iter().filter(|f| f.contains("priority=110")).collect();
-    assert_eq!(holding.len(), 1, "{held:#?}");
+    assert_eq!(holding.len(), 2, "{held:#?}");
     assert!(
-        holding[0].contains("nw_src=10.96.0.10") && holding[0].contains("tp_src=53"),
+        holding
+            .iter()
+            .all(|f| f.contains("nw_src=10.96.0.10") && f.contains("tp_src=53")),
+        "{held:#?}"
+    );
+    assert!(
+        holding
+            .iter()
+            .any(|f| f.contains(" tcp,") || f.contains(",tcp,")),
         "{held:#?}"
     );
     assert_eq!(
@@ -826,7 +834,7 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     assert_eq!(witness.seen().len(), 2, "not resumed either");
     // Renewed, then cleared as at a clean shutdown.
     holds.refresh().await.map_err(anyhow::Error::msg)?;
-    assert_eq!(hold_flows()?.len(), 3);
+    assert_eq!(hold_flows()?.len(), 4);
     holds.clear().await.map_err(anyhow::Error::msg)?;
     assert!(hold_flows()?.is_empty());
 
@@ -844,14 +852,14 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
         }),
     );
     poll(Duration::from_secs(10), || {
-        hold_flows().is_ok_and(|f| f.len() == 3)
+        hold_flows().is_ok_and(|f| f.len() == 4)
     })
     .await?;
     let pod3 = block_in_place(|| sb.add_pod(NS, "pod3", 8))?;
     engine.upsert_pod(pod3.info());
     engine.flush().await?;
     poll(Duration::from_secs(10), || {
-        hold_flows().is_ok_and(|f| f.len() == 6)
+        hold_flows().is_ok_and(|f| f.len() == 8)
     })
     .await
     .map_err(|e| anyhow::anyhow!("pod3 not held: {e}"))?;
@@ -859,7 +867,7 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     // are back within seconds of OVN's own (seen through the grants' monitor), not at the renewal.
     block_in_place(|| sb.restart_ovn_controller())?;
     poll(Duration::from_secs(20), || {
-        hold_flows().is_ok_and(|f| f.len() == 6)
+        hold_flows().is_ok_and(|f| f.len() == 8)
     })
     .await
     .map_err(|e| anyhow::anyhow!("hold flows not back after the wipe: {e}"))?;
@@ -1283,6 +1291,7 @@ async fn a_stalled_grant_write_lets_the_held_reply_go_at_the_deadline(ovn: Ovn) 
             v6: false,
             kind: flowd::ovs::HoldKind::Pause {
                 from: std::net::SocketAddr::new(ip(crate::sandbox::KUBE_DNS_VIP), 53),
+                tcp: false,
                 controller: flowd::ovs::native::CONTROLLER_ID,
                 userdata: held.id,
             },
@@ -1587,6 +1596,16 @@ async fn the_native_driver_writes_what_ovs_ofctl_writes(ovn: Ovn) -> Result<()> 
                 110,
                 flowd::ovs::HoldKind::Pause {
                     from: resolver.parse()?,
+                    tcp: false,
+                    controller: flowd::ovs::native::CONTROLLER_ID,
+                    userdata: 7,
+                },
+            ),
+            (
+                110,
+                flowd::ovs::HoldKind::Pause {
+                    from: resolver.parse()?,
+                    tcp: true,
                     controller: flowd::ovs::native::CONTROLLER_ID,
                     userdata: 7,
                 },

@@ -935,6 +935,15 @@ impl Sandbox {
             "udp",
         ])?;
         nb(&["ls-lb-add", "node1", "kube-dns"])?;
+        // DNS over TCP too, as OVN-K writes kube-dns's `dns-tcp` port (a load balancer per protocol).
+        nb(&[
+            "lb-add",
+            "kube-dns-tcp",
+            &format!("{KUBE_DNS_VIP}:53"),
+            &format!("10.244.1.{KUBE_DNS_HOST}:53"),
+            "tcp",
+        ])?;
+        nb(&["ls-lb-add", "node1", "kube-dns-tcp"])?;
         // An AdminNetworkPolicy denying every pod of the node some destinations: tier 1, evaluated
         // before any EgressFirewall (on OVN without tiers, by priority).
         nb(&["pg-add", "anp_deny"])?;
@@ -1325,12 +1334,14 @@ impl Sandbox {
             &iface,
             &format!("0a:58:0a:f4:02:{KUBE_DNS_HOST:02x} {ipv4}"),
         ])?;
-        nb(&[
-            "set",
-            "load_balancer",
-            "kube-dns",
-            &format!("vips:\"{KUBE_DNS_VIP}:53\"=\"{ipv4}:53\""),
-        ])?;
+        for lb in ["kube-dns", "kube-dns-tcp"] {
+            nb(&[
+                "set",
+                "load_balancer",
+                lb,
+                &format!("vips:\"{KUBE_DNS_VIP}:53\"=\"{ipv4}:53\""),
+            ])?;
+        }
         self.sync()?;
         self.sbctl(&["chassis-add", NODE2, "geneve", UNDERLAY_REMOTE])?;
         self.sbctl(&["lsp-bind", &iface, NODE2])?;
@@ -1668,6 +1679,7 @@ impl Sandbox {
             self.nbctl(&["--type=port-group", "acl-del", pg])?;
         }
         self.nbctl(&["ls-lb-del", Self::NODE, "kube-dns"])?;
+        self.nbctl(&["ls-lb-del", Self::NODE, "kube-dns-tcp"])?;
         self.sync()
     }
 

@@ -26,7 +26,9 @@ use dnsflow_testkit::{ChildDaemon, Unbound, UnboundConfig};
 use flowd::{
     config::EngineSettings,
     engine::Engine,
-    hold::{hold_cookie_prefix, HoldFlows, Holder, DEFAULT_DEADLINE, DEFAULT_HOLD_TIMEOUT},
+    hold::{
+        hold_cookie_prefix, HoldFlows, HoldMetrics, Holder, DEFAULT_DEADLINE, DEFAULT_HOLD_TIMEOUT,
+    },
     model::Protocol,
     rules::FirewallRules,
 };
@@ -115,6 +117,21 @@ def resolve(name):
                 break
     finally:
         s.close()
+    tcp = bool(msg[2] & 0x02)
+    if tcp:
+        # Truncated (no EDNS here, as glibc's stub sends none): ask again over TCP.
+        t = socket.create_connection((server, 53), timeout=2)
+        try:
+            t.sendall(struct.pack(">H", len(query)) + query)
+            buf = b""
+            while len(buf) < 2 or len(buf) < 2 + struct.unpack(">H", buf[:2])[0]:
+                chunk = t.recv(65536)
+                if not chunk:
+                    raise OSError("TCP closed")
+                buf += chunk
+            msg = buf[2:2 + struct.unpack(">H", buf[:2])[0]]
+        finally:
+            t.close()
     rcode = msg[3] & 0x0F
     qd, an = struct.unpack(">HH", msg[4:8])
     if rcode != 0:
@@ -127,7 +144,7 @@ def resolve(name):
         rtype, _, _, rdlen = struct.unpack(">HHIH", msg[at:at + 10])
         at += 10
         if rtype == 1 and rdlen == 4:
-            return socket.inet_ntoa(msg[at:at + 4])
+            return socket.inet_ntoa(msg[at:at + 4]), tcp
         at += rdlen
     raise OSError("no A record")
 
@@ -142,7 +159,7 @@ def attempt(i):
             out["dropped_first"] = str(e)
     t0 = time.monotonic()
     try:
-        ip = resolve(name)
+        ip, out["tcp"] = resolve(name)
     except OSError as e:
         out["error"] = f"dns: {e}"
         return out
@@ -165,6 +182,16 @@ pub(crate) fn answer(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 51, 100, i)
 }
 
+/// Names `n<i>.allowed.test` whose answer has [`BIG_RECORDS`] addresses, `198.18.<i>.<k>`: 40 A
+/// records (a CDN name) make about 700 bytes, more than a reply to a query without EDNS may carry
+/// over UDP, so the answer comes truncated and the client asks again over TCP.
+const BIG: (u8, u8) = (201, 250);
+const BIG_RECORDS: u8 = 40;
+
+fn big_answer(i: u8, k: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, i, k)
+}
+
 /// One name the client resolved and connected to.
 #[derive(Debug)]
 pub(crate) struct Attempt {
@@ -175,6 +202,8 @@ pub(crate) struct Attempt {
     pub error: Option<String>,
     /// How the client's own attempt at the address before asking ended (`dropped-first`).
     dropped_first: Option<String>,
+    /// The answer came over TCP (truncated over UDP).
+    pub tcp: bool,
 }
 
 impl Attempt {
@@ -189,6 +218,7 @@ impl Attempt {
             connect: ms("connect_ms"),
             error: text("error"),
             dropped_first: text("dropped_first"),
+            tcp: v["tcp"].as_bool().unwrap_or(false),
         })
     }
 
@@ -205,17 +235,21 @@ async fn connect_all(
     workers: usize,
     dropped_first: bool,
 ) -> Result<Vec<Attempt>> {
-    connect_all_via(pod, KUBE_DNS_VIP, names, workers, dropped_first, answer).await
+    connect_all_via(pod, KUBE_DNS_VIP, names, workers, dropped_first, |i, ip| {
+        ip == answer(i)
+    })
+    .await
 }
 
-/// [`connect_all`], asking `server`, whose answer to `n<i>.allowed.test` must be `expected(i)`.
+/// [`connect_all`], asking `server`, whose answer to `n<i>.allowed.test` must be one `accept(i, _)`
+/// takes.
 pub(crate) async fn connect_all_via(
     pod: &Netns,
     server: &str,
     (first, last): (u8, u8),
     workers: usize,
     dropped_first: bool,
-    expected: impl Fn(u8) -> Ipv4Addr,
+    accept: impl Fn(u8, IpAddr) -> bool,
 ) -> Result<Vec<Attempt>> {
     let mut cmd = tokio::process::Command::from(pod.command("python3"));
     cmd.arg("-c")
@@ -247,7 +281,7 @@ pub(crate) async fn connect_all_via(
     );
     for (a, i) in attempts.iter().zip(first..=last) {
         if let Some(ip) = a.ip {
-            ensure!(ip == expected(i), "{}: answered {ip}", a.name);
+            ensure!(accept(i, ip), "{}: answered {ip}", a.name);
         }
     }
     Ok(attempts)
@@ -363,6 +397,7 @@ pub(crate) async fn node(ovn: Ovn) -> Result<Node> {
 
         // Every answer is an address of the host behind the exit.
         exit.ip(&["route", "add", "local", "198.51.100.0/24", "dev", "lo"])?;
+        exit.ip(&["route", "add", "local", "198.18.0.0/15", "dev", "lo"])?;
         let mut listener = ChildDaemon::spawn(
             "listener",
             exit.command("python3").args(["-c", LISTENER]),
@@ -370,9 +405,16 @@ pub(crate) async fn node(ovn: Ovn) -> Result<Node> {
         )?;
         listener.wait_for_log("listening")?;
 
-        let records = (1..=2 * ATTEMPTS)
+        let mut records: Vec<String> = (1..=2 * ATTEMPTS)
             .map(|i| format!("n{i}.allowed.test. 300 IN A {}", answer(i)))
             .collect();
+        // Names whose answer does not fit 512 bytes: asked again over TCP.
+        for i in BIG.0..=BIG.1 {
+            records.extend(
+                (1..=BIG_RECORDS)
+                    .map(|k| format!("n{i}.allowed.test. 300 IN A {}", big_answer(i, k))),
+            );
+        }
         let kube_dns = IpAddr::V4(Ipv4Addr::new(10, 244, 1, KUBE_DNS_HOST));
         let unbound = Unbound::start(
             &socket,
@@ -423,6 +465,18 @@ async fn with_the_hold(
     names: (u8, u8),
     dropped_first: bool,
 ) -> Result<(Vec<Attempt>, HoldCounts)> {
+    let (attempts, counts, _) =
+        with_the_hold_accepting(n, names, dropped_first, |i, ip| ip == answer(i)).await?;
+    Ok((attempts, counts))
+}
+
+/// [`with_the_hold`], for names whose answers `accept` takes; with the holder's own counters.
+async fn with_the_hold_accepting(
+    n: &Node,
+    names: (u8, u8),
+    dropped_first: bool,
+    accept: impl Fn(u8, IpAddr) -> bool,
+) -> Result<(Vec<Attempt>, HoldCounts, Arc<HoldMetrics>)> {
     let settings = EngineSettings::for_kind();
     let native = n.sb.native();
     let packet_ins = native.packet_ins();
@@ -458,7 +512,7 @@ async fn with_the_hold(
     .await
     .context("the client's hold flow for kube-dns");
     let attempts = match held {
-        Ok(_) => connect_all(&n.client_ns, names, 1, dropped_first).await,
+        Ok(_) => connect_all_via(&n.client_ns, KUBE_DNS_VIP, names, 1, dropped_first, accept).await,
         Err(e) => Err(e),
     };
     let _ = stop.send(());
@@ -474,7 +528,7 @@ async fn with_the_hold(
         "  {} sent on at the deadline before a revalidation round was seen to end",
         metrics.revalidation_timeouts.get()
     );
-    Ok((attempts?, counted))
+    Ok((attempts?, counted, metrics))
 }
 
 /// No hold: `ovs-ofctl`, and the answers from Unbound's dnstap as tapd would deliver them, for names
@@ -599,4 +653,63 @@ async fn the_first_syn_after_a_dropped_one_passes_with_the_hold(ovn: Ovn) -> Res
     Ok(())
 }
 
-on_every_ovn!(the_first_syn_after_a_dropped_one_passes_with_the_hold);
+mod after_a_drop {
+    use super::*;
+    on_every_ovn!(the_first_syn_after_a_dropped_one_passes_with_the_hold);
+}
+
+/// An answer too large for UDP (a CDN name with 40 addresses): the reply to the pod's query comes
+/// truncated, and its resolver asks again over TCP. With no tapd, flowd follows the TCP stream in
+/// br-int, holds the segment that completes the answer until its grants are in, and the pod's
+/// first SYN to the address it got passes, for every fresh name.
+async fn an_answer_asked_again_over_tcp_is_learned_in_br_int_and_the_first_syn_passes(
+    ovn: Ovn,
+) -> Result<()> {
+    let n = node(ovn).await?;
+    let (held, _, metrics) = with_the_hold_accepting(
+        &n,
+        BIG,
+        false,
+        |i, ip| matches!(ip, IpAddr::V4(v4) if v4.octets()[..3] == [198, 18, i]),
+    )
+    .await?;
+    report(ovn, "answers over TCP (truncated over UDP), hold", &held);
+    let over_udp: Vec<&Attempt> = held.iter().filter(|a| !a.tcp).collect();
+    assert!(over_udp.is_empty(), "not truncated: {over_udp:#?}");
+    let late: Vec<&Attempt> = held.iter().filter(|a| !a.first_syn()).collect();
+    assert!(
+        late.is_empty(),
+        "every first SYN passes; these failed or took {FIRST_SYN:?} or more: {late:#?}"
+    );
+    let names = u64::from(BIG.1 - BIG.0) + 1;
+    eprintln!(
+        "  TCP: {} held, {} granted, {} revalidation timeouts, {} segments completing no message, {} unfollowed",
+        metrics.held.get(),
+        metrics.granted.get(),
+        metrics.revalidation_timeouts.get(),
+        metrics.tcp_partial.get(),
+        metrics.tcp_unfollowed.get()
+    );
+    // Each name: the truncated UDP reply (no answer to grant), then its TCP segments, one of which
+    // completes the answer and waits for the grants.
+    assert_eq!(
+        metrics.granted.get() + metrics.revalidation_timeouts.get(),
+        names
+    );
+    assert_eq!(metrics.no_grant.get(), names, "the truncated UDP replies");
+    assert!(metrics.tcp_partial.get() >= names, "the handshakes");
+    assert_eq!(
+        (
+            metrics.tcp_unfollowed.get(),
+            metrics.deadline_misses.get(),
+            metrics.unreadable.get()
+        ),
+        (0, 0, 0)
+    );
+    Ok(())
+}
+
+mod over_tcp {
+    use super::*;
+    on_every_ovn!(an_answer_asked_again_over_tcp_is_learned_in_br_int_and_the_first_syn_passes);
+}

@@ -175,7 +175,7 @@ async fn a_pods_own_dns_server_opens_nothing_and_the_dns_service_does(ovn: Ovn) 
         NAMES,
         usize::from(NAMES.1),
         false,
-        forged,
+        |i, ip| ip == forged(i),
     )
     .await?;
     report(ovn, "answers from a pod's own DNS server", &asked_rogue);
@@ -206,8 +206,10 @@ async fn a_pods_own_dns_server_opens_nothing_and_the_dns_service_does(ovn: Ovn) 
     );
 
     // The same names through the kube-dns Service: held, granted, every first SYN through.
-    let asked_service =
-        connect_all_via(&n.client_ns, KUBE_DNS_VIP, NAMES, 1, false, answer).await?;
+    let asked_service = connect_all_via(&n.client_ns, KUBE_DNS_VIP, NAMES, 1, false, |i, ip| {
+        ip == answer(i)
+    })
+    .await?;
     report(
         ovn,
         "the same names through the kube-dns Service",
@@ -263,7 +265,10 @@ async fn without_its_openflow_connection_flowd_holds_nothing_and_dns_flows(ovn: 
     );
     let native = Native::new(n.sb.ofctl(), socket.clone(), Duration::from_secs(5));
     let holding = Holding::start(&n, native).await?;
-    let held = connect_all_via(&n.client_ns, KUBE_DNS_VIP, (1, 1), 1, false, answer).await?;
+    let held = connect_all_via(&n.client_ns, KUBE_DNS_VIP, (1, 1), 1, false, |i, ip| {
+        ip == answer(i)
+    })
+    .await?;
     ensure!(held[0].first_syn(), "held and granted first: {held:?}");
     assert_eq!(holding.metrics.granted.get(), 1);
 
@@ -279,7 +284,10 @@ async fn without_its_openflow_connection_flowd_holds_nothing_and_dns_flows(ovn: 
     assert!(why.contains("OpenFlow connection"), "{why}");
 
     // DNS keeps reaching the pod, unheld (its answers are not learned: no tapd here).
-    let unheld = connect_all_via(&n.client_ns, KUBE_DNS_VIP, (2, 6), 5, false, answer).await?;
+    let unheld = connect_all_via(&n.client_ns, KUBE_DNS_VIP, (2, 6), 5, false, |i, ip| {
+        ip == answer(i)
+    })
+    .await?;
     report(ovn, "with flowd's OpenFlow connection gone", &unheld);
     for a in &unheld {
         ensure!(
