@@ -38,6 +38,15 @@ pub enum PacketError {
     Dns(#[from] DecodeError),
 }
 
+/// The IP destination of `frame` (the client a reply goes to), if it is an IP packet.
+pub fn destination(frame: &[u8]) -> Option<IpAddr> {
+    match SlicedPacket::from_ethernet(frame).ok()?.net? {
+        NetSlice::Ipv4(ip) => Some(IpAddr::V4(ip.header().destination_addr())),
+        NetSlice::Ipv6(ip) => Some(IpAddr::V6(ip.header().destination_addr())),
+        _ => None,
+    }
+}
+
 /// A DNS response read from a frame, with who sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -206,6 +215,8 @@ mod tests {
         let now = SystemTime::now();
         let (r, cut) = response(&frame, "ovs", now).unwrap();
         assert_eq!(cut, 0);
+        assert_eq!(destination(&frame), Some(IpAddr::from([10, 244, 1, 5])));
+        assert_eq!(destination(b"not a frame"), None);
         assert_eq!(
             reply(&frame, "ovs", now).unwrap().server,
             "10.96.0.10:53".parse().unwrap(),
@@ -308,6 +319,7 @@ mod tests {
             let _ = response(&bytes, "ovs", SystemTime::now());
             let _ = response(&udp4(53, &bytes), "ovs", SystemTime::now());
             let _ = tcp_segment(&bytes);
+            let _ = destination(&bytes);
             let _ = tcp_response(&bytes, IpAddr::from([10, 244, 1, 5]), "ovs", SystemTime::now());
         }
     }

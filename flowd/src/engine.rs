@@ -342,6 +342,16 @@ impl<P: FlowProgrammer> Engine<P> {
         self.lock().held_pods()
     }
 
+    /// The pods of this node whose DNS replies need not wait (no `dnsName` rule), with port keys.
+    pub fn pass_pods(&self) -> Vec<HeldPod> {
+        self.lock().pass_pods()
+    }
+
+    /// The id of the pod with address `ip`, if flowd knows one.
+    pub fn pod_id(&self, ip: std::net::IpAddr) -> Option<u16> {
+        self.lock().pod_id(ip)
+    }
+
     /// How many bundles OVS has taken from this engine: a change means its flow tables changed.
     pub fn commits(&self) -> u64 {
         self.inner

@@ -20,10 +20,8 @@ use crate::{
     engine::{Engine, HeldPod, Justified, NotHeld},
     metrics::Registry,
     ovs::{
-        flow::{POD_MASK, PREFIX_MASK},
-        native::CONTROLLER_ID,
-        unixctl::Revalidation,
-        Cookie, FlowOp, FlowProgrammer, HoldKind, HoldSpec, Native,
+        flow::PREFIX_MASK, native::CONTROLLER_ID, unixctl::Revalidation, Cookie, FlowOp,
+        FlowProgrammer, HoldSpec, Native,
     },
     resolvers::ResolverSet,
     tcpdns::Streams,
@@ -71,8 +69,9 @@ pub struct HoldRate {
 #[derive(Debug)]
 struct Limits {
     total: DefaultDirectRateLimiter,
-    /// Keyed by the pod id the hold flow gives as userdata: at most 65,536 buckets.
-    per_pod: DefaultKeyedRateLimiter<u16>,
+    /// Keyed by the address the reply goes to: a port of this node, so as many buckets as the
+    /// node has pods; those no longer used are dropped now and then ([`Limits::forget_idle`]).
+    per_pod: DefaultKeyedRateLimiter<IpAddr>,
 }
 
 impl Limits {
@@ -85,10 +84,18 @@ impl Limits {
 
     /// Whether a response to `pod` may be held now (the pod's bucket first, so that a pod over its
     /// own rate takes nothing from the node's).
-    fn admit(&self, pod: u16) -> bool {
-        self.per_pod.check_key(&pod).is_ok() && self.total.check().is_ok()
+    fn admit(&self, pod: Option<IpAddr>) -> bool {
+        pod.is_none_or(|ip| self.per_pod.check_key(&ip).is_ok()) && self.total.check().is_ok()
+    }
+
+    /// Drops the buckets that are full again (no reply for a second or more).
+    fn forget_idle(&self) {
+        self.per_pod.retain_recent();
     }
 }
+
+/// The per-pod buckets are looked through for idle ones after this many held responses.
+const FORGET_IDLE_EVERY: u64 = 4096;
 /// The server named in events from held responses: the packet tells only the server's address.
 const IDENTITY: &str = "br-int";
 
@@ -104,14 +111,17 @@ pub trait Resumer: Send + Sync + 'static {
     }
 }
 
-/// Where a hold flow sits in OVN's delivery table: above OVN's per-port flow (100), below anything
-/// OVN adds above it to block a port.
+/// Where the hold flows sit in OVN's delivery table: above OVN's per-port flows (100), below
+/// anything OVN adds above them to block a port.
 pub const HOLD_PRIORITY: u16 = 110;
+/// Where a pod of a namespace without a `dnsName` rule has its replies pass the hold flows: its
+/// DNS replies wait for nothing.
+pub const PASS_PRIORITY: u16 = 111;
 /// Where the counting flow sits: below the hold flows (replies from a trusted resolver never reach
 /// it), above OVN's per-port flow.
 pub const COUNT_PRIORITY: u16 = 105;
-/// How often the pods to hold are compared with those held, and the counting flows read: a new
-/// pod waits at most this.
+/// How often the pods are compared with those the flows were written for, and the counting flows
+/// read.
 const CHANGE_CHECK: Duration = Duration::from_secs(1);
 /// Default hard timeout of a hold flow: a flowd that dies stops holding DNS within it.
 pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,8 +134,9 @@ pub fn hold_cookie_prefix(grant_prefix: u32) -> u32 {
 }
 
 /// Whether and how flowd holds DNS responses now, for `Explain`: written by [`HoldFlows`], off with
-/// its reason when the daemon does not hold at all. It also keeps what the counting flows told:
-/// how many DNS replies each pod received from servers flowd does not trust.
+/// its reason when the daemon does not hold at all. It also keeps what the counting flows told (how
+/// many DNS replies each pod received from servers flowd does not trust) and how each pod's last
+/// held response ended.
 #[derive(Debug)]
 pub struct HoldReport {
     state: Mutex<HoldState>,
@@ -142,10 +153,8 @@ enum HoldState {
     Off(String),
     On {
         deadline: Duration,
-        /// The pod ids whose hold flows are in OVS.
-        written: BTreeSet<u16>,
-        /// The resolvers the written hold flows trust.
-        resolvers: ResolverSet,
+        /// The hold flows are in OVS, for these resolvers.
+        written: Option<ResolverSet>,
         /// Why the last round of hold flows was not written.
         failing: Option<String>,
     },
@@ -176,8 +185,7 @@ impl HoldReport {
     pub fn on(deadline: Duration) -> Self {
         Self::with(HoldState::On {
             deadline,
-            written: BTreeSet::new(),
-            resolvers: ResolverSet::default(),
+            written: None,
             failing: None,
         })
     }
@@ -198,18 +206,20 @@ impl HoldReport {
         self.untrusted.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn round(&self, result: Result<(&BTreeSet<u16>, &ResolverSet), &str>) {
+    fn lasts(&self) -> std::sync::MutexGuard<'_, BTreeMap<u16, (Outcome, Option<String>)>> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A round ended: the hold flows are in OVS for `resolvers`, or were not written, for this
+    /// reason.
+    fn round(&self, result: Result<&ResolverSet, &str>) {
         if let HoldState::On {
-            written,
-            resolvers,
-            failing,
-            ..
+            written, failing, ..
         } = &mut *self.lock()
         {
             match result {
-                Ok((now, trusted)) => {
-                    written.clone_from(now);
-                    resolvers.clone_from(trusted);
+                Ok(trusted) => {
+                    *written = Some(trusted.clone());
                     *failing = None;
                 }
                 Err(why) => *failing = Some(why.to_owned()),
@@ -217,19 +227,19 @@ impl HoldReport {
         }
     }
 
-    /// Every hold flow is gone (the connection that took their packets was lost): no pod is held
+    /// Every hold flow is gone (the connection that took their packets was lost): nothing is held
     /// until the next round writes them again.
     fn lost(&self, why: &str) {
         if let HoldState::On {
             written, failing, ..
         } = &mut *self.lock()
         {
-            written.clear();
+            *written = None;
             *failing = Some(why.to_owned());
         }
     }
 
-    /// `n` more replies from untrusted servers reached `pod` (`None`: a pod flowd no longer holds).
+    /// `n` more replies from untrusted servers reached `pod` (`None`: a pod flowd does not know).
     pub(crate) fn count_untrusted(&self, pod: Option<u16>, n: u64) {
         if n == 0 {
             return;
@@ -240,14 +250,10 @@ impl HoldReport {
         }
     }
 
-    /// Forgets what it knows of pods no longer held (their ids may be reused).
-    fn keep_untrusted(&self, pods: &BTreeSet<u16>) {
+    /// Forgets what it knows of pods no longer on the node (their ids may be reused).
+    fn keep_pods(&self, pods: &BTreeSet<u16>) {
         self.untrusted().retain(|id, _| pods.contains(id));
         self.lasts().retain(|id, _| pods.contains(id));
-    }
-
-    fn lasts(&self) -> std::sync::MutexGuard<'_, BTreeMap<u16, (Outcome, Option<String>)>> {
-        self.last.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `pod`'s last held response, asking `qname`, ended so.
@@ -261,17 +267,14 @@ impl HoldReport {
     }
 
     /// Whether `pod`'s DNS responses are held now ([`Engine::hold_candidate`]'s answer), and one
-    /// line saying why, or why not; with how many replies from untrusted servers it received.
+    /// line saying why, or why not; with how its last held response ended and how many replies
+    /// from untrusted servers it received.
     pub fn explain(&self, pod: Result<HeldPod, NotHeld>) -> (bool, String) {
-        let untrusted = pod
-            .as_ref()
-            .ok()
-            .and_then(|p| self.untrusted().get(&p.id).copied())
+        let id = pod.as_ref().ok().map(|p| p.id);
+        let untrusted = id
+            .and_then(|id| self.untrusted().get(&id).copied())
             .unwrap_or(0);
-        let last = pod
-            .as_ref()
-            .ok()
-            .and_then(|p| self.lasts().get(&p.id).cloned());
+        let last = id.and_then(|id| self.lasts().get(&id).cloned());
         let (held, mut line) = self.held(pod);
         if let Some((outcome, qname)) = last {
             let asked = qname.map(|q| format!(" ({q})")).unwrap_or_default();
@@ -279,8 +282,10 @@ impl HoldReport {
         }
         if untrusted > 0 {
             let resolvers = match &*self.lock() {
-                HoldState::On { resolvers, .. } => resolvers.to_string(),
-                HoldState::Off(_) => "none".to_owned(),
+                HoldState::On {
+                    written: Some(r), ..
+                } => r.to_string(),
+                _ => "none".to_owned(),
             };
             let _ = write!(
                 line,
@@ -308,13 +313,24 @@ impl HoldReport {
             ),
             (
                 HoldState::On {
-                    written,
-                    deadline,
-                    resolvers,
+                    written: Some(resolvers),
                     ..
                 },
-                Ok(pod),
-            ) if written.contains(&pod.id) => (
+                Ok(_),
+            ) if resolvers.is_empty() => (
+                false,
+                "its DNS responses are not held: flowd trusts no DNS server yet (the DNS Service \
+                 not read, no --trusted-resolver)"
+                    .to_owned(),
+            ),
+            (
+                HoldState::On {
+                    written: Some(resolvers),
+                    deadline,
+                    ..
+                },
+                Ok(_),
+            ) => (
                 true,
                 format!(
                     "its DNS responses from {resolvers} are held in br-int until their grants are \
@@ -322,35 +338,40 @@ impl HoldReport {
                     deadline.as_millis()
                 ),
             ),
-            (HoldState::On { .. }, Ok(_)) => (
+            (HoldState::On { written: None, .. }, Ok(_)) => (
                 false,
-                "its DNS responses are not held yet: its hold flow is written within a second"
+                "its DNS responses are not held yet: the hold flows are written within a second"
                     .to_owned(),
             ),
         }
     }
 }
 
-/// Keeps the flows that hold and count in OVN's delivery table, with OVN's own actions for the
-/// pod's port, for every pod [`Engine::held_pods`] names: per family, one hold flow per trusted
-/// resolver of that family and one counting flow below them. They are written when the pods to hold
-/// or the trusted resolvers change, and again every third of the hard timeout (which restarts it),
-/// so that a flowd that stops stops holding within the timeout, and an ovn-controller wipe is
-/// repaired by the next round; the pods no longer held lose theirs.
+/// The pods the flows of a round were written for: (those held and counted, those passed).
+type Covered = (BTreeSet<u16>, BTreeSet<u16>);
+
+/// Keeps the flows that hold, pass and count DNS replies in OVN's delivery table (see
+/// [`HoldSpec`]):
 ///
-/// Hold flows exist only while flowd's own OpenFlow connection is up: they are written over it and
-/// never through `ovs-ofctl` (see [`Native`]'s `apply`), and the moment it ends they are all
-/// deleted (through `ovs-ofctl` if need be): a packet paused for a connection that is gone would be
-/// lost.
+/// - per trusted resolver, one flow for UDP and one for TCP replies from it to any port of the node,
+///   paused for flowd: a pod whose port just came up is held from its first reply, before flowd
+///   knows its port;
+/// - per pod of a namespace without a `dnsName` rule, flows above them that let its replies go on
+///   unpaused (written once flowd knows its port);
+/// - per pod held, one flow per family below them that counts the replies from any other server.
+///
+/// They are written again when the pods or the trusted resolvers change, every third of the hard
+/// timeout (which restarts it: a flowd that stops stops holding within the timeout), and after an
+/// ovn-controller wipe. They exist only while flowd's own OpenFlow connection is up: written over
+/// it and never through `ovs-ofctl` (see [`Native`]'s `apply`), and all deleted the moment it ends
+/// (through `ovs-ofctl` if need be): a packet paused for a connection that is gone would be lost.
 #[derive(Debug)]
 pub struct HoldFlows {
     engine: Engine<Native>,
     hard_timeout: Duration,
     resolvers: watch::Receiver<ResolverSet>,
-    /// The pod ids whose hold flows are in OVS.
-    written: BTreeSet<u16>,
-    /// The resolvers the written flows trust.
-    written_resolvers: ResolverSet,
+    /// The pods the flows in OVS were written for; `None` when none are written.
+    written: Option<Covered>,
     /// Packets each counting flow (pod id, IPv6) had counted when last read.
     counted: HashMap<(u16, bool), u64>,
     report: Arc<HoldReport>,
@@ -368,14 +389,13 @@ impl HoldFlows {
             engine,
             hard_timeout,
             resolvers,
-            written: BTreeSet::new(),
-            written_resolvers: ResolverSet::default(),
+            written: None,
             counted: HashMap::new(),
             report: Arc::new(HoldReport::on(DEFAULT_DEADLINE)),
         }
     }
 
-    /// Tells `report` (which `Explain` reads) which pods are held after each round.
+    /// Tells `report` (which `Explain` reads) what is held after each round.
     pub fn reporting_to(mut self, report: Arc<HoldReport>) -> Self {
         self.report = report;
         self
@@ -390,17 +410,20 @@ impl HoldFlows {
         hold_cookie_prefix(self.engine.settings().cookie_prefix)
     }
 
-    /// One round: every wanted hold flow written (again), the unwanted ones deleted, in one bundle.
-    /// Returns how many pods are held.
+    /// The pods to write flows for now.
+    fn wanted(&self) -> (Vec<HeldPod>, Vec<HeldPod>) {
+        (self.engine.held_pods(), self.engine.pass_pods())
+    }
+
+    /// One round: every flow written anew, in one atomic bundle. Returns how many pods are held
+    /// and counted.
     pub async fn refresh(&mut self) -> Result<usize, String> {
         let result = self.write_round().await;
         match &result {
-            Ok(()) => self
-                .report
-                .round(Ok((&self.written, &self.written_resolvers))),
+            Ok(()) => self.report.round(Ok(&self.resolvers.borrow().clone())),
             Err(e) => self.report.round(Err(e)),
         }
-        result.map(|()| self.written.len())
+        result.map(|()| self.written.as_ref().map_or(0, |w| w.0.len()))
     }
 
     async fn write_round(&mut self) -> Result<(), String> {
@@ -411,87 +434,82 @@ impl HoldFlows {
             .delivery_table
             .ok_or("OVN's flows name no delivery table (OFTABLE_LOG_TO_PHY): nothing is held")?;
         let resolvers = self.resolvers.borrow_and_update().clone();
-        let pods = self.engine.held_pods();
-        let deliveries = self
-            .engine
-            .programmer()
-            .deliveries(table)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (held, passed) = self.wanted();
         let prefix = self.prefix();
         let hard_timeout = u16::try_from(self.hard_timeout.as_secs().max(1)).unwrap_or(u16::MAX);
-        let mut ops: Vec<FlowOp> = self
-            .written
-            .iter()
-            .map(|id| FlowOp::DeleteCookie {
-                table,
-                cookie: Cookie::pod(prefix, *id),
-                mask: POD_MASK,
-            })
-            .collect();
-        let mut wanted = BTreeSet::new();
-        for pod in &pods {
-            let Some(delivery) = deliveries.get(&(pod.keys.metadata, pod.keys.reg14)) else {
-                continue;
-            };
-            wanted.insert(pod.id);
-            let flow = |v6: bool, priority: u16, kind: HoldKind| {
-                FlowOp::Hold(HoldSpec {
-                    cookie: Cookie::new(prefix, pod.id, priority),
-                    table,
-                    priority,
-                    metadata: pod.keys.metadata,
-                    port: pod.keys.reg14,
-                    v6,
-                    kind,
-                    hard_timeout,
-                    delivery: delivery.clone(),
-                })
-            };
-            for (v6, has) in [(false, pod.v4), (true, pod.v6)] {
-                if !has {
-                    continue;
+        let spec = |id: u16, priority: u16, v6: bool, tcp: bool| HoldSpec {
+            cookie: Cookie::new(prefix, id, priority),
+            table,
+            priority,
+            v6,
+            tcp,
+            from: None,
+            to: None,
+            pause: None,
+            hard_timeout,
+        };
+        // Everything of the last round goes in the same bundle as what replaces it: a reply sees
+        // the flows before or after, never none.
+        let mut ops = vec![FlowOp::DeleteCookie {
+            table,
+            cookie: Cookie::new(prefix, 0, 0),
+            mask: PREFIX_MASK,
+        }];
+        for from in resolvers.iter() {
+            for tcp in [false, true] {
+                ops.push(FlowOp::Hold(HoldSpec {
+                    from: Some(from),
+                    pause: Some(CONTROLLER_ID),
+                    ..spec(0, HOLD_PRIORITY, from.is_ipv6(), tcp)
+                }));
+            }
+        }
+        let families = |p: &HeldPod| {
+            [(false, p.v4), (true, p.v6)]
+                .into_iter()
+                .filter_map(|(v6, has)| has.then_some(v6))
+        };
+        for pod in &passed {
+            for v6 in families(pod) {
+                for tcp in [false, true] {
+                    ops.push(FlowOp::Hold(HoldSpec {
+                        to: Some((pod.keys.metadata, pod.keys.reg14)),
+                        ..spec(pod.id, PASS_PRIORITY, v6, tcp)
+                    }));
                 }
-                // A resolver answers over TCP on the same port (a truncated answer is asked again).
-                for from in resolvers.iter().filter(|r| r.is_ipv6() == v6) {
-                    for tcp in [false, true] {
-                        ops.push(flow(
-                            v6,
-                            HOLD_PRIORITY,
-                            HoldKind::Pause {
-                                from,
-                                tcp,
-                                controller: CONTROLLER_ID,
-                                userdata: pod.id,
-                            },
-                        ));
-                    }
-                }
-                ops.push(flow(v6, COUNT_PRIORITY, HoldKind::Count));
+            }
+        }
+        for pod in &held {
+            for v6 in families(pod) {
+                ops.push(FlowOp::Hold(HoldSpec {
+                    to: Some((pod.keys.metadata, pod.keys.reg14)),
+                    ..spec(pod.id, COUNT_PRIORITY, v6, false)
+                }));
             }
         }
         // The counts so far, before the flows are written again.
         self.read_counts(table).await;
-        // One atomic bundle: the deletes and the adds that replace them take effect together, so a
-        // pod held before and after is never unheld in between.
         self.engine
             .programmer()
             .apply(&ops)
             .await
             .map_err(|e| e.to_string())?;
-        self.counted.retain(|(id, _), _| wanted.contains(id));
-        self.report.keep_untrusted(&wanted);
-        self.written = wanted;
-        self.written_resolvers = resolvers;
+        let covered: Covered = (
+            held.iter().map(|p| p.id).collect(),
+            passed.iter().map(|p| p.id).collect(),
+        );
+        self.counted.retain(|(id, _), _| covered.0.contains(id));
+        self.report.keep_pods(&covered.0);
+        self.written = Some(covered);
         Ok(())
     }
 
     /// Reads the counting flows' packets and reports what is new since the last reading. A flow
-    /// that counts fewer than before was written anew (a wipe): all it counts is new.
+    /// that counts fewer than before was written anew: all it counts is new.
     async fn read_counts(&mut self, table: u8) {
-        if self.written.is_empty() {
+        let Some((held, _)) = &self.written else {
             return;
-        }
+        };
         let prefix = self.prefix();
         let flows = match self
             .engine
@@ -522,13 +540,13 @@ impl HoldFlows {
                 packets
             };
             self.report
-                .count_untrusted(self.written.contains(&pod).then_some(pod), new);
+                .count_untrusted(held.contains(&pod).then_some(pod), new);
         }
     }
 
-    /// Deletes every hold and counting flow: DNS goes straight to the pods again.
+    /// Deletes every hold, pass and counting flow: DNS goes straight to the pods again.
     pub async fn clear(&mut self) -> Result<(), String> {
-        self.written.clear();
+        self.written = None;
         self.counted.clear();
         let all = FlowOp::DeleteCookie {
             table: dnsflow_openflow::OFPTT_ALL,
@@ -543,11 +561,10 @@ impl HoldFlows {
             .map_err(|e| e.to_string())
     }
 
-    /// Until `shutdown`: looks every second whether the pods to hold changed (a new pod is held
-    /// within a second) and reads the counting flows, rewrites everything every third of the hard
-    /// timeout, when the trusted resolvers change, and after a wipe of br-int (ovn-controller
-    /// reconnecting deletes every flow) until OVN's own flows are back; removes every hold flow the
-    /// moment flowd's OpenFlow connection ends; then clears.
+    /// Until `shutdown`: looks every second whether the pods changed and reads the counting flows,
+    /// rewrites everything every third of the hard timeout, when the trusted resolvers change, and
+    /// after a wipe of br-int (ovn-controller reconnecting deletes every flow) until OVN's own
+    /// flows are back; removes every flow the moment flowd's OpenFlow connection ends; then clears.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let period = (self.hard_timeout / 3).max(Duration::from_secs(1));
         let mut tick = tokio::time::interval(CHANGE_CHECK.min(period));
@@ -562,14 +579,14 @@ impl HoldFlows {
                 () = &mut shutdown => break,
                 _ = tick.tick() => {}
                 Ok(()) = wipes.changed() => {
-                    // Gone with the rest: written again at the next tick (a pod whose delivery
-                    // flow ovn-controller has not put back yet is retried every second).
-                    self.written.clear();
+                    // Gone with the rest: written again at the next tick.
+                    self.written = None;
+                    last = None;
                     continue;
                 }
                 Ok(()) = lost.changed() => {
                     lost.borrow_and_update();
-                    if !self.written.is_empty() {
+                    if self.written.is_some() {
                         let why = "flowd's OpenFlow connection to the bridge ended: what it held is lost";
                         tracing::warn!("{why}; removing the hold flows, DNS responses go to pods unheld until it is back");
                         self.report.lost(why);
@@ -584,8 +601,12 @@ impl HoldFlows {
                     last = None;
                 }
             }
-            let wanted: BTreeSet<u16> = self.engine.held_pods().iter().map(|p| p.id).collect();
-            if last.is_some_and(|t| t.elapsed() < period) && wanted == self.written {
+            let (held, passed) = self.wanted();
+            let now: Covered = (
+                held.iter().map(|p| p.id).collect(),
+                passed.iter().map(|p| p.id).collect(),
+            );
+            if last.is_some_and(|t| t.elapsed() < period) && self.written.as_ref() == Some(&now) {
                 if let Some(table) = self.engine.template().and_then(|t| t.delivery_table) {
                     self.read_counts(table).await;
                 }
@@ -825,10 +846,9 @@ impl HoldMetrics {
     }
 }
 
-/// The pod a held packet is for: the hold flow's userdata (see [`HoldFlows`]); 0, no pod flowd
-/// names so, when it is not two bytes.
-fn pod_of(held: &PacketIn2) -> u16 {
-    <[u8; 2]>::try_from(held.userdata.as_ref()).map_or(0, u16::from_be_bytes)
+/// The address a held packet goes to: the pod's.
+fn client_of(held: &PacketIn2) -> Option<IpAddr> {
+    packet::destination(&held.packet)
 }
 
 /// How the write of a held answer's grants ended.
@@ -913,16 +933,24 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
     /// Counts how a held response ended, and tells the report (for `Explain`).
     fn ended(&self, held: &PacketIn2, outcome: Outcome, qname: Option<&DnsName>) {
         self.metrics.of(outcome).inc();
-        if let Some(report) = &self.report {
-            report.ended(pod_of(held), outcome, qname.map(ToString::to_string));
+        if let Some((report, pod)) = self.report.as_ref().zip(self.pod_of(held)) {
+            report.ended(pod, outcome, qname.map(ToString::to_string));
         }
+    }
+
+    /// The id of the pod a held packet goes to, if the engine knows it.
+    fn pod_of(&self, held: &PacketIn2) -> Option<u16> {
+        self.engine.pod_id(client_of(held)?)
     }
 
     /// Handles every held packet `packet_ins` delivers, each on its own task, until it closes.
     pub async fn run(self, mut packet_ins: mpsc::Receiver<PacketIn2>) {
         while let Some(held) = packet_ins.recv().await {
             self.metrics.held.inc();
-            if !self.limits.admit(pod_of(&held)) {
+            if self.metrics.held.get().is_multiple_of(FORGET_IDLE_EVERY) {
+                self.limits.forget_idle();
+            }
+            if !self.limits.admit(client_of(&held)) {
                 self.ended(&held, Outcome::RateLimited, None);
                 self.pass(held).await;
                 continue;
@@ -950,7 +978,7 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
         let now = SystemTime::now();
         let untrusted = |server: std::net::SocketAddr, client: IpAddr| {
             if let Some(report) = &self.report {
-                report.count_untrusted(Some(pod_of(held)), 1);
+                report.count_untrusted(self.pod_of(held), 1);
             }
             tracing::debug!(%server, %client,
                 "held DNS response from a server flowd does not trust; sending it on, learning nothing");
@@ -1227,7 +1255,7 @@ mod tests {
             cookie: Some(1),
             reason: 1,
             metadata: RawMatch::default(),
-            userdata: Bytes::from_static(&[0, 1]),
+            userdata: Bytes::new(),
             continuation: Some(Bytes::from(vec![id])),
         }
     }
@@ -1350,7 +1378,8 @@ mod tests {
         );
         // Both reached the pod from an untrusted server, held or not.
         assert_eq!(report.untrusted_total(), 2);
-        assert_eq!(report.untrusted().get(&1), Some(&2));
+        let pod1 = bridge.pod_id(IpAddr::from([10, 244, 1, 5])).unwrap();
+        assert_eq!(report.untrusted().get(&pod1), Some(&2));
 
         holder
             .handle(held(
@@ -1498,9 +1527,9 @@ mod tests {
         let flood = 500;
         for i in 0..flood {
             let ip = [192, 0, 2 + (i >> 8) as u8, i as u8];
-            let mut h = held([10, 244, 1, 5], &format!("n{i}.example.com."), ip, 0);
-            h.userdata = Bytes::from_static(&[0, 1]);
-            tx.send(h).await.unwrap();
+            tx.send(held([10, 244, 1, 5], &format!("n{i}.example.com."), ip, 0))
+                .await
+                .unwrap();
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while holder.metrics().held.get() < flood && Instant::now() < deadline {
@@ -1509,10 +1538,16 @@ mod tests {
         let limited = holder.metrics().rate_limited.get();
         // 100 admitted at once, a few more as the bucket refills while the test runs.
         assert!((380..=400).contains(&limited), "{limited}");
+        // Another pod (the rate is per address the replies go to).
         for i in 0..10u8 {
-            let mut h = held([10, 244, 1, 5], "www.example.com.", [198, 51, 100, i], 0);
-            h.userdata = Bytes::from_static(&[0, 2]);
-            tx.send(h).await.unwrap();
+            tx.send(held(
+                [10, 244, 1, 6],
+                "www.example.com.",
+                [198, 51, 100, i],
+                0,
+            ))
+            .await
+            .unwrap();
         }
         drop(tx);
         run.await.unwrap();
@@ -1544,12 +1579,12 @@ mod tests {
             line(&report, &pod1),
             (
                 false,
-                "its DNS responses are not held yet: its hold flow is written within a second"
+                "its DNS responses are not held yet: the hold flows are written within a second"
                     .into()
             )
         );
         let resolvers = trusted().borrow().clone();
-        report.round(Ok((&BTreeSet::from([id]), &resolvers)));
+        report.round(Ok(&resolvers));
         assert_eq!(
             line(&report, &pod1),
             (true, "its DNS responses from 10.96.0.10:53 are held in br-int until their grants are in OVS, at most 100 ms".into())
@@ -1576,7 +1611,7 @@ mod tests {
         assert!(line(&report, &pod1)
             .1
             .contains("could not be written: OVN's flows name no delivery table; its last held"));
-        report.round(Ok((&BTreeSet::from([id]), &resolvers)));
+        report.round(Ok(&resolvers));
 
         for (pod, node, host, why) in [
             (PodKey::new("ns2", "free"), "n1", 7, NotHeld::NoDnsRule),

@@ -18,7 +18,7 @@ pub mod unixctl;
 pub use discovery::PortKeys;
 pub use dryrun::DryRun;
 pub use flow::{
-    Actions, Cookie, FlowAction, FlowEvent, FlowMatch, FlowOp, FlowSpec, HoldKind, HoldSpec,
+    Actions, Cookie, FlowAction, FlowEvent, FlowMatch, FlowOp, FlowSpec, HoldSpec,
     ParsedFlow, RegMatch, RemovedReason,
 };
 pub use native::Native;

@@ -18,6 +18,7 @@ const NXAST_RESUBMIT_TABLE: u16 = 14;
 /// The older controller action, which OVS still writes when no userdata or pause is asked for.
 const NXAST_CONTROLLER: u16 = 20;
 const NXAST_CONTROLLER2: u16 = 37;
+const NXAST_CT_CLEAR: u16 = 43;
 
 /// `resubmit(,T)` resubmits with the packet's own in_port.
 pub const OFPP_IN_PORT: u32 = 0xffff_fff8;
@@ -111,6 +112,9 @@ pub enum Action {
         userdata: Bytes,
         pause: bool,
     },
+    /// `ct_clear` (`NXAST_CT_CLEAR`): the packet's conntrack state (`ct_state` and the rest) is
+    /// forgotten for the rest of this pipeline; the connection itself is untouched.
+    CtClear,
     /// One or more whole actions as OVS encoded them (from a flow stats reply), copied verbatim.
     Raw(Bytes),
 }
@@ -256,6 +260,11 @@ fn put_action(out: &mut BytesMut, action: &Action) -> Result<(), CodecError> {
             }
             patch_len(out, start, 2, "controller")?;
         }
+        Action::CtClear => {
+            let start = nx_action_start(out, NXAST_CT_CLEAR);
+            out.put_bytes(0, 6);
+            patch_len(out, start, 2, "ct_clear")?;
+        }
         Action::Raw(bytes) => out.put_slice(bytes),
     }
     Ok(())
@@ -318,6 +327,7 @@ fn parse_action(bytes: &Bytes) -> Option<Action> {
                 (in_port == OFPP_IN_PORT_16 && b.iter().all(|&x| x == 0))
                     .then_some(Action::Resubmit { table })
             }
+            NXAST_CT_CLEAR if len == 16 => b.iter().all(|&x| x == 0).then_some(Action::CtClear),
             NXAST_CONTROLLER if len == 16 => {
                 let max_len = b.get_u16();
                 let id = b.get_u16();

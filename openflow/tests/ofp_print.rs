@@ -226,6 +226,7 @@ fn typed_action() -> impl Strategy<Value = Action> {
     prop_oneof![
         any::<u32>().prop_map(|port| Action::Output { port }),
         any::<u8>().prop_map(|table| Action::Resubmit { table }),
+        Just(Action::CtClear),
         (0u8..4, 0u32..128, 1u32..=8, any::<u128>()).prop_map(|(n, ofs, bits, v)| {
             Action::load(Register::XXReg(n), ofs.min(128 - bits), bits, v)
         }),

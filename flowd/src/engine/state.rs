@@ -45,6 +45,9 @@ pub const MAX_FLOWS: usize = 500_000;
 /// Flows written per bundle at most: bounds the memory of one batch (~10 MiB of text and specs); the
 /// rest follows in the next batch at once.
 pub const MAX_BATCH_FLOWS: usize = 20_000;
+/// A pod without port keys that receives DNS has them looked for again at once, but not more often
+/// than this (each look runs two tools).
+const KEYS_RELOOK: Duration = Duration::from_millis(20);
 /// A pod's port is looked for again after this long when it was not found (each look runs two tools).
 pub(super) const KEYS_RETRY: Duration = Duration::from_secs(1);
 /// A cap hit is logged at most this often per pod (it is counted every time).
@@ -727,9 +730,19 @@ impl Core {
             self.hold(resp, at, now);
             return Vec::new();
         };
-        let Some(pod) = self.pods.get(&key) else {
+        let Some(pod) = self.pods.get_mut(&key) else {
             return Vec::new();
         };
+        // The pod just received DNS: its port is up, whatever an earlier look found. Its keys are
+        // looked for again now rather than at the next retry, so that its grants need not wait.
+        if pod.keys.is_none()
+            && pod
+                .keys_missed
+                .is_some_and(|t| now.saturating_duration_since(t) >= KEYS_RELOOK)
+        {
+            pod.keys_missed = None;
+        }
+        let pod = &*pod;
         let grants = match self.rules.get(&key.namespace) {
             Some(rules) => policy::decide(&resp, &pod.info, rules, &self.policy).grants,
             None => Vec::new(),
@@ -1029,6 +1042,32 @@ impl Core {
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
         out
+    }
+
+    /// The pods of this node with their OVN port keys whose namespace has no `dnsName` rule: their
+    /// DNS replies need not wait for anything (see `crate::hold::HoldFlows`).
+    pub fn pass_pods(&self) -> Vec<HeldPod> {
+        let mut out: Vec<HeldPod> = self
+            .pods
+            .iter()
+            .filter(|(key, _)| self.hold_candidate(key) == Err(NotHeld::NoDnsRule))
+            .filter_map(|(key, p)| {
+                Some(HeldPod {
+                    key: key.clone(),
+                    id: p.id,
+                    keys: p.keys?,
+                    v4: p.info.ips.iter().any(IpAddr::is_ipv4),
+                    v6: p.info.ips.iter().any(IpAddr::is_ipv6),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+
+    /// The id of the pod of this node with address `ip`.
+    pub fn pod_id(&self, ip: IpAddr) -> Option<u16> {
+        self.pods.get(self.by_ip.get(&ip)?).map(|p| p.id)
     }
 
     /// Whether `key`'s DNS responses should be held, or why not: it must be a pod of this node with

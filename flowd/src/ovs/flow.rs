@@ -216,46 +216,34 @@ pub struct FlowSpec {
     pub action: FlowAction,
 }
 
-/// A flow in OVN's delivery table (the last before the pod), above OVN's own flow for the pod's
-/// port, for UDP from a DNS server that answers a query the pod sent (`ct_state=+trk+est+rpl`, so
-/// nobody can make flowd hold made-up packets), then OVN's own actions for the port: the packet does
-/// exactly what OVN would have done. Either it holds (replies from one trusted resolver, paused to
-/// flowd's controller id with the pod's id as userdata), or it only counts (every other reply from
-/// port 53, below the holding flows: OVS's flow statistics say how many a pod received). The hard
-/// timeout ends it if flowd stops renewing it.
+/// A flow in OVN's delivery table (the last before a port) for DNS replies: packets from a DNS
+/// server's port that answer a query or connection a local port opened (`ct_state=+trk+est+rpl`,
+/// so nobody can make flowd hold made-up packets). It may pause them for flowd's controller first;
+/// then it forgets their conntrack state (`ct_clear`) and looks the table up again
+/// (`resubmit`), where no such flow matches any more (they all need `+trk`) and OVN's own flow
+/// for the port delivers the packet exactly as it would have. No flow copies OVN's actions, so a
+/// port that comes up is covered from its first packet, and a port renumbered is never misdelivered.
+/// The hard timeout ends it if flowd stops renewing it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HoldSpec {
     pub cookie: Cookie,
     pub table: u8,
     pub priority: u16,
-    /// The pod's logical switch (`metadata`) and port (`reg15`, the output port in this table).
-    pub metadata: u64,
-    pub port: u32,
     pub v6: bool,
-    pub kind: HoldKind,
+    pub tcp: bool,
+    /// Replies from this server (its address, of the flow's family, and port) only; else from
+    /// any server's port 53.
+    pub from: Option<std::net::SocketAddr>,
+    /// Replies to this port only: its switch (`metadata`) and port (`reg15`, the output port in
+    /// this table); else to any port of the node.
+    pub to: Option<(u64, u32)>,
+    /// Paused for the connection with this controller id first; else only sent on (counted by
+    /// the flow's statistics).
+    pub pause: Option<u16>,
     pub hard_timeout: u16,
-    /// OVN's own actions for the port (`output:N`).
-    pub delivery: Actions,
 }
 
-/// What a [`HoldSpec`] does before OVN's delivery.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HoldKind {
-    /// Pauses replies from `from` (the resolver's address, of the flow's family, and port), over
-    /// UDP, or every TCP segment from it with `tcp` (DNS over TCP, followed by [`crate::tcpdns`]).
-    Pause {
-        from: std::net::SocketAddr,
-        tcp: bool,
-        /// flowd's controller id: OVS sends the packet-in to flowd's connection only.
-        controller: u16,
-        /// Tells the holder which pod, without parsing the packet first.
-        userdata: u16,
-    },
-    /// Nothing: replies from any other server on port 53 are only counted.
-    Count,
-}
-
-/// The DNS port replies come from, for [`HoldKind::Count`].
+/// The DNS port replies come from when a [`HoldSpec`] names no server.
 pub const DNS_PORT: u16 = 53;
 
 /// One line of an `ovs-ofctl --bundle add-flows` file.
@@ -335,7 +323,6 @@ pub fn render_op(out: &mut String, op: &FlowOp) {
             }
         }
         FlowOp::Hold(h) => {
-            let tcp = matches!(h.kind, HoldKind::Pause { tcp: true, .. });
             let _ = write!(
                 out,
                 "add cookie={},table={},priority={},hard_timeout={},{}",
@@ -343,41 +330,31 @@ pub fn render_op(out: &mut String, op: &FlowOp) {
                 h.table,
                 h.priority,
                 h.hard_timeout,
-                match (tcp, h.v6) {
+                match (h.tcp, h.v6) {
                     (false, false) => "udp",
                     (false, true) => "udp6",
                     (true, false) => "tcp",
                     (true, true) => "tcp6",
                 },
             );
-            match h.kind {
-                HoldKind::Pause { from, .. } => {
+            match h.from {
+                Some(from) => {
                     let field = if from.is_ipv4() { "nw_src" } else { "ipv6_src" };
                     let _ = write!(out, ",{field}={},tp_src={}", from.ip(), from.port());
                 }
-                HoldKind::Count => {
+                None => {
                     let _ = write!(out, ",tp_src={DNS_PORT}");
                 }
             }
-            let _ = write!(
-                out,
-                ",ct_state=+est+rpl+trk,reg15={:#x},metadata={:#x},actions=",
-                h.port, h.metadata
-            );
-            if let HoldKind::Pause {
-                controller,
-                userdata,
-                ..
-            } = h.kind
-            {
-                let _ = write!(
-                    out,
-                    "controller(userdata={:02x}.{:02x},pause,id={controller}),",
-                    userdata >> 8,
-                    userdata & 0xff,
-                );
+            out.push_str(",ct_state=+est+rpl+trk");
+            if let Some((metadata, port)) = h.to {
+                let _ = write!(out, ",reg15={port:#x},metadata={metadata:#x}");
             }
-            let _ = write!(out, "{}", h.delivery);
+            out.push_str(",actions=");
+            if let Some(id) = h.pause {
+                let _ = write!(out, "controller(pause,id={id}),");
+            }
+            let _ = write!(out, "ct_clear,resubmit(,{})", h.table);
         }
         FlowOp::DeleteStrict { cookie, matches } => {
             let _ = write!(

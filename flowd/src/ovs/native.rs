@@ -10,10 +10,7 @@
 
 use super::{
     discovery::PortKeys,
-    flow::{
-        render_op, Actions, FlowAction, FlowEvent, FlowMatch, FlowOp, HoldKind, ParsedFlow,
-        DNS_PORT,
-    },
+    flow::{render_op, Actions, FlowAction, FlowEvent, FlowMatch, FlowOp, ParsedFlow, DNS_PORT},
     template::{LearnError, Template},
     FlowProgrammer, Ofctl, OvsError, Result,
 };
@@ -586,45 +583,43 @@ pub fn flow_mod(op: &FlowOp) -> Result<FlowMod, TranslateError> {
                 } else {
                     of::ETH_TYPE_IPV4
                 }),
+                ip_proto: Some(if h.tcp {
+                    of::IPPROTO_TCP
+                } else {
+                    of::IPPROTO_UDP
+                }),
                 ct_state: Some(Masked {
                     value: HOLD_CT_STATE,
                     mask: HOLD_CT_STATE,
                 }),
-                metadata: Some(Masked::exact(h.metadata)),
                 ..Match::default()
             };
-            m.regs[15] = Some(Masked::exact(h.port));
-            let mut actions = Vec::new();
-            match h.kind {
-                HoldKind::Pause {
-                    from,
-                    tcp,
-                    controller,
-                    userdata,
-                } => {
+            let port = match h.from {
+                Some(from) => {
                     match (from.ip(), h.v6) {
                         (IpAddr::V4(ip), false) => m.ipv4_src = Some(Masked::exact(ip)),
                         (IpAddr::V6(ip), true) => m.ipv6_src = Some(Masked::exact(ip)),
                         _ => return Err(TranslateError::Family),
                     }
-                    if tcp {
-                        m.ip_proto = Some(of::IPPROTO_TCP);
-                        m.tcp_src = Some(from.port());
-                    } else {
-                        m.ip_proto = Some(of::IPPROTO_UDP);
-                        m.udp_src = Some(from.port());
-                    }
-                    actions.push(Action::pause_to_controller(
-                        controller,
-                        Bytes::copy_from_slice(&userdata.to_be_bytes()),
-                    ));
+                    from.port()
                 }
-                HoldKind::Count => {
-                    m.ip_proto = Some(of::IPPROTO_UDP);
-                    m.udp_src = Some(DNS_PORT);
-                }
+                None => DNS_PORT,
+            };
+            if h.tcp {
+                m.tcp_src = Some(port);
+            } else {
+                m.udp_src = Some(port);
             }
-            actions.extend(delivery_actions(&h.delivery)?);
+            if let Some((metadata, reg15)) = h.to {
+                m.metadata = Some(Masked::exact(metadata));
+                m.regs[15] = Some(Masked::exact(reg15));
+            }
+            let mut actions = Vec::new();
+            if let Some(id) = h.pause {
+                actions.push(Action::pause_to_controller(id, Bytes::new()));
+            }
+            actions.push(Action::CtClear);
+            actions.push(Action::Resubmit { table: h.table });
             FlowMod {
                 hard_timeout: h.hard_timeout,
                 ..FlowMod::add(h.table, h.priority, h.cookie.0, m, actions)
@@ -698,18 +693,6 @@ fn flow_match(m: &FlowMatch) -> Result<Match, TranslateError> {
 /// `ct_state=+trk+est+rpl`: a reply on a connection the pod opened.
 const HOLD_CT_STATE: u32 =
     of::ct_state::TRACKED | of::ct_state::ESTABLISHED | of::ct_state::REPLY_DIR;
-
-/// OVN's delivery actions for a port: `output:N`, and nothing else the hold could copy faithfully.
-fn delivery_actions(a: &Actions) -> Result<Vec<Action>, TranslateError> {
-    top_level(a.as_str())
-        .map(|part| {
-            part.strip_prefix("output:")
-                .and_then(|p| p.parse().ok())
-                .map(|port| Action::Output { port })
-                .ok_or_else(|| TranslateError::Action(part.to_string()))
-        })
-        .collect()
-}
 
 /// The actions of a template, from the text OVN's flows were read in: the `load:` and `resubmit`
 /// forms OVN's allow ACLs use. Anything else is refused, and the batch goes through `ovs-ofctl`.

@@ -26,8 +26,8 @@ struct State {
     monitors: Vec<mpsc::Sender<FlowEvent>>,
     refused: std::collections::HashSet<std::net::IpAddr>,
     /// Hold flows by (switch, port, IPv6).
-    /// By cookie, family and the resolver and transport held (none for a counting flow).
-    holds: BTreeMap<(u64, bool, Option<(std::net::SocketAddr, bool)>), super::flow::HoldSpec>,
+    /// By cookie, family, transport and the server held (none: any).
+    holds: BTreeMap<(u64, bool, bool, Option<std::net::SocketAddr>), super::flow::HoldSpec>,
 }
 
 /// A fake bridge; see the module doc.
@@ -187,11 +187,7 @@ impl FlowProgrammer for Recording {
                     events.push(FlowEvent::Added(as_event_flow(f)));
                 }
                 FlowOp::Hold(h) => {
-                    let from = match h.kind {
-                        super::flow::HoldKind::Pause { from, tcp, .. } => Some((from, tcp)),
-                        super::flow::HoldKind::Count => None,
-                    };
-                    s.holds.insert((h.cookie.0, h.v6, from), h.clone());
+                    s.holds.insert((h.cookie.0, h.v6, h.tcp, h.from), h.clone());
                 }
                 FlowOp::DeleteStrict { cookie, matches } => {
                     if s.flows.get(matches).is_some_and(|f| f.cookie == *cookie) {

@@ -710,31 +710,46 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     let prefix = settings().cookie_prefix;
     let hold_flows = || block_in_place(|| sb.dnsflow_flows(hold_cookie_prefix(prefix)));
     let held = hold_flows()?;
-    // Pod1 only: replies from kube-dns's address (IPv4 only here) held, over UDP and TCP; every
-    // other reply from port 53 counted, per family.
-    assert_eq!(held.len(), 4, "pod1 only: {held:#?}");
-    assert!(held.iter().all(|f| f.contains("table=65")
-        && f.contains("ct_state=+est+rpl+trk")
-        && f.contains(&format!("output:{}", pod1.ofport))));
-    let holding: Vec<&String> = held.iter().filter(|f| f.contains("priority=110")).collect();
+    assert!(
+        held.iter().all(|f| f.contains("table=65")
+            && f.contains("ct_state=+est+rpl+trk")
+            && f.contains("actions=")
+            && f.ends_with("ct_clear,resubmit(,65)")),
+        "{held:#?}"
+    );
+    let at = |priority: u16| -> Vec<&String> {
+        held.iter()
+            .filter(|f| f.contains(&format!("priority={priority},")))
+            .collect()
+    };
+    // Replies from kube-dns's address (IPv4 only here), over UDP and TCP, to any port: paused.
+    let holding = at(110);
     assert_eq!(holding.len(), 2, "{held:#?}");
     assert!(
-        holding
-            .iter()
-            .all(|f| f.contains("nw_src=10.96.0.10") && f.contains("tp_src=53")),
+        holding.iter().all(|f| f.contains("nw_src=10.96.0.10")
+            && f.contains("tp_src=53")
+            && !f.contains("reg15")
+            && f.contains("controller(")),
         "{held:#?}"
     );
     assert!(
         holding
             .iter()
-            .any(|f| f.contains(" tcp,") || f.contains(",tcp,")),
+            .any(|f| f.contains(",tcp,") || f.contains(" tcp,")),
         "{held:#?}"
     );
-    assert_eq!(
-        held.iter()
-            .filter(|f| f.contains("priority=105") && !f.contains("controller"))
-            .count(),
-        2,
+    // The pod of a namespace without a dnsName rule passes them: each family, UDP and TCP.
+    let passing = at(111);
+    assert_eq!(passing.len(), 4, "{held:#?}");
+    assert!(
+        passing.iter().all(|f| !f.contains("controller(")),
+        "{held:#?}"
+    );
+    // Pod1's replies from any other server are counted, per family.
+    let counting = at(105);
+    assert_eq!(counting.len(), 2, "{held:#?}");
+    assert!(
+        counting.iter().all(|f| !f.contains("controller(")),
         "{held:#?}"
     );
     let (metrics, witness) = spawn_holder(&engine, packet_ins, &sb, &pod1);
@@ -834,7 +849,7 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     assert_eq!(witness.seen().len(), 2, "not resumed either");
     // Renewed, then cleared as at a clean shutdown.
     holds.refresh().await.map_err(anyhow::Error::msg)?;
-    assert_eq!(hold_flows()?.len(), 4);
+    assert_eq!(hold_flows()?.len(), 8);
     holds.clear().await.map_err(anyhow::Error::msg)?;
     assert!(hold_flows()?.is_empty());
 
@@ -852,14 +867,14 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
         }),
     );
     poll(Duration::from_secs(10), || {
-        hold_flows().is_ok_and(|f| f.len() == 4)
+        hold_flows().is_ok_and(|f| f.len() == 8)
     })
     .await?;
     let pod3 = block_in_place(|| sb.add_pod(NS, "pod3", 8))?;
     engine.upsert_pod(pod3.info());
     engine.flush().await?;
     poll(Duration::from_secs(10), || {
-        hold_flows().is_ok_and(|f| f.len() == 8)
+        hold_flows().is_ok_and(|f| f.len() == 10)
     })
     .await
     .map_err(|e| anyhow::anyhow!("pod3 not held: {e}"))?;
@@ -867,7 +882,7 @@ async fn a_held_dns_reply_reaches_the_pod_after_its_grant(ovn: Ovn) -> Result<()
     // are back within seconds of OVN's own (seen through the grants' monitor), not at the renewal.
     block_in_place(|| sb.restart_ovn_controller())?;
     poll(Duration::from_secs(20), || {
-        hold_flows().is_ok_and(|f| f.len() == 8)
+        hold_flows().is_ok_and(|f| f.len() == 10)
     })
     .await
     .map_err(|e| anyhow::anyhow!("hold flows not back after the wipe: {e}"))?;
@@ -1268,35 +1283,28 @@ async fn a_stalled_grant_write_lets_the_held_reply_go_at_the_deadline(ovn: Ovn) 
         stall: stall.clone(),
     };
     let (engine, task) = holding_engine(stalling, google(), &[&pod1]).await?;
-    // The pod's hold flow, written beside the stalled connection as HoldFlows would write it.
-    let held = engine.held_pods().remove(0);
+    // The hold flow for kube-dns's replies, written beside the stalled connection as HoldFlows
+    // would write it.
     let ofctl = sb.ofctl();
     let table = ovn.delivery_table();
-    let delivery = ofctl
-        .deliveries(table)
-        .await?
-        .remove(&(held.keys.metadata, held.keys.reg14))
-        .ok_or_else(|| anyhow::anyhow!("no OVN delivery flow for the pod"))?;
     ofctl
         .apply(&[FlowOp::Hold(HoldSpec {
             cookie: Cookie::new(
                 hold_cookie_prefix(settings().cookie_prefix),
-                held.id,
+                0,
                 HOLD_PRIORITY,
             ),
             table,
             priority: HOLD_PRIORITY,
-            metadata: held.keys.metadata,
-            port: held.keys.reg14,
             v6: false,
-            kind: flowd::ovs::HoldKind::Pause {
-                from: std::net::SocketAddr::new(ip(crate::sandbox::KUBE_DNS_VIP), 53),
-                tcp: false,
-                controller: flowd::ovs::native::CONTROLLER_ID,
-                userdata: held.id,
-            },
+            tcp: false,
+            from: Some(std::net::SocketAddr::new(
+                ip(crate::sandbox::KUBE_DNS_VIP),
+                53,
+            )),
+            to: None,
+            pause: Some(flowd::ovs::native::CONTROLLER_ID),
             hard_timeout: 60,
-            delivery,
         })])
         .await?;
     // The connection that takes the packet-ins (the daemon connects at start).
@@ -1588,40 +1596,39 @@ async fn the_native_driver_writes_what_ovs_ofctl_writes(ovn: Ovn) -> Result<()> 
             }));
         }
     }
-    // The hold flows, both families, in OVN's delivery table with OVN's own actions for the port:
-    // one holding a resolver's replies, one counting the rest.
+    // The hold flows, both families, in OVN's delivery table: holding a resolver's replies over UDP
+    // and TCP to any port, passing a pod's, counting a pod's from any server.
+    let table = t.delivery_table.expect("OVN's delivery table");
+    let to = Some((keys.metadata, keys.reg14));
     for (v6, resolver) in [(false, "10.96.0.10:53"), (true, "[fd00:10:96::a]:5353")] {
-        for (priority, kind) in [
+        for (priority, tcp, from, to, pause) in [
             (
                 110,
-                flowd::ovs::HoldKind::Pause {
-                    from: resolver.parse()?,
-                    tcp: false,
-                    controller: flowd::ovs::native::CONTROLLER_ID,
-                    userdata: 7,
-                },
+                false,
+                Some(resolver.parse()?),
+                None,
+                Some(flowd::ovs::native::CONTROLLER_ID),
             ),
             (
                 110,
-                flowd::ovs::HoldKind::Pause {
-                    from: resolver.parse()?,
-                    tcp: true,
-                    controller: flowd::ovs::native::CONTROLLER_ID,
-                    userdata: 7,
-                },
+                true,
+                Some(resolver.parse()?),
+                None,
+                Some(flowd::ovs::native::CONTROLLER_ID),
             ),
-            (105, flowd::ovs::HoldKind::Count),
+            (111, true, None, to, None),
+            (105, false, None, to, None),
         ] {
             ops.push(FlowOp::Hold(flowd::ovs::HoldSpec {
                 cookie: Cookie::new(prefix, 7, priority),
-                table: t.delivery_table.expect("OVN's delivery table"),
+                table,
                 priority,
-                metadata: keys.metadata,
-                port: keys.reg14,
                 v6,
-                kind,
+                tcp,
+                from,
+                to,
+                pause,
                 hard_timeout: 30,
-                delivery: flowd::ovs::Actions::new(&format!("output:{}", pod1.ofport))?,
             }));
         }
     }

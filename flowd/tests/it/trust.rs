@@ -9,6 +9,7 @@
 //!   first SYN passes.
 //! - flowd's OpenFlow connection ends and its management socket cannot be reached again: the hold
 //!   flows go at once (not at their hard timeout, ten minutes here) and DNS keeps reaching the pod.
+//! - A pod whose port has just come up is held from its first reply.
 
 use crate::{
     ovn::{on_every_ovn, poll},
@@ -302,7 +303,43 @@ async fn without_its_openflow_connection_flowd_holds_nothing_and_dns_flows(ovn: 
     Ok(())
 }
 
+/// A pod whose port has just come up resolves and connects at once: the hold flows hold replies
+/// from kube-dns to any port of the node, so the pod's first reply is held before flowd has looked
+/// its port up at all (the held reply makes it look at once), and every first SYN passes.
+async fn a_pod_whose_port_just_came_up_is_held_from_its_first_reply(ovn: Ovn) -> Result<()> {
+    let n = node(ovn).await?;
+    let holding = Holding::start(&n, n.sb.native()).await?;
+    let (late, late_ns) = block_in_place(|| n.sb.add_netns_pod("ns1", "late", 7))?;
+    // The API tells flowd of the pod; its port keys are not known to the engine yet.
+    holding.engine.upsert_pod(late.info());
+    assert!(
+        holding.engine.hold_candidate(&late.key).is_err(),
+        "no port keys looked up yet"
+    );
+    let asked = connect_all_via(&late_ns, KUBE_DNS_VIP, (11, 20), 1, false, |i, ip| {
+        ip == answer(i)
+    })
+    .await?;
+    report(ovn, "a pod whose port just came up", &asked);
+    let late_syns: Vec<_> = asked.iter().filter(|a| !a.first_syn()).collect();
+    assert!(
+        late_syns.is_empty(),
+        "first SYNs that did not pass: {late_syns:#?}"
+    );
+    let m = &holding.metrics;
+    assert_eq!(
+        (
+            m.held.get(),
+            m.granted.get() + m.revalidation_timeouts.get(),
+            m.grants_pending.get()
+        ),
+        (10, 10, 0)
+    );
+    Ok(())
+}
+
 on_every_ovn!(
     a_pods_own_dns_server_opens_nothing_and_the_dns_service_does,
     without_its_openflow_connection_flowd_holds_nothing_and_dns_flows,
+    a_pod_whose_port_just_came_up_is_held_from_its_first_reply,
 );
