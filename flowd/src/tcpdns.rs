@@ -389,11 +389,13 @@ mod tests {
 
     proptest! {
         /// However a stream of messages is cut into segments, reordered and repeated, each message
-        /// comes out exactly once, whole and in order, and nothing panics.
+        /// comes out exactly once, whole and in order, and nothing panics (within the bounds: the
+        /// unit test above covers one-byte segments).
         #[test]
         fn any_cut_order_and_repetition_gives_each_message_once(
             messages in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..6),
-            cuts in proptest::collection::vec(1usize..200, 1..40),
+            // Segments of at least 32 bytes: at most 1,510 bytes make no more than MAX_AHEAD.
+            cuts in proptest::collection::vec(32usize..200, 1..40),
             order in proptest::collection::vec(any::<u16>(), 0..40),
             isn in any::<u32>(),
         ) {

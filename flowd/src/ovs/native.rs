@@ -102,11 +102,6 @@ impl Native {
         rx
     }
 
-    /// OVN's own delivery flows' actions per (switch, port) in `table` (see [`Ofctl::deliveries`]).
-    pub async fn deliveries(&self, table: u8) -> Result<HashMap<(u64, u32), Actions>> {
-        self.ofctl.deliveries(table).await
-    }
-
     /// Changes whenever a connection ends: packets paused for it are lost, and hold flows must go
     /// until a new one is up (see [`crate::hold::HoldFlows`]).
     pub fn connection_lost(&self) -> watch::Receiver<u64> {

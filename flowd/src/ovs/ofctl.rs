@@ -7,7 +7,7 @@
 
 use super::{
     discovery::{self, PortKeys},
-    flow::{self, Actions, FlowEvent, FlowOp, ParsedFlow},
+    flow::{self, FlowEvent, FlowOp, ParsedFlow},
     template::{self, LearnError, Template},
     FlowProgrammer, OvsError, Result, MONITOR_QUEUE,
 };
@@ -96,24 +96,6 @@ impl Ofctl {
             args: args.join(" "),
             after: self.timeout,
         }
-    }
-
-    /// OVN's own per-port delivery flows in `table` (OFTABLE_LOG_TO_PHY), see
-    /// [`template::deliveries`].
-    pub async fn deliveries(&self, table: u8) -> Result<HashMap<(u64, u32), Actions>> {
-        let dump = self
-            .run(
-                OFCTL,
-                &[
-                    "dump-flows",
-                    "--no-names",
-                    &self.bridge,
-                    &format!("table={table}"),
-                ],
-                None,
-            )
-            .await?;
-        Ok(template::deliveries(&dump))
     }
 
     /// Runs `program args`, feeding `stdin`, and returns its (bounded) stdout.

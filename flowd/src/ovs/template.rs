@@ -368,32 +368,6 @@ fn delivery_table(flows: &[ParsedFlow]) -> Option<u8> {
     }
 }
 
-/// Reads `ovs-ofctl dump-flows <bridge> table=<delivery table>` into `(switch, port) ->` the actions
-/// of OVN's highest-priority flow for exactly that port. Flows with a cookie of flowd's (high bits
-/// set; OVN's cookies are 32 bits) are left out.
-pub fn deliveries(dump: &str) -> HashMap<(u64, u32), Actions> {
-    let mut best: HashMap<(u64, u32), (u16, Actions)> = HashMap::new();
-    for f in dump.lines().filter_map(parse_flow_line) {
-        if f.cookie.prefix() != 0 {
-            continue;
-        }
-        let (Some(key), Some(priority), Some(actions)) = (
-            port_flow(&f),
-            f.priority,
-            f.actions.as_deref().and_then(|a| Actions::new(a).ok()),
-        ) else {
-            continue;
-        };
-        match best.get(&key) {
-            Some((p, _)) if *p >= priority => {}
-            _ => {
-                best.insert(key, (priority, actions));
-            }
-        }
-    }
-    best.into_iter().map(|(k, (_, a))| (k, a)).collect()
-}
-
 /// Per logical switch, its port toward a router: OVN's output flow for a logical patch port,
 /// `reg15=K,metadata=M actions=clone(ct_clear,...,load:X->OXM_OF_METADATA[],...,resubmit(,8))`, which
 /// carries the packet into another datapath (the router) on this chassis. A switch with more than
@@ -521,22 +495,6 @@ mod tests {
             self.uplinks = uplinks;
             self
         }
-    }
-
-    /// OVN's flow per output port of the delivery table, the highest priority winning; a flow with
-    /// flowd's cookie (a hold flow above it) is not OVN's.
-    #[test]
-    fn deliveries_are_ovns_own_per_port_flows() {
-        let ours = " cookie=0x646e736800010006e, duration=1s, table=65, n_packets=0, n_bytes=0, \
-                    hard_timeout=30, priority=110,ct_state=+est+rpl+trk,udp,reg15=0x2,metadata=0x1,tp_src=53 \
-                    actions=controller(userdata=00.01,pause,id=25710),output:2\n";
-        let higher = " cookie=0x1, duration=1s, table=65, n_packets=0, n_bytes=0, \
-                      priority=150,reg15=0x1,metadata=0x1 actions=output:9\n";
-        let found = deliveries(&format!("{DUMP_23_03}{ours}{higher}"));
-        assert_eq!(found[&(1, 2)].as_str(), "output:2", "not flowd's hold flow");
-        assert_eq!(found[&(1, 1)].as_str(), "output:9", "the higher priority");
-        assert!(found[&(2, 1)].as_str().starts_with("clone(ct_clear,"));
-        assert_eq!(found.len(), 3, "{found:?}");
     }
 
     #[test]
