@@ -1,7 +1,8 @@
 //! Every flag of flowd, its environment variable, default and validation: the command line
-//! ([`Cli`]), `flowd run` ([`RunArgs`], with where the tapds are, [`UpstreamArgs`]), `flowd replay`
-//! ([`ReplayArgs`]) and the engine's settings both share ([`EngineSettings`]). A value clap or
-//! [`Cli::validate`] refuses exits with [`EXIT_CONFIG`] before anything is bound, read or started.
+//! ([`Cli`]), `flowd run` ([`RunArgs`], with whether and where it hears tapd, [`UpstreamArgs`]),
+//! `flowd replay` ([`ReplayArgs`]) and the engine's settings both share ([`EngineSettings`]). A value
+//! clap or [`Cli::validate`] refuses exits with [`EXIT_CONFIG`] before anything is bound, read or
+//! started.
 //!
 //! The engine's settings:
 //!
@@ -85,6 +86,12 @@ pub enum ConfigError {
     TooManyResolvers(usize),
     #[error("--tapd-port must not be 0")]
     TapdPort,
+    #[error("--tapd-endpoints names tapds to subscribe to, but --tapd=false subscribes to none")]
+    TapdOffWithEndpoints,
+    #[error(
+        "--tapd=false leaves flowd only the DNS replies it holds in br-int, and {0}: it would learn no answer"
+    )]
+    NoAnswerSource(&'static str),
     #[error("--node is empty")]
     EmptyNode,
     #[error("--apply needs a bridge name")]
@@ -174,7 +181,21 @@ impl RunArgs {
         if self.node_name.trim().is_empty() {
             return Err(ConfigError::NoNodeName);
         }
-        if self.upstream.endpoints.is_empty() && self.upstream.tapd_port == 0 {
+        if !self.upstream.tapd {
+            if !self.upstream.endpoints.is_empty() {
+                return Err(ConfigError::TapdOffWithEndpoints);
+            }
+            // Without tapd the held replies are the only source of answers: a flowd that holds
+            // nothing would install nothing, while looking healthy.
+            if self.ovs_driver == OvsDriver::Ofctl {
+                return Err(ConfigError::NoAnswerSource(
+                    "--ovs-driver ofctl cannot hold packets",
+                ));
+            }
+            if !self.hold {
+                return Err(ConfigError::NoAnswerSource("--hold=false holds none"));
+            }
+        } else if self.upstream.endpoints.is_empty() && self.upstream.tapd_port == 0 {
             return Err(ConfigError::TapdPort);
         }
         // OpenFlow's hard timeout is whole seconds, 1..=65535; a deadline of 0 would hold nothing.
@@ -195,9 +216,14 @@ impl RunArgs {
     }
 }
 
-/// Where the tapd instances are.
+/// Whether flowd listens to tapd, and where the tapd instances are.
 #[derive(Clone, Debug, clap::Args)]
 pub struct UpstreamArgs {
+    /// Subscribe to tapd beside CoreDNS as a second source of answers; with false, flowd learns
+    /// from the DNS replies it holds in br-int only (no DNS pods are watched, no tapd is dialled:
+    /// what a cluster without tapd, such as OpenShift's managed DNS, runs with).
+    #[arg(long = "tapd", env = "FLOWD_TAPD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tapd: bool,
     /// Fixed tapd endpoints (`IP:port`, comma-separated); when given, no DNS pods are watched.
     #[arg(
         long = "tapd-endpoints",
@@ -708,6 +734,59 @@ mod run_tests {
             .map(ToString::to_string)
             .collect();
         assert_eq!(given, ["169.254.20.10:53", "[fd00::a]:5353"]);
+    }
+
+    #[test]
+    fn tapd_is_a_second_source_that_can_be_switched_off() {
+        let on = RunCli::try_parse_from(["flowd", "--node-name", "n"]).unwrap();
+        assert!(on.run.upstream.tapd, "tapd is heard by default");
+        for (args, tapd) in [
+            (&["--tapd", "false"][..], false),
+            (&["--tapd=false"], false),
+            (&["--tapd=true"], true),
+        ] {
+            let cli =
+                RunCli::try_parse_from(["flowd", "--node-name", "n"].iter().chain(args).copied())
+                    .unwrap();
+            assert_eq!(cli.run.upstream.tapd, tapd, "{args:?}");
+            cli.run.validate().unwrap();
+        }
+        // A bool flag that takes its value, as --hold does: alone it is an error, not "true".
+        assert!(RunCli::try_parse_from(["flowd", "--node-name", "n", "--tapd"]).is_err());
+        assert!(RunCli::try_parse_from(["flowd", "--node-name", "n", "--tapd=no"]).is_err());
+        // Without tapd, its port does not matter; a list of tapds contradicts it.
+        let off = |extra: &[&str]| {
+            RunCli::try_parse_from(
+                ["flowd", "--node-name", "n", "--tapd=false"]
+                    .iter()
+                    .chain(extra)
+                    .copied(),
+            )
+            .unwrap()
+            .run
+            .validate()
+        };
+        off(&["--tapd-port", "0"]).unwrap();
+        assert!(matches!(
+            off(&["--tapd-endpoints", "10.0.0.1:9530"]),
+            Err(ConfigError::TapdOffWithEndpoints)
+        ));
+        // The held replies are then the only source: a flowd that cannot hold would learn nothing.
+        for extra in [&["--hold", "false"][..], &["--ovs-driver", "ofctl"]] {
+            assert!(
+                matches!(off(extra), Err(ConfigError::NoAnswerSource(_))),
+                "{extra:?}"
+            );
+        }
+        // The OpenShift overlay sets it as FLOWD_TAPD (read from the definition rather than by
+        // setting the variable: the environment is shared with the tests running beside this one).
+        use clap::CommandFactory as _;
+        let cmd = RunCli::command();
+        let flag = cmd.get_arguments().find(|a| a.get_long() == Some("tapd"));
+        assert_eq!(
+            flag.and_then(|f| f.get_env()),
+            Some(std::ffi::OsStr::new("FLOWD_TAPD"))
+        );
     }
 }
 

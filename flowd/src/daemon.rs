@@ -1,7 +1,8 @@
-//! `flowd run`: the node daemon. Kubernetes state ([`crate::watch`]) and DNS answers from every tapd
-//! ([`crate::upstream`]) drive the engine as they arrive; the engine keeps `br-int` equal to what they
-//! justify. The gRPC API ([`crate::api`]) and the metrics/probe endpoint ([`crate::metrics`]) read the
-//! same state.
+//! `flowd run`: the node daemon. Kubernetes state ([`crate::watch`]), the DNS replies it holds in
+//! br-int ([`crate::hold`], trusting the DNS Service's addresses, [`crate::resolvers`]) and, unless
+//! `--tapd=false`, the answers of every tapd ([`crate::upstream`]) drive the engine as they arrive;
+//! the engine keeps `br-int` equal to what they justify. The gRPC API ([`crate::api`]) and the
+//! metrics/probe endpoint ([`crate::metrics`]) read the same state.
 
 use crate::{
     api,
@@ -317,9 +318,9 @@ fn pod_key(pod: &Pod) -> PodKey {
     PodKey::new(pod.namespace().unwrap_or_default(), pod.name_any())
 }
 
-/// Runs the node loop until `shutdown`: the engine, the Kubernetes watches, tapd discovery and the
-/// subscriptions. Every change goes to the engine as it arrives; the DNS Service's addresses go to
-/// `resolvers`.
+/// Runs the node loop until `shutdown`: the engine, the Kubernetes watches, and, unless
+/// `--tapd=false`, tapd discovery and the subscriptions. Every change goes to the engine as it
+/// arrives; the DNS Service's addresses go to `resolvers`.
 pub async fn run_node<P: FlowProgrammer>(
     config: NodeConfig,
     client: kube::Client,
@@ -348,7 +349,14 @@ pub async fn run_node<P: FlowProgrammer>(
         config.upstream.session(),
     );
     let mut dns_pods = DnsPods::new(config.upstream.tapd_port);
-    let mut discovery = if config.upstream.endpoints.is_empty() {
+    let mut discovery = if !config.upstream.tapd {
+        // No DNS pods watched (no list or watch in their namespace) and no tapd dialled: the
+        // replies held in br-int are the only answers.
+        tracing::info!(
+            "--tapd=false: no tapd subscriptions; flowd learns DNS answers only from the replies it holds in br-int"
+        );
+        futures::stream::pending().boxed()
+    } else if config.upstream.endpoints.is_empty() {
         watch::dns_pods(
             &client,
             &config.upstream.tapd_namespace,

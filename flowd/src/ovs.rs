@@ -18,8 +18,8 @@ pub mod unixctl;
 pub use discovery::PortKeys;
 pub use dryrun::DryRun;
 pub use flow::{
-    Actions, Cookie, FlowAction, FlowEvent, FlowMatch, FlowOp, FlowSpec, HoldSpec,
-    ParsedFlow, RegMatch, RemovedReason,
+    Actions, Cookie, FlowAction, FlowEvent, FlowMatch, FlowOp, FlowSpec, HoldSpec, ParsedFlow,
+    RegMatch, RemovedReason,
 };
 pub use native::Native;
 pub use ofctl::Ofctl;

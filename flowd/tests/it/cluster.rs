@@ -1158,6 +1158,83 @@ async fn two_tapds_one_killed_and_restarted_mid_stream_lose_no_grant_and_duplica
     node.stop().await;
 }
 
+/// With `--tapd=false` flowd becomes ready on the cluster's state alone and never looks for a tapd:
+/// its only calls on pods are the list and watch of its own node's pods, and it dials nothing. The
+/// control, the same cluster with tapd on, lists the DNS pods by label in `kube-system` and dials the
+/// tapd it finds there (nothing listens: the attempt fails, and is counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tapd_off_flowd_is_ready_without_watching_dns_pods_or_dialling_any_tapd() {
+    let own_pods = |r: &crate::apiserver::Logged| {
+        r.namespace.is_none()
+            && r.query.get("fieldSelector").map(String::as_str)
+                == Some(&*format!("spec.nodeName={NODE}"))
+            && !r.query.contains_key("labelSelector")
+    };
+    let other_pod_calls = |api: &FakeApiServer| -> Vec<crate::apiserver::Logged> {
+        api.requests()
+            .into_iter()
+            .filter(|r| r.resource == Some(Resource::Pods) && !own_pods(r))
+            .collect()
+    };
+    /// The two-pod cluster with a DNS pod whose tapd port nothing listens on, and a ready node.
+    async fn start(tapd: bool, closed: &str) -> (FakeApiServer, Node<Recording>) {
+        let api = cluster_with_two_pods().await;
+        api.apply(dns_pod("coredns-a", "127.0.0.1"));
+        let args = upstream_args(&[&format!("--tapd={tapd}"), "--tapd-port", closed]);
+        let node = Node::start(&api, recording_engine(&["late"]), args);
+        node.ready().await;
+        (api, node)
+    }
+    let closed = free_port().to_string();
+
+    let (api, node) = start(true, &closed).await;
+    eventually("the DNS pods listed by label in kube-system", || {
+        other_pod_calls(&api).iter().any(|r| {
+            r.verb == "list"
+                && r.namespace.as_deref() == Some("kube-system")
+                && r.query.get("labelSelector").map(String::as_str) == Some("k8s-app=kube-dns")
+        })
+    })
+    .await;
+    eventually("a subscription to the DNS pod's tapd tried", || {
+        node.status.upstream.failures.get() > 0
+    })
+    .await;
+    node.stop().await;
+
+    let (api, node) = start(false, &closed).await;
+    // A pod applied after the first sync has gone through the node loop: a discovery watch, had one
+    // been started with the others, would have listed by now.
+    api.apply(pod("demo", "late", NODE, "127.0.0.16"));
+    eventually("the pod applied after the first sync", || {
+        node.status
+            .known()
+            .pods
+            .contains_key(&flowd::model::PodKey::new("demo", "late"))
+    })
+    .await;
+    assert!(
+        api.count(Resource::Pods, "watch") >= 1,
+        "{:?}",
+        api.requests()
+    );
+    let others = other_pod_calls(&api);
+    assert!(
+        others.is_empty(),
+        "calls on pods besides this node's: {others:?}"
+    );
+    let upstream = &node.status.upstream;
+    assert_eq!(
+        (
+            upstream.connects.get(),
+            upstream.failures.get(),
+            node.tapd_connected()
+        ),
+        (0, 0, 0)
+    );
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_lists_grants_explains_and_counts_over_grpcurl_and_metrics() {
     let OneTapd {

@@ -338,11 +338,12 @@ fn assert_reads_its_env(c: &Value, known: &BTreeSet<String>) {
 fn check_flowd_settings_parse(flowd: &Value) {
     // The kubelet substitutes the node's address, IPv4 or IPv6.
     for node_ip in ["10.89.0.2", "fd00:10:89::2"] {
-        check_flowd_settings_parse_on(flowd, node_ip);
+        flowd_run_args(flowd, node_ip).validate().unwrap();
     }
 }
 
-fn check_flowd_settings_parse_on(flowd: &Value, node_ip: &str) {
+/// What `flowd run` makes of the manifest's settings for container `flowd` on a node at `node_ip`.
+fn flowd_run_args(flowd: &Value, node_ip: &str) -> flowd::config::RunArgs {
     use clap::{CommandFactory as _, Parser as _};
     let cmd = flowd::config::Cli::command();
     let run = cmd.find_subcommand("run").unwrap();
@@ -367,7 +368,7 @@ fn check_flowd_settings_parse_on(flowd: &Value, node_ip: &str) {
     let cli = flowd::config::Cli::try_parse_from(&argv)
         .unwrap_or_else(|e| panic!("flowd rejects the manifest's settings {argv:?}: {e}"));
     match cli.command {
-        flowd::config::Command::Run(args) => args.validate().unwrap(),
+        flowd::config::Command::Run(args) => *args,
         other => panic!("{other:?}"),
     }
 }
@@ -644,6 +645,8 @@ fn kind_overlay_renders_validates_and_ties_together() {
     );
     let coredns = find(&objects, "Deployment", "coredns");
     assert_eq!(coredns["metadata"]["namespace"], "kube-system");
+    // flowd learns from both sources here: the replies it holds, and tapd beside CoreDNS.
+    assert!(hears_tapd(&objects));
     check_tapd_sidecar(coredns, "coredns");
     check_discovery(&objects, coredns);
     check_tapd_policy(
@@ -669,6 +672,155 @@ fn kind_overlay_renders_validates_and_ties_together() {
             .all(|i| [FLOWD_IMAGE, TAPD_IMAGE].contains(&i.as_str()) || i.contains("coredns")),
         "{imgs:?}"
     );
+}
+
+/// The opt-in tapd for OpenShift: the overlay with tapd switched on, and the `dns-default` patch.
+const OPENSHIFT_TAPD: &str = "deploy/optional/openshift-tapd";
+/// The DNS operator's namespace.
+const OPENSHIFT_DNS: &str = "openshift-dns";
+/// The only objects the OpenShift overlay puts in `openshift-dns`: read access to its one Service.
+const DNS_SERVICE_ROLE: &str = "dnsflow-flowd-dns-service";
+
+/// The Secret volume `name` of `workload`.
+fn secret_volume<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    let volume = pod_spec(workload)["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == name)
+        .unwrap_or_else(|| panic!("no Secret volume {name}"));
+    &volume["secret"]
+}
+
+/// Whether `flowd` listens to tapd with the manifest's settings (`--tapd`, `FLOWD_TAPD`).
+fn hears_tapd(objects: &[Value]) -> bool {
+    let flowd = container(find(objects, "DaemonSet", "flowd"), "flowd");
+    flowd_run_args(flowd, "10.89.0.2").upstream.tapd
+}
+
+/// The SCC admits what flowd's DaemonSet asks for, and only flowd's ServiceAccount may use it.
+fn check_scc(objects: &[Value]) {
+    let flowd = container(find(objects, "DaemonSet", "flowd"), "flowd");
+    let selinux = flowd["securityContext"]["seLinuxOptions"]["type"].clone();
+    assert_eq!(selinux, "spc_t");
+    let scc = find(objects, "SecurityContextConstraints", "dnsflow-flowd");
+    assert_eq!(scc["allowHostNetwork"], true);
+    assert_eq!(scc["allowHostDirVolumePlugin"], true);
+    assert_eq!(scc["allowPrivilegedContainer"], false);
+    assert_eq!(scc["seccompProfiles"][0], "runtime/default");
+    assert_eq!(scc["seLinuxContext"]["seLinuxOptions"]["type"], selinux);
+    for cap in flowd["securityContext"]["capabilities"]["add"]
+        .as_sequence()
+        .unwrap()
+    {
+        assert!(scc["allowedCapabilities"]
+            .as_sequence()
+            .unwrap()
+            .contains(cap));
+    }
+    let volumes = scc["volumes"].as_sequence().unwrap();
+    for v in pod_spec(find(objects, "DaemonSet", "flowd"))["volumes"]
+        .as_sequence()
+        .unwrap()
+    {
+        let kind = ["hostPath", "emptyDir", "secret"]
+            .into_iter()
+            .find(|k| v.get(*k).is_some())
+            .unwrap_or_else(|| panic!("a volume of another kind: {v:?}"));
+        assert!(volumes.iter().any(|a| a == kind), "the SCC refuses {kind}");
+    }
+    let use_scc = find(objects, "ClusterRole", "dnsflow-flowd-scc");
+    assert_eq!(use_scc["rules"][0]["resourceNames"][0], "dnsflow-flowd");
+    assert_eq!(use_scc["rules"][0]["verbs"][0], "use");
+    let binding = find(objects, "RoleBinding", "dnsflow-flowd-scc");
+    assert_eq!(binding["subjects"][0]["name"], "flowd");
+}
+
+/// Whether `o` is one of the DNS operator's own objects, or a patch of one: its DaemonSet or
+/// ConfigMap `dns-default` (CoreDNS and its Corefile), or the operator's configuration.
+fn touches_the_dns_operator(o: &Value) -> bool {
+    let kind = o["kind"].as_str().unwrap_or_default();
+    let api = o["apiVersion"].as_str().unwrap_or_default();
+    let name = o["metadata"]["name"].as_str().unwrap_or_default();
+    api.starts_with("operator.openshift.io/")
+        || (name == "dns-default" && kind != "Service")
+        || (o["metadata"]["namespace"] == OPENSHIFT_DNS
+            && ["DaemonSet", "ConfigMap"].contains(&kind))
+}
+
+#[test]
+fn openshift_overlay_renders_validates_and_changes_nothing_in_openshift_dns() {
+    let objects = render("openshift");
+    let skipped = validate(&objects);
+    assert_eq!(
+        skipped,
+        KINDS_WITHOUT_SCHEMA.iter().map(|s| s.to_string()).collect()
+    );
+    check_flowd(&objects);
+    check_scc(&objects);
+
+    // flowd learns from the DNS replies it holds in br-int only: no tapd, so no DNS-pod watch and
+    // no TLS Secret to wait for.
+    let ds = find(&objects, "DaemonSet", "flowd");
+    assert_eq!(env_value(container(ds, "flowd"), "FLOWD_TAPD"), "false");
+    assert!(!hears_tapd(&objects));
+    assert_eq!(secret_volume(ds, "flowd-tls")["optional"], true);
+
+    // In the DNS operator's namespace only the Role (and its binding) that lets flowd read the one
+    // Service dns-default; nothing that is, or patches, the operator's DaemonSet, Corefile or
+    // configuration; no tapd and no NetworkPolicy anywhere.
+    for o in &objects {
+        let what = format!(
+            "{} {}",
+            o["kind"].as_str().unwrap(),
+            o["metadata"]["name"].as_str().unwrap()
+        );
+        if o["metadata"]["namespace"] == OPENSHIFT_DNS {
+            assert!(
+                ["Role", "RoleBinding"].contains(&o["kind"].as_str().unwrap())
+                    && o["metadata"]["name"] == DNS_SERVICE_ROLE,
+                "{what} in {OPENSHIFT_DNS}"
+            );
+        }
+        assert!(!touches_the_dns_operator(o), "{what}");
+        assert_ne!(o["kind"], "NetworkPolicy", "{what}");
+    }
+    let role = find(&objects, "Role", DNS_SERVICE_ROLE);
+    assert_eq!(role["rules"][0]["resources"][0], "services");
+    assert_eq!(role["rules"][0]["resourceNames"][0], "dns-default");
+    assert!(!images(&objects).contains(TAPD_IMAGE));
+    // Nor does the overlay's directory hold such a patch for `oc patch` to apply by hand.
+    let dir = root().join("deploy/overlays/openshift");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("dnstap"), "{}", path.display());
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let o: Value = serde::Deserialize::deserialize(doc).unwrap();
+            assert!(!touches_the_dns_operator(&o), "{}: {o:?}", path.display());
+        }
+    }
+
+    // The walk-through keeps the DNS operator Managed; only the opt-in section speaks of Unmanaged.
+    let readme = std::fs::read_to_string(root().join("deploy/README.md")).unwrap();
+    let walk_through = readme
+        .split_once("\n## OpenShift\n")
+        .expect("an OpenShift section")
+        .1
+        .split("\n## ")
+        .next()
+        .unwrap();
+    for step in [
+        "Unmanaged",
+        "managementState",
+        "dns-default-tapd.yaml",
+        "dnstap",
+    ] {
+        assert!(
+            !walk_through.contains(step),
+            "the OpenShift walk-through says {step}"
+        );
+    }
 }
 
 /// A `dns-default` DaemonSet shaped like the one OpenShift's DNS operator writes (trimmed to what the
@@ -706,54 +858,48 @@ spec:
 "#;
 
 #[test]
-fn openshift_overlay_and_dns_default_patch_render_validate_and_tie_together() {
-    let objects = render("openshift");
+fn openshift_opt_in_tapd_and_dns_default_patch_render_validate_and_tie_together() {
+    let dir = root().join(OPENSHIFT_TAPD);
+    let objects = kustomize(&dir);
     let skipped = validate(&objects);
     assert_eq!(
         skipped,
         KINDS_WITHOUT_SCHEMA.iter().map(|s| s.to_string()).collect()
     );
     check_flowd(&objects);
-    let flowd = container(find(&objects, "DaemonSet", "flowd"), "flowd");
-    let selinux = flowd["securityContext"]["seLinuxOptions"]["type"].clone();
-    assert_eq!(selinux, "spc_t");
-
-    // The SCC admits what the DaemonSet asks for, and only flowd's ServiceAccount may use it.
-    let scc = find(&objects, "SecurityContextConstraints", "dnsflow-flowd");
-    assert_eq!(scc["allowHostNetwork"], true);
-    assert_eq!(scc["allowHostDirVolumePlugin"], true);
-    assert_eq!(scc["allowPrivilegedContainer"], false);
-    assert_eq!(scc["seccompProfiles"][0], "runtime/default");
-    assert_eq!(scc["seLinuxContext"]["seLinuxOptions"]["type"], selinux);
-    for cap in flowd["securityContext"]["capabilities"]["add"]
-        .as_sequence()
-        .unwrap()
-    {
-        assert!(scc["allowedCapabilities"]
-            .as_sequence()
-            .unwrap()
-            .contains(cap));
-    }
-    let use_scc = find(&objects, "ClusterRole", "dnsflow-flowd-scc");
-    assert_eq!(use_scc["rules"][0]["resourceNames"][0], "dnsflow-flowd");
-    assert_eq!(use_scc["rules"][0]["verbs"][0], "use");
-    let binding = find(&objects, "RoleBinding", "dnsflow-flowd-scc");
-    assert_eq!(binding["subjects"][0]["name"], "flowd");
+    check_scc(&objects);
+    // It is the OpenShift overlay plus tapd's NetworkPolicy, with flowd subscribing to tapd and
+    // waiting for its TLS Secret.
+    let plain = render("openshift");
+    let added: Vec<&Value> = objects
+        .iter()
+        .filter(|o| {
+            !plain
+                .iter()
+                .any(|p| p["kind"] == o["kind"] && p["metadata"] == o["metadata"])
+        })
+        .collect();
+    assert_eq!(added.len(), 1, "{added:?}");
+    assert_eq!(added[0]["kind"], "NetworkPolicy");
+    let ds = find(&objects, "DaemonSet", "flowd");
+    assert_eq!(env_value(container(ds, "flowd"), "FLOWD_TAPD"), "true");
+    assert!(hears_tapd(&objects));
+    assert_eq!(secret_volume(ds, "flowd-tls")["optional"], false);
 
     // The tapd patch, applied to a dns-default like the operator's, as `oc patch` would.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("dns-default.yaml"), OPENSHIFT_DNS_DEFAULT).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("dns-default.yaml"), OPENSHIFT_DNS_DEFAULT).unwrap();
     std::fs::copy(
-        root().join("deploy/overlays/openshift/dns-default-tapd.yaml"),
-        dir.path().join("dns-default-tapd.yaml"),
+        dir.join("dns-default-tapd.yaml"),
+        work.path().join("dns-default-tapd.yaml"),
     )
     .unwrap();
     std::fs::write(
-        dir.path().join("kustomization.yaml"),
+        work.path().join("kustomization.yaml"),
         "resources: [dns-default.yaml]\npatches: [{path: dns-default-tapd.yaml}]\nimages:\n  - {name: dnsflow/tapd, newName: localhost/dnsflow/tapd, newTag: \"0.1.0\"}\n",
     )
     .unwrap();
-    let patched = kustomize(dir.path());
+    let patched = kustomize(work.path());
     assert_eq!(validate(&patched), BTreeSet::new());
     let dns = find(&patched, "DaemonSet", "dns-default");
     check_tapd_sidecar(dns, "dns");
@@ -768,11 +914,66 @@ fn openshift_overlay_and_dns_default_patch_render_validate_and_tie_together() {
     // The patch adds to the operator's containers; it does not replace them.
     assert_eq!(container(dns, "kube-rbac-proxy")["name"], "kube-rbac-proxy");
 
-    // The README's Corefile step adds the very line the kind Corefile carries.
+    // The README's opt-in section says what it costs, and its Corefile step adds the very line the
+    // kind Corefile carries.
     let readme = std::fs::read_to_string(root().join("deploy/README.md")).unwrap();
-    assert!(readme.contains(&format!("dnstap unix://{DNSTAP_SOCKET} full")));
-    let patch_doc = std::fs::read_to_string(dir.path().join("dns-default-tapd.yaml")).unwrap();
+    let section = readme
+        .split_once("\n## tapd on OpenShift (unsupported)\n")
+        .expect("a section on the opt-in tapd for OpenShift")
+        .1
+        .split("\n## ")
+        .next()
+        .unwrap()
+        // As read, whatever the line breaks.
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for says in [
+        OPENSHIFT_TAPD,
+        "Unmanaged",
+        "Red Hat does not support",
+        &format!("dnstap unix://{DNSTAP_SOCKET} full"),
+    ] {
+        assert!(
+            section.contains(says),
+            "the opt-in section does not say {says:?}"
+        );
+    }
+    let patch_doc = std::fs::read_to_string(dir.join("dns-default-tapd.yaml")).unwrap();
     assert!(patch_doc.contains("openshift-dns patch daemonset dns-default"));
+}
+
+/// Clusters that enforce `baseline` by default admit flowd's pods: a host-network node agent with a
+/// hostPath to OVS's sockets needs the `privileged` Pod Security level in its namespace.
+#[test]
+fn the_dnsflow_namespace_is_privileged_for_pod_security_in_every_overlay() {
+    for (what, objects) in [
+        ("kind", render("kind")),
+        ("openshift", render("openshift")),
+        (OPENSHIFT_TAPD, kustomize(&root().join(OPENSHIFT_TAPD))),
+    ] {
+        let ds = find(&objects, "DaemonSet", "flowd");
+        let namespace = find(
+            &objects,
+            "Namespace",
+            ds["metadata"]["namespace"].as_str().unwrap(),
+        );
+        let labels = &namespace["metadata"]["labels"];
+        for mode in ["enforce", "audit", "warn"] {
+            assert_eq!(
+                labels[&format!("pod-security.kubernetes.io/{mode}")],
+                "privileged",
+                "{what}: {mode}"
+            );
+        }
+        // What needs it.
+        assert_eq!(pod_spec(ds)["hostNetwork"], true);
+        assert!(pod_spec(ds)["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|v| v.get("hostPath").is_some()));
+    }
 }
 
 #[test]
