@@ -58,19 +58,9 @@ pub struct Reply {
     pub server: SocketAddr,
 }
 
-/// The DNS response in `frame` and how many of its addresses were left out beyond the cap;
-/// `server_identity` names the responder (the packet says only its address), `now` is stamped as
-/// both the response and the decode time.
-pub fn response(
-    frame: &[u8],
-    server_identity: &str,
-    now: SystemTime,
-) -> Result<(DnsResponse, usize), PacketError> {
-    reply(frame, server_identity, now).map(|r| (r.response, r.addresses_cut))
-}
-
-/// [`response`], with the address it came from.
-pub fn reply(frame: &[u8], server_identity: &str, now: SystemTime) -> Result<Reply, PacketError> {
+/// `frame` sliced, with its destination (the client) and source (the server): an unfragmented IP
+/// packet, or the reason it is not one.
+fn unfragmented(frame: &[u8]) -> Result<(SlicedPacket<'_>, IpAddr, IpAddr), PacketError> {
     let sliced =
         SlicedPacket::from_ethernet(frame).map_err(|e| PacketError::Frame(e.to_string()))?;
     let (client, server, fragmented) = match &sliced.net {
@@ -89,6 +79,23 @@ pub fn reply(frame: &[u8], server_identity: &str, now: SystemTime) -> Result<Rep
     if fragmented {
         return Err(PacketError::Fragment);
     }
+    Ok((sliced, client, server))
+}
+
+/// The DNS response in `frame` and how many of its addresses were left out beyond the cap;
+/// `server_identity` names the responder (the packet says only its address), `now` is stamped as
+/// both the response and the decode time.
+pub fn response(
+    frame: &[u8],
+    server_identity: &str,
+    now: SystemTime,
+) -> Result<(DnsResponse, usize), PacketError> {
+    reply(frame, server_identity, now).map(|r| (r.response, r.addresses_cut))
+}
+
+/// [`response`], with the address it came from.
+pub fn reply(frame: &[u8], server_identity: &str, now: SystemTime) -> Result<Reply, PacketError> {
+    let (sliced, client, server) = unfragmented(frame)?;
     let Some(TransportSlice::Udp(udp)) = &sliced.transport else {
         return Err(PacketError::NotUdp);
     };
@@ -121,24 +128,7 @@ pub struct TcpSegment {
 
 /// The TCP segment in `frame`, from port 53.
 pub fn tcp_segment(frame: &[u8]) -> Result<TcpSegment, PacketError> {
-    let sliced =
-        SlicedPacket::from_ethernet(frame).map_err(|e| PacketError::Frame(e.to_string()))?;
-    let (client, server, fragmented) = match &sliced.net {
-        Some(NetSlice::Ipv4(ip)) => (
-            IpAddr::V4(ip.header().destination_addr()),
-            IpAddr::V4(ip.header().source_addr()),
-            ip.payload().fragmented,
-        ),
-        Some(NetSlice::Ipv6(ip)) => (
-            IpAddr::V6(ip.header().destination_addr()),
-            IpAddr::V6(ip.header().source_addr()),
-            ip.payload().fragmented,
-        ),
-        _ => return Err(PacketError::NotIp),
-    };
-    if fragmented {
-        return Err(PacketError::Fragment);
-    }
+    let (sliced, client, server) = unfragmented(frame)?;
     let Some(TransportSlice::Tcp(tcp)) = &sliced.transport else {
         return Err(PacketError::NotTcp);
     };

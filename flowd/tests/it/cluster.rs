@@ -298,25 +298,28 @@ pub fn assert_requests_within_rbac(api: &FakeApiServer) {
             .resource
             .unwrap_or_else(|| panic!("flowd called an unknown API: {r:?}"));
         let (group, plural) = resource.rbac();
-        if resource == Resource::Services {
-            let a = watch::DNS_SERVICE_ACCESS;
+        // The namespaced calls: one object each, read by name.
+        let by_name = [
+            (
+                Resource::Services,
+                watch::DNS_SERVICE_ACCESS,
+                "kube-system",
+                "kube-dns",
+            ),
+            (
+                Resource::ConfigMaps,
+                watch::OVN_CONFIG_ACCESS,
+                "ovn-kubernetes",
+                "ovn-config",
+            ),
+        ];
+        if let Some((_, a, namespace, name)) = by_name.iter().find(|b| b.0 == resource) {
             assert!(
                 a.verbs.contains(&r.verb.as_str())
-                    && r.namespace.as_deref() == Some("kube-system")
+                    && r.namespace.as_deref() == Some(*namespace)
                     && r.query.get("fieldSelector").map(String::as_str)
-                        == Some("metadata.name=kube-dns"),
-                "{r:?} is not the DNS Service read by name"
-            );
-            continue;
-        }
-        if resource == Resource::ConfigMaps {
-            let a = watch::OVN_CONFIG_ACCESS;
-            assert!(
-                a.verbs.contains(&r.verb.as_str())
-                    && r.namespace.as_deref() == Some("ovn-kubernetes")
-                    && r.query.get("fieldSelector").map(String::as_str)
-                        == Some("metadata.name=ovn-config"),
-                "{r:?} is not OVN-K's ConfigMap read by name"
+                        == Some(format!("metadata.name={name}").as_str()),
+                "{r:?} is not {namespace}/{name} read by name"
             );
             continue;
         }
