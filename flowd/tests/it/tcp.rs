@@ -631,7 +631,8 @@ mod fresh {
 /// (`revalidator/wait`), and every first SYN passes.
 async fn the_first_syn_after_a_dropped_one_passes_with_the_hold(ovn: Ovn) -> Result<()> {
     let n = node(ovn).await?;
-    let (held, _) = with_the_hold(&n, (1, ATTEMPTS), true).await?;
+    let (held, _, metrics) =
+        with_the_hold_accepting(&n, (1, ATTEMPTS), true, |i, ip| ip == answer(i)).await?;
     report(
         ovn,
         "hold after a dropped attempt, one after another",
@@ -645,10 +646,15 @@ async fn the_first_syn_after_a_dropped_one_passes_with_the_hold(ovn: Ovn) -> Res
         not_dropped.is_empty(),
         "the first attempts were not dropped: {not_dropped:#?}"
     );
-    let late = held.iter().filter(|a| !a.first_syn()).count();
-    assert_eq!(
-        late, 0,
-        "connects that missed their first SYN, of {ATTEMPTS}"
+    // A reply sent on at the deadline before ovs-vswitchd was seen to revalidate (a loaded machine
+    // can make a round outlast 100 ms; counted) may meet the cached drop: only such a reply may
+    // miss its first SYN, and never more than a few of them.
+    let late = held.iter().filter(|a| !a.first_syn()).count() as u64;
+    let unrevalidated = metrics.revalidation_timeouts.get();
+    assert!(
+        late <= unrevalidated && late <= 2,
+        "{late} connects of {ATTEMPTS} missed their first SYN, {unrevalidated} replies went on \
+         before a revalidation round"
     );
     Ok(())
 }
