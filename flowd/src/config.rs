@@ -145,6 +145,11 @@ pub struct RunArgs {
     /// earlier run left, which it cannot judge without them (fail closed); /readyz says why.
     #[arg(long, env = "FLOWD_SYNC_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
     pub sync_timeout: Duration,
+    /// Where flowd keeps what each pod of the node was told (names, addresses, TTLs), written every
+    /// 30 s and at shutdown, and read once the cluster is listed after a start: a restart or an
+    /// upgrade forgets no answer (the DaemonSet puts it on a hostPath). None: kept in memory only.
+    #[arg(long, env = "FLOWD_STATE_FILE")]
+    pub state_file: Option<std::path::PathBuf>,
     /// How batches of flows reach the bridge: `native`, flowd's own OpenFlow connection to
     /// `<OVS_RUNDIR>/<bridge>.mgmt` (a batch goes through ovs-ofctl while it cannot connect), or
     /// `ofctl`, one `ovs-ofctl --bundle` process per batch. Reading OVS always uses ovs-ofctl.

@@ -47,6 +47,8 @@ pub struct NodeConfig {
     pub dns_service: ObjectRef,
     /// How long the first full list may take before the flows of an earlier run are removed.
     pub sync_timeout: Duration,
+    /// Where what the pods were told is kept across restarts (see [`crate::persist`]).
+    pub state_file: Option<std::path::PathBuf>,
     pub upstream: UpstreamArgs,
 }
 
@@ -314,6 +316,39 @@ fn apply_cluster_event<P: FlowProgrammer>(
     None
 }
 
+/// Gives the pods back what they were told before a restart (`--state-file`), once.
+async fn restore_answers<P: FlowProgrammer>(config: &NodeConfig, engine: &Engine<P>) {
+    let Some(path) = config.state_file.clone() else {
+        return;
+    };
+    let (node, engine) = (config.node.clone(), engine.clone());
+    let restored =
+        tokio::task::spawn_blocking(move || crate::persist::restore(&path, &node, &engine)).await;
+    match restored {
+        Ok(Ok(n)) => tracing::info!(
+            answers = n,
+            "answers of an earlier run given back to their pods"
+        ),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "no answers of an earlier run: the file is ignored")
+        }
+        Err(error) => tracing::warn!(%error, "reading the answers of an earlier run failed"),
+    }
+}
+
+/// Writes what the pods were told (`--state-file`).
+async fn save_answers<P: FlowProgrammer>(config: &NodeConfig, engine: &Engine<P>) {
+    let Some(path) = config.state_file.clone() else {
+        return;
+    };
+    let (node, engine) = (config.node.clone(), engine.clone());
+    match tokio::task::spawn_blocking(move || crate::persist::save(&path, &node, &engine)).await {
+        Ok(Ok(n)) => tracing::debug!(answers = n, "answers written"),
+        Ok(Err(error)) => tracing::warn!(%error, "answers not written"),
+        Err(error) => tracing::warn!(%error, "writing the answers failed"),
+    }
+}
+
 fn pod_key(pod: &Pod) -> PodKey {
     PodKey::new(pod.namespace().unwrap_or_default(), pod.name_any())
 }
@@ -376,6 +411,8 @@ pub async fn run_node<P: FlowProgrammer>(
     );
     let mut sync = SyncState::default();
     let sync_deadline = tokio::time::sleep(config.sync_timeout);
+    let mut save_tick = tokio::time::interval(crate::persist::SAVE_EVERY);
+    save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gave_up = false;
     tokio::pin!(shutdown, sync_deadline);
     loop {
@@ -406,8 +443,10 @@ pub async fn run_node<P: FlowProgrammer>(
                 }
                 if synced {
                     tracing::info!(node = %config.node, "pods, EgressFirewalls, nodes, OVN-K's configuration and the DNS Service listed");
-                    // Now the flows an earlier run left can be judged against the cluster.
+                    // Now the flows an earlier run left can be judged against the cluster, and what
+                    // the pods were told before the restart given back to them.
                     engine.synced();
+                    restore_answers(&config, &engine).await;
                     status.set_ready();
                 }
             }
@@ -420,7 +459,13 @@ pub async fn run_node<P: FlowProgrammer>(
                 status.dns_events.inc();
                 engine.on_dns(response, Instant::now());
             }
+            _ = save_tick.tick(), if config.state_file.is_some() && sync.complete() => {
+                save_answers(&config, &engine).await;
+            }
         }
+    }
+    if sync.complete() {
+        save_answers(&config, &engine).await;
     }
     drop(upstreams);
     engine_task.abort();
@@ -529,6 +574,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         ovn_config: args.ovn_config.clone(),
         dns_service: args.dns_service.clone(),
         sync_timeout: args.sync_timeout,
+        state_file: args.state_file.clone(),
         upstream: args.upstream.clone(),
     };
     tracing::info!(dns_service = %args.dns_service, trusted = %resolvers.current(),

@@ -14,6 +14,7 @@ mod memory;
 mod metrics;
 mod state;
 
+pub use memory::Remembered;
 pub use metrics::{Metrics, MetricsSnapshot, BATCH_SECONDS_BUCKETS};
 pub use state::{
     GrantView, HeldPod, NotHeld, MAX_BATCH_FLOWS, MAX_FLOWS, PENDING_MAX, PENDING_MAX_AGE,
@@ -340,6 +341,22 @@ impl<P: FlowProgrammer> Engine<P> {
     /// The pods whose DNS responses should be held (see [`crate::hold`]).
     pub fn held_pods(&self) -> Vec<HeldPod> {
         self.lock().held_pods()
+    }
+
+    /// What each pod of this node was told and can still use, with when each address came.
+    pub fn remembered(&self) -> Vec<(PodInfo, Vec<Remembered>)> {
+        self.lock().remembered()
+    }
+
+    /// Gives pod `pod` back an answer it had been given at `at` (see `Core::restore`); whether the
+    /// pod still has the answer's address.
+    pub fn restore(&self, pod: &PodInfo, resp: DnsResponse, at: Instant) -> bool {
+        let mut restored = false;
+        self.change(|c| {
+            restored = c.restore(pod, resp, at, Instant::now());
+            restored
+        });
+        restored
     }
 
     /// The pods of this node whose DNS replies need not wait (no `dnsName` rule), with port keys.

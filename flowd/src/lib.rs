@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod model;
 pub mod ovnkube;
 pub mod ovs;
+pub mod persist;
 pub mod policy;
 pub mod replay;
 pub mod resolvers;

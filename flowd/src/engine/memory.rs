@@ -179,27 +179,27 @@ impl AnswerMemory {
 
     /// Every remembered answer, one response per question name and chain, with the TTLs as received.
     pub fn responses(&self, client: IpAddr) -> Vec<Remembered> {
-        let mut by_name: HashMap<(&DnsName, &[DnsName]), Remembered> = HashMap::new();
-        for ((qname, ip), r) in &self.records {
-            let entry = by_name
-                .entry((qname, &r.chain))
-                .or_insert_with(|| Remembered {
-                    response: DnsResponse::noerror(
-                        client,
-                        qname.clone(),
-                        r.chain.to_vec(),
-                        Vec::new(),
-                    ),
-                    at: HashMap::new(),
-                });
-            entry.response.answers.push(Answer {
-                ip: *ip,
-                ttl: r.ttl,
-            });
-            entry.at.insert(*ip, r.at);
-        }
-        by_name.into_values().collect()
+        responses(&self.records, client)
     }
+}
+
+/// `records` as responses to `client`: one per question name and chain, with the TTLs as received.
+fn responses(records: &HashMap<Key, Record>, client: IpAddr) -> Vec<Remembered> {
+    let mut by_name: HashMap<(&DnsName, &[DnsName]), Remembered> = HashMap::new();
+    for ((qname, ip), r) in records {
+        let entry = by_name
+            .entry((qname, &r.chain))
+            .or_insert_with(|| Remembered {
+                response: DnsResponse::noerror(client, qname.clone(), r.chain.to_vec(), Vec::new()),
+                at: HashMap::new(),
+            });
+        entry.response.answers.push(Answer {
+            ip: *ip,
+            ttl: r.ttl,
+        });
+        entry.at.insert(*ip, r.at);
+    }
+    by_name.into_values().collect()
 }
 
 /// The node-wide window of what the pods of namespaces without a `dnsName` rule were told, at most
@@ -275,6 +275,14 @@ impl RecentAnswers {
         {
             self.evict_first();
         }
+    }
+
+    /// What the window holds for pod `pod`, as responses to `client` (see [`AnswerMemory::responses`]).
+    pub fn responses(&self, pod: u16, client: IpAddr) -> Vec<Remembered> {
+        self.pods
+            .get(&pod)
+            .map(|records| responses(records, client))
+            .unwrap_or_default()
     }
 
     /// Forgets what the window holds for pod `pod`: it left, and its id may go to another pod.

@@ -1065,6 +1065,39 @@ impl Core {
         out
     }
 
+    /// What each pod of this node was told and can still use (its own memory and the node's
+    /// window): for [`crate::persist`], so that a restart forgets nothing.
+    pub fn remembered(&self) -> Vec<(PodInfo, Vec<super::memory::Remembered>)> {
+        self.pods
+            .values()
+            .filter(|p| self.node.as_ref().is_none_or(|n| *n == p.info.node))
+            .filter_map(|p| {
+                let client = *p.info.ips.first()?;
+                let mut all = p.memory.responses(client);
+                all.extend(self.recent.responses(p.id, client));
+                (!all.is_empty()).then(|| (p.info.clone(), all))
+            })
+            .collect()
+    }
+
+    /// An answer `pod` was given before a restart, at `at`: applied only if the address still
+    /// belongs to that very pod (same name, and same uid where both are known), never to a pod that
+    /// took its address since.
+    pub fn restore(&mut self, pod: &PodInfo, resp: DnsResponse, at: Instant, now: Instant) -> bool {
+        let same = self
+            .by_ip
+            .get(&resp.client)
+            .and_then(|key| self.pods.get(key))
+            .is_some_and(|p| {
+                p.info.key == pod.key
+                    && (p.info.uid.is_none() || pod.uid.is_none() || p.info.uid == pod.uid)
+            });
+        if same {
+            self.on_dns(resp, at, now);
+        }
+        same
+    }
+
     /// The id of the pod of this node with address `ip`.
     pub fn pod_id(&self, ip: IpAddr) -> Option<u16> {
         self.pods.get(self.by_ip.get(&ip)?).map(|p| p.id)

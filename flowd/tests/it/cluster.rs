@@ -378,6 +378,7 @@ async fn every_call_the_watchers_make_is_in_required_access() {
 // engine, with the flows recorded by the engine's in-memory bridge (the OVS side is covered by the
 // sandbox tests and by `pipeline.rs`).
 
+use dnsflow_dnstap::{DnsName, DnsResponse};
 use dnsflow_testkit::{
     dig, free_port, http_get, metric, tapd_binary, wait_until, Unbound, UnboundConfig,
 };
@@ -394,6 +395,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    time::{Instant, SystemTime},
 };
 
 /// The EF ACL table the recording bridge pretends OVN uses.
@@ -522,6 +524,27 @@ impl<P: FlowProgrammer> Node<P> {
         upstream: UpstreamArgs,
         sync_timeout: Duration,
     ) -> Node<P> {
+        Self::start_full(api, engine, upstream, sync_timeout, None)
+    }
+
+    /// [`Node::start`], keeping what the pods were told in `state_file`.
+    pub fn start_keeping(
+        api: &FakeApiServer,
+        engine: Engine<P>,
+        upstream: UpstreamArgs,
+        state_file: &Path,
+    ) -> Node<P> {
+        let sync_timeout = Duration::from_secs(120);
+        Self::start_full(api, engine, upstream, sync_timeout, Some(state_file.into()))
+    }
+
+    fn start_full(
+        api: &FakeApiServer,
+        engine: Engine<P>,
+        upstream: UpstreamArgs,
+        sync_timeout: Duration,
+        state_file: Option<PathBuf>,
+    ) -> Node<P> {
         let status = Arc::new(Status::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let config = NodeConfig {
@@ -530,6 +553,7 @@ impl<P: FlowProgrammer> Node<P> {
             ovn_config: upstream_config(),
             dns_service: dns_service(),
             sync_timeout,
+            state_file,
             upstream,
         };
         let task = tokio::spawn(run_node(
@@ -1036,6 +1060,75 @@ async fn after_410_gone_the_relist_takes_the_flows_of_a_pod_deleted_while_away()
     .await;
     assert_eq!(flows_from(&node.engine, "127.0.0.12"), ips(&["192.0.2.10"]));
     assert!(node.status.watch.lists.get() > 3, "no relist");
+    node.stop().await;
+}
+
+/// With no tapd, a restarted flowd gets back from its state file what the pod was told: the grant
+/// is justified again (its reason known, not merely adopted) with the time it had left, and a rule
+/// added after the restart grants from an answer given before it, with no new query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_without_tapd_keeps_every_answer_and_its_remaining_time() {
+    let api = cluster_with_two_pods().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("answers.json");
+    let no_tapd = || upstream_args(&["--tapd=false"]);
+    let node = Node::start_keeping(&api, recording_engine(&["client"]), no_tapd(), &state);
+    node.ready().await;
+    let answer = |name: &str, ip: &str| {
+        DnsResponse::noerror(
+            "127.0.0.11".parse().unwrap(),
+            DnsName::new(name).unwrap(),
+            Vec::new(),
+            vec![dnsflow_dnstap::Answer {
+                ip: ip.parse().unwrap(),
+                ttl: 600,
+            }],
+        )
+    };
+    // As the hold would give them: one the rule allows, one it does not (yet).
+    node.engine
+        .on_dns(answer("www.example.com", "192.0.2.51"), Instant::now());
+    node.engine
+        .on_dns(answer("cdn.example.net", "192.0.2.52"), Instant::now());
+    eventually("the grant", || {
+        flows_from(&node.engine, "127.0.0.11") == ips(&["192.0.2.51"])
+    })
+    .await;
+    let left = |engine: &Engine<Recording>| {
+        let g = engine.grants(None, None);
+        g[0].expires
+            .duration_since(SystemTime::now())
+            .unwrap()
+            .as_secs()
+    };
+    let before = left(&node.engine);
+    node.stop().await;
+    assert!(state.exists(), "written at shutdown");
+
+    let node = Node::start_keeping(&api, recording_engine(&["client"]), no_tapd(), &state);
+    node.ready().await;
+    eventually("the grant, justified again", || {
+        node.engine
+            .grants(None, None)
+            .iter()
+            .any(|g| g.reason.is_some() && g.key.dst == "192.0.2.51".parse::<IpAddr>().unwrap())
+    })
+    .await;
+    assert!(
+        before.abs_diff(left(&node.engine)) <= 2,
+        "{before} s left before the restart"
+    );
+    // A rule added now grants from the answer given before the restart.
+    api.apply(egress_firewall(
+        "demo",
+        json!([{"type": "Allow", "to": {"dnsName": "example.com"}},
+               {"type": "Allow", "to": {"dnsName": "example.net"}},
+               {"type": "Deny", "to": {"cidrSelector": "0.0.0.0/0"}}]),
+    ));
+    eventually("the later rule's grant", || {
+        flows_from(&node.engine, "127.0.0.11") == ips(&["192.0.2.51", "192.0.2.52"])
+    })
+    .await;
     node.stop().await;
 }
 

@@ -558,6 +558,24 @@ fn check_flowd(objects: &[Value]) {
         .unwrap()
         .iter()
         .any(|m| m["name"] == ovs["name"] && m["mountPath"] == "/var/run/openvswitch"));
+    // What the pods were told outlives the container: the state file is on a hostPath.
+    let state = env_value(flowd, "FLOWD_STATE_FILE");
+    let state_dir = std::path::Path::new(&state)
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    let kept = spec["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["hostPath"]["path"] == state_dir)
+        .expect("a hostPath for the state file");
+    assert!(flowd["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == kept["name"] && m["mountPath"] == state_dir));
     for probe in ["livenessProbe", "readinessProbe"] {
         assert!(flowd.get(probe).is_some(), "flowd has no {probe}");
     }
