@@ -32,7 +32,7 @@ use dnsflow_dnstap::{
 };
 use dnsflow_openflow::PacketIn2;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
-use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Histogram};
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Write as _,
@@ -146,6 +146,11 @@ pub struct HoldReport {
     last: Mutex<BTreeMap<u16, (Outcome, Option<String>)>>,
     /// `dnsflow_dns_untrusted_total`: the same, for the node, plus those the holder itself saw.
     untrusted_total: Counter,
+    /// 1 while the hold flows are in OVS for at least one trusted resolver.
+    holding: Gauge,
+    /// Pods whose namespace has a `dnsName` rule whose replies are not held now (no hold flows:
+    /// connection down, no template, no trusted resolver): they learn only from tapd, if deployed.
+    uncovered: Gauge,
 }
 
 #[derive(Debug)]
@@ -173,7 +178,18 @@ impl HoldReport {
             untrusted: Mutex::default(),
             last: Mutex::default(),
             untrusted_total: Counter::default(),
+            holding: Gauge::default(),
+            uncovered: Gauge::default(),
         }
+    }
+
+    /// After a round: whether the hold flows are in OVS, and how many pods that should be held
+    /// are not.
+    fn coverage(&self, holding: bool, governed: usize) {
+        self.holding.set(i64::from(holding));
+        let uncovered = if holding { 0 } else { governed };
+        self.uncovered
+            .set(i64::try_from(uncovered).unwrap_or(i64::MAX));
     }
 
     /// flowd does not hold, for this reason (a flag, the driver).
@@ -191,6 +207,16 @@ impl HoldReport {
     }
 
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "dns_holding",
+            "1 while flowd's hold flows are in br-int for at least one trusted DNS resolver",
+            self.holding.clone(),
+        );
+        registry.register(
+            "dns_uncovered_pods",
+            "Pods of namespaces with a dnsName rule whose DNS replies are not held now (Explain says why); they learn only from tapd",
+            self.uncovered.clone(),
+        );
         registry.counter(
             "dns_untrusted",
             "DNS replies to held pods from servers flowd does not trust (not the cluster's DNS Service nor --trusted-resolver): neither held nor learned",
@@ -264,6 +290,15 @@ impl HoldReport {
     /// The node's count of replies from untrusted servers.
     pub fn untrusted_total(&self) -> u64 {
         self.untrusted_total.get()
+    }
+
+    /// Whether the hold flows are in OVS (`dnsflow_dns_holding`), and how many pods that should be
+    /// held are not (`dnsflow_dns_uncovered_pods`), as of the last look.
+    pub fn coverage_now(&self) -> (bool, u64) {
+        (
+            self.holding.get() == 1,
+            u64::try_from(self.uncovered.get()).unwrap_or(0),
+        )
     }
 
     /// Whether `pod`'s DNS responses are held now ([`Engine::hold_candidate`]'s answer), and one
@@ -590,6 +625,7 @@ impl HoldFlows {
                         let why = "flowd's OpenFlow connection to the bridge ended: what it held is lost";
                         tracing::warn!("{why}; removing the hold flows, DNS responses go to pods unheld until it is back");
                         self.report.lost(why);
+                        self.report.coverage(false, self.engine.held_pods().len());
                         if let Err(error) = self.clear().await {
                             tracing::warn!(%error, "hold flows not removed; their hard timeout ends them");
                         }
@@ -602,6 +638,8 @@ impl HoldFlows {
                 }
             }
             let (held, passed) = self.wanted();
+            let holding = self.written.is_some() && !self.resolvers.borrow().is_empty();
+            self.report.coverage(holding, held.len());
             let now: Covered = (
                 held.iter().map(|p| p.id).collect(),
                 passed.iter().map(|p| p.id).collect(),
@@ -612,7 +650,10 @@ impl HoldFlows {
                 }
                 continue;
             }
-            match self.refresh().await {
+            let result = self.refresh().await;
+            let holding = self.written.is_some() && !self.resolvers.borrow().is_empty();
+            self.report.coverage(holding, held.len());
+            match result {
                 Ok(_) => {
                     last = Some(Instant::now());
                     failing = false;

@@ -272,6 +272,9 @@ async fn without_its_openflow_connection_flowd_holds_nothing_and_dns_flows(ovn: 
     .await?;
     ensure!(held[0].first_syn(), "held and granted first: {held:?}");
     assert_eq!(holding.metrics.granted.get(), 1);
+    poll(READY, || holding.report.coverage_now() == (true, 0))
+        .await
+        .context("dnsflow_dns_holding 1, no pod uncovered")?;
 
     // The connection ends, and the socket is gone: flowd cannot open another.
     relaying.abort();
@@ -283,6 +286,8 @@ async fn without_its_openflow_connection_flowd_holds_nothing_and_dns_flows(ovn: 
     let (held_now, why) = holding.explain(&n);
     assert!(!held_now, "{why}");
     assert!(why.contains("OpenFlow connection"), "{why}");
+    // The metrics say so too: the client (its namespace has a dnsName rule) is not covered.
+    assert_eq!(holding.report.coverage_now(), (false, 1));
 
     // DNS keeps reaching the pod, unheld (its answers are not learned: no tapd here).
     let unheld = connect_all_via(&n.client_ns, KUBE_DNS_VIP, (2, 6), 5, false, |i, ip| {
