@@ -261,8 +261,9 @@ struct Timed {
 impl Resumer for Timed {
     async fn resume(&self, held: &dnsflow_openflow::PacketIn2) -> Result<(), String> {
         let result = Resumer::resume(&self.engine, held).await;
-        let key = held.continuation.clone().unwrap_or_default();
-        if let Some(t0) = self.arrived.lock().unwrap().remove(&key) {
+        // By the packet itself: held replies to different pods may share a continuation (the hold
+        // flow names no port), each reply is a name of its own.
+        if let Some(t0) = self.arrived.lock().unwrap().remove(&held.packet) {
             self.held.lock().unwrap().push(t0.elapsed());
         }
         result
@@ -299,8 +300,10 @@ async fn hold_times(sb: &Sandbox, pods: &[sandbox::Pod], dns: &sandbox::Pod) -> 
         let arrived = arrived.clone();
         tokio::spawn(async move {
             while let Some(p) = packet_ins.recv().await {
-                let key = p.continuation.clone().unwrap_or_default();
-                arrived.lock().unwrap().insert(key, Instant::now());
+                arrived
+                    .lock()
+                    .unwrap()
+                    .insert(p.packet.clone(), Instant::now());
                 if tx.send(p).await.is_err() {
                     break;
                 }
