@@ -1574,7 +1574,18 @@ fn flowd_run_exits_64_on_bad_config_before_binding_anything() {
             "0s",
         ],
         vec!["--node-name", "n1", "--tapd-port", "0"],
+        vec!["--node-name", "n1", "--sync-timeout", "0s"],
+        vec!["--node-name", "n1", "--tapd=false", "--hold=false"],
+        vec![
+            "--node-name",
+            "n1",
+            "--tapd=false",
+            "--tapd-endpoints",
+            "127.0.0.1:9530",
+        ],
         // What clap refuses is a usage error too.
+        vec!["--node-name", "n1", "--trusted-resolver", "dns.example"],
+        vec!["--node-name", "n1", "--dns-service", "kube-dns"],
         vec![],
         vec!["--node-name", "n1", "--pod-subnet", "x"],
         vec!["--node-name", "n1", "--log-format", "xml"],
