@@ -130,9 +130,7 @@ impl Discovered {
             tracing::warn!(%service, "{warning}");
         }
         let trusted = self.resolvers.current();
-        status
-            .trusted_resolvers
-            .set(i64::try_from(trusted.len()).unwrap_or(i64::MAX));
+        status.set_trusted(&trusted);
         if changed {
             tracing::info!(%service, resolvers = %trusted, "trusted DNS resolvers");
         }
@@ -365,9 +363,7 @@ pub async fn run_node<P: FlowProgrammer>(
     shutdown: impl Future<Output = ()>,
 ) {
     engine.set_node(config.node.clone());
-    status
-        .trusted_resolvers
-        .set(i64::try_from(resolvers.current().len()).unwrap_or(i64::MAX));
+    status.set_trusted(&resolvers.current());
     let mut discovered =
         Discovered::new(config.ovn_config.clone()).trusting(config.dns_service.clone(), resolvers);
     engine.set_networks_unknown(Some(discovered.waiting()));

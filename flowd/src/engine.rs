@@ -359,9 +359,10 @@ impl<P: FlowProgrammer> Engine<P> {
         restored
     }
 
-    /// The pods of this node whose DNS replies need not wait (no `dnsName` rule), with port keys.
-    pub fn pass_pods(&self) -> Vec<HeldPod> {
-        self.lock().pass_pods()
+    /// The pods of this node with port keys, in one look: those held, and those whose DNS replies
+    /// need not wait (no `dnsName` rule).
+    pub fn hold_ports(&self) -> (Vec<HeldPod>, Vec<HeldPod>) {
+        self.lock().hold_ports()
     }
 
     /// The id of the pod with address `ip`, if flowd knows one.

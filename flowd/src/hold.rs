@@ -385,6 +385,13 @@ impl HoldReport {
 /// The pods the flows of a round were written for: (those held and counted, those passed).
 type Covered = (BTreeSet<u16>, BTreeSet<u16>);
 
+fn covered(held: &[HeldPod], passed: &[HeldPod]) -> Covered {
+    (
+        held.iter().map(|p| p.id).collect(),
+        passed.iter().map(|p| p.id).collect(),
+    )
+}
+
 /// Keeps the flows that hold, pass and count DNS replies in OVN's delivery table (see
 /// [`HoldSpec`]):
 ///
@@ -445,23 +452,36 @@ impl HoldFlows {
         hold_cookie_prefix(self.engine.settings().cookie_prefix)
     }
 
-    /// The pods to write flows for now.
-    fn wanted(&self) -> (Vec<HeldPod>, Vec<HeldPod>) {
-        (self.engine.held_pods(), self.engine.pass_pods())
+    /// One round for the pods as they are now: every flow written anew, in one atomic bundle.
+    /// Returns how many pods are held and counted.
+    pub async fn refresh(&mut self) -> Result<usize, String> {
+        let (held, passed) = self.engine.hold_ports();
+        self.round(&held, &passed).await
     }
 
-    /// One round: every flow written anew, in one atomic bundle. Returns how many pods are held
-    /// and counted.
-    pub async fn refresh(&mut self) -> Result<usize, String> {
-        let result = self.write_round().await;
+    /// One round for `held` and `passed` (see [`Engine::hold_ports`]), told to the report.
+    async fn round(&mut self, held: &[HeldPod], passed: &[HeldPod]) -> Result<usize, String> {
+        let result = self.write_round(held, passed).await;
         match &result {
-            Ok(()) => self.report.round(Ok(&self.resolvers.borrow().clone())),
+            Ok(resolvers) => self.report.round(Ok(resolvers)),
             Err(e) => self.report.round(Err(e)),
         }
-        result.map(|()| self.written.as_ref().map_or(0, |w| w.0.len()))
+        result.map(|_| held.len())
     }
 
-    async fn write_round(&mut self) -> Result<(), String> {
+    /// Tells the report whether the hold flows are in OVS and how many of `governed` pods (those
+    /// with a `dnsName` rule) are therefore not held.
+    fn coverage(&self, governed: usize) {
+        let holding = self.written.is_some() && !self.resolvers.borrow().is_empty();
+        self.report.coverage(holding, governed);
+    }
+
+    /// Writes the round; returns the resolvers the flows hold for.
+    async fn write_round(
+        &mut self,
+        held: &[HeldPod],
+        passed: &[HeldPod],
+    ) -> Result<ResolverSet, String> {
         let template = self.engine.template().ok_or(
             "OVN's flows have not taught flowd what a grant looks like yet: nothing is held",
         )?;
@@ -469,7 +489,6 @@ impl HoldFlows {
             .delivery_table
             .ok_or("OVN's flows name no delivery table (OFTABLE_LOG_TO_PHY): nothing is held")?;
         let resolvers = self.resolvers.borrow_and_update().clone();
-        let (held, passed) = self.wanted();
         let prefix = self.prefix();
         let hard_timeout = u16::try_from(self.hard_timeout.as_secs().max(1)).unwrap_or(u16::MAX);
         let spec = |id: u16, priority: u16, v6: bool, tcp: bool| HoldSpec {
@@ -504,7 +523,7 @@ impl HoldFlows {
                 .into_iter()
                 .filter_map(|(v6, has)| has.then_some(v6))
         };
-        for pod in &passed {
+        for pod in passed {
             for v6 in families(pod) {
                 for tcp in [false, true] {
                     ops.push(FlowOp::Hold(HoldSpec {
@@ -514,7 +533,7 @@ impl HoldFlows {
                 }
             }
         }
-        for pod in &held {
+        for pod in held {
             for v6 in families(pod) {
                 ops.push(FlowOp::Hold(HoldSpec {
                     to: Some((pod.keys.metadata, pod.keys.reg14)),
@@ -529,14 +548,11 @@ impl HoldFlows {
             .apply(&ops)
             .await
             .map_err(|e| e.to_string())?;
-        let covered: Covered = (
-            held.iter().map(|p| p.id).collect(),
-            passed.iter().map(|p| p.id).collect(),
-        );
+        let covered = covered(held, passed);
         self.counted.retain(|(id, _), _| covered.0.contains(id));
         self.report.keep_pods(&covered.0);
         self.written = Some(covered);
-        Ok(())
+        Ok(resolvers)
     }
 
     /// Reads the counting flows' packets and reports what is new since the last reading. A flow
@@ -620,15 +636,14 @@ impl HoldFlows {
                     continue;
                 }
                 Ok(()) = lost.changed() => {
-                    lost.borrow_and_update();
                     if self.written.is_some() {
                         let why = "flowd's OpenFlow connection to the bridge ended: what it held is lost";
                         tracing::warn!("{why}; removing the hold flows, DNS responses go to pods unheld until it is back");
                         self.report.lost(why);
-                        self.report.coverage(false, self.engine.held_pods().len());
                         if let Err(error) = self.clear().await {
                             tracing::warn!(%error, "hold flows not removed; their hard timeout ends them");
                         }
+                        self.coverage(self.engine.held_pods().len());
                         last = None;
                     }
                     continue;
@@ -637,33 +652,25 @@ impl HoldFlows {
                     last = None;
                 }
             }
-            let (held, passed) = self.wanted();
-            let holding = self.written.is_some() && !self.resolvers.borrow().is_empty();
-            self.report.coverage(holding, held.len());
-            let now: Covered = (
-                held.iter().map(|p| p.id).collect(),
-                passed.iter().map(|p| p.id).collect(),
-            );
-            if last.is_some_and(|t| t.elapsed() < period) && self.written.as_ref() == Some(&now) {
-                if let Some(table) = self.engine.template().and_then(|t| t.delivery_table) {
-                    self.read_counts(table).await;
+            let (held, passed) = self.engine.hold_ports();
+            let due = last.is_none_or(|t| t.elapsed() >= period)
+                || self.written.as_ref() != Some(&covered(&held, &passed));
+            if due {
+                match self.round(&held, &passed).await {
+                    Ok(_) => {
+                        last = Some(Instant::now());
+                        failing = false;
+                    }
+                    Err(error) if !failing => {
+                        failing = true;
+                        tracing::warn!(%error, "hold flows not written; DNS responses go to pods unheld");
+                    }
+                    Err(_) => {}
                 }
-                continue;
+            } else if let Some(table) = self.engine.template().and_then(|t| t.delivery_table) {
+                self.read_counts(table).await;
             }
-            let result = self.refresh().await;
-            let holding = self.written.is_some() && !self.resolvers.borrow().is_empty();
-            self.report.coverage(holding, held.len());
-            match result {
-                Ok(_) => {
-                    last = Some(Instant::now());
-                    failing = false;
-                }
-                Err(error) if !failing => {
-                    failing = true;
-                    tracing::warn!(%error, "hold flows not written; DNS responses go to pods unheld");
-                }
-                Err(_) => {}
-            }
+            self.coverage(held.len());
         }
         if let Err(error) = self.clear().await {
             tracing::warn!(%error, "hold flows not removed; their hard timeout ends them");
@@ -971,10 +978,10 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
         &self.metrics
     }
 
-    /// Counts how a held response ended, and tells the report (for `Explain`).
-    fn ended(&self, held: &PacketIn2, outcome: Outcome, qname: Option<&DnsName>) {
+    /// Counts how a held response to `pod` ended, and tells the report (for `Explain`).
+    fn ended(&self, pod: Option<u16>, outcome: Outcome, qname: Option<&DnsName>) {
         self.metrics.of(outcome).inc();
-        if let Some((report, pod)) = self.report.as_ref().zip(self.pod_of(held)) {
+        if let Some((report, pod)) = self.report.as_ref().zip(pod) {
             report.ended(pod, outcome, qname.map(ToString::to_string));
         }
     }
@@ -992,8 +999,9 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
                 self.limits.forget_idle();
             }
             if !self.limits.admit(client_of(&held)) {
-                self.ended(&held, Outcome::RateLimited, None);
-                self.pass(held).await;
+                let pod = self.pod_of(&held);
+                self.ended(pod, Outcome::RateLimited, None);
+                self.pass(held, pod).await;
                 continue;
             }
             match self.slots.clone().try_acquire_owned() {
@@ -1005,21 +1013,26 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
                     });
                 }
                 Err(_) => {
-                    self.ended(&held, Outcome::Unheld, None);
-                    self.pass(held).await;
+                    let pod = self.pod_of(&held);
+                    self.ended(pod, Outcome::Unheld, None);
+                    self.pass(held, pod).await;
                 }
             }
         }
     }
 
-    /// The responses `held` gives the engine: the one of a UDP reply, or the messages a TCP
-    /// segment completes (see [`crate::tcpdns`]), only from a trusted resolver. Otherwise how it
-    /// ends (counted by the caller), with the question name when there is one.
-    fn read(&self, held: &PacketIn2) -> Result<Vec<DnsResponse>, (Outcome, Option<DnsName>)> {
+    /// The responses `held` (a reply to `pod`) gives the engine: the one of a UDP reply, or the
+    /// messages a TCP segment completes (see [`crate::tcpdns`]), only from a trusted resolver.
+    /// Otherwise how it ends (counted by the caller), with the question name when there is one.
+    fn read(
+        &self,
+        held: &PacketIn2,
+        pod: Option<u16>,
+    ) -> Result<Vec<DnsResponse>, (Outcome, Option<DnsName>)> {
         let now = SystemTime::now();
         let untrusted = |server: std::net::SocketAddr, client: IpAddr| {
             if let Some(report) = &self.report {
-                report.count_untrusted(self.pod_of(held), 1);
+                report.count_untrusted(pod, 1);
             }
             tracing::debug!(%server, %client,
                 "held DNS response from a server flowd does not trust; sending it on, learning nothing");
@@ -1032,18 +1045,13 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
                 untrusted(reply.server, reply.response.client);
                 return Err((Outcome::Untrusted, Some(reply.response.qname)));
             }
-            Err(PacketError::NotUdp) => match packet::tcp_segment(&held.packet) {
-                Ok(segment) => segment,
-                Err(error) => {
-                    tracing::debug!(%error, "held packet is not a DNS response flowd reads; sending it on");
-                    return Err((Outcome::Unreadable, None));
-                }
-            },
-            Err(error) => {
-                tracing::debug!(%error, "held packet is not a DNS response flowd reads; sending it on");
-                return Err((Outcome::Unreadable, None));
-            }
-        };
+            Err(PacketError::NotUdp) => packet::tcp_segment(&held.packet),
+            Err(error) => Err(error),
+        }
+        .map_err(|error| {
+            tracing::debug!(%error, "held packet is not a DNS response flowd reads; sending it on");
+            (Outcome::Unreadable, None)
+        })?;
         if !self.resolvers.borrow().trusts(segment.server) {
             untrusted(segment.server, segment.client.ip());
             return Err((Outcome::Untrusted, None));
@@ -1078,9 +1086,9 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
 
     /// A response not held: sent on at once, its answers to the engine all the same (their grants
     /// follow with the next batch, as a tapd event's would) when its server is trusted.
-    async fn pass(&self, held: PacketIn2) {
+    async fn pass(&self, held: PacketIn2, pod: Option<u16>) {
         let now = Instant::now();
-        for response in self.read(&held).unwrap_or_default() {
+        for response in self.read(&held, pod).unwrap_or_default() {
             self.engine.on_dns(response, now);
         }
         self.resume(&held, now).await;
@@ -1091,8 +1099,9 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
     pub async fn handle(&self, held: PacketIn2) {
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + self.deadline);
-        match self.read(&held) {
-            Err((outcome, qname)) => self.ended(&held, outcome, qname.as_ref()),
+        let pod = self.pod_of(&held);
+        match self.read(&held, pod) {
+            Err((outcome, qname)) => self.ended(pod, outcome, qname.as_ref()),
             Ok(responses) => {
                 let commits = self.engine.commits();
                 // Not `has_pending_changes`: the flusher may have taken these answers' grants (or
@@ -1126,7 +1135,7 @@ impl<P: FlowProgrammer, R: Resumer> Holder<P, R> {
                         Written::InTime => Outcome::Granted,
                     }
                 };
-                self.ended(&held, outcome, qname.as_ref());
+                self.ended(pod, outcome, qname.as_ref());
             }
         }
         self.resume(&held, started).await;
@@ -1399,15 +1408,15 @@ mod tests {
                 1,
             ))
             .await;
-        holder
-            .pass(held_from(
-                own_server,
-                [10, 244, 1, 5],
-                "api.example.com.",
-                [192, 0, 2, 67],
-                2,
-            ))
-            .await;
+        let unheld = held_from(
+            own_server,
+            [10, 244, 1, 5],
+            "api.example.com.",
+            [192, 0, 2, 67],
+            2,
+        );
+        let pod = holder.pod_of(&unheld);
+        holder.pass(unheld, pod).await;
         bridge.flush().await.unwrap();
         assert_eq!(recorder.resumes.lock().unwrap().len(), 2, "both went on");
         assert!(bridge.grants(None, None).is_empty(), "nothing learned");

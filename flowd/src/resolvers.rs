@@ -17,6 +17,7 @@
 //!
 //! Replies from anyone else reach the pod untouched and teach flowd nothing; they are counted.
 
+use dnsflow_dnstap::packet::DNS_PORT;
 use k8s_openapi::api::core::v1::Service;
 use std::{collections::BTreeSet, fmt, net::IpAddr, net::SocketAddr, str::FromStr};
 use tokio::sync::watch;
@@ -28,8 +29,6 @@ pub const OPENSHIFT_DNS_SERVICE: &str = "openshift-dns/dns-default";
 /// Trusted addresses at most: every one costs a hold flow per pod and family. A dual-stack DNS
 /// Service has two ClusterIPs; a handful more come from the flag.
 pub const MAX_RESOLVERS: usize = 16;
-/// The port a `--trusted-resolver` without one listens on.
-const DNS_PORT: u16 = 53;
 
 /// One trusted source of DNS replies: an address and port, over UDP (held and learned) and TCP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

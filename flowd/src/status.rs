@@ -93,6 +93,12 @@ impl Status {
         self.ready.send_replace(true);
     }
 
+    /// The DNS servers flowd trusts now.
+    pub(crate) fn set_trusted(&self, resolvers: &crate::resolvers::ResolverSet) {
+        self.trusted_resolvers
+            .set(i64::try_from(resolvers.len()).unwrap_or(i64::MAX));
+    }
+
     /// The cluster has not been listed within the time flowd gives it, for this reason.
     pub(crate) fn set_unsynced(&self, why: String) {
         *self.unsynced.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);

@@ -205,11 +205,19 @@ impl SyncState {
     }
 
     pub fn complete(&self) -> bool {
-        self.pods && self.firewalls && self.node && self.ovn_config && self.dns_service
+        self.lists().iter().all(|(done, _)| *done)
     }
 
     /// The watches that have not listed yet, for people.
     pub fn missing(&self) -> Vec<&'static str> {
+        self.lists()
+            .into_iter()
+            .filter_map(|(done, what)| (!done).then_some(what))
+            .collect()
+    }
+
+    /// Each watch, whether it has listed, and what it lists.
+    fn lists(&self) -> [(bool, &'static str); 5] {
         [
             (self.pods, "this node's pods"),
             (self.firewalls, "EgressFirewalls"),
@@ -217,9 +225,6 @@ impl SyncState {
             (self.ovn_config, "OVN-Kubernetes's ConfigMap"),
             (self.dns_service, "the DNS Service"),
         ]
-        .into_iter()
-        .filter_map(|(done, what)| (!done).then_some(what))
-        .collect()
     }
 }
 

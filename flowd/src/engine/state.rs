@@ -239,13 +239,25 @@ pub struct Core {
     pub(super) networks_unknown: Option<String>,
 }
 
-/// Whether a namespace's pods keep answer memories of their own: only a `dnsName` rule grants from an
-/// answer, so without one their answers go to the node's recent window.
-fn keeps_answers(rules: Option<&FirewallRules>) -> bool {
+/// Whether a namespace has a `dnsName` rule: only such a rule grants from an answer, so only then
+/// do its pods keep answer memories of their own (the others' go to the node's recent window), and
+/// only then are their DNS replies held.
+fn has_dns_rule(rules: Option<&FirewallRules>) -> bool {
     rules.is_some_and(|r| {
         r.rules
             .iter()
             .any(|r| matches!(r.destination, Destination::DnsName(_)))
+    })
+}
+
+/// A pod as the hold flows need it, once its OVN port keys are known.
+fn port(key: &PodKey, p: &PodEntry) -> Option<HeldPod> {
+    Some(HeldPod {
+        key: key.clone(),
+        id: p.id,
+        keys: p.keys?,
+        v4: p.info.ips.iter().any(IpAddr::is_ipv4),
+        v6: p.info.ips.iter().any(IpAddr::is_ipv6),
     })
 }
 
@@ -652,7 +664,7 @@ impl Core {
             .collect();
         // A namespace that gains its first dnsName rule takes its pods' answers out of the node's
         // window; one that loses its last puts them back there.
-        let keeps = keeps_answers(rules.as_deref());
+        let keeps = has_dns_rule(rules.as_deref());
         let cap = self.settings.max_grants_per_pod;
         for key in pods {
             let Some(id) = self.pods.get(&key).map(|p| p.id) else {
@@ -751,7 +763,7 @@ impl Core {
             let settings = &self.settings;
             let cap = settings.max_grants_per_pod;
             let until = |ttl| at + Duration::from_secs(settings.idle_timeout(ttl).into());
-            let keeps = keeps_answers(self.rules.get(&key.namespace).map(|r| &**r));
+            let keeps = has_dns_rule(self.rules.get(&key.namespace).map(|r| &**r));
             if let Some(pod) = self.pods.get_mut(&key) {
                 if keeps {
                     let dsts = &pod.dsts;
@@ -1035,34 +1047,26 @@ impl Core {
     /// The pods whose DNS responses should be held (see [`Core::hold_candidate`]), with their id and
     /// address families.
     pub fn held_pods(&self) -> Vec<HeldPod> {
-        let mut out: Vec<HeldPod> = self
-            .pods
-            .keys()
-            .filter_map(|key| self.hold_candidate(key).ok())
-            .collect();
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        out
+        self.hold_ports().0
     }
 
-    /// The pods of this node with their OVN port keys whose namespace has no `dnsName` rule: their
-    /// DNS replies need not wait for anything (see `crate::hold::HoldFlows`).
-    pub fn pass_pods(&self) -> Vec<HeldPod> {
-        let mut out: Vec<HeldPod> = self
-            .pods
-            .iter()
-            .filter(|(key, _)| self.hold_candidate(key) == Err(NotHeld::NoDnsRule))
-            .filter_map(|(key, p)| {
-                Some(HeldPod {
-                    key: key.clone(),
-                    id: p.id,
-                    keys: p.keys?,
-                    v4: p.info.ips.iter().any(IpAddr::is_ipv4),
-                    v6: p.info.ips.iter().any(IpAddr::is_ipv6),
-                })
-            })
-            .collect();
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        out
+    /// The pods of this node whose OVN port keys are known, in one look: those whose DNS responses
+    /// are held (a `dnsName` rule in their namespace), and those whose replies need not wait for
+    /// anything (see `crate::hold::HoldFlows`); each sorted by pod.
+    pub fn hold_ports(&self) -> (Vec<HeldPod>, Vec<HeldPod>) {
+        let (mut held, mut passed) = (Vec::new(), Vec::new());
+        for (key, p) in self.pods.iter().filter(|(_, p)| self.of_this_node(p)) {
+            if let Some(port) = port(key, p) {
+                if self.dns_rule(key) {
+                    held.push(port);
+                } else {
+                    passed.push(port);
+                }
+            }
+        }
+        held.sort_by(|a, b| a.key.cmp(&b.key));
+        passed.sort_by(|a, b| a.key.cmp(&b.key));
+        (held, passed)
     }
 
     /// What each pod of this node was told and can still use (its own memory and the node's
@@ -1109,22 +1113,21 @@ impl Core {
         let p = self
             .pods
             .get(key)
-            .filter(|p| self.node.as_ref().is_none_or(|n| *n == p.info.node))
+            .filter(|p| self.of_this_node(p))
             .ok_or(NotHeld::UnknownPod)?;
-        if !self
-            .rules
-            .get(&key.namespace)
-            .is_some_and(|r| r.rules.iter().any(|rule| rule.dns_pattern().is_some()))
-        {
+        if !self.dns_rule(key) {
             return Err(NotHeld::NoDnsRule);
         }
-        Ok(HeldPod {
-            key: key.clone(),
-            id: p.id,
-            keys: p.keys.ok_or(NotHeld::NoPortKeys)?,
-            v4: p.info.ips.iter().any(IpAddr::is_ipv4),
-            v6: p.info.ips.iter().any(IpAddr::is_ipv6),
-        })
+        port(key, p).ok_or(NotHeld::NoPortKeys)
+    }
+
+    fn of_this_node(&self, p: &PodEntry) -> bool {
+        self.node.as_ref().is_none_or(|n| *n == p.info.node)
+    }
+
+    /// Whether `key`'s namespace has a `dnsName` rule.
+    fn dns_rule(&self, key: &PodKey) -> bool {
+        has_dns_rule(self.rules.get(&key.namespace).map(|r| &**r))
     }
 
     /// Why nothing can be installed: the cluster's networks are unknown, or grants wait for a template

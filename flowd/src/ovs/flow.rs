@@ -244,7 +244,7 @@ pub struct HoldSpec {
 }
 
 /// The DNS port replies come from when a [`HoldSpec`] names no server.
-pub const DNS_PORT: u16 = 53;
+pub use dnsflow_dnstap::packet::DNS_PORT;
 
 /// One line of an `ovs-ofctl --bundle add-flows` file.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -117,9 +117,7 @@ impl Native {
         mask: u64,
     ) -> Result<Vec<of::FlowStats>> {
         let mut conn = self.conn.lock().await;
-        if conn.as_ref().is_none_or(|c| !c.alive()) {
-            *conn = Some(self.open().await?);
-        }
+        self.ensure_open(&mut conn).await?;
         let c = conn.as_mut().ok_or_else(closed)?;
         let request = of::FlowStatsRequest {
             table,
@@ -159,11 +157,20 @@ impl Native {
 
     /// Connects now (at start: whether the native driver can be used at all).
     pub async fn connect(&self) -> Result<()> {
-        let mut conn = self.conn.lock().await;
+        self.ensure_open(&mut *self.conn.lock().await).await?;
+        self.enabled_gauge.set(i64::from(self.enabled()));
+        Ok(())
+    }
+
+    /// Makes `conn` a live connection: one whose reader saw the end is dropped (no need to find
+    /// out with the next message), and a new one opened when there is none.
+    async fn ensure_open(&self, conn: &mut Option<Connection>) -> Result<()> {
+        if conn.as_ref().is_some_and(|c| !c.alive()) {
+            *conn = None;
+        }
         if conn.is_none() {
             *conn = Some(self.open().await?);
         }
-        self.enabled_gauge.set(i64::from(self.enabled()));
         Ok(())
     }
 
@@ -805,27 +812,21 @@ impl FlowProgrammer for Native {
         // A connection found dead is opened again once; a batch is idempotent (adds replace,
         // deletes of absent flows do nothing), so one that died mid-commit may be sent again.
         for attempt in 0..2 {
-            if conn.as_ref().is_some_and(|c| !c.alive()) {
-                // Its reader saw the end: no need to find out with this batch.
-                *conn = None;
+            match self.ensure_open(&mut conn).await {
+                Ok(()) => {}
+                // No connection (OVS restarting, the socket not there yet): this batch goes
+                // through ovs-ofctl, the next one tries again.
+                Err(error) if holds => {
+                    return Err(no_hold_without_connection(&error.to_string()));
+                }
+                Err(error) => {
+                    self.fallbacks.inc();
+                    tracing::warn!(%error, "no OpenFlow connection to the bridge; batch written with ovs-ofctl");
+                    drop(conn);
+                    return self.ofctl.apply(ops).await;
+                }
             }
-            let c = match conn.as_mut() {
-                Some(c) => c,
-                None => match self.open().await {
-                    Ok(c) => conn.insert(c),
-                    // No connection (OVS restarting, the socket not there yet): this batch goes
-                    // through ovs-ofctl, the next one tries again.
-                    Err(error) if holds => {
-                        return Err(no_hold_without_connection(&error.to_string()));
-                    }
-                    Err(error) => {
-                        self.fallbacks.inc();
-                        tracing::warn!(%error, "no OpenFlow connection to the bridge; batch written with ovs-ofctl");
-                        drop(conn);
-                        return self.ofctl.apply(ops).await;
-                    }
-                },
-            };
+            let c = conn.as_mut().ok_or_else(closed)?;
             match tokio::time::timeout(self.timeout, c.bundle(ops, &mods)).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e @ OvsError::Refused { .. })) => return Err(e),

@@ -229,7 +229,7 @@ impl Attempt {
 }
 
 /// Runs the client in `pod` for names `first..=last`, `workers` at a time, asking kube-dns.
-async fn connect_all(
+pub(crate) async fn connect_all(
     pod: &Netns,
     names: (u8, u8),
     workers: usize,

@@ -13,8 +13,8 @@
 
 use crate::{
     ovn::{on_every_ovn, poll},
-    sandbox::{Ovn, Sandbox, KUBE_DNS_VIP},
-    tcp::{answer, connect_all_via, node, receive_dnstap, report, Node},
+    sandbox::{Ovn, Sandbox},
+    tcp::{answer, connect_all, connect_all_via, node, receive_dnstap, report, Node},
 };
 use anyhow::{ensure, Context, Result};
 use dnsflow_testkit::{Unbound, UnboundConfig};
@@ -207,10 +207,7 @@ async fn a_pods_own_dns_server_opens_nothing_and_the_dns_service_does(ovn: Ovn) 
     );
 
     // The same names through the kube-dns Service: held, granted, every first SYN through.
-    let asked_service = connect_all_via(&n.client_ns, KUBE_DNS_VIP, NAMES, 1, false, |i, ip| {
-        ip == answer(i)
-    })
-    .await?;
+    let asked_service = connect_all(&n.client_ns, NAMES, 1, false).await?;
     report(
         ovn,
         "the same names through the kube-dns Service",
@@ -266,10 +263,7 @@ async fn without_its_openflow_connection_flowd_holds_nothing_and_dns_flows(ovn: 
     );
     let native = Native::new(n.sb.ofctl(), socket.clone(), Duration::from_secs(5));
     let holding = Holding::start(&n, native).await?;
-    let held = connect_all_via(&n.client_ns, KUBE_DNS_VIP, (1, 1), 1, false, |i, ip| {
-        ip == answer(i)
-    })
-    .await?;
+    let held = connect_all(&n.client_ns, (1, 1), 1, false).await?;
     ensure!(held[0].first_syn(), "held and granted first: {held:?}");
     assert_eq!(holding.metrics.granted.get(), 1);
     poll(READY, || holding.report.coverage_now() == (true, 0))
@@ -290,10 +284,7 @@ async fn without_its_openflow_connection_flowd_holds_nothing_and_dns_flows(ovn: 
     assert_eq!(holding.report.coverage_now(), (false, 1));
 
     // DNS keeps reaching the pod, unheld (its answers are not learned: no tapd here).
-    let unheld = connect_all_via(&n.client_ns, KUBE_DNS_VIP, (2, 6), 5, false, |i, ip| {
-        ip == answer(i)
-    })
-    .await?;
+    let unheld = connect_all(&n.client_ns, (2, 6), 5, false).await?;
     report(ovn, "with flowd's OpenFlow connection gone", &unheld);
     for a in &unheld {
         ensure!(
@@ -321,10 +312,7 @@ async fn a_pod_whose_port_just_came_up_is_held_from_its_first_reply(ovn: Ovn) ->
         holding.engine.hold_candidate(&late.key).is_err(),
         "no port keys looked up yet"
     );
-    let asked = connect_all_via(&late_ns, KUBE_DNS_VIP, (11, 20), 1, false, |i, ip| {
-        ip == answer(i)
-    })
-    .await?;
+    let asked = connect_all(&late_ns, (11, 20), 1, false).await?;
     report(ovn, "a pod whose port just came up", &asked);
     let late_syns: Vec<_> = asked.iter().filter(|a| !a.first_syn()).collect();
     assert!(
