@@ -1317,7 +1317,20 @@ mod tests {
         Arc<Recorder>,
         Engine<Recording>,
     ) {
-        let bridge = Recording::with_delay(Some(Template::stand_in(46, 1, 1)), delay);
+        setup_with(Some(Template::stand_in(46, 1, 1)), delay)
+    }
+
+    /// ns1/pod1 (10.244.1.5) under "Allow example.com, Deny 0.0.0.0/0" on a bridge whose OVN flows
+    /// teach `template`, answering after `delay`; the holder trusts kube-dns.
+    fn setup_with(
+        template: Option<Template>,
+        delay: Duration,
+    ) -> (
+        Holder<Recording, Recorder>,
+        Arc<Recorder>,
+        Engine<Recording>,
+    ) {
+        let bridge = Recording::with_delay(template, delay);
         bridge.set_port(
             "ns1_pod1",
             PortKeys {
@@ -1465,26 +1478,7 @@ mod tests {
         let m = holder.metrics();
         assert_eq!((m.grants_pending.get(), m.granted.get()), (1, 0));
 
-        let bridge = Recording::new(None);
-        let engine = Engine::new(EngineSettings::for_kind(), bridge);
-        let ef = EgressFirewall::inline(
-            "ns1",
-            json!([{"type": "Allow", "to": {"dnsName": "example.com"}}]),
-        )
-        .unwrap();
-        engine.set_rules(FirewallRules::from_egress_firewall(&ef).unwrap());
-        engine.upsert_pod(PodInfo {
-            uid: None,
-            key: PodKey::new("ns1", "pod1"),
-            ips: vec![IpAddr::from([10, 244, 1, 5])],
-            node: "n1".into(),
-        });
-        let holder = Holder::new(
-            engine,
-            Arc::new(Recorder::default()),
-            Duration::from_millis(100),
-            trusted(),
-        );
+        let (holder, _, _) = setup_with(None, Duration::ZERO);
         holder
             .handle(held([10, 244, 1, 5], "www.example.com.", [192, 0, 2, 7], 1))
             .await;
